@@ -1,0 +1,79 @@
+"""ptqkit: post-training quantization for PyTorch models.
+
+Importing ptqkit loads torch and numpy only; onnx, onnxruntime, transformers and the other
+optional dependencies are imported lazily by the functions that need them.
+"""
+from ptqkit.errors import (
+    ArtifactError,
+    CalibrationDataError,
+    ConfigError,
+    ExportError,
+    NonFiniteError,
+    PTQError,
+    UnsupportedModelError,
+)
+from ptqkit.primitives import (
+    dequantize,
+    fake_quantize,
+    mse,
+    pack_lowbit,
+    qparams_from_range,
+    qparams_from_tensor,
+    quantize,
+    sqnr_db,
+    unpack_lowbit,
+)
+from ptqkit.qtypes import (
+    FP4_E2M1,
+    FP8_E4M3,
+    FP8_E5M2,
+    INT4,
+    INT8,
+    INT8_NARROW,
+    NF4,
+    UINT8,
+    Granularity,
+    PerChannel,
+    PerGroup,
+    PerTensor,
+    PerToken,
+    QType,
+)
+from ptqkit.spec import QParams, QuantSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArtifactError",
+    "CalibrationDataError",
+    "ConfigError",
+    "ExportError",
+    "NonFiniteError",
+    "PTQError",
+    "UnsupportedModelError",
+    "dequantize",
+    "fake_quantize",
+    "mse",
+    "pack_lowbit",
+    "qparams_from_range",
+    "qparams_from_tensor",
+    "quantize",
+    "sqnr_db",
+    "unpack_lowbit",
+    "FP4_E2M1",
+    "FP8_E4M3",
+    "FP8_E5M2",
+    "INT4",
+    "INT8",
+    "INT8_NARROW",
+    "NF4",
+    "UINT8",
+    "Granularity",
+    "PerChannel",
+    "PerGroup",
+    "PerTensor",
+    "PerToken",
+    "QType",
+    "QParams",
+    "QuantSpec",
+]

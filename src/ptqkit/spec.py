@@ -1,0 +1,140 @@
+"""`QuantSpec` (how one tensor is quantized) and `QParams` (the calibrated result)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import torch
+
+from ptqkit.errors import ConfigError, NonFiniteError
+from ptqkit.qtypes import Granularity, PerTensor, PerToken, QType, granularity_from_dict
+
+__all__ = ["QuantSpec", "QParams", "ROUNDING_MODES"]
+
+ROUNDING_MODES = ("half_even", "half_away", "stochastic")
+_OPTION_TYPES = (bool, int, float, str)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantSpec:
+    """How one tensor is quantized. Frozen and validated on construction.
+
+    - `qtype`: the number format (a QType or its name, e.g. "int8", "nf4").
+    - `granularity`: PerTensor(), PerChannel(axis), PerGroup(size), PerToken().
+    - `symmetric`: zero point fixed at the middle of the range (required for float formats).
+    - `rounding`: "half_even" (default, as PyTorch and ONNX), "half_away" or "stochastic".
+    - `dynamic`: activation parameters computed at run time instead of calibrated.
+    - `observer` / `observer_options`: how calibration turns statistics into a range.
+    """
+
+    qtype: QType
+    granularity: Granularity = field(default_factory=PerTensor)
+    symmetric: bool = True
+    rounding: str = "half_even"
+    dynamic: bool = False
+    observer: str = "minmax"
+    observer_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.qtype, str):
+            object.__setattr__(self, "qtype", QType.parse(self.qtype))
+        if not isinstance(self.qtype, QType):
+            raise ConfigError(f"qtype must be a QType or a name like 'int8', got {self.qtype!r}")
+        if not isinstance(self.granularity, Granularity):
+            object.__setattr__(self, "granularity", granularity_from_dict(self.granularity))
+        for name in ("symmetric", "dynamic"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.rounding not in ROUNDING_MODES:
+            raise ConfigError(f"rounding {self.rounding!r} is unknown; valid: {', '.join(ROUNDING_MODES)}")
+        if not self.qtype.is_integer and not self.symmetric:
+            raise ConfigError(
+                f"{self.qtype.name} is a symmetric format and has no zero point; set symmetric=true "
+                "or use an integer qtype such as uint8/uint4 for asymmetric quantization"
+            )
+        if not self.qtype.is_integer and self.rounding == "stochastic":
+            raise ConfigError(f"stochastic rounding is implemented for integer qtypes only, not {self.qtype.name}")
+        if isinstance(self.granularity, PerToken) and not self.dynamic:
+            raise ConfigError("per-token granularity needs dynamic=true: token counts are only known at run time")
+        if not isinstance(self.observer, str) or not self.observer:
+            raise ConfigError(f"observer must be a non-empty name, got {self.observer!r}")
+        options = dict(self.observer_options)
+        for key, value in options.items():
+            if not isinstance(key, str) or not isinstance(value, _OPTION_TYPES):
+                raise ConfigError(
+                    f"observer_options[{key!r}] = {value!r}: keys must be strings and values "
+                    "bool/int/float/str"
+                )
+        object.__setattr__(self, "observer_options", MappingProxyType(options))
+
+    def __hash__(self) -> int:
+        return hash(tuple((f.name, repr(self._plain(f.name))) for f in fields(self)))
+
+    def _plain(self, name: str) -> Any:
+        value = getattr(self, name)
+        if name == "qtype":
+            return value.name
+        if name == "granularity":
+            return value.to_dict()
+        if name == "observer_options":
+            return dict(sorted(value.items()))
+        return value
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form; every field is written, defaults included."""
+        return {f.name: self._plain(f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "spec") -> "QuantSpec":
+        """Inverse of `to_dict`; unknown keys raise ConfigError naming `where`."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - valid)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(valid)}")
+        if "qtype" not in data:
+            raise ConfigError(f"{where}: 'qtype' is required (e.g. 'int8', 'int4', 'fp8_e4m3')")
+        kwargs = dict(data)
+        if "granularity" in kwargs:
+            kwargs["granularity"] = granularity_from_dict(kwargs["granularity"], f"{where}.granularity")
+        try:
+            return cls(**kwargs)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+
+@dataclass(frozen=True, eq=False)
+class QParams:
+    """Calibrated quantization parameters for one tensor.
+
+    `scale` (float32, > 0, finite) and `zero_point` (int32, within the qtype's range) have
+    the shape `granularity.param_shape(tensor.shape)`.
+    """
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    qtype: QType
+    granularity: Granularity
+
+    def __post_init__(self) -> None:
+        if self.scale.shape != self.zero_point.shape:
+            raise ConfigError(
+                f"scale shape {tuple(self.scale.shape)} != zero_point shape {tuple(self.zero_point.shape)}"
+            )
+        if not torch.isfinite(self.scale).all():
+            raise NonFiniteError(f"scale holds NaN/Inf: {self.scale.flatten()[:8].tolist()}")
+        if not (self.scale > 0).all():
+            raise ConfigError(f"scale must be > 0, got min {self.scale.min().item()!r}")
+        if self.zero_point.is_floating_point():
+            raise ConfigError(f"zero_point must be an integer tensor, got {self.zero_point.dtype}")
+        if self.zero_point.numel() and (
+            self.zero_point.min() < self.qtype.qmin or self.zero_point.max() > self.qtype.qmax
+        ):
+            raise ConfigError(
+                f"zero_point outside {self.qtype.name}'s range [{self.qtype.qmin}, {self.qtype.qmax}]"
+            )
+
+    def to(self, device: torch.device | str) -> "QParams":
+        return QParams(self.scale.to(device), self.zero_point.to(device), self.qtype, self.granularity)
