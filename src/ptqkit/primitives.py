@@ -208,14 +208,15 @@ def pack_lowbit(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ConfigError(f"pack_lowbit takes integer codes, got {codes.dtype}")
     per_byte = 8 // bits
     lo, hi = -(2 ** (bits - 1)), 2**bits - 1
-    if codes.numel() and (codes.min() < lo or codes.max() > hi):
+    wide = codes.to(torch.int32)
+    if wide.numel() and (wide.min() < lo or wide.max() > hi):
         raise ConfigError(
-            f"codes in [{codes.min().item()}, {codes.max().item()}] do not fit {bits} bits "
+            f"codes in [{wide.min().item()}, {wide.max().item()}] do not fit {bits} bits "
             f"(valid [{lo}, {hi}])"
         )
     length = codes.shape[-1]
     pad = (-length) % per_byte
-    unsigned = codes.to(torch.int32) & (2**bits - 1)
+    unsigned = wide & (2**bits - 1)
     unsigned = torch.nn.functional.pad(unsigned, (0, pad))
     groups = unsigned.unflatten(-1, (-1, per_byte))  # [..., n_bytes, per_byte]
     shifts = torch.arange(per_byte, dtype=torch.int32, device=codes.device) * bits
