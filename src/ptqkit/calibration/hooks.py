@@ -1,0 +1,113 @@
+"""Hook-based calibration: forward pre-hooks feed each targeted module's input to its observer.
+
+No tracing: any architecture works. Batches run under `torch.inference_mode()`; hooks are
+always removed and the model's train/eval mode restored, whether calibration succeeds or not.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ptqkit.errors import CalibrationDataError, NonFiniteError, PTQError
+from ptqkit.progress import progress_bar
+from ptqkit.spec import QuantSpec
+
+__all__ = ["calibrate_inputs", "batch_length", "slice_batch"]
+
+logger = logging.getLogger(__name__)
+
+
+def batch_length(batch: Any) -> int:
+    """Number of samples in a model input (first dimension of its first tensor)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.ndim else 1
+    values = batch.values() if isinstance(batch, Mapping) else batch
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return batch_length(value)
+    raise CalibrationDataError(f"calibration batch of type {type(batch).__name__} holds no tensor")
+
+
+def slice_batch(batch: Any, count: int) -> Any:
+    """The first `count` samples of a model input."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:count]
+    if isinstance(batch, Mapping):
+        return {k: v[:count] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return type(batch)(v[:count] if isinstance(v, torch.Tensor) else v for v in batch)
+
+
+def _call(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def calibrate_inputs(
+    model: nn.Module,
+    specs: Mapping[str, QuantSpec],
+    batches: Iterable[Any],
+    *,
+    max_samples: int,
+    progress: bool = True,
+    total_batches: int | None = None,
+) -> dict[str, Any]:
+    """Run `batches` through `model` and return one filled observer per module name in `specs`
+    (observing that module's first input). Stops after `max_samples` samples."""
+    from ptqkit.observers import make_observer
+
+    modules = dict(model.named_modules())
+    observers = {name: make_observer(spec) for name, spec in specs.items()}
+    where = {"batch": 0, "first": 0, "last": 0}
+
+    def make_hook(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else next(iter(kwargs.values()))
+            try:
+                observers[name].update(x.detach())
+            except NonFiniteError:
+                raise CalibrationDataError(
+                    f"NaN/Inf activation at the input of module {name!r} in calibration batch "
+                    f"{where['batch']} (samples {where['first']}-{where['last']}); check that sample's "
+                    "preprocessing, or the model's numerics in float"
+                ) from None
+
+        return hook
+
+    handles = [modules[name].register_forward_pre_hook(make_hook(name), with_kwargs=True) for name in observers]
+    was_training = model.training
+    seen = 0
+    try:
+        model.eval()
+        with torch.inference_mode(), progress_bar("calibrating", total_batches, progress) as advance:
+            for index, batch in enumerate(batches):
+                if seen >= max_samples:
+                    break
+                count = batch_length(batch)
+                if seen + count > max_samples:
+                    batch, count = slice_batch(batch, max_samples - seen), max_samples - seen
+                where.update(batch=index, first=seen, last=seen + count - 1)
+                try:
+                    _call(model, batch)
+                except PTQError:
+                    raise
+                except Exception as exc:
+                    raise CalibrationDataError(
+                        f"calibration batch {index} (samples {seen}-{seen + count - 1}) does not fit the "
+                        f"model: {type(exc).__name__}: {exc}"
+                    ) from exc
+                seen += count
+                advance(1)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if seen == 0:
+        raise CalibrationDataError("calibration data is empty: no sample reached the model")
+    logger.info("calibrated %d module input(s) on %d sample(s)", len(observers), seen)
+    return observers

@@ -1,0 +1,42 @@
+"""Input-activation fake quantization: static (calibrated QParams) or dynamic (per call)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ptqkit.primitives import fake_quantize, qparams_from_tensor
+from ptqkit.spec import QParams, QuantSpec
+
+__all__ = ["InputQuantizer"]
+
+
+class InputQuantizer(nn.Module):
+    """Fake-quantizes a module's input.
+
+    Static: uses the calibrated `qparams` (held as buffers so they follow `.to(device)`).
+    Dynamic: computes min-max parameters from each incoming tensor (per tensor or per token).
+    """
+
+    def __init__(self, spec: QuantSpec, qparams: QParams | None = None) -> None:
+        super().__init__()
+        if spec.dynamic == (qparams is not None):
+            raise ValueError("a static input spec needs calibrated qparams; a dynamic one must not have them")
+        self.spec = spec
+        if qparams is not None:
+            self.register_buffer("scale", qparams.scale.detach().clone())
+            self.register_buffer("zero_point", qparams.zero_point.detach().clone())
+
+    @property
+    def qparams(self) -> QParams | None:
+        """The calibrated parameters (None for dynamic quantization)."""
+        if self.spec.dynamic:
+            return None
+        return QParams(self.scale, self.zero_point, self.spec.qtype, self.spec.granularity)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qparams = qparams_from_tensor(x, self.spec) if self.spec.dynamic else self.qparams
+        return fake_quantize(x, qparams, self.spec.rounding)
+
+    def extra_repr(self) -> str:
+        mode = "dynamic" if self.spec.dynamic else "static"
+        return f"{self.spec.qtype.name}, {type(self.spec.granularity).__name__}, {mode}"

@@ -1,0 +1,172 @@
+"""The driver: resolve targets, calibrate, convert. Thin on purpose: the maths lives in
+primitives/observers/algorithms, the architecture knowledge in recipes and mappings.
+
+`quantize(model, recipe, calib)` returns a quantized copy; `quantize_` works in place and leaves
+the model untouched if anything fails before conversion (conversion builds every new module
+first, then swaps them in).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ptqkit.errors import CalibrationDataError, ConfigError
+from ptqkit.nn.act_quant import InputQuantizer
+from ptqkit.nn.modules import QuantConv, QuantEmbedding, QuantizedModule, QuantLinear
+from ptqkit.primitives import qparams_from_tensor
+from ptqkit.recipe import Recipe
+from ptqkit.spec import QParams, QuantSpec
+from ptqkit.targets import LayerPlan, Plan, resolve_plan
+
+__all__ = ["QuantizationInfo", "plan", "quantize", "quantize_", "dequantize_model", "weight_qparams"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QuantizationInfo:
+    """What was done to a quantized model; attached as `model.ptqkit_info`."""
+
+    recipe: Recipe
+    plan: Plan
+    calibration: dict[str, Any] = field(default_factory=dict)  # description + fingerprint, or {} if none
+    input_ranges: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # per-batch history
+
+
+def plan(model: nn.Module, recipe: Recipe) -> Plan:
+    """The per-module plan `quantize` would follow (print it, or `str(plan)`)."""
+    return resolve_plan(model, recipe)
+
+
+def quantize(model: nn.Module, recipe: Recipe, calib: Any = None, *, progress: bool = True) -> nn.Module:
+    """Return a quantized copy of `model` (the original is not modified)."""
+    return quantize_(copy.deepcopy(model), recipe, calib, progress=progress)
+
+
+def quantize_(model: nn.Module, recipe: Recipe, calib: Any = None, *, progress: bool = True) -> nn.Module:
+    """Quantize `model` in place and return it.
+
+    `calib` is a CalibrationData (or anything CalibrationData.from_iterable accepts); it is
+    required when the recipe has static (calibrated) input activations.
+    """
+    the_plan = resolve_plan(model, recipe)
+    logger.info("quantization plan:\n%s", the_plan.render())
+    if recipe.algorithms:
+        names = [type(a).__name__ for a in recipe.algorithms]
+        raise ConfigError(f"algorithms {names}: the engine does not run algorithms yet; remove them from the recipe")
+    static_inputs = {l.name: l.inputs for l in the_plan.layers if l.inputs is not None and not l.inputs.dynamic}
+    calibration: dict[str, Any] = {}
+    observers: dict[str, Any] = {}
+    if static_inputs:
+        if calib is None:
+            raise ConfigError(
+                f"recipe {recipe.name!r} quantizes input activations statically ({len(static_inputs)} module(s)) "
+                "but no calibration data was given: pass calib=CalibrationData..., or use a dynamic preset "
+                "such as 'w8a8_dynamic' (or a weight-only one: 'w8a16', 'w4a16')"
+            )
+        data = _as_calibration_data(calib, recipe)
+        observers = _calibrate(model, static_inputs, data, recipe, progress)
+        calibration = {"description": data.description, "fingerprint": data.fingerprint}
+    replacements = {layer.name: _convert(model.get_submodule(layer.name), layer, observers.get(layer.name)) for layer in the_plan.layers}
+    for name, module in replacements.items():
+        _set_submodule(model, name, module)
+    model.ptqkit_info = QuantizationInfo(
+        recipe=recipe,
+        plan=the_plan,
+        calibration=calibration,
+        input_ranges={name: list(obs.history) for name, obs in observers.items()},
+    )
+    return model
+
+
+def _as_calibration_data(calib: Any, recipe: Recipe) -> Any:
+    from ptqkit.calibration.data import CalibrationData
+
+    if isinstance(calib, CalibrationData):
+        return calib
+    return CalibrationData.from_iterable(calib, limit=recipe.calibration.samples, seed=recipe.calibration.seed, batch_size=recipe.calibration.batch_size)
+
+
+def _calibrate(model: nn.Module, specs: dict[str, QuantSpec], data: Any, recipe: Recipe, progress: bool) -> dict[str, Any]:
+    from ptqkit.calibration.hooks import calibrate_inputs
+
+    if len(data) == 0:
+        raise CalibrationDataError("calibration data is empty")
+    batch_size = recipe.calibration.batch_size
+    samples = min(len(data), recipe.calibration.samples)
+    return calibrate_inputs(
+        model,
+        specs,
+        data.batches(batch_size),
+        max_samples=samples,
+        progress=progress,
+        total_batches=-(-samples // batch_size),
+    )
+
+
+def weight_qparams(weight: torch.Tensor, spec: QuantSpec) -> QParams:
+    """Round-to-nearest parameters of a weight (layout [out, in, ...]) from its observer."""
+    if spec.observer == "minmax":
+        return qparams_from_tensor(weight.detach(), spec)
+    from ptqkit.observers import make_observer
+
+    observer = make_observer(spec)
+    observer.update(weight.detach())
+    return observer.qparams()
+
+
+def _input_quantizer(layer: LayerPlan, observer: Any) -> InputQuantizer | None:
+    if layer.inputs is None:
+        return None
+    if layer.inputs.dynamic:
+        return InputQuantizer(layer.inputs)
+    return InputQuantizer(layer.inputs, observer.qparams())
+
+
+def _convert(module: nn.Module, layer: LayerPlan, observer: Any) -> nn.Module:
+    """The quantized replacement of one module (weights stay float if the layer has no weight spec)."""
+    if layer.weights is None:
+        return _InputOnly(module, _input_quantizer(layer, observer))
+    inputs = _input_quantizer(layer, observer)
+    if layer.module_type == "Embedding":
+        return QuantEmbedding(module, weight_qparams(module.weight, layer.weights), layer.weights)
+    if layer.module_type in ("Linear", "Conv1D"):
+        weight = module.weight.t() if layer.module_type == "Conv1D" else module.weight  # Conv1D keeps [in, out]
+        return QuantLinear(weight, module.bias, weight_qparams(weight, layer.weights), layer.weights, inputs)
+    return QuantConv(module, weight_qparams(module.weight, layer.weights), layer.weights, inputs)
+
+
+class _InputOnly(nn.Module):
+    """A float module whose input is fake-quantized (a scheme with inputs but no weights)."""
+
+    def __init__(self, module: nn.Module, input_quantizer: InputQuantizer | None) -> None:
+        super().__init__()
+        self.module = module
+        self.input_quantizer = input_quantizer
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return self.module(self.input_quantizer(x) if self.input_quantizer is not None else x, *args, **kwargs)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def dequantize_model(qmodel: nn.Module) -> nn.Module:
+    """A float copy of a quantized model: dequantized weights, no input quantization."""
+    model = copy.deepcopy(qmodel)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantizedModule):
+            _set_submodule(model, name, module.to_float())
+        elif isinstance(module, _InputOnly):
+            _set_submodule(model, name, module.module)
+    if hasattr(model, "ptqkit_info"):
+        del model.ptqkit_info
+    return model

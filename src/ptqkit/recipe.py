@@ -1,0 +1,357 @@
+"""Recipes: what to quantize and how, as one typed, frozen, versioned config.
+
+A recipe round-trips exactly through JSON and YAML, rejects unknown keys and impossible values
+with a ConfigError naming the key path, and writes every default so nothing that changes numbers
+is hidden.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ptqkit.errors import ConfigError
+from ptqkit.qtypes import PerChannel, PerGroup, PerTensor, PerToken
+from ptqkit.spec import QuantSpec
+
+__all__ = ["Scheme", "Override", "CalibrationSettings", "Recipe", "PRESETS", "SUPPORTED_MODULE_TYPES", "RECIPE_VERSION"]
+
+RECIPE_VERSION = 1
+# Class names the engine can replace with a quantized module ("Conv1D" is Hugging Face's GPT-2 layer).
+SUPPORTED_MODULE_TYPES = ("Linear", "Conv1d", "Conv2d", "Embedding", "Conv1D")
+DEFAULT_TARGETS = ("Linear", "Conv1d", "Conv2d", "Conv1D")
+
+
+def _check_keys(data: Any, cls: type, where: str) -> dict[str, Any]:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+    valid = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(valid)}")
+    return dict(data)
+
+
+def _string_tuple(value: Any, where: str) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, Sequence) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{where}: expected a list of non-empty strings, got {value!r}")
+    return tuple(value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scheme:
+    """Weight and input-activation specs for a set of modules; None means "leave in float"."""
+
+    weights: QuantSpec | None = None
+    inputs: QuantSpec | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("weights", "inputs"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, QuantSpec):
+                raise ConfigError(f"scheme.{name}: expected a QuantSpec or null, got {value!r}")
+        if self.weights is not None and self.weights.dynamic:
+            raise ConfigError("scheme.weights: weights are quantized ahead of time; dynamic=true applies to inputs only")
+        if self.weights is not None and isinstance(self.weights.granularity, PerToken):
+            raise ConfigError("scheme.weights.granularity: per_token is for activations; use per_channel or per_group")
+        if self.inputs is not None and isinstance(self.inputs.granularity, PerGroup):
+            raise ConfigError("scheme.inputs.granularity: per_group is for weights; use per_tensor or per_token")
+
+    @property
+    def is_empty(self) -> bool:
+        return self.weights is None and self.inputs is None
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.inputs is not None and not self.inputs.dynamic
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: (None if getattr(self, name) is None else getattr(self, name).to_dict()) for name in ("weights", "inputs")}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "scheme") -> "Scheme":
+        data = _check_keys(data, cls, where)
+        specs = {
+            name: None if data.get(name) is None else QuantSpec.from_dict(data[name], where=f"{where}.{name}")
+            for name in ("weights", "inputs")
+        }
+        try:
+            return cls(**specs)
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace("scheme", where, 1)) from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Override:
+    """A scheme that replaces the recipe's scheme for the modules whose names match `match`
+    (globs, or regular expressions prefixed with "re:")."""
+
+    match: tuple[str, ...]
+    scheme: Scheme
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "match", _string_tuple(self.match, "overrides[].match"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"match": list(self.match), "scheme": self.scheme.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> "Override":
+        data = _check_keys(data, cls, where)
+        if "match" not in data or "scheme" not in data:
+            raise ConfigError(f"{where}: an override needs both 'match' and 'scheme'")
+        return cls(match=_string_tuple(data["match"], f"{where}.match"), scheme=Scheme.from_dict(data["scheme"], f"{where}.scheme"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrationSettings:
+    """How many calibration samples to use, which ones (seed), and the batch size."""
+
+    samples: int = 256
+    seed: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"calibration.{name}: {value!r} must be a positive integer")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError(f"calibration.seed: {self.seed!r} must be an integer")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "calibration") -> "CalibrationSettings":
+        return cls(**_check_keys(data, cls, where))
+
+
+def _algorithm_to_dict(config: Any) -> dict[str, Any]:
+    from ptqkit.algorithms import ALGORITHMS
+
+    names = [name for name, cls in ALGORITHMS.items() if type(config) is cls]
+    if not names:
+        raise ConfigError(f"algorithm config {config!r} is not registered; valid: {sorted(ALGORITHMS)}")
+    return {"name": names[0], **{f.name: getattr(config, f.name) for f in fields(config)}}
+
+
+def _algorithm_from_dict(data: Any, where: str) -> Any:
+    from ptqkit.algorithms import ALGORITHMS
+
+    if not isinstance(data, Mapping) or "name" not in data:
+        raise ConfigError(f"{where}: expected a mapping with a 'name' key, got {data!r}")
+    name = data["name"]
+    if name not in ALGORITHMS:
+        raise ConfigError(f"{where}.name: {name!r} is not a known algorithm; valid: {sorted(ALGORITHMS)}")
+    cls = ALGORITHMS[name]
+    options = {k: v for k, v in data.items() if k != "name"}
+    valid = {f.name for f in fields(cls)}
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown} for {name}; valid keys: {sorted(valid)}")
+    try:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where} ({name}): {exc}") from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """What to quantize and how.
+
+    - `scheme`: the default weight/input specs for targeted modules.
+    - `targets`: module class names (see SUPPORTED_MODULE_TYPES) or module-name patterns (globs,
+      or "re:" regular expressions) that select modules.
+    - `ignore`: module-name patterns (or class names) left in float.
+    - `keep_output_head`: leave the model's output projection (an HF model's output embeddings,
+      or a module named `lm_head`) in float — the LLM rule of keeping lm_head at higher precision.
+    - `overrides`: per-module scheme replacements, first match wins.
+    - `algorithms`: ordered algorithm configs (see ptqkit.algorithms.ALGORITHMS).
+    - `calibration`: sample count, sampling seed and batch size.
+    Patterns in targets, ignore and overrides that match no module raise ConfigError.
+    """
+
+    scheme: Scheme
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    ignore: tuple[str, ...] = ()
+    keep_output_head: bool = False
+    overrides: tuple[Override, ...] = ()
+    algorithms: tuple[Any, ...] = ()
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    name: str = "custom"
+    version: int = RECIPE_VERSION
+
+    def __post_init__(self) -> None:
+        if self.version != RECIPE_VERSION:
+            raise ConfigError(f"version: {self.version!r} is not supported; this ptqkit reads version {RECIPE_VERSION}")
+        if not isinstance(self.scheme, Scheme):
+            raise ConfigError(f"scheme: expected a Scheme, got {self.scheme!r}")
+        object.__setattr__(self, "targets", _string_tuple(self.targets, "targets"))
+        object.__setattr__(self, "ignore", _string_tuple(self.ignore, "ignore"))
+        object.__setattr__(self, "overrides", tuple(self.overrides))
+        object.__setattr__(self, "algorithms", tuple(self.algorithms))
+        if not self.targets:
+            raise ConfigError("targets: empty; name at least one module type (e.g. 'Linear') or name pattern")
+        if not isinstance(self.keep_output_head, bool):
+            raise ConfigError(f"keep_output_head: {self.keep_output_head!r} must be true or false")
+
+    # ---- presets -----------------------------------------------------------------------
+    @classmethod
+    def from_preset(
+        cls,
+        preset: str,
+        *,
+        ignore: Sequence[str] = (),
+        observer: str | None = None,
+        group_size: int | None = None,
+        calibration: str | None = None,
+        **kwargs: Any,
+    ) -> "Recipe":
+        """A ready recipe: "w8a8", "w8a8_dynamic", "w8a16", "w4a16", "fp8" (see PRESETS).
+
+        `observer` (alias `calibration`) sets the input-activation observer (minmax, kl, mse,
+        percentile, ema_minmax); `group_size` switches weight-only presets to groups along the
+        input dimension; other keyword arguments go to the Recipe (e.g. keep_output_head).
+        """
+        if preset not in PRESETS:
+            raise ConfigError(f"preset {preset!r} is unknown; valid: {', '.join(PRESETS)}")
+        base = PRESETS[preset]()
+        scheme = base.scheme
+        observer = observer or calibration
+        if observer is not None:
+            if scheme.inputs is None or scheme.inputs.dynamic:
+                raise ConfigError(f"preset {preset!r} has no calibrated activations; observer={observer!r} does not apply")
+            scheme = replace(scheme, inputs=replace(scheme.inputs, observer=observer))
+        if group_size is not None:
+            if scheme.weights is None:
+                raise ConfigError(f"preset {preset!r} quantizes no weights; group_size does not apply")
+            scheme = replace(scheme, weights=replace(scheme.weights, granularity=PerGroup(group_size)))
+        return replace(base, scheme=scheme, ignore=tuple(base.ignore) + tuple(ignore), **kwargs)
+
+    # ---- serialization -----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "name": self.name,
+            "scheme": self.scheme.to_dict(),
+            "targets": list(self.targets),
+            "ignore": list(self.ignore),
+            "keep_output_head": self.keep_output_head,
+            "overrides": [o.to_dict() for o in self.overrides],
+            "algorithms": [_algorithm_to_dict(a) for a in self.algorithms],
+            "calibration": self.calibration.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "recipe") -> "Recipe":
+        data = _check_keys(data, cls, where)
+        if "scheme" not in data:
+            raise ConfigError(f"{where}: 'scheme' is required")
+        kwargs: dict[str, Any] = {k: v for k, v in data.items() if k in ("name", "version", "keep_output_head")}
+        kwargs["scheme"] = Scheme.from_dict(data["scheme"], "scheme")
+        for key in ("targets", "ignore"):
+            if key in data:
+                kwargs[key] = _string_tuple(data[key], key)
+        kwargs["overrides"] = tuple(
+            Override.from_dict(o, f"overrides[{i}]") for i, o in enumerate(data.get("overrides") or [])
+        )
+        kwargs["algorithms"] = tuple(
+            _algorithm_from_dict(a, f"algorithms[{i}]") for i, a in enumerate(data.get("algorithms") or [])
+        )
+        kwargs["calibration"] = CalibrationSettings.from_dict(data.get("calibration") or {})
+        return cls(**kwargs)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    def to_yaml(self) -> str:
+        yaml = _import_yaml()
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the recipe as YAML (.yaml/.yml) or JSON (anything else)."""
+        path = Path(path)
+        text = self.to_yaml() if path.suffix in (".yaml", ".yml") else self.to_json()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        """Read a YAML or JSON recipe; errors name the file and the key path."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe file {str(path)!r} does not exist")
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                data = _import_yaml().safe_load(text)
+            else:
+                data = json.loads(text)
+        except ValueError as exc:  # json.JSONDecodeError and yaml.YAMLError's parse errors
+            raise ConfigError(f"recipe file {str(path)!r} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from None
+        except Exception as exc:  # yaml.YAMLError does not derive from ValueError
+            if type(exc).__module__.startswith("yaml"):
+                raise ConfigError(f"recipe file {str(path)!r} is not valid YAML: {exc}") from None
+            raise
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+
+def _import_yaml() -> Any:
+    try:
+        import yaml
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ConfigError("YAML recipes need PyYAML: pip install 'ptqkit[cli]' (or use a .json recipe)") from None
+    return yaml
+
+
+# ---- presets ------------------------------------------------------------------------------
+def _int8_weights() -> QuantSpec:
+    return QuantSpec(qtype="int8", granularity=PerChannel(0), symmetric=True)
+
+
+def _w8a8() -> Recipe:
+    # U8S8: uint8 asymmetric per-tensor activations, int8 symmetric per-channel weights —
+    # the layout ONNX Runtime's x86 integer kernels run fastest.
+    inputs = QuantSpec(qtype="uint8", granularity=PerTensor(), symmetric=False, observer="minmax")
+    return Recipe(name="w8a8", scheme=Scheme(weights=_int8_weights(), inputs=inputs))
+
+
+def _w8a8_dynamic() -> Recipe:
+    inputs = QuantSpec(qtype="uint8", granularity=PerTensor(), symmetric=False, dynamic=True)
+    return Recipe(name="w8a8_dynamic", scheme=Scheme(weights=_int8_weights(), inputs=inputs))
+
+
+def _w8a16() -> Recipe:
+    return Recipe(name="w8a16", scheme=Scheme(weights=_int8_weights()), keep_output_head=True)
+
+
+def _w4a16() -> Recipe:
+    weights = QuantSpec(qtype="int4", granularity=PerGroup(128), symmetric=True)
+    return Recipe(name="w4a16", scheme=Scheme(weights=weights), keep_output_head=True)
+
+
+def _fp8() -> Recipe:
+    return Recipe(
+        name="fp8",
+        scheme=Scheme(
+            weights=QuantSpec(qtype="fp8_e4m3", granularity=PerChannel(0)),
+            inputs=QuantSpec(qtype="fp8_e4m3", granularity=PerTensor(), observer="minmax"),
+        ),
+    )
+
+
+PRESETS = {
+    "w8a8": _w8a8,
+    "w8a8_dynamic": _w8a8_dynamic,
+    "w8a16": _w8a16,
+    "w4a16": _w4a16,
+    "fp8": _fp8,
+}
