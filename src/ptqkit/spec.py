@@ -68,6 +68,12 @@ class QuantSpec:
                 )
         object.__setattr__(self, "observer_options", MappingProxyType(options))
 
+    def __deepcopy__(self, memo: dict) -> "QuantSpec":
+        return self  # immutable
+
+    def __reduce__(self) -> tuple:
+        return (QuantSpec.from_dict, (self.to_dict(),))
+
     def __hash__(self) -> int:
         return hash(tuple((f.name, repr(self._plain(f.name))) for f in fields(self)))
 

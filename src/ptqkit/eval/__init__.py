@@ -1,0 +1,1 @@
+"""Evaluation: sizes, metrics, benchmarks and reports."""
