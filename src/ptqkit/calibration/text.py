@@ -1,0 +1,156 @@
+"""Reading calibration text (strings, .txt, .jsonl) and tokenizing it into model inputs.
+
+The tokenizer is any Hugging Face-style callable: `tokenizer(texts, truncation=True,
+max_length=n)` returning a mapping with `input_ids` (and usually `attention_mask`) as lists of
+token-id lists. transformers itself is never imported here.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ptqkit.errors import CalibrationDataError, ConfigError
+
+__all__ = ["read_texts", "tokenize", "JSONL_SUFFIXES", "SPLITS"]
+
+logger = logging.getLogger(__name__)
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+SPLITS = ("paragraph", "line")
+
+
+def _split_plain(content: str, split: str, name: str) -> list[tuple[str, str]]:
+    """(text, where) per paragraph (blank-line separated) or per non-empty line."""
+    out: list[tuple[str, str]] = []
+    block: list[str] = []
+    start = 0
+    for number, line in enumerate(content.splitlines(), start=1):
+        if split == "line":
+            if line.strip():
+                out.append((line.strip(), f"line {number} of {name}"))
+            continue
+        if line.strip():
+            if not block:
+                start = number
+            block.append(line.rstrip())
+        elif block:
+            out.append(("\n".join(block).strip(), f"paragraph at line {start} of {name}"))
+            block = []
+    if block:
+        out.append(("\n".join(block).strip(), f"paragraph at line {start} of {name}"))
+    return out
+
+
+def _read_jsonl(content: str, text_key: str, name: str) -> tuple[list[tuple[str, str]], int]:
+    out: list[tuple[str, str]] = []
+    blank = 0
+    for number, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CalibrationDataError(f"line {number} of {name} is not valid JSON ({err.msg}); a .jsonl file needs one JSON object per line") from None
+        if not isinstance(record, dict):
+            raise CalibrationDataError(f"line {number} of {name} is a JSON {type(record).__name__}; expected an object with a {text_key!r} field")
+        if text_key not in record:
+            raise CalibrationDataError(
+                f"line {number} of {name} has no {text_key!r} field (fields: {sorted(record)}); pass text_key= to choose one"
+            )
+        text = record[text_key]
+        if not isinstance(text, str):
+            raise CalibrationDataError(f"line {number} of {name}: field {text_key!r} is a {type(text).__name__}; expected a string")
+        if text.strip():
+            out.append((text, f"line {number} of {name}"))
+        else:
+            blank += 1
+    return out, blank
+
+
+def read_texts(source: Any, *, text_key: str = "text", split: str = "paragraph") -> tuple[list[tuple[str, str]], str, dict[str, Any]]:
+    """Non-blank texts with where each came from, a name for the source, and how it was read.
+
+    `source`: a list/tuple of strings, or a path (str or PathLike) to a `.jsonl`/`.ndjson` file
+    or a UTF-8 plain-text file (split per `split`). A str is always a path; literal texts go in
+    a list.
+    """
+    if split not in SPLITS:
+        raise ConfigError(f"split={split!r} is not valid: use one of {list(SPLITS)}")
+    if not isinstance(text_key, str) or not text_key:
+        raise ConfigError(f"text_key={text_key!r} is not valid: use the name of the JSON field holding the text")
+    if isinstance(source, (list, tuple)):
+        out = []
+        for i, text in enumerate(source):
+            if not isinstance(text, str):
+                raise CalibrationDataError(f"text {i} of the list is a {type(text).__name__}; from_text needs strings")
+            if text.strip():
+                out.append((text, f"text {i}"))
+        if len(out) < len(source):
+            logger.warning("from_text: skipped %d blank text(s) of %d", len(source) - len(out), len(source))
+        return out, f"list of {len(source)} texts", {"reader": "list"}
+    if not isinstance(source, (str, os.PathLike)):
+        raise CalibrationDataError(f"from_text: source is a {type(source).__name__}; pass a list of strings or a path to a .txt/.jsonl file")
+    path = Path(source)
+    if not path.is_file():
+        raise CalibrationDataError(
+            f"text source {os.fspath(source)!r} is not a file; pass a path to a .txt or .jsonl file, "
+            "or a list of strings for literal texts"
+        )
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CalibrationDataError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
+    if path.suffix.lower() in JSONL_SUFFIXES:
+        texts, blank = _read_jsonl(content, text_key, path.name)
+        if blank:
+            logger.warning("from_text: skipped %d record(s) with blank %r in %s", blank, text_key, path)
+        return texts, os.fspath(path), {"reader": "jsonl", "text_key": text_key}
+    return _split_plain(content, split, path.name), os.fspath(path), {"reader": "plain", "split": split}
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if attr != "pad_token_id":
+                logger.info("tokenizer has no pad token; padding input_ids with %s=%d", attr, value)
+            return value
+    logger.info("tokenizer has neither a pad nor an eos token; padding input_ids with 0 (masked out)")
+    return 0
+
+
+def tokenize(texts: Sequence[str], tokenizer: Any, *, max_length: int) -> tuple[list[dict[str, torch.Tensor]], int, dict[str, Any]]:
+    """Tokenize `texts` (truncated to `max_length`) into {input_ids, attention_mask} int64 samples.
+
+    Returns the samples, the pad id for input_ids, and a JSON-able description of the tokenizer.
+    """
+    if not callable(tokenizer):
+        raise ConfigError(f"tokenizer={tokenizer!r} is not callable; pass a Hugging Face tokenizer (AutoTokenizer.from_pretrained(local_dir))")
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
+    if not hasattr(encoded, "keys") or "input_ids" not in encoded:
+        raise CalibrationDataError(f"tokenizer {type(tokenizer).__name__} returned {type(encoded).__name__} without 'input_ids'")
+    ids = encoded["input_ids"]
+    masks = encoded["attention_mask"] if "attention_mask" in encoded else [[1] * len(row) for row in ids]
+    samples = []
+    for i, (row, mask) in enumerate(zip(ids, masks)):
+        if len(row) == 0:
+            raise CalibrationDataError(f"tokenizer produced no tokens for text {i} ({texts[i][:40]!r})")
+        samples.append({
+            "input_ids": torch.tensor(row, dtype=torch.long),  # [L]
+            "attention_mask": torch.tensor(mask, dtype=torch.long),  # [L]
+        })
+    pad_id = _pad_id(tokenizer)
+    name = getattr(tokenizer, "name_or_path", "") or ""
+    description = {
+        "tokenizer": type(tokenizer).__name__,
+        "tokenizer_name": os.path.basename(str(name).rstrip("/\\")),
+        "vocab_size": len(tokenizer) if hasattr(tokenizer, "__len__") else None,
+        "max_length": max_length,
+        "truncation": True,
+    }
+    return samples, pad_id, description
