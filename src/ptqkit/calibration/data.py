@@ -16,6 +16,7 @@ The object is immutable: it holds private copies of its samples, and `batches()`
 stacked tensors. `fingerprint` hashes the exact samples used plus the preprocessing description
 (not the file path, limit or seed: the same samples prepared the same way hash the same).
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,10 +24,21 @@ import os
 from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 
 import torch
-from torch import nn
 
 from ptqkit.calibration import sampling
-from ptqkit.calibration.samples import ModelInput, as_sample, collate, hash_samples, split_batch, validate_samples
+from ptqkit.calibration.samples import (
+    ModelInput,
+    as_sample,
+    call_model,
+    clone_sample,
+    collate,
+    count_samples,
+    describe_tensors,
+    pick_samples,
+    hash_samples,
+    validate_samples,
+    split_batch,
+)
 from ptqkit.errors import CalibrationDataError, ConfigError
 
 __all__ = ["CalibrationData", "ModelInput", "call_model"]
@@ -46,14 +58,6 @@ def _check_pad_id(pad_id: Any) -> int:
     return pad_id
 
 
-def _describe_tensors(data: Any) -> str:
-    if isinstance(data, torch.Tensor):
-        return f"Tensor{list(data.shape)} {data.dtype}"
-    if isinstance(data, Mapping):
-        return "dict(" + ", ".join(f"{k}: {list(v.shape)}" if isinstance(v, torch.Tensor) else str(k) for k, v in data.items()) + ")"
-    return f"{type(data).__name__} of {len(data)} samples"
-
-
 class CalibrationData:
     """An immutable, validated set of calibration samples (each without a batch dimension).
 
@@ -62,8 +66,16 @@ class CalibrationData:
     (1-D integer token sequences may differ in length; `batches` pads them).
     """
 
-    __slots__ = ("_samples", "_origins", "_labels", "_batch_size", "_pad_id", "_pad_values",
-                 "_description", "_fingerprint")
+    __slots__ = (
+        "_samples",
+        "_origins",
+        "_labels",
+        "_batch_size",
+        "_pad_id",
+        "_pad_values",
+        "_description",
+        "_fingerprint",
+    )
 
     def __init__(
         self,
@@ -98,8 +110,14 @@ class CalibrationData:
         self._batch_size = batch_size
         self._pad_id = pad_id
         self._pad_values = pad_values
-        info = dict(sampling_info or {"method": "all", "available": len(owned), "limit": None, "seed": None})
-        prep = {**dict(preprocessing or {"kind": "tensors"}), "pad_id": pad_id, "pad_values": pad_values}
+        info = dict(
+            sampling_info or {"method": "all", "available": len(owned), "limit": None, "seed": None}
+        )
+        prep = {
+            **dict(preprocessing or {"kind": "tensors"}),
+            "pad_id": pad_id,
+            "pad_values": pad_values,
+        }
         self._description = {
             "source": source,
             "count": len(owned),
@@ -135,64 +153,33 @@ class CalibrationData:
         """
         limit = sampling.check_limit(limit)
         seed = sampling.check_seed(seed)
-        if isinstance(data, torch.Tensor):
-            if data.ndim == 0:
-                raise CalibrationDataError("from_tensors: data is a 0-d tensor; pass a Tensor [N, ...] with N samples")
-            available = int(data.shape[0])
-        elif isinstance(data, Mapping):
-            if not data:
-                raise CalibrationDataError("calibration data is empty: from_tensors got an empty dict")
-            sizes = {}
-            for k, v in data.items():
-                if not isinstance(v, torch.Tensor) or v.ndim == 0:
-                    raise CalibrationDataError(f"from_tensors: data[{k!r}] is {type(v).__name__}; a dict must map names to Tensors [N, ...]")
-                sizes[k] = int(v.shape[0])
-            if len(set(sizes.values())) > 1:
-                raise CalibrationDataError(f"from_tensors: dict tensors have different sample counts {sizes}; all need the same N")
-            available = next(iter(sizes.values()))
-        elif isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
-            available = len(data)
-        else:
-            raise CalibrationDataError(
-                f"from_tensors: data is a {type(data).__name__}; pass a Tensor [N, ...], a list of samples or a dict of Tensors"
-            )
-        if available == 0:
-            raise CalibrationDataError(f"calibration data is empty: from_tensors got {_describe_tensors(data)}")
-        label_list = None if labels is None else sampling.normalize_labels(labels, available, "labels")
+        available = count_samples(data)
+        label_list = (
+            None if labels is None else sampling.normalize_labels(labels, available, "labels")
+        )
         if isinstance(stratify_by, str):
             if stratify_by != "labels":
-                raise ConfigError(f"stratify_by={stratify_by!r} is not valid: use 'labels', a sequence of per-sample labels, or None")
+                raise ConfigError(
+                    f"stratify_by={stratify_by!r} is not valid: use 'labels', a sequence of per-sample labels, or None"
+                )
             if label_list is None:
-                raise ConfigError("stratify_by='labels' needs labels=...: pass one label per sample")
+                raise ConfigError(
+                    "stratify_by='labels' needs labels=...: pass one label per sample"
+                )
             strata = label_list
         else:
-            strata = None if stratify_by is None else sampling.normalize_labels(stratify_by, available)
-        sampling.warn_if_short(available, limit, "from_tensors")
-        if strata is not None:
-            index, classes = sampling.stratified_indices(strata, limit, seed)
-            info: dict[str, Any] = {"method": "stratified" if len(index) < available else "all", "classes": classes}
-        else:
-            index = sampling.select_indices(available, limit, seed)
-            info = {"method": "random" if len(index) < available else "all"}
-        info.update(available=available, limit=limit, seed=seed)
-        picked = torch.tensor(index, dtype=torch.long)  # [k]
-        if isinstance(data, torch.Tensor):
-            samples: list[Any] = list(data.detach()[picked].unbind(0))  # [N, ...] -> k x [...]
-            copy = False
-        elif isinstance(data, Mapping):
-            columns = {k: v.detach()[picked].unbind(0) for k, v in data.items()}  # [N, ...] -> k x [...]
-            samples = [{k: columns[k][j] for k in columns} for j in range(len(index))]
-            copy = False
-        else:
-            samples = [data[i] for i in index]
-            copy = True
+            strata = (
+                None if stratify_by is None else sampling.normalize_labels(stratify_by, available)
+            )
+        index, info = sampling.choose(available, limit, seed, strata)
+        samples, copy = pick_samples(data, index)
         return cls(
             samples,
             batch_size=batch_size,
             pad_id=pad_id,
             labels=None if label_list is None else [label_list[i] for i in index],
             origins=[f"sample {i}" for i in index],
-            source=f"tensors: {_describe_tensors(data)}",
+            source=f"tensors: {describe_tensors(data)}",
             sampling_info=info,
             preprocessing={"kind": "tensors"},
             copy=copy,
@@ -221,7 +208,9 @@ class CalibrationData:
         A Tensor or dict of Tensors is passed on to `from_tensors`.
         """
         if isinstance(iterable, (torch.Tensor, Mapping)):
-            return cls.from_tensors(iterable, limit=limit, seed=seed, batch_size=batch_size, pad_id=pad_id)
+            return cls.from_tensors(
+                iterable, limit=limit, seed=seed, batch_size=batch_size, pad_id=pad_id
+            )
         limit = sampling.check_limit(limit)
         seed = sampling.check_seed(seed)
         if batched is None:
@@ -229,7 +218,9 @@ class CalibrationData:
 
             batched = isinstance(iterable, DataLoader) and iterable.batch_sampler is not None
         if not isinstance(iterable, Iterable):
-            raise CalibrationDataError(f"from_iterable: {type(iterable).__name__} is not iterable; pass a DataLoader, list or generator of samples")
+            raise CalibrationDataError(
+                f"from_iterable: {type(iterable).__name__} is not iterable; pass a DataLoader, list or generator of samples"
+            )
 
         def stream() -> Iterator[Any]:
             for b, item in enumerate(iterable):
@@ -246,7 +237,9 @@ class CalibrationData:
             available = None
             method = "first" if limit is not None and len(chosen) == limit else "all"
         if not chosen:
-            raise CalibrationDataError(f"calibration data is empty: the {type(iterable).__name__} yielded no samples")
+            raise CalibrationDataError(
+                f"calibration data is empty: the {type(iterable).__name__} yielded no samples"
+            )
         sampling.warn_if_short(len(chosen), limit, "from_iterable")
         name = type(iterable).__name__
         return cls(
@@ -255,7 +248,12 @@ class CalibrationData:
             pad_id=pad_id,
             origins=[f"sample {i}" for i, _ in chosen],
             source=f"iterable: {name}" + (" of batches" if batched else ""),
-            sampling_info={"method": method, "available": available, "limit": limit, "seed": seed if method == "reservoir" else None},
+            sampling_info={
+                "method": method,
+                "available": available,
+                "limit": limit,
+                "seed": seed if method == "reservoir" else None,
+            },
             preprocessing={"kind": "tensors"},
         )
 
@@ -282,30 +280,18 @@ class CalibrationData:
         text is truncated to `max_length` tokens. `batches()` right-pads input_ids with the
         tokenizer's pad id (its eos id if it has none, else 0) and attention_mask with 0.
         """
-        from ptqkit.calibration.text import read_texts, tokenize
+        from ptqkit.calibration.text import prepare_text
 
-        limit = sampling.check_limit(limit)
-        seed = sampling.check_seed(seed)
-        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
-            raise ConfigError(f"max_length={max_length!r} is not valid: use a positive number of tokens")
-        texts, source_name, reading = read_texts(source, text_key=text_key, split=split)
-        if not texts:
-            raise CalibrationDataError(f"calibration data is empty: {source_name} holds no non-blank text")
-        sampling.warn_if_short(len(texts), limit, f"from_text({source_name})")
-        index = sampling.select_indices(len(texts), limit, seed)
-        chosen = [texts[i] for i in index]
-        samples, pad_id, tokenizing = tokenize([t for t, _ in chosen], tokenizer, max_length=max_length)
-        return cls(
-            samples,
-            batch_size=batch_size,
-            pad_id=pad_id,
-            pad_values={"attention_mask": 0},
-            origins=[f"sample {i} ({where})" for i, (_, where) in zip(index, chosen)],
-            source=f"text: {source_name}",
-            sampling_info={"method": "random" if len(index) < len(texts) else "all", "available": len(texts), "limit": limit, "seed": seed},
-            preprocessing={"kind": "text", **reading, **tokenizing},
-            copy=False,
+        prepared = prepare_text(
+            source,
+            tokenizer,
+            max_length=max_length,
+            limit=sampling.check_limit(limit),
+            seed=sampling.check_seed(seed),
+            text_key=text_key,
+            split=split,
         )
+        return cls(**prepared, batch_size=batch_size, copy=False)
 
     @classmethod
     def from_image_folder(
@@ -328,35 +314,17 @@ class CalibrationData:
         `transform` must return a Tensor (typically [C, H, W]); `.labels` holds the class
         folder names ("" for files at the top level).
         """
-        from ptqkit.calibration.images import describe_transform, list_images, load_image
+        from ptqkit.calibration.images import prepare_images
 
-        limit = sampling.check_limit(limit)
-        seed = sampling.check_seed(seed)
-        if not callable(transform):
-            raise ConfigError(f"transform={transform!r} is not callable; pass a function PIL.Image -> Tensor [C, H, W]")
-        files = list_images(path)
-        labels = [label for _, label in files]
-        sampling.warn_if_short(len(files), limit, f"from_image_folder({path})")
-        if stratify_by_folder and len(set(labels)) > 1:
-            index, classes = sampling.stratified_indices(labels, limit, seed)
-            info: dict[str, Any] = {"method": "stratified" if len(index) < len(files) else "all", "classes": classes}
-        else:
-            index = sampling.select_indices(len(files), limit, seed)
-            info = {"method": "random" if len(index) < len(files) else "all"}
-        info.update(available=len(files), limit=limit, seed=seed)
-        root = os.fspath(path)
-        origins = [f"sample {i} ({os.path.relpath(files[i][0], root)})" for i in index]
-        samples = [load_image(files[i][0], transform, mode, origin) for i, origin in zip(index, origins)]
-        return cls(
-            samples,
-            batch_size=batch_size,
-            labels=[labels[i] for i in index],
-            origins=origins,
-            source=f"image folder: {root}",
-            sampling_info=info,
-            preprocessing={"kind": "image", "mode": mode, "transform": describe_transform(transform)},
-            copy=False,
+        prepared = prepare_images(
+            path,
+            transform,
+            limit=sampling.check_limit(limit),
+            seed=sampling.check_seed(seed),
+            stratify_by_folder=stratify_by_folder,
+            mode=mode,
         )
+        return cls(**prepared, batch_size=batch_size, copy=False)
 
     # ---------------------------------------------------------------- access
     def __len__(self) -> int:
@@ -364,7 +332,7 @@ class CalibrationData:
 
     def __getitem__(self, i: int) -> ModelInput:
         """A copy of sample `i` (no batch dimension)."""
-        return _clone(self._samples[i])
+        return clone_sample(self._samples[i])
 
     def __repr__(self) -> str:
         d = self._description
@@ -404,23 +372,3 @@ class CalibrationData:
         import copy
 
         return copy.deepcopy(self._description)
-
-
-def _clone(sample: ModelInput) -> ModelInput:
-    if isinstance(sample, torch.Tensor):
-        return sample.clone()
-    if isinstance(sample, dict):
-        return {k: v.clone() for k, v in sample.items()}
-    return tuple(v.clone() for v in sample)
-
-
-def call_model(model: nn.Module, batch: ModelInput) -> Any:
-    """Run `model` on a batch: `model(**batch)` for a dict, `model(*batch)` for a tuple/list,
-    `model(batch)` for a Tensor."""
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    if isinstance(batch, torch.Tensor):
-        return model(batch)
-    raise CalibrationDataError(f"call_model: batch is a {type(batch).__name__}; expected a Tensor, tuple or dict of Tensors")

@@ -5,6 +5,7 @@ A *sample* is one model input without a batch dimension: a Tensor, a tuple of Te
 CalibrationData share the same structure, dtypes and shapes, except that 1-D integer (or bool)
 tensors — token sequences — may differ in length; `collate` right-pads those.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -12,10 +13,23 @@ import json
 from typing import Any, Mapping, Sequence, Union
 
 import torch
+from torch import nn
 
 from ptqkit.errors import CalibrationDataError
 
-__all__ = ["ModelInput", "as_sample", "validate_samples", "split_batch", "collate", "hash_samples"]
+__all__ = [
+    "ModelInput",
+    "as_sample",
+    "validate_samples",
+    "split_batch",
+    "collate",
+    "hash_samples",
+    "clone_sample",
+    "call_model",
+    "count_samples",
+    "describe_tensors",
+    "pick_samples",
+]
 
 ModelInput = Union[torch.Tensor, tuple[torch.Tensor, ...], dict[str, torch.Tensor]]
 """What `model(...)` takes: a Tensor, a tuple of positional Tensors, or a dict of keyword Tensors."""
@@ -44,6 +58,7 @@ def as_sample(item: Any, origin: str, *, copy: bool) -> ModelInput:
     Lists become tuples. With `copy`, tensors are cloned so later changes to the caller's
     tensors cannot change the calibration set (or its fingerprint).
     """
+
     def own(t: Any, location: str) -> torch.Tensor:
         if not isinstance(t, torch.Tensor):
             raise CalibrationDataError(
@@ -58,7 +73,9 @@ def as_sample(item: Any, origin: str, *, copy: bool) -> ModelInput:
     if isinstance(item, Mapping):
         bad = [k for k in item if not isinstance(k, str)]
         if bad:
-            raise CalibrationDataError(f"calibration {origin} has non-string key {bad[0]!r}; dict samples need str keys")
+            raise CalibrationDataError(
+                f"calibration {origin} has non-string key {bad[0]!r}; dict samples need str keys"
+            )
         return {k: own(v, f"key {k!r}") for k, v in item.items()}
     if isinstance(item, (tuple, list)):
         if not item:
@@ -128,6 +145,7 @@ def validate_samples(samples: Sequence[ModelInput], origins: Sequence[str]) -> N
 
 def split_batch(batch: Any, origin: str) -> list[ModelInput]:
     """Split a batched model input (first dimension = samples) into per-sample inputs (views)."""
+
     def rows(t: Any, location: str) -> tuple[torch.Tensor, ...]:
         if not isinstance(t, torch.Tensor):
             raise CalibrationDataError(
@@ -173,7 +191,9 @@ def _stack(tensors: Sequence[torch.Tensor], pad: int) -> torch.Tensor:
     return out
 
 
-def collate(samples: Sequence[ModelInput], pad_id: int, pad_values: Mapping[str, int]) -> ModelInput:
+def collate(
+    samples: Sequence[ModelInput], pad_id: int, pad_values: Mapping[str, int]
+) -> ModelInput:
     """Stack samples into one batch; 1-D sequences of different length are right-padded.
 
     Padding value: `pad_values[key]` for dict keys listed there (e.g. attention_mask -> 0),
@@ -214,3 +234,92 @@ def hash_samples(samples: Sequence[ModelInput], preprocessing: Mapping[str, Any]
             put(_tensor_bytes(t))
     put(json.dumps(preprocessing, sort_keys=True, default=str).encode())
     return h.hexdigest()
+
+
+def clone_sample(sample: ModelInput) -> ModelInput:
+    """A deep copy of a sample's tensors."""
+    if isinstance(sample, torch.Tensor):
+        return sample.clone()
+    if isinstance(sample, dict):
+        return {k: v.clone() for k, v in sample.items()}
+    return tuple(v.clone() for v in sample)
+
+
+def call_model(model: nn.Module, batch: ModelInput) -> Any:
+    """Run `model` on a batch: `model(**batch)` for a dict, `model(*batch)` for a tuple/list,
+    `model(batch)` for a Tensor."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    raise CalibrationDataError(
+        f"call_model: batch is a {type(batch).__name__}; expected a Tensor, tuple or dict of Tensors"
+    )
+
+
+def describe_tensors(data: Any) -> str:
+    """A short text for in-memory data: 'Tensor[100, 3] torch.float32', 'dict(x: [8, 4])', ..."""
+    if isinstance(data, torch.Tensor):
+        return f"Tensor{list(data.shape)} {data.dtype}"
+    if isinstance(data, Mapping):
+        parts = [
+            f"{k}: {list(v.shape)}" if isinstance(v, torch.Tensor) else str(k)
+            for k, v in data.items()
+        ]
+        return "dict(" + ", ".join(parts) + ")"
+    return f"{type(data).__name__} of {len(data)} samples"
+
+
+def count_samples(data: Any) -> int:
+    """Number of samples in from_tensors data (Tensor [N, ...], sequence, dict of [N, ...]); > 0."""
+    if isinstance(data, torch.Tensor):
+        if data.ndim == 0:
+            raise CalibrationDataError(
+                "from_tensors: data is a 0-d tensor; pass a Tensor [N, ...] with N samples"
+            )
+        available = int(data.shape[0])
+    elif isinstance(data, Mapping):
+        if not data:
+            raise CalibrationDataError("calibration data is empty: from_tensors got an empty dict")
+        sizes = {}
+        for k, v in data.items():
+            if not isinstance(v, torch.Tensor) or v.ndim == 0:
+                raise CalibrationDataError(
+                    f"from_tensors: data[{k!r}] is {type(v).__name__}; a dict must map names to Tensors [N, ...]"
+                )
+            sizes[k] = int(v.shape[0])
+        if len(set(sizes.values())) > 1:
+            raise CalibrationDataError(
+                f"from_tensors: dict tensors have different sample counts {sizes}; all need the same N"
+            )
+        available = next(iter(sizes.values()))
+    elif isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
+        available = len(data)
+    else:
+        raise CalibrationDataError(
+            f"from_tensors: data is a {type(data).__name__}; pass a Tensor [N, ...], a list of samples "
+            "or a dict of Tensors"
+        )
+    if available == 0:
+        raise CalibrationDataError(
+            f"calibration data is empty: from_tensors got {describe_tensors(data)}"
+        )
+    return available
+
+
+def pick_samples(data: Any, index: Sequence[int]) -> tuple[list[Any], bool]:
+    """The samples at `index` and whether they still need copying (True for user-owned ones).
+
+    Only the chosen rows of a Tensor or dict of Tensors are gathered (into fresh tensors).
+    """
+    picked = torch.tensor(list(index), dtype=torch.long)  # [k]
+    if isinstance(data, torch.Tensor):
+        return list(data.detach()[picked].unbind(0)), False  # [N, ...] -> [k, ...] -> k x [...]
+    if isinstance(data, Mapping):
+        columns = {
+            k: v.detach()[picked].unbind(0) for k, v in data.items()
+        }  # [N, ...] -> k x [...]
+        return [{k: columns[k][j] for k in columns} for j in range(len(index))], False
+    return [data[i] for i in index], True

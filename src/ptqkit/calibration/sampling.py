@@ -10,6 +10,7 @@ the caller's `seed`, so the same inputs and seed always give the same indices on
 - `reservoir_sample`: a uniform random subset of a stream of unknown length in O(limit) memory
   (Algorithm R).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -31,6 +32,7 @@ __all__ = [
     "normalize_labels",
     "warn_if_short",
     "take",
+    "choose",
 ]
 
 logger = logging.getLogger(__name__)
@@ -43,7 +45,9 @@ def check_limit(limit: Any, where: str = "limit") -> int | None:
     if limit is None:
         return None
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-        raise ConfigError(f"{where}={limit!r} is not valid: use None (all samples) or a positive integer")
+        raise ConfigError(
+            f"{where}={limit!r} is not valid: use None (all samples) or a positive integer"
+        )
     return limit
 
 
@@ -63,8 +67,13 @@ def _generator(seed: int) -> torch.Generator:
 def warn_if_short(available: int, limit: int | None, what: str) -> None:
     """Log a warning when fewer samples than `limit` exist (the caller then uses them all)."""
     if limit is not None and available < limit:
-        logger.warning("%s: %d calibration samples requested (limit) but only %d available; using all %d",
-                       what, limit, available, available)
+        logger.warning(
+            "%s: %d calibration samples requested (limit) but only %d available; using all %d",
+            what,
+            limit,
+            available,
+            available,
+        )
 
 
 def select_indices(available: int, limit: int | None, seed: int) -> list[int]:
@@ -126,16 +135,22 @@ def normalize_labels(labels: Any, available: int, where: str = "stratify_by") ->
     else:
         values = [_label_key(v) for v in labels]
     if len(values) != available:
-        raise CalibrationDataError(f"{where}: {len(values)} labels for {available} samples; give exactly one label per sample")
+        raise CalibrationDataError(
+            f"{where}: {len(values)} labels for {available} samples; give exactly one label per sample"
+        )
     for i, v in enumerate(values):
         try:
             hash(v)
         except TypeError:
-            raise CalibrationDataError(f"{where}: label {i} ({v!r}) is not hashable; use ints or strings") from None
+            raise CalibrationDataError(
+                f"{where}: label {i} ({v!r}) is not hashable; use ints or strings"
+            ) from None
     return values
 
 
-def stratified_indices(labels: Sequence[Hashable], limit: int | None, seed: int) -> tuple[list[int], dict[str, int]]:
+def stratified_indices(
+    labels: Sequence[Hashable], limit: int | None, seed: int
+) -> tuple[list[int], dict[str, int]]:
     """Indices (ascending) of a class-proportional subset, and the count taken from each class.
 
     Classes are ordered by first appearance in `labels`; `class_shares` decides each class's
@@ -185,3 +200,23 @@ def reservoir_sample(stream: Iterable[T], limit: int, seed: int) -> tuple[list[t
 def take(stream: Iterable[T], limit: int | None) -> Iterator[tuple[int, T]]:
     """(index, item) for the first `limit` items of a stream; reads nothing beyond them."""
     return enumerate(itertools.islice(stream, limit))  # islice stops without pulling item `limit`
+
+
+def choose(
+    available: int, limit: int | None, seed: int, strata: Sequence[Hashable] | None
+) -> tuple[list[int], dict[str, Any]]:
+    """Indices to use and a JSON-able sampling description (method, classes, available, limit, seed).
+
+    With `strata` (one label per sample): `stratified_indices`; otherwise `select_indices`.
+    Logs a warning when `limit` exceeds `available`.
+    """
+    warn_if_short(available, limit, "calibration sampling")
+    info: dict[str, Any]
+    if strata is not None:
+        index, classes = stratified_indices(strata, limit, seed)
+        info = {"method": "stratified" if len(index) < available else "all", "classes": classes}
+    else:
+        index = select_indices(available, limit, seed)
+        info = {"method": "random" if len(index) < available else "all"}
+    info.update(available=available, limit=limit, seed=seed)
+    return index, info

@@ -4,6 +4,7 @@ The tokenizer is any Hugging Face-style callable: `tokenizer(texts, truncation=T
 max_length=n)` returning a mapping with `input_ids` (and usually `attention_mask`) as lists of
 token-id lists. transformers itself is never imported here.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ import torch
 
 from ptqkit.errors import CalibrationDataError, ConfigError
 
-__all__ = ["read_texts", "tokenize", "JSONL_SUFFIXES", "SPLITS"]
+__all__ = ["read_texts", "tokenize", "JSONL_SUFFIXES", "SPLITS", "prepare_text"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,16 +56,22 @@ def _read_jsonl(content: str, text_key: str, name: str) -> tuple[list[tuple[str,
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise CalibrationDataError(f"line {number} of {name} is not valid JSON ({err.msg}); a .jsonl file needs one JSON object per line") from None
+            raise CalibrationDataError(
+                f"line {number} of {name} is not valid JSON ({err.msg}); a .jsonl file needs one JSON object per line"
+            ) from None
         if not isinstance(record, dict):
-            raise CalibrationDataError(f"line {number} of {name} is a JSON {type(record).__name__}; expected an object with a {text_key!r} field")
+            raise CalibrationDataError(
+                f"line {number} of {name} is a JSON {type(record).__name__}; expected an object with a {text_key!r} field"
+            )
         if text_key not in record:
             raise CalibrationDataError(
                 f"line {number} of {name} has no {text_key!r} field (fields: {sorted(record)}); pass text_key= to choose one"
             )
         text = record[text_key]
         if not isinstance(text, str):
-            raise CalibrationDataError(f"line {number} of {name}: field {text_key!r} is a {type(text).__name__}; expected a string")
+            raise CalibrationDataError(
+                f"line {number} of {name}: field {text_key!r} is a {type(text).__name__}; expected a string"
+            )
         if text.strip():
             out.append((text, f"line {number} of {name}"))
         else:
@@ -72,7 +79,9 @@ def _read_jsonl(content: str, text_key: str, name: str) -> tuple[list[tuple[str,
     return out, blank
 
 
-def read_texts(source: Any, *, text_key: str = "text", split: str = "paragraph") -> tuple[list[tuple[str, str]], str, dict[str, Any]]:
+def read_texts(
+    source: Any, *, text_key: str = "text", split: str = "paragraph"
+) -> tuple[list[tuple[str, str]], str, dict[str, Any]]:
     """Non-blank texts with where each came from, a name for the source, and how it was read.
 
     `source`: a list/tuple of strings, or a path (str or PathLike) to a `.jsonl`/`.ndjson` file
@@ -82,19 +91,27 @@ def read_texts(source: Any, *, text_key: str = "text", split: str = "paragraph")
     if split not in SPLITS:
         raise ConfigError(f"split={split!r} is not valid: use one of {list(SPLITS)}")
     if not isinstance(text_key, str) or not text_key:
-        raise ConfigError(f"text_key={text_key!r} is not valid: use the name of the JSON field holding the text")
+        raise ConfigError(
+            f"text_key={text_key!r} is not valid: use the name of the JSON field holding the text"
+        )
     if isinstance(source, (list, tuple)):
         out = []
         for i, text in enumerate(source):
             if not isinstance(text, str):
-                raise CalibrationDataError(f"text {i} of the list is a {type(text).__name__}; from_text needs strings")
+                raise CalibrationDataError(
+                    f"text {i} of the list is a {type(text).__name__}; from_text needs strings"
+                )
             if text.strip():
                 out.append((text, f"text {i}"))
         if len(out) < len(source):
-            logger.warning("from_text: skipped %d blank text(s) of %d", len(source) - len(out), len(source))
+            logger.warning(
+                "from_text: skipped %d blank text(s) of %d", len(source) - len(out), len(source)
+            )
         return out, f"list of {len(source)} texts", {"reader": "list"}
     if not isinstance(source, (str, os.PathLike)):
-        raise CalibrationDataError(f"from_text: source is a {type(source).__name__}; pass a list of strings or a path to a .txt/.jsonl file")
+        raise CalibrationDataError(
+            f"from_text: source is a {type(source).__name__}; pass a list of strings or a path to a .txt/.jsonl file"
+        )
     path = Path(source)
     if not path.is_file():
         raise CalibrationDataError(
@@ -104,13 +121,21 @@ def read_texts(source: Any, *, text_key: str = "text", split: str = "paragraph")
     try:
         content = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise CalibrationDataError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
+        raise CalibrationDataError(
+            f"{path} is not UTF-8 text (byte {err.start}: {err.reason})"
+        ) from None
     if path.suffix.lower() in JSONL_SUFFIXES:
         texts, blank = _read_jsonl(content, text_key, path.name)
         if blank:
-            logger.warning("from_text: skipped %d record(s) with blank %r in %s", blank, text_key, path)
+            logger.warning(
+                "from_text: skipped %d record(s) with blank %r in %s", blank, text_key, path
+            )
         return texts, os.fspath(path), {"reader": "jsonl", "text_key": text_key}
-    return _split_plain(content, split, path.name), os.fspath(path), {"reader": "plain", "split": split}
+    return (
+        _split_plain(content, split, path.name),
+        os.fspath(path),
+        {"reader": "plain", "split": split},
+    )
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -120,30 +145,46 @@ def _pad_id(tokenizer: Any) -> int:
             if attr != "pad_token_id":
                 logger.info("tokenizer has no pad token; padding input_ids with %s=%d", attr, value)
             return value
-    logger.info("tokenizer has neither a pad nor an eos token; padding input_ids with 0 (masked out)")
+    logger.info(
+        "tokenizer has neither a pad nor an eos token; padding input_ids with 0 (masked out)"
+    )
     return 0
 
 
-def tokenize(texts: Sequence[str], tokenizer: Any, *, max_length: int) -> tuple[list[dict[str, torch.Tensor]], int, dict[str, Any]]:
+def tokenize(
+    texts: Sequence[str], tokenizer: Any, *, max_length: int
+) -> tuple[list[dict[str, torch.Tensor]], int, dict[str, Any]]:
     """Tokenize `texts` (truncated to `max_length`) into {input_ids, attention_mask} int64 samples.
 
     Returns the samples, the pad id for input_ids, and a JSON-able description of the tokenizer.
     """
     if not callable(tokenizer):
-        raise ConfigError(f"tokenizer={tokenizer!r} is not callable; pass a Hugging Face tokenizer (AutoTokenizer.from_pretrained(local_dir))")
+        raise ConfigError(
+            f"tokenizer={tokenizer!r} is not callable; pass a Hugging Face tokenizer (AutoTokenizer.from_pretrained(local_dir))"
+        )
     encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
     if not hasattr(encoded, "keys") or "input_ids" not in encoded:
-        raise CalibrationDataError(f"tokenizer {type(tokenizer).__name__} returned {type(encoded).__name__} without 'input_ids'")
+        raise CalibrationDataError(
+            f"tokenizer {type(tokenizer).__name__} returned {type(encoded).__name__} without 'input_ids'"
+        )
     ids = encoded["input_ids"]
-    masks = encoded["attention_mask"] if "attention_mask" in encoded else [[1] * len(row) for row in ids]
+    masks = (
+        encoded["attention_mask"]
+        if "attention_mask" in encoded
+        else [[1] * len(row) for row in ids]
+    )
     samples = []
     for i, (row, mask) in enumerate(zip(ids, masks)):
         if len(row) == 0:
-            raise CalibrationDataError(f"tokenizer produced no tokens for text {i} ({texts[i][:40]!r})")
-        samples.append({
-            "input_ids": torch.tensor(row, dtype=torch.long),  # [L]
-            "attention_mask": torch.tensor(mask, dtype=torch.long),  # [L]
-        })
+            raise CalibrationDataError(
+                f"tokenizer produced no tokens for text {i} ({texts[i][:40]!r})"
+            )
+        samples.append(
+            {
+                "input_ids": torch.tensor(row, dtype=torch.long),  # [L]
+                "attention_mask": torch.tensor(mask, dtype=torch.long),  # [L]
+            }
+        )
     pad_id = _pad_id(tokenizer)
     name = getattr(tokenizer, "name_or_path", "") or ""
     description = {
@@ -154,3 +195,42 @@ def tokenize(texts: Sequence[str], tokenizer: Any, *, max_length: int) -> tuple[
         "truncation": True,
     }
     return samples, pad_id, description
+
+
+def prepare_text(
+    source: Any,
+    tokenizer: Any,
+    *,
+    max_length: int,
+    limit: int | None,
+    seed: int,
+    text_key: str,
+    split: str,
+) -> dict[str, Any]:
+    """Read, sample (before tokenizing) and tokenize texts; the CalibrationData arguments.
+
+    Returns samples, pad_id, pad_values, origins, source, sampling_info and preprocessing.
+    """
+    from ptqkit.calibration.sampling import choose
+
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+        raise ConfigError(
+            f"max_length={max_length!r} is not valid: use a positive number of tokens"
+        )
+    texts, source_name, reading = read_texts(source, text_key=text_key, split=split)
+    if not texts:
+        raise CalibrationDataError(
+            f"calibration data is empty: {source_name} holds no non-blank text"
+        )
+    index, info = choose(len(texts), limit, seed, None)
+    chosen = [texts[i] for i in index]
+    samples, pad_id, tokenizing = tokenize([t for t, _ in chosen], tokenizer, max_length=max_length)
+    return {
+        "samples": samples,
+        "pad_id": pad_id,
+        "pad_values": {"attention_mask": 0},
+        "origins": [f"sample {i} ({where})" for i, (_, where) in zip(index, chosen)],
+        "source": f"text: {source_name}",
+        "sampling_info": info,
+        "preprocessing": {"kind": "text", **reading, **tokenizing},
+    }

@@ -1,4 +1,5 @@
 """CalibrationData from tensors and iterables: sampling, validation errors, collation, fingerprint."""
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,11 @@ def test_from_tensor_keeps_all_rows_in_order() -> None:
     assert torch.equal(torch.cat(batches), x)
     assert torch.equal(torch.cat(list(data.batches(4))), x)
     d = data.description
-    assert d["count"] == 5 and d["sampling"] == {"method": "all", "available": 5} and d["limit"] is None
+    assert (
+        d["count"] == 5
+        and d["sampling"] == {"method": "all", "available": 5}
+        and d["limit"] is None
+    )
     json.dumps(d)
 
 
@@ -47,12 +52,16 @@ def test_limit_picks_seeded_subset_in_source_order() -> None:
 def test_sequence_of_tuples_and_dict_of_tensors() -> None:
     xs = [(torch.randn(4), torch.randn(2, 2)) for _ in range(3)]
     data = CalibrationData.from_tensors(xs, batch_size=3)
-    (a, b), = list(data.batches())
+    ((a, b),) = list(data.batches())
     assert torch.equal(a, torch.stack([s[0] for s in xs])) and b.shape == (3, 2, 2)
     cols = {"x": torch.randn(6, 4), "mask": torch.ones(6, 4, dtype=torch.bool)}
     data = CalibrationData.from_tensors(cols, limit=4, seed=0)
     batch = next(data.batches(8))
-    assert set(batch) == {"x", "mask"} and batch["x"].shape == (4, 4) and batch["mask"].dtype == torch.bool
+    assert (
+        set(batch) == {"x", "mask"}
+        and batch["x"].shape == (4, 4)
+        and batch["mask"].dtype == torch.bool
+    )
     assert isinstance(data[0], dict) and torch.equal(data[0]["x"], batch["x"][0])
 
 
@@ -106,48 +115,77 @@ def test_fewer_samples_than_limit_warns_and_uses_all(caplog: pytest.LogCaptureFi
 
 
 def test_empty_data_errors() -> None:
-    with pytest.raises(CalibrationDataError, match=r"calibration data is empty: from_tensors got Tensor\[0, 3\]"):
+    with pytest.raises(
+        CalibrationDataError, match=r"calibration data is empty: from_tensors got Tensor\[0, 3\]"
+    ):
         CalibrationData.from_tensors(torch.zeros(0, 3))
-    with pytest.raises(CalibrationDataError, match=r"calibration data is empty: from_tensors got list of 0 samples"):
+    with pytest.raises(
+        CalibrationDataError, match=r"calibration data is empty: from_tensors got list of 0 samples"
+    ):
         CalibrationData.from_tensors([])
-    with pytest.raises(CalibrationDataError, match=r"calibration data is empty: the list yielded no samples"):
+    with pytest.raises(
+        CalibrationDataError, match=r"calibration data is empty: the list yielded no samples"
+    ):
         CalibrationData.from_iterable([])
-    with pytest.raises(CalibrationDataError, match=r"calibration data is empty: from_tensors got an empty dict"):
+    with pytest.raises(
+        CalibrationDataError, match=r"calibration data is empty: from_tensors got an empty dict"
+    ):
         CalibrationData.from_tensors({})
 
 
 def test_nan_and_inf_name_sample_index_and_key() -> None:
     x = torch.randn(10, 4)
     x[7, 2] = float("nan")
-    with pytest.raises(CalibrationDataError, match=r"calibration sample 7 holds 1 NaN/Inf value\(s\) \(first at index \(2,\)\)"):
+    with pytest.raises(
+        CalibrationDataError,
+        match=r"calibration sample 7 holds 1 NaN/Inf value\(s\) \(first at index \(2,\)\)",
+    ):
         CalibrationData.from_tensors(x)
     cols = {"a": torch.randn(5, 2), "b": torch.randn(5, 3)}
     cols["b"][4, 1] = float("-inf")
-    with pytest.raises(CalibrationDataError, match=r"calibration sample 4 at key 'b' holds 1 NaN/Inf"):
+    with pytest.raises(
+        CalibrationDataError, match=r"calibration sample 4 at key 'b' holds 1 NaN/Inf"
+    ):
         CalibrationData.from_tensors(cols)
     # the error names the source index, not the position in the subset ([1, 4, 7] under seed 0)...
     with pytest.raises(CalibrationDataError, match=r"calibration sample 7 holds 1 NaN/Inf"):
         CalibrationData.from_tensors(x, limit=3, seed=0)
     # ...and a subset that skips the bad row ([1, 5, 6] under seed 1) is fine
-    assert CalibrationData.from_tensors(x, limit=3, seed=1).origins == ("sample 1", "sample 5", "sample 6")
+    assert CalibrationData.from_tensors(x, limit=3, seed=1).origins == (
+        "sample 1",
+        "sample 5",
+        "sample 6",
+    )
 
 
 def test_inconsistent_shapes_and_dtypes_name_both_samples() -> None:
     xs = [torch.zeros(3, 4), torch.zeros(3, 4), torch.zeros(3, 5)]
-    with pytest.raises(CalibrationDataError, match=r"sample 0 has shape \(3, 4\) but sample 2 has shape \(3, 5\)"):
+    with pytest.raises(
+        CalibrationDataError, match=r"sample 0 has shape \(3, 4\) but sample 2 has shape \(3, 5\)"
+    ):
         CalibrationData.from_tensors(xs)
     xs = [torch.zeros(4), torch.zeros(4, dtype=torch.float64)]
-    with pytest.raises(CalibrationDataError, match=r"sample 0 has dtype torch.float32 but sample 1 has dtype torch.float64"):
+    with pytest.raises(
+        CalibrationDataError,
+        match=r"sample 0 has dtype torch.float32 but sample 1 has dtype torch.float64",
+    ):
         CalibrationData.from_tensors(xs)
     xs = [{"a": torch.zeros(2)}, {"b": torch.zeros(2)}]
-    with pytest.raises(CalibrationDataError, match=r"sample 0 is a dict with keys \['a'\] but sample 1 is a dict with keys \['b'\]"):
+    with pytest.raises(
+        CalibrationDataError,
+        match=r"sample 0 is a dict with keys \['a'\] but sample 1 is a dict with keys \['b'\]",
+    ):
         CalibrationData.from_tensors(xs)
     xs = [(torch.zeros(2),), {"a": torch.zeros(2)}]
-    with pytest.raises(CalibrationDataError, match=r"sample 0 is a tuple of 1 Tensors but sample 1 is a dict"):
+    with pytest.raises(
+        CalibrationDataError, match=r"sample 0 is a tuple of 1 Tensors but sample 1 is a dict"
+    ):
         CalibrationData.from_tensors(xs)
     with pytest.raises(CalibrationDataError, match=r"calibration sample 1 at element 0 is a str"):
         CalibrationData.from_tensors([(torch.zeros(2),), ("x",)])
-    with pytest.raises(CalibrationDataError, match=r"dict tensors have different sample counts \{'a': 3, 'b': 4\}"):
+    with pytest.raises(
+        CalibrationDataError, match=r"dict tensors have different sample counts \{'a': 3, 'b': 4\}"
+    ):
         CalibrationData.from_tensors({"a": torch.zeros(3), "b": torch.zeros(4)})
 
 
@@ -156,11 +194,15 @@ def test_variable_length_token_sequences_are_padded() -> None:
     data = CalibrationData.from_tensors(seqs, pad_id=-1, batch_size=3)
     assert torch.equal(next(data.batches()), torch.tensor([[5, 6, 7], [8, -1, -1], [1, 2, -1]]))
     dicts = [{"input_ids": s, "attention_mask": torch.ones_like(s)} for s in seqs]
-    batch = next(CalibrationData.from_tensors(dicts, pad_id=99).batches(2))  # padded per batch: max length 3
+    batch = next(
+        CalibrationData.from_tensors(dicts, pad_id=99).batches(2)
+    )  # padded per batch: max length 3
     assert torch.equal(batch["input_ids"], torch.tensor([[5, 6, 7], [8, 99, 99]]))
     assert torch.equal(batch["attention_mask"], torch.tensor([[1, 1, 1], [1, 0, 0]]))
     # float sequences of different length are not token ids: an error, not padding
-    with pytest.raises(CalibrationDataError, match=r"sample 0 has shape \(3,\) but sample 1 has shape \(1,\)"):
+    with pytest.raises(
+        CalibrationDataError, match=r"sample 0 has shape \(3,\) but sample 1 has shape \(1,\)"
+    ):
         CalibrationData.from_tensors([s.float() for s in seqs])
 
 
@@ -210,12 +252,19 @@ def test_from_iterable_of_samples_and_reservoir() -> None:
     picked = [int(o.split()[1]) for o in a.origins]
     assert picked == sorted(picked) and torch.equal(torch.cat(list(a.batches())), x[picked])
     assert a.description["sampling"] == {"method": "reservoir", "available": 30}
-    assert CalibrationData.from_iterable(x, limit=4).description["sampling"]["method"] == "random"  # tensor -> from_tensors
+    assert (
+        CalibrationData.from_iterable(x, limit=4).description["sampling"]["method"] == "random"
+    )  # tensor -> from_tensors
 
 
 def test_from_iterable_errors() -> None:
-    with pytest.raises(CalibrationDataError, match=r"calibration batch 1: its tensors have different batch sizes \{0: 2, 1: 3\}"):
-        CalibrationData.from_iterable([(torch.zeros(2), torch.zeros(2)), (torch.zeros(2), torch.zeros(3))], batched=True)
+    with pytest.raises(
+        CalibrationDataError,
+        match=r"calibration batch 1: its tensors have different batch sizes \{0: 2, 1: 3\}",
+    ):
+        CalibrationData.from_iterable(
+            [(torch.zeros(2), torch.zeros(2)), (torch.zeros(2), torch.zeros(3))], batched=True
+        )
     with pytest.raises(CalibrationDataError, match=r"calibration batch 0 is a 0-d tensor"):
         CalibrationData.from_iterable([torch.tensor(1.0)], batched=True)
     with pytest.raises(CalibrationDataError, match=r"from_iterable: int is not iterable"):

@@ -1,4 +1,5 @@
 """Sampling: seeded subsets, largest-remainder class shares (vs brute force), reservoir sampling."""
+
 from __future__ import annotations
 
 import itertools
@@ -53,7 +54,9 @@ def test_class_shares_match_brute_force_optimum(counts: list[int], data: st.Data
     total = sum(counts)
     quotas = [Fraction(limit * n, total) for n in counts]
     assert sum(shares) == limit
-    assert all(q.__floor__() <= s <= q.__ceil__() and s <= n for s, q, n in zip(shares, quotas, counts))
+    assert all(
+        q.__floor__() <= s <= q.__ceil__() and s <= n for s, q, n in zip(shares, quotas, counts)
+    )
     assert sum((s - q) ** 2 for s, q in zip(shares, quotas)) == _brute_force_best(counts, limit)
 
 
@@ -78,7 +81,9 @@ def test_reservoir_is_uniform_and_seeded() -> None:
     for seed in range(trials):
         chosen, seen = sampling.reservoir_sample(iter(range(n)), k, seed)
         assert seen == n and len(chosen) == k
-        assert [i for i, _ in chosen] == sorted(i for i, _ in chosen) and all(i == v for i, v in chosen)
+        assert [i for i, _ in chosen] == sorted(i for i, _ in chosen) and all(
+            i == v for i, v in chosen
+        )
         hits.update(i for i, _ in chosen)
     # each item is kept with probability k/n = 0.3: binomial sd sqrt(3000*.3*.7) ~ 25; allow 5 sd
     assert all(abs(hits[i] - trials * k / n) < 5 * 25.1 for i in range(n)), hits
@@ -99,19 +104,25 @@ def test_take_reads_nothing_past_the_limit() -> None:
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True, "8"])
 def test_bad_limit(bad: object) -> None:
-    with pytest.raises(ConfigError, match=r"limit=.* is not valid: use None \(all samples\) or a positive integer"):
+    with pytest.raises(
+        ConfigError, match=r"limit=.* is not valid: use None \(all samples\) or a positive integer"
+    ):
         sampling.check_limit(bad)
 
 
 def test_bad_seed() -> None:
-    with pytest.raises(ConfigError, match=r"seed=1.5 is not valid: the sampling seed must be an integer"):
+    with pytest.raises(
+        ConfigError, match=r"seed=1.5 is not valid: the sampling seed must be an integer"
+    ):
         sampling.check_seed(1.5)
 
 
 def test_label_errors() -> None:
     with pytest.raises(CalibrationDataError, match=r"stratify_by: 2 labels for 3 samples"):
         sampling.normalize_labels([0, 1], 3)
-    with pytest.raises(CalibrationDataError, match=r"labels tensor has shape \(3, 1\); expected 1-D"):
+    with pytest.raises(
+        CalibrationDataError, match=r"labels tensor has shape \(3, 1\); expected 1-D"
+    ):
         import torch
 
         sampling.normalize_labels(torch.zeros(3, 1), 3)

@@ -1,4 +1,5 @@
 """CalibrationData.from_text with the real all-MiniLM-L6-v2 tokenizer (local files, no hub)."""
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,10 @@ def test_list_of_strings_matches_the_tokenizers_own_padding(tokenizer) -> None:
     assert batch["input_ids"].dtype == torch.long and set(batch) == {"input_ids", "attention_mask"}
     assert batch["input_ids"].shape == (5, 16)  # TEXTS[3] is longer than 16 tokens: truncated
     d = data.description
-    assert d["preprocessing"]["tokenizer"] == type(tokenizer).__name__ and d["preprocessing"]["pad_id"] == tokenizer.pad_token_id == 0
+    assert (
+        d["preprocessing"]["tokenizer"] == type(tokenizer).__name__
+        and d["preprocessing"]["pad_id"] == tokenizer.pad_token_id == 0
+    )
     assert d["preprocessing"]["max_length"] == 16 and d["sampling"]["method"] == "all"
     json.dumps(d)
 
@@ -96,38 +100,54 @@ def test_real_bert_sees_padding_as_masked(tokenizer) -> None:
     with torch.inference_mode():
         batched = call_model(model, next(data.batches())).last_hidden_state  # [3, L, 384]
         for i in range(3):
-            single = call_model(model, next(CalibrationData.from_tensors([data[i]]).batches())).last_hidden_state
+            single = call_model(
+                model, next(CalibrationData.from_tensors([data[i]]).batches())
+            ).last_hidden_state
             n = single.shape[1]
             torch.testing.assert_close(batched[i, :n], single[0], rtol=1e-4, atol=1e-4)
 
 
 def test_text_errors(tokenizer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with pytest.raises(CalibrationDataError, match=r"text source 'hello world' is not a file; .*list of strings"):
+    with pytest.raises(
+        CalibrationDataError, match=r"text source 'hello world' is not a file; .*list of strings"
+    ):
         CalibrationData.from_text("hello world", tokenizer)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": oops}\n', encoding="utf-8")
     with pytest.raises(CalibrationDataError, match=r"line 2 of bad.jsonl is not valid JSON"):
         CalibrationData.from_text(bad, tokenizer)
     bad.write_text('{"text": "fine"}\n{"body": "x", "id": 1}\n', encoding="utf-8")
-    with pytest.raises(CalibrationDataError, match=r"line 2 of bad.jsonl has no 'text' field \(fields: \['body', 'id'\]\)"):
+    with pytest.raises(
+        CalibrationDataError,
+        match=r"line 2 of bad.jsonl has no 'text' field \(fields: \['body', 'id'\]\)",
+    ):
         CalibrationData.from_text(bad, tokenizer)
     bad.write_text('{"text": 3}\n', encoding="utf-8")
-    with pytest.raises(CalibrationDataError, match=r"line 1 of bad.jsonl: field 'text' is a int; expected a string"):
+    with pytest.raises(
+        CalibrationDataError, match=r"line 1 of bad.jsonl: field 'text' is a int; expected a string"
+    ):
         CalibrationData.from_text(bad, tokenizer)
-    bad.write_text('[1, 2]\n', encoding="utf-8")
+    bad.write_text("[1, 2]\n", encoding="utf-8")
     with pytest.raises(CalibrationDataError, match=r"line 1 of bad.jsonl is a JSON list"):
         CalibrationData.from_text(bad, tokenizer)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n\n", encoding="utf-8")
-    with pytest.raises(CalibrationDataError, match=r"calibration data is empty: .*empty.txt holds no non-blank text"):
+    with pytest.raises(
+        CalibrationDataError,
+        match=r"calibration data is empty: .*empty.txt holds no non-blank text",
+    ):
         CalibrationData.from_text(empty, tokenizer)
     binary = tmp_path / "blob.txt"
     binary.write_bytes(b"\xff\xfe\x00bad")
     with pytest.raises(CalibrationDataError, match=r"blob.txt is not UTF-8 text"):
         CalibrationData.from_text(binary, tokenizer)
-    with pytest.raises(CalibrationDataError, match=r"text 1 of the list is a int; from_text needs strings"):
+    with pytest.raises(
+        CalibrationDataError, match=r"text 1 of the list is a int; from_text needs strings"
+    ):
         CalibrationData.from_text(["a", 1], tokenizer)
-    with pytest.raises(ConfigError, match=r"split='sentence' is not valid: use one of \['paragraph', 'line'\]"):
+    with pytest.raises(
+        ConfigError, match=r"split='sentence' is not valid: use one of \['paragraph', 'line'\]"
+    ):
         CalibrationData.from_text(TEXTS, tokenizer, split="sentence")
     with pytest.raises(ConfigError, match=r"max_length=0 is not valid"):
         CalibrationData.from_text(TEXTS, tokenizer, max_length=0)
@@ -136,7 +156,10 @@ def test_text_errors(tokenizer, tmp_path: Path, caplog: pytest.LogCaptureFixture
     with caplog.at_level(logging.WARNING):
         data = CalibrationData.from_text(["", TEXTS[0], "  "], tokenizer, limit=5)
     assert len(data) == 1 and data.origins == ("sample 0 (text 1)",)
-    assert "skipped 2 blank text(s) of 3" in caplog.text and "5 calibration samples requested (limit) but only 1" in caplog.text
+    assert (
+        "skipped 2 blank text(s) of 3" in caplog.text
+        and "5 calibration samples requested (limit) but only 1" in caplog.text
+    )
 
 
 def test_tokenizer_without_pad_token_pads_with_eos(tokenizer) -> None:
@@ -150,4 +173,6 @@ def test_tokenizer_without_pad_token_pads_with_eos(tokenizer) -> None:
 
     batch = next(CalibrationData.from_text(TEXTS[:2], NoPad(), batch_size=2).batches())
     short = int(batch["attention_mask"][1].sum())
-    assert (batch["input_ids"][1, short:] == 102).all() and (batch["attention_mask"][1, short:] == 0).all()
+    assert (batch["input_ids"][1, short:] == 102).all() and (
+        batch["attention_mask"][1, short:] == 0
+    ).all()
