@@ -104,12 +104,7 @@ class CalibrationData:
             raise ValueError("origins and labels need one entry per sample")  # internal invariant
         owned = [as_sample(s, o, copy=copy) for s, o in zip(samples, origins)]
         validate_samples(owned, origins)
-        self._samples: tuple[ModelInput, ...] = tuple(owned)
-        self._origins = tuple(origins)
-        self._labels = None if labels is None else tuple(labels)
-        self._batch_size = batch_size
-        self._pad_id = pad_id
-        self._pad_values = pad_values
+        samples_: tuple[ModelInput, ...] = tuple(owned)
         info = dict(
             sampling_info or {"method": "all", "available": len(owned), "limit": None, "seed": None}
         )
@@ -118,7 +113,7 @@ class CalibrationData:
             "pad_id": pad_id,
             "pad_values": pad_values,
         }
-        self._description = {
+        description = {
             "source": source,
             "count": len(owned),
             "limit": info.pop("limit", None),
@@ -126,7 +121,28 @@ class CalibrationData:
             "sampling": info,
             "preprocessing": prep,
         }
-        self._fingerprint: str | None = None
+        fields = {
+            "_samples": samples_,
+            "_origins": tuple(origins),
+            "_labels": None if labels is None else tuple(labels),
+            "_batch_size": batch_size,
+            "_pad_id": pad_id,
+            "_pad_values": pad_values,
+            "_description": description,
+            "_fingerprint": None,
+        }
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"CalibrationData is immutable: cannot set {name!r}; build a new one")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __setstate__(self, state: Mapping[str, Any]) -> None:  # pickle / copy.deepcopy
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
 
     # ---------------------------------------------------------------- constructors
     @classmethod
@@ -363,7 +379,8 @@ class CalibrationData:
     def fingerprint(self) -> str:
         """sha256 (hex) over the exact samples (bytes, dtype, shape, keys) + preprocessing description."""
         if self._fingerprint is None:
-            self._fingerprint = hash_samples(self._samples, self._description["preprocessing"])
+            fingerprint = hash_samples(self._samples, self._description["preprocessing"])
+            object.__setattr__(self, "_fingerprint", fingerprint)  # computed once, on first use
         return self._fingerprint
 
     @property

@@ -293,3 +293,36 @@ def test_real_dataloader_runs_a_model() -> None:
     data = CalibrationData.from_iterable(DataLoader(x, batch_size=4), batch_size=5)
     outs = torch.cat([call_model(model, b) for b in data.batches()])
     torch.testing.assert_close(outs, model(x), rtol=0, atol=0)
+
+
+def test_immutable_and_direct_constructor() -> None:
+    data = CalibrationData([torch.ones(2), torch.zeros(2)], source="unit test")
+    assert data.description["source"] == "unit test" and data.origins == ("sample 0", "sample 1")
+    with pytest.raises(
+        AttributeError, match=r"CalibrationData is immutable: cannot set '_samples'"
+    ):
+        data._samples = ()
+    with pytest.raises(AttributeError):
+        data.extra = 1
+    assert (
+        data.fingerprint
+        == data.fingerprint
+        == CalibrationData([torch.ones(2), torch.zeros(2)]).fingerprint
+    )
+    with pytest.raises(
+        CalibrationDataError, match=r"calibration data is empty: my loader gave no samples"
+    ):
+        CalibrationData([], source="my loader")
+    with pytest.raises(ConfigError, match=r"pad_id=1.5 is not valid: use an integer token id"):
+        CalibrationData([torch.ones(2)], pad_id=1.5)
+    assert "2 samples from unit test" in repr(data)
+
+
+def test_pickle_and_deepcopy_round_trip() -> None:
+    import copy
+    import pickle
+
+    data = CalibrationData.from_tensors({"x": torch.randn(5, 3)}, labels=list("aabbc"), limit=3)
+    for clone in (pickle.loads(pickle.dumps(data)), copy.deepcopy(data)):
+        assert clone.fingerprint == data.fingerprint and clone.labels == data.labels
+        assert clone.description == data.description and len(clone) == 3
