@@ -40,6 +40,10 @@ from ptqkit.qtypes import (
     QType,
 )
 from ptqkit.spec import QParams, QuantSpec
+from ptqkit.recipe import Recipe
+from ptqkit.calibration import CalibrationData
+from ptqkit.quantize import dequantize_model, plan, quantize, quantize_
+from ptqkit.eval.size import model_size
 
 __version__ = "0.1.0"
 
@@ -76,4 +80,11 @@ __all__ = [
     "QType",
     "QParams",
     "QuantSpec",
+    "Recipe",
+    "CalibrationData",
+    "dequantize_model",
+    "plan",
+    "quantize",
+    "quantize_",
+    "model_size",
 ]

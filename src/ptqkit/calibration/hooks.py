@@ -11,6 +11,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from ptqkit.calibration.data import call_model
 from ptqkit.errors import CalibrationDataError, NonFiniteError, PTQError
 from ptqkit.progress import progress_bar
 from ptqkit.spec import QuantSpec
@@ -38,14 +39,6 @@ def slice_batch(batch: Any, count: int) -> Any:
     if isinstance(batch, Mapping):
         return {k: v[:count] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     return type(batch)(v[:count] if isinstance(v, torch.Tensor) else v for v in batch)
-
-
-def _call(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
 
 
 def calibrate_inputs(
@@ -93,7 +86,7 @@ def calibrate_inputs(
                     batch, count = slice_batch(batch, max_samples - seen), max_samples - seen
                 where.update(batch=index, first=seen, last=seen + count - 1)
                 try:
-                    _call(model, batch)
+                    call_model(model, batch)
                 except PTQError:
                     raise
                 except Exception as exc:
