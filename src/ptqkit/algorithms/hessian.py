@@ -1,0 +1,105 @@
+"""Streaming layer Hessian H = 2/N · Σ_n x_n x_nᵀ of the squared layer-output error, as GPTQ
+needs it, accumulated from calibration inputs of a Linear layer [..., in].
+
+Memory is one [in, in] matrix whatever N is. The running mean is updated as
+H ← H · N/(N + n) + (2/(N + n)) · XᵀX, so H stays O(1) in magnitude instead of growing with N
+(no overflow or precision loss in float32 over long calibration runs), and two accumulators
+over disjoint data merge exactly into the accumulator over their union (`merge_`).
+"""
+from __future__ import annotations
+
+import torch
+
+from ptqkit.errors import CalibrationDataError, ConfigError
+
+__all__ = ["HessianAccumulator"]
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+class HessianAccumulator:
+    """Accumulates H = 2/N Σ x xᵀ over rows x of calibration inputs [..., in_features].
+
+    `dtype` (float32 or float64) is the accumulation precision; inputs of any floating dtype
+    are cast to it. `name` (a layer name) appears in error messages.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        name: str | None = None,
+    ) -> None:
+        if not isinstance(in_features, int) or isinstance(in_features, bool) or in_features < 1:
+            raise ConfigError(f"HessianAccumulator: in_features must be a positive integer, got {in_features!r}")
+        if dtype not in _DTYPES:
+            raise ConfigError(f"HessianAccumulator: dtype {dtype} is not supported; valid: torch.float32, torch.float64")
+        self.in_features = in_features
+        self.name = name
+        self._h = torch.zeros(in_features, in_features, dtype=dtype, device=device)  # [in, in]
+        self._n = 0
+
+    @property
+    def num_samples(self) -> int:
+        """Number of input rows (tokens) accumulated so far."""
+        return self._n
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._h.dtype
+
+    def _where(self) -> str:
+        return f"layer {self.name!r}" if self.name else "Hessian accumulator"
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add the rows of `x` [..., in_features] (e.g. [batch, seq, in])."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise CalibrationDataError(
+                f"{self._where()}: calibration input must be a floating-point tensor, got "
+                f"{type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}"
+            )
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
+            raise CalibrationDataError(
+                f"{self._where()}: calibration input of shape {tuple(x.shape)} does not end in "
+                f"in_features={self.in_features}"
+            )
+        rows = x.detach().reshape(-1, self.in_features).to(self._h.dtype, copy=False)  # [n, in]
+        n = rows.shape[0]
+        if n == 0:
+            return
+        if not torch.isfinite(rows).all():
+            bad = int((~torch.isfinite(rows)).sum())
+            raise CalibrationDataError(
+                f"{self._where()}: calibration input holds {bad} NaN/Inf value(s); inputs must be finite"
+            )
+        total = self._n + n
+        rows = rows * (2.0 / total) ** 0.5  # [n, in]; scaled so that rowsᵀrows = 2/total · XᵀX
+        self._h.mul_(self._n / total)
+        self._h.addmm_(rows.T, rows)  # [in, in]
+        self._n = total
+
+    def merge_(self, other: "HessianAccumulator") -> "HessianAccumulator":
+        """Fold `other` (accumulated over disjoint data) into this accumulator, in place."""
+        if not isinstance(other, HessianAccumulator) or other.in_features != self.in_features:
+            got = other.in_features if isinstance(other, HessianAccumulator) else type(other).__name__
+            raise ConfigError(
+                f"{self._where()}: cannot merge an accumulator with in_features={got} into one with "
+                f"in_features={self.in_features}"
+            )
+        total = self._n + other._n
+        if other._n == 0:
+            return self
+        self._h.mul_(self._n / total).add_(other._h.to(self._h.dtype, copy=False), alpha=other._n / total)
+        self._n = total
+        return self
+
+    def hessian(self) -> torch.Tensor:
+        """A copy of H [in, in]; raises CalibrationDataError when nothing was accumulated."""
+        if self._n == 0:
+            raise CalibrationDataError(
+                f"{self._where()}: no calibration inputs were accumulated, so there is no Hessian; "
+                "feed at least one batch through update()"
+            )
+        return self._h.clone()
