@@ -1,0 +1,76 @@
+"""`mse`: the clipping range that minimizes the expected quantization MSE for the target qtype.
+
+Candidates shrink the observed range by ratios in [min_ratio, 1] (both ends by the same ratio
+for asymmetric specs), on a coarse grid and then a fine grid around each row's best; each
+candidate's error is evaluated on the histogram (bin centers
+weighted by counts) with the spec's own qtype, symmetry and rounding grid. Per-channel specs
+keep one histogram row per channel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ptqkit.errors import ConfigError
+from ptqkit.observers.hist_observer import HistogramObserver, check_bins
+from ptqkit.primitives import fake_quantize, qparams_from_range
+from ptqkit.qtypes import PerChannel, PerTensor
+
+__all__ = ["MSEObserver"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MSEOptions:
+    """`bins` per sign (0 = 2048 per tensor, 256 per channel); `grid` candidate ratios from
+    `min_ratio` to 1."""
+
+    bins: int = 0
+    grid: int = 100
+    min_ratio: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.bins != 0:
+            check_bins("mse", self.bins)
+        if not isinstance(self.grid, int) or isinstance(self.grid, bool) or self.grid < 2:
+            raise ConfigError(f"observer 'mse': grid={self.grid!r} must be an integer >= 2")
+        if not isinstance(self.min_ratio, (int, float)) or not 0.0 < self.min_ratio < 1.0:
+            raise ConfigError(f"observer 'mse': min_ratio={self.min_ratio!r} must be in (0, 1)")
+
+
+class MSEObserver(HistogramObserver):
+    name = "mse"
+    options_type = MSEOptions
+    granularities = (PerTensor, PerChannel)
+
+    def _bins(self, rows: int) -> int:
+        return self.options.bins or (2048 if rows == 1 else 256)
+
+    def compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        centers = self._hist.centers().to(torch.float32)  # [rows, 2B]
+        counts = self._hist.counts  # [rows, 2B]
+        lo0 = self._row_min.clamp(max=0.0)
+        hi0 = self._row_max.clamp(min=0.0)
+        if self.spec.symmetric:
+            absmax = torch.maximum(-lo0, hi0)
+            lo0, hi0 = -absmax, absmax
+        rows = counts.shape[0]
+        best_err = torch.full((rows,), float("inf"), dtype=torch.float64)
+        best_ratio = torch.ones(rows, dtype=torch.float64)
+
+        def search(ratios: torch.Tensor) -> None:  # ratios: [K, rows]
+            nonlocal best_err, best_ratio
+            for ratio in ratios:
+                qp = qparams_from_range(lo0 * ratio, hi0 * ratio, self.spec.qtype, symmetric=self.spec.symmetric, granularity=PerChannel(0))
+                err = ((fake_quantize(centers, qp).to(torch.float64) - centers.to(torch.float64)) ** 2 * counts).sum(1)
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_ratio = torch.where(better, ratio, best_ratio)
+
+        grid, low = self.options.grid, self.options.min_ratio
+        search(torch.linspace(low, 1.0, grid, dtype=torch.float64).unsqueeze(1).expand(grid, rows))
+        step = (1.0 - low) / (grid - 1)  # refine around each row's best coarse ratio
+        fine = torch.linspace(-step, step, grid, dtype=torch.float64).unsqueeze(1) + best_ratio.unsqueeze(0)
+        search(fine.clamp(low, 1.0))
+        best_lo, best_hi = lo0 * best_ratio, hi0 * best_ratio
+        return self._clamp_to_seen(best_lo, best_hi)
