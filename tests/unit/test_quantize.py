@@ -77,7 +77,10 @@ def test_dynamic_inputs_are_quantized_per_call() -> None:
     qmodel = quantize(model, Recipe.from_preset("w8a8_dynamic"))
     x = _data(3)
     w0 = qmodel[0].weight
-    xq = pq.fake_quantize(x, pq.qparams_from_tensor(x, pq.QuantSpec(qtype="uint8", symmetric=False, dynamic=True)))
+    spec = pq.QuantSpec(qtype="uint8", granularity=pq.PerToken(), symmetric=False, dynamic=True)
+    assert qmodel[0].input_quantizer.spec == spec  # the preset: per-token asymmetric uint8
+    xq = pq.fake_quantize(x, pq.qparams_from_tensor(x, spec))
+    assert not torch.allclose(xq, pq.fake_quantize(x, pq.qparams_from_tensor(x, pq.QuantSpec(qtype="uint8", symmetric=False))))
     assert torch.allclose(qmodel[0](x), F.linear(xq, w0, model[0].bias), atol=1e-6)
 
 

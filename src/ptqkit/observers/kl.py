@@ -24,13 +24,16 @@ __all__ = ["KLObserver", "kl_threshold_bin"]
 @dataclass(frozen=True, kw_only=True)
 class KLOptions:
     """`bins` per sign of the histogram; `levels`: quantized bins per side (0 = from the qtype:
-    half the number of codes, 128 for 8 bits)."""
+    half the number of codes, 128 for 8 bits); `stride`: coarse scan step (1 = every bin)."""
 
     bins: int = 2048
     levels: int = 0
+    stride: int = 8
 
     def __post_init__(self) -> None:
         check_bins("kl", self.bins)
+        if not isinstance(self.stride, int) or isinstance(self.stride, bool) or self.stride < 1:
+            raise ConfigError(f"observer 'kl': stride={self.stride!r} must be a positive integer")
         if not isinstance(self.levels, int) or isinstance(self.levels, bool) or self.levels < 0 or self.levels > self.bins:
             raise ConfigError(f"observer 'kl': levels={self.levels!r} must be 0 (automatic) or in 1..bins ({self.bins})")
 
@@ -57,27 +60,36 @@ def _smooth(distribution: np.ndarray, eps: float = 1e-4) -> np.ndarray | None:
     return distribution + eps * zero - taken * (~zero)
 
 
-def kl_threshold_bin(abs_counts: np.ndarray, levels: int) -> int:
-    """Index i (number of bins kept) minimizing KL(P_i || Q_i); see the module docstring."""
+def _kl_at(abs_counts: np.ndarray, tail: np.ndarray, i: int, levels: int) -> float:
+    """KL(P_i || Q_i) for keeping the first i bins (inf when undefined)."""
+    sliced = abs_counts[:i].astype(np.float64)
+    p = sliced.copy()
+    p[-1] += tail[i]  # the clipped mass piles up in the last kept bin
+    if p.sum() == 0:
+        return np.inf
+    q = _expand_quantized(sliced, (p > 0).astype(np.float64), levels)  # Q from the unclipped bins
+    p_s, q_s = _smooth(p / p.sum()), _smooth(q / q.sum()) if q.sum() > 0 else None
+    if p_s is None or q_s is None:
+        return np.inf
+    mask = p_s > 0
+    if (q_s[mask] <= 0).any():  # smoothing could not cover an empty bin: KL is infinite
+        return np.inf
+    return float(np.sum(p_s[mask] * np.log(p_s[mask] / q_s[mask])))
+
+
+def kl_threshold_bin(abs_counts: np.ndarray, levels: int, stride: int = 1) -> int:
+    """Index i (number of bins kept) minimizing KL(P_i || Q_i); see the module docstring.
+
+    With stride > 1, candidates are scanned every `stride` bins, then every bin within one
+    stride of the best coarse candidate (KL is smooth in i at this scale)."""
+    n = len(abs_counts)
     tail = np.concatenate([np.cumsum(abs_counts[::-1])[::-1], [0.0]])  # tail[i] = sum(counts[i:])
-    best_i, best_kl = len(abs_counts), np.inf
-    for i in range(levels, len(abs_counts) + 1):
-        sliced = abs_counts[:i].astype(np.float64)
-        p = sliced.copy()
-        p[-1] += tail[i]  # the clipped mass piles up in the last kept bin
-        if p.sum() == 0:
-            continue
-        q = _expand_quantized(sliced, (p > 0).astype(np.float64), levels)  # Q from the unclipped bins
-        p_s, q_s = _smooth(p / p.sum()), _smooth(q / q.sum()) if q.sum() > 0 else None
-        if p_s is None or q_s is None:
-            continue
-        mask = p_s > 0
-        if (q_s[mask] <= 0).any():  # smoothing could not cover an empty bin: KL is infinite
-            continue
-        kl = float(np.sum(p_s[mask] * np.log(p_s[mask] / q_s[mask])))
-        if kl < best_kl - 1e-12:
-            best_i, best_kl = i, kl
-    return best_i
+    coarse = list(range(levels, n + 1, stride)) + ([n] if (n - levels) % stride else [])
+    best_i = min(coarse, key=lambda i: (_kl_at(abs_counts, tail, i, levels), i))
+    if stride == 1:
+        return best_i
+    fine = range(max(levels, best_i - stride + 1), min(n, best_i + stride - 1) + 1)
+    return min(fine, key=lambda i: (_kl_at(abs_counts, tail, i, levels), i))
 
 
 class KLObserver(HistogramObserver):
@@ -89,6 +101,6 @@ class KLObserver(HistogramObserver):
         qtype = self.spec.qtype
         levels = self.options.levels or (max(2, int(qtype.qmax - qtype.qmin + 1) // 2) if qtype.is_integer else 128)
         levels = min(levels, self._hist.bins_per_side)
-        i = kl_threshold_bin(self._hist.abs_counts()[0].numpy(), levels)
+        i = kl_threshold_bin(self._hist.abs_counts()[0].numpy(), levels, self.options.stride)
         t = (i + 0.5) * float(self._hist.bin_width[0])
         return self._clamp_to_seen(torch.tensor([-t], dtype=torch.float64), torch.tensor([t], dtype=torch.float64))

@@ -200,3 +200,12 @@ def test_errors() -> None:
     obs = _observe(_spec("minmax", granularity=pq.PerChannel(0)), [torch.ones(3, 2)])
     with pytest.raises(ConfigError, match=r"batch gives \(4,\) parameters but earlier batches gave \(3,\)"):
         obs.update(torch.ones(4, 2))
+
+
+def test_kl_coarse_to_fine_matches_the_full_scan() -> None:
+    from ptqkit.observers.kl import kl_threshold_bin
+
+    x = _heavy_tailed()
+    obs = _observe(_spec("kl", bins=512), [x])
+    counts = obs._hist.abs_counts()[0].numpy()
+    assert kl_threshold_bin(counts, 128, stride=8) == kl_threshold_bin(counts, 128, stride=1)
