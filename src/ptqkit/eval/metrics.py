@@ -1,0 +1,77 @@
+"""Task metrics for comparing a quantized model with its float reference, computed the same way
+for both: perplexity, sentence-embedding cosine, top-1 agreement/accuracy, output SQNR."""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptqkit.errors import ConfigError
+from ptqkit.primitives import sqnr_db
+
+__all__ = ["perplexity", "token_windows", "mean_pooled_embeddings", "embedding_cosine", "top1_agreement", "logits_of", "output_sqnr_db"]
+
+
+def token_windows(tokenizer: Any, texts: Sequence[str], window: int = 512, max_windows: int | None = None) -> torch.Tensor:
+    """Concatenate `texts` (separated by the EOS token when there is one), tokenize, and cut
+    into non-overlapping windows of `window` tokens: [n_windows, window]."""
+    if window < 2:
+        raise ConfigError(f"window={window} must be at least 2 tokens")
+    separator = getattr(tokenizer, "eos_token", None) or "\n\n"
+    ids = tokenizer(separator.join(texts), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    n = len(ids) // window
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise ConfigError(f"{len(ids)} tokens of text make no window of {window} tokens; give more text")
+    return ids[: n * window].reshape(n, window)  # [n, window]
+
+
+@torch.inference_mode()
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1) -> float:
+    """exp(mean next-token cross-entropy) over every predicted token of every window."""
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        ids = windows[start : start + batch_size]
+        logits = model(input_ids=ids).logits.float()  # [B, T, V]
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        total_nll += float(nll)
+        total_tokens += ids[:, 1:].numel()
+    return math.exp(total_nll / total_tokens)
+
+
+@torch.inference_mode()
+def mean_pooled_embeddings(model: nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 32, max_length: int = 128) -> torch.Tensor:
+    """Sentence embeddings as sentence-transformers' mean pooling defines them, L2-normalized: [N, H]."""
+    out = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(list(texts[start : start + batch_size]), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        hidden = model(**batch).last_hidden_state.float()  # [B, T, H]
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)  # [B, H]
+        out.append(F.normalize(pooled, dim=-1))
+    return torch.cat(out)
+
+
+def embedding_cosine(reference: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+    """Per-row cosine similarity: [N]."""
+    return F.cosine_similarity(reference.float(), candidate.float(), dim=-1)
+
+
+@torch.inference_mode()
+def logits_of(model: nn.Module, inputs: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Model outputs for a stack of inputs, batched: [N, ...]."""
+    return torch.cat([model(inputs[i : i + batch_size]).float() for i in range(0, len(inputs), batch_size)])
+
+
+def top1_agreement(reference_logits: torch.Tensor, candidate_logits: torch.Tensor) -> float:
+    """Share of rows whose arg-max class is the same."""
+    return float((reference_logits.argmax(-1) == candidate_logits.argmax(-1)).float().mean())
+
+
+def output_sqnr_db(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    """SQNR of the candidate's outputs against the reference's, in dB."""
+    return sqnr_db(reference, candidate)
