@@ -19,10 +19,10 @@ from ptqkit.primitives import (
     pack_lowbit,
     qparams_from_range,
     qparams_from_tensor,
-    quantize,
     sqnr_db,
     unpack_lowbit,
 )
+from ptqkit.primitives import quantize as quantize_tensor  # `pq.quantize` quantizes models
 from ptqkit.qtypes import (
     FP4_E2M1,
     FP8_E4M3,
@@ -61,7 +61,7 @@ __all__ = [
     "pack_lowbit",
     "qparams_from_range",
     "qparams_from_tensor",
-    "quantize",
+    "quantize_tensor",
     "sqnr_db",
     "unpack_lowbit",
     "FP4_E2M1",

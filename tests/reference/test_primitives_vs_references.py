@@ -44,7 +44,7 @@ def test_per_tensor_matches_torch_fake_quantize(seed: int, qtype: pq.QType, symm
     )
     # Same grid points: compare the integer codes they imply.
     codes_theirs = torch.round(theirs / qp.scale) + qp.zero_point
-    _assert_codes_equal_except_exact_ties(x, qp.scale, pq.quantize(x, qp).to(torch.float32), codes_theirs)
+    _assert_codes_equal_except_exact_ties(x, qp.scale, pq.quantize_tensor(x, qp).to(torch.float32), codes_theirs)
     assert torch.allclose(ours, theirs, rtol=0, atol=qp.scale.item() * 1.0001)
 
 
@@ -62,7 +62,7 @@ def test_per_channel_matches_torch_fake_quantize(seed: int, qtype: pq.QType, sym
     view[axis] = -1
     scale = qp.scale.reshape(view)
     codes_theirs = torch.round(theirs / scale) + qp.zero_point.reshape(view)
-    _assert_codes_equal_except_exact_ties(w, scale, pq.quantize(w, qp).to(torch.float32), codes_theirs)
+    _assert_codes_equal_except_exact_ties(w, scale, pq.quantize_tensor(w, qp).to(torch.float32), codes_theirs)
     assert ((ours - theirs).abs() <= scale * 1.0001).all()
 
 
@@ -112,7 +112,7 @@ def test_matches_onnx_runtime_quantize_linear(seed: int, qtype: pq.QType, symmet
     q_ort, y_ort = _run_onnx_qdq(
         x.numpy(), qp.scale.numpy().astype(np.float32), qp.zero_point.numpy().astype(np_dtype), axis
     )
-    q_ours = pq.quantize(x, qp)
+    q_ours = pq.quantize_tensor(x, qp)
     assert np.array_equal(q_ours.numpy(), q_ort), "integer codes differ from ONNX Runtime"
     assert np.array_equal(pq.dequantize(q_ours, qp).numpy(), y_ort)
 
@@ -123,7 +123,7 @@ def test_onnx_runtime_rounds_ties_to_even_like_default() -> None:
     x = torch.tensor([1.0, -2.4, 3.6, 0.0])
     q_ort, _ = _run_onnx_qdq(x.numpy(), qp.scale.numpy(), qp.zero_point.numpy().astype(np.uint8), None)
     assert q_ort.tolist() == [144, 0, 255, 102]
-    assert pq.quantize(x, qp).tolist() == q_ort.tolist()
+    assert pq.quantize_tensor(x, qp).tolist() == q_ort.tolist()
 
 
 @pytest.mark.parametrize(("qtype", "dtype"), [(pq.FP8_E4M3, torch.float8_e4m3fn), (pq.FP8_E5M2, torch.float8_e5m2)])
@@ -131,7 +131,7 @@ def test_fp8_round_trip_matches_torch_cast_bit_exactly(qtype: pq.QType, dtype: t
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4096, generator=g) * 50  # well inside both formats' ranges
     qp = pq.QParams(torch.tensor(1.0), torch.tensor(0, dtype=torch.int32), qtype, pq.PerTensor())
-    ours = pq.quantize(x, qp)
+    ours = pq.quantize_tensor(x, qp)
     theirs = x.to(dtype)
     assert torch.equal(ours.view(torch.uint8), theirs.view(torch.uint8))
     assert torch.equal(pq.fake_quantize(x, qp), theirs.to(torch.float32))

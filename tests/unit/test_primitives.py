@@ -45,7 +45,7 @@ def test_nan_and_inf_raise_clear_errors() -> None:
         pq.qparams_from_range(0.0, float("inf"), pq.INT8, symmetric=True)
     qp = pq.qparams_from_range(-1.0, 1.0, pq.INT8, symmetric=True)
     with pytest.raises(NonFiniteError, match="tensor to quantize holds"):
-        pq.quantize(torch.tensor([float("-inf")]), qp)
+        pq.quantize_tensor(torch.tensor([float("-inf")]), qp)
     with pytest.raises(ConfigError, match="range minimum exceeds maximum"):
         pq.qparams_from_range(2.0, 1.0, pq.INT8, symmetric=False)
     with pytest.raises(ConfigError, match="nf4 is symmetric-only"):
@@ -66,7 +66,7 @@ def test_range_is_widened_to_include_zero() -> None:
 
 def test_saturation() -> None:
     qp = pq.qparams_from_range(-1.0, 1.0, pq.INT8, symmetric=True)
-    assert pq.quantize(torch.tensor([100.0, -100.0]), qp).tolist() == [127, -128]
+    assert pq.quantize_tensor(torch.tensor([100.0, -100.0]), qp).tolist() == [127, -128]
 
 
 def test_per_group_quantization_uses_each_groups_scale() -> None:
@@ -80,7 +80,7 @@ def test_per_group_quantization_uses_each_groups_scale() -> None:
 
 def test_fp8_e4m3_rounding_and_saturation() -> None:
     qp = pq.QParams(torch.tensor(1.0), torch.tensor(0, dtype=torch.int32), pq.FP8_E4M3, pq.PerTensor())
-    q = pq.quantize(torch.tensor([1000.0, 17.0, 0.3]), qp)
+    q = pq.quantize_tensor(torch.tensor([1000.0, 17.0, 0.3]), qp)
     assert q.dtype == torch.float8_e4m3fn
     # 1000 saturates to 448; 17 is a tie between 16 and 18 -> even mantissa 16; 0.3 -> 0.3125 (nearest)
     assert pq.dequantize(q, qp).tolist() == [448.0, 16.0, 0.3125]
@@ -91,14 +91,14 @@ def test_fp4_e2m1_ties_go_to_even_mantissa() -> None:
     x = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -5.0, 7.0, -0.1, 2.6])
     expected = [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, -4.0, 6.0, 0.0, 3.0]
     assert pq.fake_quantize(x, qp).tolist() == expected
-    codes = pq.quantize(torch.tensor([6.0, -6.0, 0.5]), qp)
+    codes = pq.quantize_tensor(torch.tensor([6.0, -6.0, 0.5]), qp)
     assert codes.tolist() == [0b0111, 0b1111, 0b0001]  # the E2M1 bit patterns, sign in bit 3
 
 
 def test_nf4_maps_to_nearest_level() -> None:
     qp = pq.qparams_from_range(-2.0, 2.0, pq.NF4, symmetric=True)  # scale 2
     x = torch.tensor([-2.0, 0.0, 2.0, 0.15, 1.2])
-    codes = pq.quantize(x, qp)
+    codes = pq.quantize_tensor(x, qp)
     assert codes[:3].tolist() == [0, 7, 15]
     levels = pq.NF4.levels()
     y = pq.dequantize(codes, qp).double()
@@ -109,7 +109,7 @@ def test_nf4_maps_to_nearest_level() -> None:
 def test_float_formats_refuse_other_rounding() -> None:
     qp = pq.qparams_from_range(-1.0, 1.0, pq.NF4, symmetric=True)
     with pytest.raises(ConfigError, match="nf4 rounds to nearest-even only, got rounding='half_away'"):
-        pq.quantize(torch.zeros(2), qp, rounding="half_away")
+        pq.quantize_tensor(torch.zeros(2), qp, rounding="half_away")
 
 
 def test_pack_int4_layout_and_round_trip() -> None:

@@ -61,7 +61,7 @@ def test_fake_quantize_is_idempotent(qtype, symmetric, values) -> None:
 def test_quantization_is_monotone(qtype, symmetric, values) -> None:
     x = torch.sort(_tensor(values)).values
     qp = pq.qparams_from_tensor(x, pq.QuantSpec(qtype=qtype, symmetric=symmetric))
-    q = pq.quantize(x, qp).to(torch.int32)
+    q = pq.quantize_tensor(x, qp).to(torch.int32)
     assert (q[1:] >= q[:-1]).all()
 
 

@@ -20,7 +20,7 @@ def test_range_to_uint8_gives_article_scale_and_zero_point(seed_qparams: pq.QPar
 
 def test_one_quantizes_to_145_with_half_away(seed_qparams: pq.QParams) -> None:
     # 1.0 / (6/255) = 42.5 exactly in float32: the article rounds the tie away from zero.
-    q = pq.quantize(torch.tensor([1.0]), seed_qparams, rounding="half_away")
+    q = pq.quantize_tensor(torch.tensor([1.0]), seed_qparams, rounding="half_away")
     assert q.dtype == torch.uint8
     assert q.item() == 145
     assert pq.dequantize(q, seed_qparams).item() == pytest.approx(43 * 6 / 255, rel=1e-6)  # ≈ 1.012
@@ -30,13 +30,13 @@ def test_one_quantizes_to_145_with_half_away(seed_qparams: pq.QParams) -> None:
 def test_one_quantizes_to_144_with_half_even(seed_qparams: pq.QParams) -> None:
     # The default, like PyTorch and ONNX QuantizeLinear, sends the tie 42.5 to the even 42:
     # q = 42 + 102 = 144 and the dequantized value is 42 * 6/255 ≈ 0.988 (error -0.012).
-    q = pq.quantize(torch.tensor([1.0]), seed_qparams)
+    q = pq.quantize_tensor(torch.tensor([1.0]), seed_qparams)
     assert q.item() == 144
     assert pq.dequantize(q, seed_qparams).item() == pytest.approx(42 * 6 / 255, rel=1e-6)
 
 
 def test_range_endpoints_map_to_code_ends(seed_qparams: pq.QParams) -> None:
-    q = pq.quantize(torch.tensor([-2.4, 0.0, 3.6]), seed_qparams)
+    q = pq.quantize_tensor(torch.tensor([-2.4, 0.0, 3.6]), seed_qparams)
     assert q.tolist() == [0, 102, 255]
 
 
@@ -45,7 +45,7 @@ def test_symmetric_int8_narrow_range() -> None:
     qp = pq.qparams_from_range(-3.0, 2.0, pq.INT8_NARROW, symmetric=True)
     assert qp.scale.item() == pytest.approx(3.0 / 127, rel=1e-7)
     assert qp.zero_point.item() == 0
-    q = pq.quantize(torch.tensor([-3.0, -1.0, 0.0, 2.0, 5.0]), qp)
+    q = pq.quantize_tensor(torch.tensor([-3.0, -1.0, 0.0, 2.0, 5.0]), qp)
     assert q.tolist() == [-127, round(-127 / 3), 0, round(2 * 127 / 3), 127]
     assert pq.INT8_NARROW.qmin == -127 and pq.INT8_NARROW.qmax == 127
 

@@ -24,7 +24,7 @@ def seed_table(values: tuple[float, ...] = VALUES, seed: int = 0) -> list[dict[s
         qp = pq.qparams_from_range(-2.4, 3.6, qtype, symmetric=symmetric)
         for mode in MODES:
             generator = torch.Generator().manual_seed(seed)
-            q = pq.quantize(x, qp, rounding=mode, generator=generator)
+            q = pq.quantize_tensor(x, qp, rounding=mode, generator=generator)
             x_hat = pq.dequantize(q, qp)
             for xi, qi, di in zip(values, q.tolist(), x_hat.tolist()):
                 rows.append(
