@@ -19,6 +19,7 @@ act_order the order is by decreasing diag(H) (stable); dynamic groups take their
 group's current weights when its first column (in the original order) is reached; static groups
 take every grid from the original weights up front.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -76,7 +77,9 @@ def reference_gptq(
     if not dynamic:
         size = group_size or in_f
         for start in range(0, in_f, size):
-            s, z = reference_grid(W[:, start : start + size], qmin, qmax, symmetric, round_scales_to_float32)
+            s, z = reference_grid(
+                W[:, start : start + size], qmin, qmax, symmetric, round_scales_to_float32
+            )
             scale[:, start : start + size] = s[:, None]
             zero[:, start : start + size] = z[:, None]
 
@@ -88,7 +91,9 @@ def reference_gptq(
     remaining = np.ones(in_f, dtype=bool)
     for q in order:
         if dynamic and q % group_size == 0:
-            s, z = reference_grid(W[:, q : q + group_size], qmin, qmax, symmetric, round_scales_to_float32)
+            s, z = reference_grid(
+                W[:, q : q + group_size], qmin, qmax, symmetric, round_scales_to_float32
+            )
             scale[:, q : q + group_size] = s[:, None]
             zero[:, q : q + group_size] = z[:, None]
         w_q = W[:, q]

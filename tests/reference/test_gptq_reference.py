@@ -1,13 +1,19 @@
 """ptqkit's GPTQ (lazy blocks, Cholesky factor of H⁻¹) against a slow float64 GPTQ written
 from the paper (explicit OBS updates of the inverse Hessian), on one realistic layer:
 256x512 weight with a few outlier input columns, 2,048 correlated, unevenly scaled inputs."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from ptqkit.algorithms import GPTQConfig, HessianAccumulator, gptq_quantize_weight, rtn_quantize_weight
+from ptqkit.algorithms import (
+    GPTQConfig,
+    HessianAccumulator,
+    gptq_quantize_weight,
+    rtn_quantize_weight,
+)
 from ptqkit.qtypes import PerChannel, PerGroup
 from ptqkit.spec import QuantSpec
 from tests.reference.gptq_reference import reference_gptq
@@ -60,7 +66,9 @@ def _output_error(layer: dict[str, torch.Tensor], w_hat: torch.Tensor) -> float:
 @pytest.mark.parametrize("case", list(CASES))
 def test_gptq_matches_float64_reference(layer: dict[str, torch.Tensor], case: str) -> None:
     (qtype, group, symmetric, act_order, static, block), measured_ratio = CASES[case]
-    spec = QuantSpec(qtype=qtype, granularity=PerGroup(group) if group else PerChannel(0), symmetric=symmetric)
+    spec = QuantSpec(
+        qtype=qtype, granularity=PerGroup(group) if group else PerChannel(0), symmetric=symmetric
+    )
     config = GPTQConfig(act_order=act_order, static_groups=static, block_size=block)
     ref_codes, ref_deq = reference_gptq(
         layer["w"].double().numpy(),
@@ -82,7 +90,9 @@ def test_gptq_matches_float64_reference(layer: dict[str, torch.Tensor], case: st
         assert abs(ratio - 1.0) <= MAX_REL_ERROR_DIFF, f"{w.dtype}: output error ratio {ratio:.5f}"
     rtn_error = _output_error(layer, rtn_quantize_weight(layer["w"], spec).dequantized)
     gptq_over_rtn = _output_error(layer, result.dequantized) / rtn_error
-    assert gptq_over_rtn < MAX_GPTQ_OVER_RTN, f"GPTQ/RTN = {gptq_over_rtn:.3f} (measured {measured_ratio})"
+    assert gptq_over_rtn < MAX_GPTQ_OVER_RTN, (
+        f"GPTQ/RTN = {gptq_over_rtn:.3f} (measured {measured_ratio})"
+    )
     assert gptq_over_rtn == pytest.approx(measured_ratio, abs=0.01)
 
 
@@ -102,7 +112,9 @@ def test_reference_is_exact_obs_on_a_tiny_layer() -> None:
     assert codes[0, 1] == np.round(w1 / scale) == 4
     # ptqkit's GPTQ agrees on the two columns away from a rounding tie (-0.30 / 0.04 = -7.5)
     result = gptq_quantize_weight(
-        torch.tensor(w), torch.tensor(h), QuantSpec(qtype="int4", granularity=PerChannel(0)),
+        torch.tensor(w),
+        torch.tensor(h),
+        QuantSpec(qtype="int4", granularity=PerChannel(0)),
         GPTQConfig(damp_percent=1e-9),
     )
     assert result.codes[:, :2].tolist() == [[5, 4]]

@@ -3,6 +3,7 @@
 `ALGORITHMS` maps the name used in recipes to the config class (one explicit dict, no
 discovery). Every registered config is a frozen keyword-only dataclass of plain JSON values.
 """
+
 from __future__ import annotations
 
 from ptqkit.algorithms.gptq import GPTQConfig, gptq_quantize_weight
@@ -12,10 +13,10 @@ from ptqkit.algorithms.weight_quant import SCALE_RULES, WeightQuantResult, weigh
 
 __all__ = [
     "ALGORITHMS",
+    "SCALE_RULES",
     "GPTQConfig",
     "HessianAccumulator",
     "RTNConfig",
-    "SCALE_RULES",
     "WeightQuantResult",
     "gptq_quantize_weight",
     "rtn_qparams",

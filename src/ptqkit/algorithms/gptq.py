@@ -26,6 +26,7 @@ If H + λI is not positive definite (rank-deficient or corrupted Hessians), λ i
 and the factorization retried (a logged warning names the layer) up to `damp_retries` times;
 if it still fails a CalibrationDataError is raised. NaN weights are never returned.
 """
+
 from __future__ import annotations
 
 import logging
@@ -79,16 +80,22 @@ class GPTQConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"gptq.{key}: {value!r} must be an integer >= {low}")
-        if not isinstance(self.damp_percent, (int, float)) or isinstance(self.damp_percent, bool) or not (
-            0.0 < self.damp_percent <= 10.0
+        if (
+            not isinstance(self.damp_percent, (int, float))
+            or isinstance(self.damp_percent, bool)
+            or not (0.0 < self.damp_percent <= 10.0)
         ):
-            raise ConfigError(f"gptq.damp_percent: {self.damp_percent!r} must be a number in (0, 10] (0.01 = 1%)")
+            raise ConfigError(
+                f"gptq.damp_percent: {self.damp_percent!r} must be a number in (0, 10] (0.01 = 1%)"
+            )
         for key in ("act_order", "static_groups"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"gptq.{key}: {getattr(self, key)!r} must be true or false")
         check_scale_rule(self.scale_rule, where="gptq.scale_rule")
         if self.clip_search not in CLIP_SEARCHES:
-            raise ConfigError(f"gptq.clip_search: {self.clip_search!r} is unknown; valid: {', '.join(CLIP_SEARCHES)}")
+            raise ConfigError(
+                f"gptq.clip_search: {self.clip_search!r} is unknown; valid: {', '.join(CLIP_SEARCHES)}"
+            )
 
 
 def _where(name: str | None) -> str:
@@ -116,7 +123,9 @@ def inverse_hessian_cholesky(
         if attempt < damp_retries:
             logger.warning(
                 "%s: Hessian is not positive definite with damp_percent=%g; retrying with damp_percent=%g",
-                _where(name), damp, damp * 10,
+                _where(name),
+                damp,
+                damp * 10,
             )
         damp *= 10
     raise CalibrationDataError(
@@ -128,14 +137,18 @@ def inverse_hessian_cholesky(
 
 def _check_hessian(hessian: torch.Tensor, in_features: int, where: str) -> None:
     if not isinstance(hessian, torch.Tensor) or not hessian.is_floating_point():
-        raise ConfigError(f"{where}: the Hessian must be a floating-point tensor, got {type(hessian).__name__}")
+        raise ConfigError(
+            f"{where}: the Hessian must be a floating-point tensor, got {type(hessian).__name__}"
+        )
     if tuple(hessian.shape) != (in_features, in_features):
         raise ConfigError(
             f"{where}: Hessian shape {tuple(hessian.shape)} does not match the weight's in_features; "
             f"expected ({in_features}, {in_features})"
         )
     if not torch.isfinite(hessian).all():
-        raise NonFiniteError(f"{where}: the Hessian holds NaN/Inf values; the calibration inputs must be finite")
+        raise NonFiniteError(
+            f"{where}: the Hessian holds NaN/Inf values; the calibration inputs must be finite"
+        )
     diag = torch.diagonal(hessian)
     if (diag < 0).any():
         raise CalibrationDataError(
@@ -144,7 +157,9 @@ def _check_hessian(hessian: torch.Tensor, in_features: int, where: str) -> None:
         )
     asym = (hessian - hessian.T).abs().max()
     if asym > 1e-4 * hessian.abs().max():
-        raise CalibrationDataError(f"{where}: the Hessian is not symmetric (max |H - Hᵀ| = {asym.item():.3g})")
+        raise CalibrationDataError(
+            f"{where}: the Hessian is not symmetric (max |H - Hᵀ| = {asym.item():.3g})"
+        )
 
 
 def gptq_quantize_weight(
@@ -177,16 +192,23 @@ def gptq_quantize_weight(
     grouped = isinstance(g, PerGroup)
     static = not grouped or config.static_groups or config.act_order
     if grouped and config.act_order and not config.static_groups:
-        logger.info("%s: act_order with group quantization uses static groups (parameters up front)", where)
+        logger.info(
+            "%s: act_order with group quantization uses static groups (parameters up front)", where
+        )
     rtn_config = RTNConfig(clip_search=config.clip_search, scale_rule=config.scale_rule)
     qmin, qmax = float(spec.qtype.qmin), float(spec.qtype.qmax)
     if static:
         qparams = rtn_qparams(W, spec, rtn_config)
-        scale_full, zero_full = (t.clone() for t in expand_qparams(qparams, W.shape))  # [out, in] each
+        scale_full, zero_full = (
+            t.clone() for t in expand_qparams(qparams, W.shape)
+        )  # [out, in] each
     else:
         assert isinstance(g, PerGroup)
         group_spec = QuantSpec(
-            qtype=spec.qtype, granularity=PerChannel(0), symmetric=spec.symmetric, rounding=spec.rounding
+            qtype=spec.qtype,
+            granularity=PerChannel(0),
+            symmetric=spec.symmetric,
+            rounding=spec.rounding,
         )
         n_groups = g.num_groups(in_f)
         group_scale = torch.empty(out_f, n_groups, dtype=torch.float32)  # [out, G]
@@ -221,10 +243,14 @@ def gptq_quantize_weight(
                 scale_full[:, c:end] = qp.scale[:, None]
                 zero_full[:, c:end] = qp.zero_point[:, None].to(torch.float32)
             column = W1[:, i]  # [out]
-            q, deq = quant_dequant(column, scale_full[:, c], zero_full[:, c], qmin, qmax, spec.rounding)
+            q, deq = quant_dequant(
+                column, scale_full[:, c], zero_full[:, c], qmin, qmax, spec.rounding
+            )
             codes[:, c] = q
             err = (column - deq) / U1[i, i]  # [out]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]  # [out, b - i] OBS update inside the block
+            W1[:, i:] -= (
+                err[:, None] * U1[i, i:][None, :]
+            )  # [out, b - i] OBS update inside the block
             err1[:, i] = err
         W[:, i2:] -= err1 @ U[i1:i2, i2:]  # [out, in - i2] lazy update of the remaining columns
 
@@ -235,7 +261,9 @@ def gptq_quantize_weight(
     codes = codes.to(spec.qtype.storage_dtype)
     dequantized = dequantize(codes, qparams, dtype=w.dtype)  # [out, in]
     if not torch.isfinite(dequantized).all():  # internal guard: never hand back NaN weights
-        raise NonFiniteError(f"{where}: GPTQ produced non-finite weights (damp_percent={damp_used:g})")
+        raise NonFiniteError(
+            f"{where}: GPTQ produced non-finite weights (damp_percent={damp_used:g})"
+        )
     details = {
         "damp_percent": damp_used,
         "dead_columns": int(dead.sum()),

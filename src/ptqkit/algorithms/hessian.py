@@ -6,6 +6,7 @@ H ← H · N/(N + n) + (2/(N + n)) · XᵀX, so H stays O(1) in magnitude instea
 (no overflow or precision loss in float32 over long calibration runs), and two accumulators
 over disjoint data merge exactly into the accumulator over their union (`merge_`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,9 +34,13 @@ class HessianAccumulator:
         name: str | None = None,
     ) -> None:
         if not isinstance(in_features, int) or isinstance(in_features, bool) or in_features < 1:
-            raise ConfigError(f"HessianAccumulator: in_features must be a positive integer, got {in_features!r}")
+            raise ConfigError(
+                f"HessianAccumulator: in_features must be a positive integer, got {in_features!r}"
+            )
         if dtype not in _DTYPES:
-            raise ConfigError(f"HessianAccumulator: dtype {dtype} is not supported; valid: torch.float32, torch.float64")
+            raise ConfigError(
+                f"HessianAccumulator: dtype {dtype} is not supported; valid: torch.float32, torch.float64"
+            )
         self.in_features = in_features
         self.name = name
         self._h = torch.zeros(in_features, in_features, dtype=dtype, device=device)  # [in, in]
@@ -80,10 +85,12 @@ class HessianAccumulator:
         self._h.addmm_(rows.T, rows)  # [in, in]
         self._n = total
 
-    def merge_(self, other: "HessianAccumulator") -> "HessianAccumulator":
+    def merge_(self, other: HessianAccumulator) -> HessianAccumulator:
         """Fold `other` (accumulated over disjoint data) into this accumulator, in place."""
         if not isinstance(other, HessianAccumulator) or other.in_features != self.in_features:
-            got = other.in_features if isinstance(other, HessianAccumulator) else type(other).__name__
+            got = (
+                other.in_features if isinstance(other, HessianAccumulator) else type(other).__name__
+            )
             raise ConfigError(
                 f"{self._where()}: cannot merge an accumulator with in_features={got} into one with "
                 f"in_features={self.in_features}"
@@ -91,7 +98,9 @@ class HessianAccumulator:
         total = self._n + other._n
         if other._n == 0:
             return self
-        self._h.mul_(self._n / total).add_(other._h.to(self._h.dtype, copy=False), alpha=other._n / total)
+        self._h.mul_(self._n / total).add_(
+            other._h.to(self._h.dtype, copy=False), alpha=other._n / total
+        )
         self._n = total
         return self
 

@@ -8,6 +8,7 @@ of `weight_quant.SCALE_RULES` that applies to the spec; it keeps the candidate w
 smallest Σ|w - ŵ|^norm over that parameter's elements (first candidate wins ties). The loop is
 over candidates; each candidate is evaluated for all parameters at once.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,8 +58,14 @@ class RTNConfig:
 
     def __post_init__(self) -> None:
         if self.clip_search not in CLIP_SEARCHES:
-            raise ConfigError(f"rtn.clip_search: {self.clip_search!r} is unknown; valid: {', '.join(CLIP_SEARCHES)}")
-        if not isinstance(self.grid, int) or isinstance(self.grid, bool) or not 1 <= self.grid <= 1000:
+            raise ConfigError(
+                f"rtn.clip_search: {self.clip_search!r} is unknown; valid: {', '.join(CLIP_SEARCHES)}"
+            )
+        if (
+            not isinstance(self.grid, int)
+            or isinstance(self.grid, bool)
+            or not 1 <= self.grid <= 1000
+        ):
             raise ConfigError(f"rtn.grid: {self.grid!r} must be an integer in [1, 1000]")
         if not isinstance(self.max_shrink, (int, float)) or not 0.0 <= self.max_shrink < 1.0:
             raise ConfigError(f"rtn.max_shrink: {self.max_shrink!r} must be a number in [0, 1)")
@@ -66,9 +73,13 @@ class RTNConfig:
             raise ConfigError(f"rtn.norm: {self.norm!r} must be a number in (0, 10]")
         check_scale_rule(self.scale_rule, where="rtn.scale_rule")
         if not isinstance(self.search_scale_rules, bool):
-            raise ConfigError(f"rtn.search_scale_rules: {self.search_scale_rules!r} must be true or false")
+            raise ConfigError(
+                f"rtn.search_scale_rules: {self.search_scale_rules!r} must be true or false"
+            )
         if self.search_scale_rules and self.clip_search == "none":
-            raise ConfigError("rtn.search_scale_rules=true needs clip_search='mse' (there is nothing to search)")
+            raise ConfigError(
+                "rtn.search_scale_rules=true needs clip_search='mse' (there is nothing to search)"
+            )
 
 
 def rtn_candidates(spec: QuantSpec, config: RTNConfig) -> list[tuple[str, float]]:
@@ -76,7 +87,11 @@ def rtn_candidates(spec: QuantSpec, config: RTNConfig) -> list[tuple[str, float]
     if config.clip_search == "none":
         return [(config.scale_rule, 1.0)]
     signed_sym = spec.symmetric and spec.qtype.signed
-    rules = [r for r in SCALE_RULES if signed_sym or r == "range"] if config.search_scale_rules else [config.scale_rule]
+    rules = (
+        [r for r in SCALE_RULES if signed_sym or r == "range"]
+        if config.search_scale_rules
+        else [config.scale_rule]
+    )
     if config.scale_rule in rules:  # the configured rule first: it wins ties
         rules.remove(config.scale_rule)
         rules.insert(0, config.scale_rule)
@@ -119,7 +134,9 @@ def rtn_qparams(w: torch.Tensor, spec: QuantSpec, config: RTNConfig | None = Non
     return best
 
 
-def rtn_quantize_weight(w: torch.Tensor, spec: QuantSpec, config: RTNConfig | None = None) -> WeightQuantResult:
+def rtn_quantize_weight(
+    w: torch.Tensor, spec: QuantSpec, config: RTNConfig | None = None
+) -> WeightQuantResult:
     """Round-to-nearest quantization of a Linear weight `w` [out, in] under `spec`."""
     config = config or RTNConfig()
     qparams = rtn_qparams(w, spec, config)

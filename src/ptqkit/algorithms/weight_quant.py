@@ -16,11 +16,13 @@ qtype (`int4_narrow`, codes [-7, 7]) all four rules coincide at absmax / 7. "sig
 positive-scale form of llama.cpp's Q4_0 rule (the largest-magnitude element lands exactly on the
 end of the range on its own side). Asymmetric and unsigned specs use "range" only.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -32,11 +34,11 @@ from ptqkit.spec import QParams, QuantSpec
 __all__ = [
     "SCALE_RULES",
     "WeightQuantResult",
-    "check_weight_spec",
     "check_scale_rule",
-    "weight_qparams",
+    "check_weight_spec",
     "expand_qparams",
     "quant_dequant",
+    "weight_qparams",
 ]
 
 SCALE_RULES = ("range", "qmax", "qmin", "signed")
@@ -68,7 +70,9 @@ def check_weight_spec(w: torch.Tensor, spec: QuantSpec, where: str = "weight") -
     PerGroup(size, axis=-1) granularity."""
     if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.ndim != 2:
         shape = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
-        raise ConfigError(f"{where}: expected a floating-point Linear weight [out, in], got {shape}")
+        raise ConfigError(
+            f"{where}: expected a floating-point Linear weight [out, in], got {shape}"
+        )
     if w.shape[0] == 0 or w.shape[1] == 0:
         raise ConfigError(f"{where}: weight of shape {tuple(w.shape)} is empty")
     check_finite(w, where)

@@ -1,4 +1,5 @@
 """HessianAccumulator: equals 2/N XᵀX, split- and merge-invariant, stable, typed errors."""
+
 from __future__ import annotations
 
 import pytest
@@ -30,7 +31,9 @@ def test_float32_accumulation_matches_float64_within_1e5() -> None:
     for chunk in x.float().split(7):
         acc.update(chunk)
     direct = 2.0 / x.shape[0] * x.T @ x
-    torch.testing.assert_close(acc.hessian().double(), direct, rtol=1e-5, atol=1e-5 * direct.abs().max().item())
+    torch.testing.assert_close(
+        acc.hessian().double(), direct, rtol=1e-5, atol=1e-5 * direct.abs().max().item()
+    )
 
 
 @pytest.mark.parametrize("sizes", [[600], [1, 599], [100, 0, 250, 250], [13] * 46 + [2]])
@@ -57,7 +60,9 @@ def test_merge_equals_union() -> None:
     torch.testing.assert_close(a.hessian(), 2.0 / 600 * x.T @ x, rtol=1e-12, atol=1e-12)
     assert a.num_samples == 600
     fresh = HessianAccumulator(48, dtype=torch.float64).merge_(b)
-    torch.testing.assert_close(fresh.hessian(), 2.0 / 477 * x[123:].T @ x[123:], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        fresh.hessian(), 2.0 / 477 * x[123:].T @ x[123:], rtol=1e-12, atol=1e-12
+    )
 
 
 def test_running_mean_stays_bounded_over_many_batches() -> None:

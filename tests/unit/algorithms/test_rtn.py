@@ -1,5 +1,6 @@
 """RTN: min-max parameters agree with the core primitives, scale rules match their closed
 forms, the MSE clip search matches a brute-force search over the same grid, typed errors."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,7 +34,9 @@ SPECS = [
 ]
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.qtype}-{s.granularity.kind}-sym{s.symmetric}")
+@pytest.mark.parametrize(
+    "spec", SPECS, ids=lambda s: f"{s.qtype}-{s.granularity.kind}-sym{s.symmetric}"
+)
 def test_default_rtn_is_minmax_quantization_from_primitives(spec: QuantSpec) -> None:
     w = _weight()
     result = rtn_quantize_weight(w, spec)
@@ -65,14 +68,20 @@ def test_scale_rules_closed_forms_int4() -> None:
     codes = rtn_quantize_weight(w, spec, RTNConfig(scale_rule="signed")).codes
     assert codes.tolist() == [[-8, 4], [7, -4]]  # 0.5·8 = 4; -0.6·7 = -4.2
     # clip ratio shrinks the range before the rule
-    torch.testing.assert_close(weight_qparams(w, spec, 0.5, scale_rule="qmax").scale, torch.tensor([0.5 / 7] * 2))
+    torch.testing.assert_close(
+        weight_qparams(w, spec, 0.5, scale_rule="qmax").scale, torch.tensor([0.5 / 7] * 2)
+    )
     # narrow int4 ([-7, 7]): every rule is absmax/7
     narrow = QuantSpec(qtype="int4_narrow", granularity=PerChannel(0), symmetric=True)
     for rule in expected:
-        torch.testing.assert_close(weight_qparams(w, narrow, scale_rule=rule).scale, torch.tensor([1 / 7] * 2))
+        torch.testing.assert_close(
+            weight_qparams(w, narrow, scale_rule=rule).scale, torch.tensor([1 / 7] * 2)
+        )
 
 
-def _np_params(v: np.ndarray, qmin: int, qmax: int, symmetric: bool, rule: str, ratio: float) -> tuple[float, float]:
+def _np_params(
+    v: np.ndarray, qmin: int, qmax: int, symmetric: bool, rule: str, ratio: float
+) -> tuple[float, float]:
     """Independent float64 scale/zero-point of one parameter's values (scales kept float32)."""
     lo, hi = min(v.min() * ratio, 0.0), max(v.max() * ratio, 0.0)
     absmax = max(-lo, hi)
@@ -99,10 +108,16 @@ def _segments(spec: QuantSpec, w: np.ndarray) -> list[tuple[tuple[int, ...], np.
         return [((), w.ravel())]
     if isinstance(g, PerChannel):
         return [((r,), w[r]) for r in range(w.shape[0])]
-    return [((r, k), w[r, s : s + g.size]) for r in range(w.shape[0]) for k, s in enumerate(range(0, w.shape[1], g.size))]
+    return [
+        ((r, k), w[r, s : s + g.size])
+        for r in range(w.shape[0])
+        for k, s in enumerate(range(0, w.shape[1], g.size))
+    ]
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.qtype}-{s.granularity.kind}-sym{s.symmetric}")
+@pytest.mark.parametrize(
+    "spec", SPECS, ids=lambda s: f"{s.qtype}-{s.granularity.kind}-sym{s.symmetric}"
+)
 @pytest.mark.parametrize(
     "config",
     [
@@ -117,17 +132,27 @@ def test_mse_clip_search_matches_brute_force(spec: QuantSpec, config: RTNConfig)
     result = rtn_quantize_weight(w, spec, config)
     qmin, qmax = int(spec.qtype.qmin), int(spec.qtype.qmax)
     candidates = rtn_candidates(spec, config)
-    assert len(candidates) == (config.grid + 1) * (4 if config.search_scale_rules and spec.symmetric else 1)
+    assert len(candidates) == (config.grid + 1) * (
+        4 if config.search_scale_rules and spec.symmetric else 1
+    )
     scale, zero = result.qparams.scale.double().numpy(), result.qparams.zero_point.numpy()
     wn = w.double().numpy()
     for index, values in _segments(spec, wn):
         brute = min(
-            _np_error(values, *_np_params(values, qmin, qmax, spec.symmetric, rule, ratio), qmin, qmax, config.norm)
+            _np_error(
+                values,
+                *_np_params(values, qmin, qmax, spec.symmetric, rule, ratio),
+                qmin,
+                qmax,
+                config.norm,
+            )
             for rule, ratio in candidates
         )
         chosen = _np_error(values, float(scale[index]), float(zero[index]), qmin, qmax, config.norm)
         # same minimum up to float32-vs-float64 evaluation of near-tied candidates
-        assert chosen <= brute * (1 + 1e-5) + 1e-12, f"parameter {index}: {chosen} > brute force {brute}"
+        assert chosen <= brute * (1 + 1e-5) + 1e-12, (
+            f"parameter {index}: {chosen} > brute force {brute}"
+        )
     # the search never does worse than min-max, and helps on heavy-tailed weights
     minmax = rtn_quantize_weight(w, spec)
     err_search = (result.dequantized - w).abs().pow(config.norm).sum()
@@ -157,7 +182,9 @@ def test_scale_rule_matters_and_the_search_covers_it(granularity: str) -> None:
     ratios["mse"] = err(RTNConfig(clip_search="mse")) / base
     ratios["mse_rules"] = err(RTNConfig(clip_search="mse", search_scale_rules=True)) / base
     assert ratios["qmin"] < 1.0 < ratios["qmax"], ratios  # absmax/8 < absmax/7.5 < absmax/7 here
-    assert ratios["mse_rules"] <= ratios["mse"] + 1e-9 < min(ratios["qmin"], ratios["signed"]), ratios
+    assert ratios["mse_rules"] <= ratios["mse"] + 1e-9 < min(ratios["qmin"], ratios["signed"]), (
+        ratios
+    )
     for key, value in MEASURED_RULE_RATIOS[granularity].items():
         assert ratios[key] == pytest.approx(value, abs=2e-3), (key, ratios)
 
@@ -194,7 +221,9 @@ def test_config_errors() -> None:
         RTNConfig(max_shrink=1.0)
     with pytest.raises(ConfigError, match=r"rtn.norm: -2 must be a number in \(0, 10\]"):
         RTNConfig(norm=-2)
-    with pytest.raises(ConfigError, match=r"rtn.scale_rule: 'absmax8' is unknown; valid: range, qmax, qmin, signed"):
+    with pytest.raises(
+        ConfigError, match=r"rtn.scale_rule: 'absmax8' is unknown; valid: range, qmax, qmin, signed"
+    ):
         RTNConfig(scale_rule="absmax8")
     with pytest.raises(ConfigError, match=r"search_scale_rules=true needs clip_search='mse'"):
         RTNConfig(search_scale_rules=True)
@@ -205,13 +234,23 @@ def test_config_errors() -> None:
 def test_weight_and_spec_errors() -> None:
     w = _weight(4, 8)
     sym = QuantSpec(qtype="int4", granularity=PerChannel(0))
-    with pytest.raises(ConfigError, match=r"'qmin' applies to symmetric signed integer specs only, got uint4"):
-        rtn_quantize_weight(w, QuantSpec(qtype="uint4", granularity=PerChannel(0), symmetric=False), RTNConfig(scale_rule="qmin"))
+    with pytest.raises(
+        ConfigError, match=r"'qmin' applies to symmetric signed integer specs only, got uint4"
+    ):
+        rtn_quantize_weight(
+            w,
+            QuantSpec(qtype="uint4", granularity=PerChannel(0), symmetric=False),
+            RTNConfig(scale_rule="qmin"),
+        )
     with pytest.raises(ConfigError, match=r"integer qtypes, got fp8_e4m3"):
         rtn_quantize_weight(w, QuantSpec(qtype="fp8_e4m3", granularity=PerChannel(0)))
-    with pytest.raises(ConfigError, match=r"rounding 'stochastic' is not supported.*half_even, half_away"):
+    with pytest.raises(
+        ConfigError, match=r"rounding 'stochastic' is not supported.*half_even, half_away"
+    ):
         rtn_quantize_weight(w, QuantSpec(qtype="int4", rounding="stochastic"))
-    with pytest.raises(ConfigError, match=r"PerChannel\(axis=1\) is not supported.*PerChannel\(axis=0\)"):
+    with pytest.raises(
+        ConfigError, match=r"PerChannel\(axis=1\) is not supported.*PerChannel\(axis=0\)"
+    ):
         rtn_quantize_weight(w, QuantSpec(qtype="int4", granularity=PerChannel(1)))
     with pytest.raises(ConfigError, match=r"PerToken\(\) is not supported"):
         rtn_quantize_weight(w, QuantSpec(qtype="int4", granularity=PerToken(), dynamic=True))
