@@ -1,0 +1,191 @@
+"""Float ONNX export with the dynamo exporter, and the map from ONNX nodes back to module names.
+
+Measured with transformers 5.23 / torch 2.13: the TorchScript exporter (`dynamo=False`) gave a
+wrong BERT graph, the dynamo exporter (opset 18) an exact one. The dynamo exporter keeps
+parameter names as initializer names where it can, constant-folds a Linear's transposed weight
+into a fresh initializer ("val_87", layout [in, out]) and records the module stack of every node
+in its metadata (`pkg.torch.onnx.name_scopes`: ['', 'encoder', 'encoder.layer.0', ...,
+'encoder.layer.0.attention.self.query', 'linear']). The module that issued a node is the
+second-to-last scope. onnx and torch.onnx are imported lazily.
+"""
+from __future__ import annotations
+
+import ast
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ptqkit.errors import ExportError
+
+__all__ = [
+    "ExampleInputs",
+    "LayerNode",
+    "export_float_onnx",
+    "find_layer_nodes",
+    "flatten_example_inputs",
+    "initializer_map",
+    "node_module_name",
+]
+
+logger = logging.getLogger(__name__)
+
+# A tensor, a tuple/list of tensors (positional arguments) or a mapping (keyword arguments).
+ExampleInputs = Any
+_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+
+
+def _split_inputs(example_inputs: ExampleInputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """(args, kwargs) for `model(*args, **kwargs)`; raises ExportError on anything else."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, Mapping):
+        bad = [k for k, v in example_inputs.items() if not isinstance(v, torch.Tensor)]
+        if bad or not example_inputs:
+            raise ExportError(
+                f"example_inputs: every value of the mapping must be a torch.Tensor; got {bad or 'an empty mapping'} "
+                "(pass e.g. dict(tokenizer(texts, return_tensors='pt')))"
+            )
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)) and example_inputs and all(isinstance(t, torch.Tensor) for t in example_inputs):
+        return tuple(example_inputs), {}
+    raise ExportError(
+        f"example_inputs must be a tensor, a non-empty tuple/list of tensors or a mapping name -> tensor, "
+        f"got {type(example_inputs).__name__}"
+    )
+
+
+def flatten_example_inputs(example_inputs: ExampleInputs) -> list[tuple[str | None, np.ndarray]]:
+    """The inputs in graph order as (keyword name or None, numpy array) pairs, for ONNX Runtime feeds."""
+    args, kwargs = _split_inputs(example_inputs)
+    return [(None, t.detach().cpu().numpy()) for t in args] + [(k, v.detach().cpu().numpy()) for k, v in kwargs.items()]
+
+
+def export_float_onnx(
+    model: nn.Module, example_inputs: ExampleInputs, path: str | Path, *, opset: int = 18, dynamic: bool = True
+) -> Any:
+    """Export `model` (float) with the dynamo exporter; returns the `onnx.ModelProto` (also saved at `path`).
+
+    `dynamic=True` lets every input dimension vary (`torch.export.Dim.AUTO`: the exporter keeps
+    static what the model needs static); use example inputs whose sizes are >= 2 so they are not
+    specialized as 0/1.
+    """
+    import onnx  # noqa: F401  (fail early with a clear ImportError)
+    from torch.export import Dim
+
+    args, kwargs = _split_inputs(example_inputs)
+    dynamic_shapes = None
+    if dynamic:
+        arg_shapes = tuple({i: Dim.AUTO for i in range(t.dim())} for t in args)
+        kw_shapes = {k: {i: Dim.AUTO for i in range(v.dim())} for k, v in kwargs.items()}
+        dynamic_shapes = {**kw_shapes} if not args else (arg_shapes if not kwargs else None)
+        if dynamic_shapes is None:
+            raise ExportError("example_inputs: pass either positional tensors or keyword tensors, not both")
+    model = model.eval()
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                model, args, kwargs=kwargs or None, dynamo=True, opset_version=opset,
+                dynamic_shapes=dynamic_shapes, external_data=False, verbose=False,
+            )
+    except ExportError:
+        raise
+    except Exception as exc:  # the exporter raises many types; name the model and keep the cause
+        raise ExportError(f"torch.onnx.export(dynamo=True, opset={opset}) failed for {type(model).__name__}: {exc}") from exc
+    proto = program.model_proto
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    import onnx
+
+    onnx.save_model(proto, str(path))
+    logger.info("float ONNX graph: %d nodes, %d initializers -> %s", len(proto.graph.node), len(proto.graph.initializer), path)
+    return proto
+
+
+def node_module_name(node: Any) -> str | None:
+    """The qualified name of the module that issued `node` (from the dynamo exporter's metadata)."""
+    for prop in node.metadata_props:
+        if prop.key == _SCOPES_KEY:
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return None
+            if isinstance(scopes, list) and len(scopes) >= 2:
+                return str(scopes[-2])
+    return None
+
+
+def initializer_map(graph: Any) -> dict[str, Any]:
+    """name -> TensorProto of every initializer (and of Constant nodes' values)."""
+    out = {init.name: init for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            out[node.output[0]] = node.attribute[0].t
+    return out
+
+
+@dataclass(frozen=True)
+class LayerNode:
+    """The ONNX node that computes one quantized module's weight product.
+
+    `weight_layout` is "in_out" (MatMul B, or Gemm with transB=0), "out_in" (Gemm with
+    transB=1) or "conv" ([out, in/groups, *kernel]).
+    """
+
+    module: str
+    node_index: int
+    op_type: str
+    weight_name: str
+    weight_layout: str
+
+
+def _attr(node: Any, name: str, default: Any) -> Any:
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def find_layer_nodes(proto: Any, modules: Sequence[str]) -> tuple[dict[str, LayerNode], dict[str, str]]:
+    """Match each module name to its MatMul/Gemm/Conv node whose weight is a constant.
+
+    Returns (found, missing) where `missing` maps a module name to why it was not found.
+    """
+    graph = proto.graph
+    inits = initializer_map(graph)
+    wanted = set(modules)
+    found: dict[str, LayerNode] = {}
+    notes: dict[str, str] = {}
+    for index, node in enumerate(graph.node):
+        if node.op_type not in ("MatMul", "Gemm", "Conv"):
+            continue
+        module = node_module_name(node)
+        if module not in wanted:
+            continue
+        if len(node.input) < 2 or node.input[1] not in inits:
+            notes.setdefault(module, f"{node.op_type} node {node.name!r} has a non-constant weight input")
+            continue
+        if module in found:
+            notes[module] = f"two weight products ({found[module].op_type}, {node.op_type}) trace back to it"
+            continue
+        if node.op_type == "MatMul":
+            layout = "in_out"
+        elif node.op_type == "Gemm":
+            if _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0:
+                notes[module] = f"Gemm node {node.name!r} has transA/alpha/beta the rewriter does not handle"
+                continue
+            layout = "out_in" if _attr(node, "transB", 0) else "in_out"
+        else:
+            layout = "conv"
+        found[module] = LayerNode(module, index, node.op_type, node.input[1], layout)
+    for module in modules:
+        if module in notes and module in found and notes[module].startswith("two"):
+            del found[module]
+        if module not in found:
+            notes.setdefault(module, "no MatMul/Gemm/Conv node of the exported graph carries this module's name scope")
+    return found, {m: notes[m] for m in modules if m not in found}

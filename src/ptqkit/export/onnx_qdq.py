@@ -1,0 +1,327 @@
+"""ONNX QDQ export: ptqkit's integer weights and calibrated activation QParams in an ONNX graph
+that ONNX Runtime runs on integer kernels.
+
+The float graph comes from the dynamo exporter (`onnx_graph.export_float_onnx`) run on
+`dequantize_model(qmodel)`; this module rewrites it, one quantized module at a time:
+
+- MatMul / Gemm (Linear, GPT-2 Conv1D): weight -> int8 initializer [in, out] + DequantizeLinear
+  (per-channel axis=1: the output channel is MatMul B's last axis); input -> QuantizeLinear +
+  DequantizeLinear with ptqkit's scale/zero point (static) or DynamicQuantizeLinear +
+  DequantizeLinear (dynamic). Gemm becomes MatMul + Add. ONNX Runtime fuses these into
+  MatMulIntegerToFloat (static) and DynamicQuantizeMatMul (dynamic) — measured with ORT 1.32.
+- Conv: ORT leaves DQ -> Conv in float unless an output Q follows (QLinearConv needs an output
+  scale that ptqkit does not calibrate), so the rewrite writes the integer form directly:
+  (Dynamic)QuantizeLinear -> ConvInteger(u8, s8) -> Cast -> Mul(x_scale * w_scale) -> Add(bias).
+  This is exact for symmetric weights (ConvInteger takes one weight zero point).
+- Weight-only layers get int8 weights + DequantizeLinear before the float MatMul/Conv (a smaller
+  file, float kernel: reported as such).
+
+Every number comes from the qmodel: `weight_codes`, `weight_qparams`, `input_quantizer.qparams`.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ptqkit.errors import ExportError
+from ptqkit.export.onnx_graph import LayerNode, initializer_map
+from ptqkit.export.onnx_pertoken import per_token_matmul_nodes
+from ptqkit.nn.modules import QuantConv, QuantizedModule, QuantLinear
+from ptqkit.qtypes import PerChannel, PerTensor, PerToken
+from ptqkit.spec import QParams, QuantSpec
+
+__all__ = ["LayerRewrite", "quantized_modules", "check_exportable", "insert_qdq"]
+
+logger = logging.getLogger(__name__)
+
+_WEIGHT_QTYPES = ("int8", "uint8")
+_INPUT_QTYPES = ("uint8", "int8")
+
+
+@dataclass(frozen=True)
+class LayerRewrite:
+    """How one module was written: `form` is "static", "dynamic" or "weight_only"."""
+
+    module: str
+    op_type: str  # the float op it replaced: MatMul, Gemm or Conv
+    form: str
+    weight_initializer: str  # name of the int8 weight initializer (found again in ORT's optimized graph)
+
+
+def quantized_modules(qmodel: nn.Module) -> dict[str, QuantizedModule]:
+    """name -> QuantLinear/QuantConv of a quantized model (embeddings are not weight products)."""
+    return {name: m for name, m in qmodel.named_modules() if isinstance(m, (QuantLinear, QuantConv))}
+
+
+def _spec_text(spec: QuantSpec) -> str:
+    kind = type(spec.granularity).__name__
+    return f"{spec.qtype.name} {kind}{' dynamic' if spec.dynamic else ''}{'' if spec.symmetric else ' asymmetric'}"
+
+
+def check_exportable(name: str, module: QuantizedModule) -> None:
+    """Raise ExportError naming the module if its specs have no ONNX QDQ form here."""
+    wspec = module.weight_spec
+    if wspec.qtype.name not in _WEIGHT_QTYPES or not isinstance(wspec.granularity, (PerTensor, PerChannel)):
+        raise ExportError(
+            f"module {name!r}: weights {_spec_text(wspec)} have no ONNX QDQ form in this exporter; "
+            f"valid: {'/'.join(_WEIGHT_QTYPES)} per-tensor or per-channel(axis=0) (int4 groups go to MatMulNBits)"
+        )
+    if isinstance(wspec.granularity, PerChannel) and wspec.granularity.axis not in (0, -module.weight_codes.dim()):
+        raise ExportError(f"module {name!r}: per-channel weights along axis {wspec.granularity.axis}; valid: axis 0 (output channels)")
+    quantizer = module.input_quantizer
+    if quantizer is None:
+        return
+    ispec = quantizer.spec
+    if isinstance(ispec.granularity, PerToken) and ispec.qtype.name == "uint8" and not ispec.symmetric:
+        if isinstance(module, QuantConv) or bool((module.weight_zero_point != 0).any()):
+            raise ExportError(
+                f"module {name!r}: per-token inputs are exported for Linear layers with symmetric weights only "
+                f"(got {module.float_type} with weights {_spec_text(wspec)})"
+            )
+        return
+    if ispec.qtype.name not in _INPUT_QTYPES or not isinstance(ispec.granularity, PerTensor):
+        raise ExportError(
+            f"module {name!r}: inputs {_spec_text(ispec)} have no ONNX QDQ form; valid: uint8/int8 per-tensor "
+            "(static), uint8 asymmetric per-tensor or per-token (dynamic)"
+        )
+    if ispec.dynamic and (ispec.qtype.name != "uint8" or ispec.symmetric):
+        raise ExportError(
+            f"module {name!r}: dynamic inputs {_spec_text(ispec)}; ONNX DynamicQuantizeLinear computes uint8 "
+            "asymmetric per-tensor parameters only"
+        )
+
+
+class _Builder:
+    """Accumulates new nodes/initializers with unique names."""
+
+    def __init__(self, graph: Any, uint8_weights: bool) -> None:
+        self.graph = graph
+        self.uint8_weights = uint8_weights
+        self.names = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+        self.initializers: list[Any] = []
+
+    def unique(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.names:
+            name, k = f"{base}_{k}", k + 1
+        self.names.add(name)
+        return name
+
+    def const(self, base: str, array: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        name = self.unique(base)
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+
+def _np_dtype(qparams: QParams) -> type:
+    return np.uint8 if qparams.qtype.name == "uint8" else np.int8
+
+
+def _weight_tensors(
+    module: QuantizedModule, layout: str, uint8: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None]:
+    """(codes in the node's layout, scale, zero point, DequantizeLinear axis or None).
+
+    `uint8=True` stores int8 codes shifted by +128 with zero point +128: the same real values,
+    but ORT then runs its u8u8 kernels, which do not saturate on AVX2 machines without VNNI
+    (u8s8 there sums pairs in int16 with saturation: error 34 on outputs of magnitude 155 in a
+    64-wide MatMul, measured; u8u8: 8e-6).
+    """
+    qp = module.weight_qparams
+    codes = module.weight_codes.detach().cpu().numpy().astype(np.int16)  # [out, in, *k]
+    zero = qp.zero_point.detach().cpu().numpy().astype(np.int16).reshape(-1)
+    dtype = _np_dtype(qp)
+    if uint8 and dtype == np.int8:
+        codes, zero, dtype = codes + 128, zero + 128, np.uint8
+    codes, zero = codes.astype(dtype), zero.astype(dtype)
+    scale = qp.scale.detach().cpu().float().numpy().reshape(-1)  # [out] or [1]
+    per_channel = isinstance(qp.granularity, PerChannel)
+    if not per_channel:
+        scale, zero = scale.reshape(()), zero.reshape(())
+    if layout == "in_out":
+        return codes.T, scale, zero, (1 if per_channel else None)  # [in, out]
+    return codes, scale, zero, (0 if per_channel else None)  # [out, in] or [out, in/g, *k]
+
+
+def _check_float_weight(name: str, float_w: np.ndarray, module: QuantizedModule, layout: str) -> None:
+    """The exported float weight must be the module's dequantized weight: proves the mapping."""
+    expected = module.weight.detach().cpu().float().numpy()  # [out, in, *k]
+    if layout == "in_out":
+        expected = expected.T
+    if float_w.shape != expected.shape:
+        raise ExportError(
+            f"module {name!r}: exported weight has shape {float_w.shape}, the module's is {expected.shape} "
+            f"in {layout} layout; the node-to-module map is wrong"
+        )
+    err = float(np.max(np.abs(float_w - expected))) if expected.size else 0.0
+    if err > 1e-6 * max(1.0, float(np.max(np.abs(expected)))):
+        raise ExportError(f"module {name!r}: exported weight differs from the dequantized weight by {err:.3g}")
+
+
+def _make_node(op: str, inputs: list[str], outputs: list[str], name: str, **attrs: Any) -> Any:
+    from onnx import helper
+
+    return helper.make_node(op, inputs, outputs, name=name, **{k: v for k, v in attrs.items() if v is not None})
+
+
+def _quantized_input(b: _Builder, x: str, module: str, quantizer: Any, cache: dict) -> tuple[str, str, str, list[Any]]:
+    """Nodes that quantize activation `x`: returns (codes, scale, zero point, new nodes); shared per (x, params)."""
+    if quantizer.spec.dynamic:
+        key: tuple = (x, "dynamic")
+    else:
+        qp = quantizer.qparams
+        key = (x, float(qp.scale.reshape(-1)[0]), int(qp.zero_point.reshape(-1)[0]), qp.qtype.name)
+    if key in cache:
+        return (*cache[key], [])
+    if quantizer.spec.dynamic:
+        q, s, z = b.unique(f"{module}.input_q"), b.unique(f"{module}.input_scale"), b.unique(f"{module}.input_zero_point")
+        nodes = [_make_node("DynamicQuantizeLinear", [x], [q, s, z], b.unique(f"{module}.input_dynamic_quantize"))]
+    else:
+        qp = quantizer.qparams
+        s = b.const(f"{module}.input_scale", np.array(float(qp.scale.reshape(-1)[0]), np.float32))
+        z = b.const(f"{module}.input_zero_point", np.array(int(qp.zero_point.reshape(-1)[0]), _np_dtype(qp)))
+        q = b.unique(f"{module}.input_q")
+        nodes = [_make_node("QuantizeLinear", [x, s, z], [q], b.unique(f"{module}.input_quantize"))]
+    cache[key] = (q, s, z)
+    return q, s, z, nodes
+
+
+def _rewrite_matmul(b: _Builder, node: Any, ln: LayerNode, module: QuantizedModule, cache: dict) -> tuple[list[Any], str]:
+    name = ln.module
+    codes, scale, zero, axis = _weight_tensors(module, ln.weight_layout, b.uint8_weights)
+    if ln.weight_layout == "out_in":  # Gemm transB=1 -> MatMul needs [in, out]
+        codes, axis = codes.T, (1 if axis is not None else None)
+    quantizer = module.input_quantizer
+    if quantizer is not None and isinstance(quantizer.spec.granularity, PerToken):
+        bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+        return per_token_matmul_nodes(
+            b, _make_node, name, node.input[0], codes, scale, zero.reshape(-1)[0], list(node.output), node.name, bias
+        )
+    wq = b.const(f"{name}.weight_quantized", codes)
+    ws, wz = b.const(f"{name}.weight_scale", scale), b.const(f"{name}.weight_zero_point", zero)
+    wdq = b.unique(f"{name}.weight_dequantized")
+    nodes = [_make_node("DequantizeLinear", [wq, ws, wz], [wdq], b.unique(f"{name}.weight_dq"), axis=axis)]
+    x = node.input[0]
+    if module.input_quantizer is not None:
+        q, s, z, qnodes = _quantized_input(b, x, name, module.input_quantizer, cache)
+        x = b.unique(f"{name}.input_dequantized")
+        nodes += qnodes + [_make_node("DequantizeLinear", [q, s, z], [x], b.unique(f"{name}.input_dq"))]
+    if node.op_type == "MatMul":
+        nodes.append(_make_node("MatMul", [x, wdq], list(node.output), node.name))
+    else:  # Gemm (alpha = beta = 1, transA = 0): MatMul + Add(C)
+        has_bias = len(node.input) > 2 and node.input[2]
+        mm = b.unique(f"{name}.matmul_out") if has_bias else node.output[0]
+        nodes.append(_make_node("MatMul", [x, wdq], [mm], node.name))
+        if has_bias:
+            nodes.append(_make_node("Add", [mm, node.input[2]], list(node.output), b.unique(f"{name}.bias_add")))
+    return nodes, wq
+
+
+def _rewrite_conv(b: _Builder, node: Any, ln: LayerNode, module: QuantizedModule, cache: dict) -> tuple[list[Any], str]:
+    name = ln.module
+    codes, scale, zero, axis = _weight_tensors(module, "conv", b.uint8_weights)
+    attrs = {a.name: a for a in node.attribute}
+    quantizer = module.input_quantizer
+    if quantizer is None or np.any(zero != zero.reshape(-1)[0]):  # weight-only, or per-channel zero points: DQ -> float Conv
+        wq = b.const(f"{name}.weight_quantized", codes)
+        ws, wz = b.const(f"{name}.weight_scale", scale), b.const(f"{name}.weight_zero_point", zero)
+        wdq = b.unique(f"{name}.weight_dequantized")
+        nodes = [_make_node("DequantizeLinear", [wq, ws, wz], [wdq], b.unique(f"{name}.weight_dq"), axis=axis)]
+        x = node.input[0]
+        if quantizer is not None:
+            q, s, z, qnodes = _quantized_input(b, x, name, quantizer, cache)
+            x = b.unique(f"{name}.input_dequantized")
+            nodes += qnodes + [_make_node("DequantizeLinear", [q, s, z], [x], b.unique(f"{name}.input_dq"))]
+        conv = _make_node("Conv", [x, wdq, *node.input[2:]], list(node.output), node.name)
+        conv.attribute.extend(attrs.values())
+        return nodes + [conv], wq
+    # integer form: ConvInteger(u8 x, s8 w) -> int32; y = acc * (x_scale * w_scale) + bias
+    wq = b.const(f"{name}.weight_quantized", codes)  # [out, in/g, *k]
+    w0 = b.const(f"{name}.weight_zero_point", np.array(zero.reshape(-1)[0], codes.dtype))  # one zero point
+    q, s, z, nodes = _quantized_input(b, node.input[0], name, quantizer, cache)
+    bshape = (1, -1) + (1,) * (codes.ndim - 2)  # [1, out, 1, ...] broadcasts over [N, out, *spatial]
+    acc, accf, out = b.unique(f"{name}.acc_int32"), b.unique(f"{name}.acc_float"), b.unique(f"{name}.scaled")
+    conv = _make_node("ConvInteger", [q, wq, z, w0], [acc], node.name)
+    conv.attribute.extend(attrs.values())
+    nodes += [conv, _make_node("Cast", [acc], [accf], b.unique(f"{name}.cast"), to=1)]
+    ws = np.broadcast_to(scale, (codes.shape[0],)).astype(np.float32).reshape(bshape)
+    if quantizer.spec.dynamic:
+        wsn = b.const(f"{name}.weight_scale", ws)
+        total = b.unique(f"{name}.output_scale")
+        nodes.append(_make_node("Mul", [s, wsn], [total], b.unique(f"{name}.scale_mul")))
+    else:
+        x_scale = float(quantizer.qparams.scale.reshape(-1)[0])
+        total = b.const(f"{name}.output_scale", (ws.astype(np.float64) * x_scale).astype(np.float32))
+    has_bias = len(node.input) > 2 and node.input[2]
+    mul_out = out if has_bias else node.output[0]
+    nodes.append(_make_node("Mul", [accf, total], [mul_out], b.unique(f"{name}.rescale")))
+    if has_bias:
+        bias = b.unique(f"{name}.bias_reshaped")
+        shape = b.const(f"{name}.bias_shape", np.array(bshape, np.int64))
+        nodes.append(_make_node("Reshape", [node.input[2], shape], [bias], b.unique(f"{name}.bias_reshape")))
+        nodes.append(_make_node("Add", [out, bias], list(node.output), b.unique(f"{name}.bias_add")))
+    return nodes, wq
+
+
+def insert_qdq(
+    proto: Any, layer_nodes: dict[str, LayerNode], modules: dict[str, QuantizedModule], *, uint8_weights: bool = True
+) -> tuple[Any, list[LayerRewrite]]:
+    """Rewrite the float graph `proto` in place: each mapped module's node gets its integer form.
+
+    `uint8_weights`: store int8 weights as uint8 + 128 (exact on AVX2 without VNNI; see `_weight_tensors`).
+
+    Float weight initializers that nothing uses any more are dropped. Returns (proto, rewrites).
+    """
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    inits = initializer_map(graph)
+    b = _Builder(graph, uint8_weights)
+    cache: dict = {}
+    replacements: dict[int, list[Any]] = {}
+    rewrites: list[LayerRewrite] = []
+    for name, ln in layer_nodes.items():
+        module = modules[name]
+        check_exportable(name, module)
+        node = graph.node[ln.node_index]
+        _check_float_weight(name, numpy_helper.to_array(inits[ln.weight_name]), module, ln.weight_layout)
+        rewrite = _rewrite_conv if ln.op_type == "Conv" else _rewrite_matmul
+        nodes, wq = rewrite(b, node, ln, module, cache)
+        replacements[ln.node_index] = nodes
+        quantizer = module.input_quantizer
+        form = "weight_only" if quantizer is None else ("dynamic" if quantizer.spec.dynamic else "static")
+        if quantizer is not None and isinstance(quantizer.spec.granularity, PerToken):
+            form = "dynamic_per_token"
+        rewrites.append(LayerRewrite(name, ln.op_type, form, wq))
+    new_nodes: list[Any] = []
+    for index, node in enumerate(graph.node):
+        new_nodes.extend(replacements.get(index, [node]))
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + b.initializers)
+    if not any(op.domain in ("", "ai.onnx") and op.version >= 13 for op in proto.opset_import):
+        raise ExportError(f"the float graph's opset {[op.version for op in proto.opset_import]} is below 13 (per-channel DequantizeLinear)")
+    logger.info("inserted integer forms for %d module(s)", len(rewrites))
+    return proto, rewrites
+
+
+def simulated_outputs(qmodel: nn.Module, example_inputs: Any) -> list[torch.Tensor]:
+    """The qmodel's (simulated) outputs on `example_inputs`, flattened to a list of tensors."""
+    from torch.utils._pytree import tree_leaves
+
+    from ptqkit.export.onnx_graph import _split_inputs
+
+    args, kwargs = _split_inputs(example_inputs)
+    with torch.inference_mode():
+        out = qmodel(*args, **kwargs)
+    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
