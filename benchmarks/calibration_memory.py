@@ -1,0 +1,94 @@
+"""Observer memory and speed on long calibration runs.
+
+Feeds N batches of 32x128x768 heavy-tailed activations (Student-t with outlier channels)
+through each observer, each run in a fresh subprocess, and reports the peak RSS growth over the
+process's state before the first batch, and the time per batch. Goal: growth independent of N
+(flat from 200 to 2,000 batches) and below 64 MB per observed tensor.
+
+    python benchmarks/calibration_memory.py                 # 200 and 2000 batches
+    python benchmarks/calibration_memory.py --quick         # 20 and 200 batches
+    python benchmarks/calibration_memory.py --batches 50 500
+Writes benchmarks/results/calibration_memory.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+OBSERVERS = ("minmax", "ema_minmax", "percentile", "mse", "kl")
+SHAPE = (32, 128, 768)
+POOL = 4  # distinct batches generated up front and rescaled per step (generation is not what we measure)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def run_one(observer: str, batches: int, threads: int) -> dict[str, float]:
+    """Run in this process: returns peak RSS growth (MB) and seconds per batch."""
+    import torch
+
+    import ptqkit as pq
+    from ptqkit.observers import make_observer
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    pool = []
+    for _ in range(POOL):
+        x = torch.distributions.StudentT(3.0).sample(SHAPE)
+        x[..., :8] *= 40.0  # outlier channels
+        pool.append(x)
+    spec = pq.QuantSpec(qtype="uint8", symmetric=False, observer=observer)
+    obs = make_observer(spec)
+    obs.update(pool[0][:1])  # allocate the observer's state before measuring
+    base = _peak_rss_mb()
+    start = time.perf_counter()
+    for i in range(batches):
+        obs.update(pool[i % POOL] * (1.0 + 0.001 * (i % 17)))
+    seconds = time.perf_counter() - start
+    obs.qparams()
+    state_bytes = sum(t.numel() * t.element_size() for t in obs.state()[0].values())
+    return {"peak_rss_growth_mb": _peak_rss_mb() - base, "ms_per_batch": 1000 * seconds / batches, "state_kb": state_bytes / 1024}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch counts to compare")
+    parser.add_argument("--quick", action="store_true", help="20 and 200 batches")
+    parser.add_argument("--observers", nargs="+", default=list(OBSERVERS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "calibration_memory.json")
+    parser.add_argument("--child", nargs=2, metavar=("OBSERVER", "BATCHES"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        sys.stdout.write(json.dumps(run_one(args.child[0], int(args.child[1]), args.threads)) + "\n")
+        return 0
+    counts = args.batches or ([20, 200] if args.quick else [200, 2000])
+    rows = []
+    for observer in args.observers:
+        for n in counts:
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", observer, str(n), "--threads", str(args.threads)],
+                capture_output=True, text=True, check=True,
+            )
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append({"observer": observer, "batches": n, **result})
+            sys.stdout.write(
+                f"{observer:<11} {n:>6} batches  peak RSS growth {result['peak_rss_growth_mb']:8.1f} MB  "
+                f"{result['ms_per_batch']:8.1f} ms/batch  state {result['state_kb']:8.1f} KB\n"
+            )
+            sys.stdout.flush()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"shape": SHAPE, "threads": args.threads, "machine": platform.machine(), "rows": rows}, indent=2))
+    sys.stdout.write(f"wrote {args.out}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
