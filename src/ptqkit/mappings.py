@@ -14,6 +14,7 @@ paths an algorithm needs:
 - `norm_projections`: for transformer blocks, which norm feeds which linear projections
   (SmoothQuant / AWQ / rotations). LLaMA, GPT-2, OPT and BERT rows go here.
 
+A row whose block class is a whole model (torchvision's `MobileNetV2`) holds model-level paths.
 `FAMILIES` groups rows per model family; `block_mappings()` lists them all.
 """
 from __future__ import annotations
@@ -104,6 +105,18 @@ def _join(prefix: str, path: str) -> str:
 #   expand_ratio == 1: [Conv2dNormActivation(3x3 depthwise), Conv2d 1x1 project, BN]
 # The block's output may be added to its input (residual), so chains stay inside the block.
 _TORCHVISION_CNN = (
+    # The stem conv feeds only the first block (expand_ratio 1, 32 -> 16 channels: no residual),
+    # so the chain may cross the block boundary; it covers that block's own dw -> project chain.
+    BlockMapping(
+        family="torchvision_mobilenet_v2",
+        block_class="MobileNetV2",
+        cle_chains=(
+            CLEChain(
+                layers=("features.0.0", "features.1.conv.0.0", "features.1.conv.1"),
+                activations=("features.0.2", "features.1.conv.0.2"),
+            ),
+        ),
+    ),
     BlockMapping(
         family="torchvision_mobilenet_v2",
         block_class="InvertedResidual",
@@ -183,11 +196,19 @@ def _fits(block: nn.Module, chain: CLEChain) -> bool:
 def resolve_cle_chains(model: nn.Module) -> list[CLEChain]:
     """For every block of `model` that a table row names, the first chain variant that fits
     (all paths exist and every layer is a Conv2d or Linear), as full module names."""
-    found = []
+    found: list[CLEChain] = []
     for name, block, row in _matching_blocks(model):
         for chain in row.cle_chains:
             if _fits(block, chain):
                 found.append(chain.prefixed(name))
                 break
-    return found
+
+    def links(chain: CLEChain) -> set[tuple[str, str]]:
+        return set(zip(chain.layers, chain.layers[1:]))
+
+    # drop a chain whose every link lies inside a longer chain (e.g. a block's own chain
+    # covered by a model-level row that extends it backwards)
+    return [
+        c for c in found if not any(len(o.layers) > len(c.layers) and links(c) <= links(o) for o in found)
+    ]
 
