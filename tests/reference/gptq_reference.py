@@ -88,7 +88,6 @@ def reference_gptq(
     Hinv = np.linalg.inv(H)  # [in, in], the inverse over all still-unquantized columns
     codes = np.empty((out_f, in_f))
     deq = np.empty((out_f, in_f))
-    remaining = np.ones(in_f, dtype=bool)
     for q in order:
         if dynamic and q % group_size == 0:
             s, z = reference_grid(
@@ -96,14 +95,13 @@ def reference_gptq(
             )
             scale[:, q : q + group_size] = s[:, None]
             zero[:, q : q + group_size] = z[:, None]
-        w_q = W[:, q]
+        w_q = W[:, q].copy()
         codes[:, q] = np.clip(np.round(w_q / scale[:, q]) + zero[:, q], qmin, qmax)
         deq[:, q] = (codes[:, q] - zero[:, q]) * scale[:, q]
         d = Hinv[q, q]
-        remaining[q] = False
-        # δ_F on the columns still to quantize
-        W[:, remaining] -= np.outer((w_q - deq[:, q]) / d, Hinv[q, remaining])
-        W[:, q] = deq[:, q]
+        # δ_F on the columns still to quantize (row q of the eliminated inverse is zero, up to
+        # rounding, on columns already quantized; those are never read again: see codes/deq)
+        W -= np.outer((w_q - deq[:, q]) / d, Hinv[q, :])
         # eliminate q from the inverse Hessian
-        Hinv = Hinv - np.outer(Hinv[:, q], Hinv[q, :]) / d
+        Hinv -= np.outer(Hinv[:, q], Hinv[q, :]) / d
     return codes, deq

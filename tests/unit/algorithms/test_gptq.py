@@ -242,3 +242,15 @@ def test_errors() -> None:
         gptq_quantize_weight(w, skew, INT4_CHANNEL)
     with pytest.raises(ConfigError, match=r"integer qtypes, got nf4"):
         gptq_quantize_weight(w, h, QuantSpec(qtype="nf4", granularity=PerChannel(0)))
+
+
+def test_configs_round_trip_through_a_recipe() -> None:
+    from ptqkit.recipe import Recipe
+
+    recipe = dataclasses.replace(
+        Recipe.from_preset("w4a16"),
+        algorithms=(RTNConfig(clip_search="mse"), GPTQConfig(act_order=True, block_size=64)),
+    )
+    data = recipe.to_dict()
+    assert [a["name"] for a in data["algorithms"]] == ["rtn", "gptq"]
+    assert Recipe.from_dict(json.loads(json.dumps(data))) == recipe
