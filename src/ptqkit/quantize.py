@@ -59,7 +59,7 @@ def quantize_(model: nn.Module, recipe: Recipe, calib: Any = None, *, progress: 
     if recipe.algorithms:
         names = [type(a).__name__ for a in recipe.algorithms]
         raise ConfigError(f"algorithms {names}: the engine does not run algorithms yet; remove them from the recipe")
-    static_inputs = {l.name: l.inputs for l in the_plan.layers if l.inputs is not None and not l.inputs.dynamic}
+    static_inputs = {layer.name: layer.inputs for layer in the_plan.layers if layer.inputs is not None and not layer.inputs.dynamic}
     calibration: dict[str, Any] = {}
     observers: dict[str, Any] = {}
     if static_inputs:

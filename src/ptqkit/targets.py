@@ -54,7 +54,7 @@ class Plan:
             extra = " dynamic" if spec.dynamic else ("" if spec.symmetric else " asym")
             return f"{spec.qtype.name} {detail}{extra}"
 
-        rows = [(l.name, l.module_type, describe(l.weights), describe(l.inputs), l.reason) for l in self.layers]
+        rows = [(x.name, x.module_type, describe(x.weights), describe(x.inputs), x.reason) for x in self.layers]
         rows += [(name, kind, "float", "float", reason) for name, kind, reason in self.skipped]
         header = ("module", "type", "weights", "inputs", "why")
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]

@@ -67,7 +67,7 @@ def test_overrides_first_match_wins_and_empty_scheme_skips() -> None:
         overrides=(Override(match=("*.up_proj",), scheme=w4), Override(match=("conv",), scheme=Scheme())),
     )
     plan = resolve_plan(TinyLM(), recipe)
-    by_name = {l.name: l for l in plan.layers}
+    by_name = {layer.name: layer for layer in plan.layers}
     assert by_name["layers.0.up_proj"].weights.qtype == pq.INT4 and by_name["layers.0.up_proj"].inputs is None
     assert by_name["layers.0.up_proj"].reason == "override '*.up_proj'"
     assert "conv" not in by_name
@@ -100,7 +100,7 @@ def test_hf_conv1d_is_a_target() -> None:
     pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
     model = nn.Sequential(pytorch_utils.Conv1D(12, 4))
     plan = resolve_plan(model, Recipe.from_preset("w8a16"))
-    assert [(l.name, l.module_type) for l in plan.layers] == [("0", "Conv1D")]
+    assert [(layer.name, layer.module_type) for layer in plan.layers] == [("0", "Conv1D")]
 
 
 def test_pattern_matching_rules() -> None:
