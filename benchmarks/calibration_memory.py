@@ -57,6 +57,11 @@ def run_one(observer: str, batches: int, threads: int) -> dict[str, float]:
     return {"peak_rss_growth_mb": _peak_rss_mb() - base, "ms_per_batch": 1000 * seconds / batches, "state_kb": state_bytes / 1024}
 
 
+def _write(path: Path, rows: list[dict], threads: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"shape": SHAPE, "threads": threads, "machine": platform.machine(), "rows": rows}, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch counts to compare")
@@ -84,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{result['ms_per_batch']:8.1f} ms/batch  state {result['state_kb']:8.1f} KB\n"
             )
             sys.stdout.flush()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"shape": SHAPE, "threads": args.threads, "machine": platform.machine(), "rows": rows}, indent=2))
+            _write(args.out, rows, args.threads)  # after every row: a long run that is cut short keeps its numbers
     sys.stdout.write(f"wrote {args.out}\n")
     return 0
 

@@ -59,6 +59,10 @@ class QuantSpec:
             raise ConfigError("per-token granularity needs dynamic=true: token counts are only known at run time")
         if not isinstance(self.observer, str) or not self.observer:
             raise ConfigError(f"observer must be a non-empty name, got {self.observer!r}")
+        from ptqkit.observers import OBSERVERS  # lazy: observers import this module
+
+        if self.observer not in OBSERVERS:
+            raise ConfigError(f"observer {self.observer!r} is unknown; valid: {', '.join(OBSERVERS)}")
         options = dict(self.observer_options)
         for key, value in options.items():
             if not isinstance(key, str) or not isinstance(value, _OPTION_TYPES):

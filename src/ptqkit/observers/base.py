@@ -14,7 +14,7 @@ import torch
 
 from ptqkit.errors import ConfigError
 from ptqkit.primitives import check_finite, qparams_from_range
-from ptqkit.qtypes import Granularity, PerChannel, PerTensor
+from ptqkit.qtypes import Granularity, PerChannel, PerTensor, PerToken
 from ptqkit.spec import QParams, QuantSpec
 
 __all__ = ["Observer", "parse_options", "STATE_VERSION"]
@@ -43,8 +43,11 @@ class Observer(abc.ABC):
     def __init__(self, spec: QuantSpec) -> None:
         if not isinstance(spec.granularity, self.granularities):
             valid = ", ".join(g.kind for g in self.granularities)  # type: ignore[attr-defined]
+            hint = ""
+            if isinstance(spec.granularity, PerToken):  # QuantSpec only allows it with dynamic=true
+                hint = " (per-token parameters are computed from each token at run time: dynamic specs need no observer)"
             raise ConfigError(
-                f"observer {self.name!r} does not support {spec.granularity.kind} granularity; valid: {valid}"
+                f"observer {self.name!r} does not support {spec.granularity.kind} granularity; valid: {valid}{hint}"
             )
         self.spec = spec
         self.options = parse_options(self.options_type, dict(spec.observer_options), self.name)

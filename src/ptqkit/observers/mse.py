@@ -19,6 +19,8 @@ from ptqkit.qtypes import PerChannel, PerTensor
 
 __all__ = ["MSEObserver"]
 
+_MAX_ELEMENTS = 1 << 22  # histogram cells evaluated per call (~ 4M: tens of MB of temporaries)
+
 
 @dataclass(frozen=True, kw_only=True)
 class MSEOptions:
@@ -58,19 +60,33 @@ class MSEObserver(HistogramObserver):
         best_err = torch.full((rows,), float("inf"), dtype=torch.float64)
         best_ratio = torch.ones(rows, dtype=torch.float64)
 
-        def search(ratios: torch.Tensor) -> None:  # ratios: [K, rows]
+        def search(ratios: torch.Tensor) -> None:  # ratios: [K, rows]; all K candidates in one call
             nonlocal best_err, best_ratio
-            for ratio in ratios:
-                qp = qparams_from_range(lo0 * ratio, hi0 * ratio, self.spec.qtype, symmetric=self.spec.symmetric, granularity=PerChannel(0))
-                err = ((fake_quantize(centers, qp).to(torch.float64) - centers.to(torch.float64)) ** 2 * counts).sum(1)
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best_ratio = torch.where(better, ratio, best_ratio)
+            k = ratios.shape[0]
+            flat = PerChannel(0)  # one parameter per (candidate, row)
+            qp = qparams_from_range(
+                (lo0 * ratios).reshape(-1), (hi0 * ratios).reshape(-1),  # [K * rows]
+                self.spec.qtype, symmetric=self.spec.symmetric, granularity=flat,
+            )
+            tiled = centers.repeat(k, 1)  # [K * rows, 2B]
+            sq = (fake_quantize(tiled, qp).to(torch.float64) - tiled.to(torch.float64)) ** 2
+            err = (sq.reshape(k, rows, -1) * counts).sum(2)  # [K, rows]
+            err_k, arg_k = err.min(0)  # first (smallest ratio) minimum per row
+            pick = ratios.gather(0, arg_k.unsqueeze(0)).squeeze(0)  # [rows]
+            better = err_k < best_err
+            best_err = torch.where(better, err_k, best_err)
+            best_ratio = torch.where(better, pick, best_ratio)
+
+        per_call = max(1, _MAX_ELEMENTS // counts.numel())  # candidates per call: bounded temporaries
+
+        def search_all(ratios: torch.Tensor) -> None:  # in order, so ties still go to the smallest ratio
+            for chunk in ratios.split(per_call):
+                search(chunk)
 
         grid, low = self.options.grid, self.options.min_ratio
-        search(torch.linspace(low, 1.0, grid, dtype=torch.float64).unsqueeze(1).expand(grid, rows))
+        search_all(torch.linspace(low, 1.0, grid, dtype=torch.float64).unsqueeze(1).expand(grid, rows))
         step = (1.0 - low) / (grid - 1)  # refine around each row's best coarse ratio
         fine = torch.linspace(-step, step, grid, dtype=torch.float64).unsqueeze(1) + best_ratio.unsqueeze(0)
-        search(fine.clamp(low, 1.0))
+        search_all(fine.clamp(low, 1.0))
         best_lo, best_hi = lo0 * best_ratio, hi0 * best_ratio
         return self._clamp_to_seen(best_lo, best_hi)

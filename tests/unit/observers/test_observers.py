@@ -209,3 +209,14 @@ def test_kl_coarse_to_fine_matches_the_full_scan() -> None:
     obs = _observe(_spec("kl", bins=512), [x])
     counts = obs._hist.abs_counts()[0].numpy()
     assert kl_threshold_bin(counts, 128, stride=8) == kl_threshold_bin(counts, 128, stride=1)
+
+
+def test_quant_spec_rejects_an_unknown_observer_where_it_is_written() -> None:
+    with pytest.raises(ConfigError, match="recipe.activations: observer 'entropy' is unknown; valid: minmax, ema_minmax, percentile, mse, kl"):
+        pq.QuantSpec.from_dict({"qtype": "int8", "observer": "entropy"}, where="recipe.activations")
+
+
+def test_per_token_specs_are_dynamic_and_need_no_observer() -> None:
+    spec = pq.QuantSpec(qtype="uint8", symmetric=False, granularity=pq.PerToken(), dynamic=True)
+    with pytest.raises(ConfigError, match=r"'minmax' does not support per_token granularity; valid: per_tensor, per_channel, per_group \(per-token parameters are computed"):
+        make_observer(spec)
