@@ -1,0 +1,256 @@
+"""AdaRound: learned rounding of a layer's weights (Nagel et al. 2020, "Up or Down? Adaptive
+Rounding for Post-Training Quantization").
+
+Each weight is rounded either down or up on the quantization grid: W̃ = s · (clamp(⌊W/s⌋ + h(V)
++ z, qmin, qmax) - z), where h(V) = clamp(sigmoid(V)·(ζ - γ) + γ, 0, 1) is the rectified sigmoid
+(ζ = 1.1, γ = -0.1). V is optimized with Adam (β = 0.9, 0.999; ε = 1e-8) to minimize, on cached inputs x of the layer,
+
+    ‖f(W x + b) - f(W̃ x + b)‖² (mean over elements)  +  λ · Σ (1 - |2 h(V) - 1|^β)
+
+where f is an optional activation (the paper's "asymmetric reconstruction" through the
+non-linearity) and the regularizer, switched on after a warm-up fraction of the iterations,
+drives every h(V) to 0 or 1 while β is annealed linearly from beta_range[0] (20) to
+beta_range[1] (2). V starts where h(V) equals the fractional part of W/s (so the soft weights
+start at W itself). The final codes use hard rounding: up where h(V) ≥ 0.5, i.e. V ≥ 0.
+The quantization grid (scale and zero point) is fixed beforehand, e.g. by RTN's min-max or
+MSE search (`ptqkit.primitives` / `ptqkit.algorithms.rtn`).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ptqkit.algorithms.weight_quant import WeightQuantResult
+from ptqkit.errors import CalibrationDataError, ConfigError
+from ptqkit.primitives import check_finite
+from ptqkit.spec import QParams
+
+__all__ = ["AdaRoundConfig", "ConvGeometry", "ACTIVATIONS", "rectified_sigmoid", "adaround_weight"]
+
+logger = logging.getLogger(__name__)
+
+ZETA, GAMMA = 1.1, -0.1
+_BETA1, _BETA2, _ADAM_EPS = 0.9, 0.999, 1e-8
+ACTIVATIONS = ("identity", "relu", "relu6")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdaRoundConfig:
+    """Adaptive rounding.
+
+    - `iterations`: Adam steps per layer (the paper uses 10,000; 1,000-2,000 is usually enough).
+    - `lr`: Adam learning rate on V.
+    - `reg_weight`: λ, the weight of the rounding regularizer.
+    - `beta_range`: (start, end) of the annealed regularizer exponent β.
+    - `warmup`: fraction of the iterations without the regularizer, in [0, 1).
+    - `batch_size`: samples of the cached inputs per step.
+    - `seed`: seeds the batch sampling; the result is deterministic for a seed.
+    """
+
+    iterations: int = 2000
+    lr: float = 1e-2
+    reg_weight: float = 0.01
+    beta_range: tuple[float, float] = (20.0, 2.0)
+    warmup: float = 0.2
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def integer(name: str, lo: int, hi: int) -> None:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                raise ConfigError(f"adaround.{name}: {v!r} must be an integer in [{lo}, {hi}]")
+
+        def number(name: str, ok: bool, valid: str) -> None:
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not ok:
+                raise ConfigError(f"adaround.{name}: {v!r} must be a number {valid}")
+
+        integer("iterations", 1, 1_000_000)
+        integer("batch_size", 1, 1_000_000)
+        integer("seed", 0, 2**63 - 1)
+        number("lr", isinstance(self.lr, (int, float)) and self.lr > 0, "> 0")
+        number("reg_weight", isinstance(self.reg_weight, (int, float)) and self.reg_weight >= 0, ">= 0")
+        number("warmup", isinstance(self.warmup, (int, float)) and 0 <= self.warmup < 1, "in [0, 1)")
+        beta = tuple(self.beta_range) if isinstance(self.beta_range, (tuple, list)) else None
+        if (
+            beta is None
+            or len(beta) != 2
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b < math.inf for b in beta)
+            or beta[0] < beta[1]
+        ):
+            raise ConfigError(
+                f"adaround.beta_range: {self.beta_range!r} must be two positive numbers (start, end) with start >= end"
+            )
+        object.__setattr__(self, "beta_range", (float(beta[0]), float(beta[1])))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConvGeometry:
+    """How a convolution weight is applied (torch.nn.functional.conv2d's arguments)."""
+
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    """h(V) = clamp(sigmoid(V)·(ζ - γ) + γ, 0, 1) with ζ = 1.1, γ = -0.1."""
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def _inverse_rectified_sigmoid(h: torch.Tensor) -> torch.Tensor:
+    """V with h(V) = h for h in [0, 1) (the warm start): V = -log((ζ - γ)/(h - γ) - 1)."""
+    return -torch.log((ZETA - GAMMA) / (h - GAMMA) - 1.0)
+
+
+def _activation(y: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "relu":
+        return torch.relu(y)
+    if activation == "relu6":
+        return torch.clamp(y, 0.0, 6.0)
+    return y
+
+
+def _layer(w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, conv: ConvGeometry | None) -> torch.Tensor:
+    if conv is None:
+        return F.linear(x, w, bias)  # [B, ..., out]
+    return F.conv2d(x, w, bias, conv.stride, conv.padding, conv.dilation, conv.groups)  # [B, out, H', W']
+
+
+def _check_inputs(
+    weight: torch.Tensor,
+    inputs: torch.Tensor,
+    quant_inputs: torch.Tensor | None,
+    qparams: QParams,
+    conv: ConvGeometry | None,
+    activation: str,
+) -> None:
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise ConfigError(f"adaround: weight must be a floating tensor, got {type(weight).__name__}")
+    want = 4 if conv is not None else 2
+    if weight.ndim != want:
+        kind = "Conv2d [out, in/groups, kh, kw]" if conv is not None else "Linear [out, in]"
+        raise ConfigError(f"adaround: expected a {kind} weight, got shape {tuple(weight.shape)}")
+    check_finite(weight, "adaround weight")
+    if not qparams.qtype.is_integer:
+        raise ConfigError(f"adaround: rounds onto integer grids only, got {qparams.qtype.name}; valid: int2..int8, uint2..uint8")
+    if activation not in ACTIVATIONS:
+        raise ConfigError(f"adaround: activation {activation!r} is unknown; valid: {', '.join(ACTIVATIONS)}")
+    for name, x in (("inputs", inputs), ("quant_inputs", quant_inputs)):
+        if x is None:
+            continue
+        if not isinstance(x, torch.Tensor) or x.ndim < 2 or x.shape[0] == 0:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise CalibrationDataError(f"adaround: {name} must be a non-empty batch [N, ...], got {shape}")
+        check_finite(x, f"adaround {name}")
+        if conv is None and x.shape[-1] != weight.shape[1]:
+            raise CalibrationDataError(
+                f"adaround: {name} have {x.shape[-1]} features, the Linear weight {tuple(weight.shape)} needs {weight.shape[1]}"
+            )
+        if conv is not None and (x.ndim != 4 or x.shape[1] != weight.shape[1] * conv.groups):
+            raise CalibrationDataError(
+                f"adaround: {name} {tuple(x.shape)} must be [N, {weight.shape[1] * conv.groups}, H, W] "
+                f"for the conv weight {tuple(weight.shape)} with groups={conv.groups}"
+            )
+    if quant_inputs is not None and quant_inputs.shape != inputs.shape:
+        raise CalibrationDataError(
+            f"adaround: quant_inputs {tuple(quant_inputs.shape)} must match inputs {tuple(inputs.shape)}"
+        )
+
+
+def adaround_weight(
+    weight: torch.Tensor,
+    inputs: torch.Tensor,
+    qparams: QParams,
+    config: AdaRoundConfig,
+    *,
+    bias: torch.Tensor | None = None,
+    conv: ConvGeometry | None = None,
+    activation: str = "identity",
+    quant_inputs: torch.Tensor | None = None,
+) -> WeightQuantResult:
+    """Learn the rounding of `weight` on the grid `qparams` (whose granularity must broadcast
+    over the weight: PerTensor or PerChannel(0), or PerGroup along the last axis).
+
+    `inputs` [N, ..., in] (Linear) or [N, C, H, W] (`conv` given) are the layer's cached
+    inputs; the target is f(W x + b) with f = `activation`. `quant_inputs` (same shape), if
+    given, feed the quantized layer instead — the outputs of the already-quantized layers
+    before it. Returns codes (storage dtype), qparams, dequantized weights and `details`:
+    {"loss_nearest", "loss_adaround"} (reconstruction MSE on all inputs with hard rounding),
+    {"flipped"} (fraction of codes that differ from round-to-nearest-even's)."""
+    if not isinstance(config, AdaRoundConfig):
+        raise ConfigError(f"adaround: config must be an AdaRoundConfig, got {type(config).__name__}")
+    _check_inputs(weight, inputs, quant_inputs, qparams, conv, activation)
+    qtype, g = qparams.qtype, qparams.granularity
+    w = weight.detach().to(torch.float32)
+    try:
+        scale = g.expand(qparams.scale, w.shape).to(torch.float32).expand(w.shape)  # [weight shape]
+        zero = g.expand(qparams.zero_point, w.shape).to(torch.float32).expand(w.shape)  # [weight shape]
+    except (RuntimeError, ConfigError) as exc:
+        raise ConfigError(f"adaround: qparams {g!r} with scale {tuple(qparams.scale.shape)} do not fit weight {tuple(w.shape)}: {exc}") from None
+    qmin, qmax = float(qtype.qmin), float(qtype.qmax)
+    b = None if bias is None else bias.detach().to(torch.float32)
+    x_fp = inputs.detach().to(torch.float32)
+    x_q = x_fp if quant_inputs is None else quant_inputs.detach().to(torch.float32)
+
+    w_floor = torch.floor(w / scale)  # [weight shape]
+    rest = w / scale - w_floor  # in [0, 1)
+
+    def soft_weight(h: torch.Tensor) -> torch.Tensor:
+        return scale * (torch.clamp(w_floor + h + zero, qmin, qmax) - zero)
+
+    with torch.no_grad():
+        target = _activation(_layer(w, x_fp, b, conv), activation)  # [N, ...]
+
+    def recon_loss(wq: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(F.mse_loss(_activation(_layer(wq, x_q, b, conv), activation), target))
+
+    nearest_codes = torch.clamp(w_floor + torch.round(rest) + zero, qmin, qmax)  # half-even, as RTN
+    nearest = (nearest_codes - zero) * scale
+    v = _inverse_rectified_sigmoid(rest).clone().requires_grad_(True)
+    adam_m, adam_v = torch.zeros_like(v), torch.zeros_like(v)  # Adam moments (β1 0.9, β2 0.999)
+    gen = torch.Generator().manual_seed(config.seed)
+    n = x_fp.shape[0]
+    warm = int(config.warmup * config.iterations)
+    beta_start, beta_end = config.beta_range
+    for it in range(config.iterations):
+        idx = torch.randint(0, n, (min(config.batch_size, n),), generator=gen)
+        h = rectified_sigmoid(v)
+        out = _activation(_layer(soft_weight(h), x_q[idx], b, conv), activation)
+        loss = F.mse_loss(out, target[idx])
+        if it >= warm and config.reg_weight > 0:
+            progress = (it - warm) / max(config.iterations - warm, 1)
+            beta = beta_end + (beta_start - beta_end) * (1.0 - progress)
+            loss = loss + config.reg_weight * (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
+        (grad,) = torch.autograd.grad(loss, v)
+        with torch.no_grad():  # Adam, written out: torch.optim imports torch._dynamo (seconds)
+            adam_m.mul_(_BETA1).add_(grad, alpha=1.0 - _BETA1)
+            adam_v.mul_(_BETA2).addcmul_(grad, grad, value=1.0 - _BETA2)
+            m_hat = adam_m / (1.0 - _BETA1 ** (it + 1))
+            v_hat = adam_v / (1.0 - _BETA2 ** (it + 1))
+            v.sub_(config.lr * m_hat / (v_hat.sqrt() + _ADAM_EPS))
+
+    with torch.no_grad():
+        up = (v >= 0).to(torch.float32)
+        codes_f = torch.clamp(w_floor + up + zero, qmin, qmax)  # [weight shape]
+        dequantized = (codes_f - zero) * scale
+        details = {
+            "loss_nearest": recon_loss(nearest),
+            "loss_adaround": recon_loss(dequantized),
+            "flipped": float((codes_f != nearest_codes).float().mean()),
+            "iterations": config.iterations,
+        }
+    logger.debug("adaround: loss nearest %.4g -> adaround %.4g", details["loss_nearest"], details["loss_adaround"])
+    return WeightQuantResult(
+        codes=codes_f.to(qtype.storage_dtype),
+        qparams=qparams,
+        dequantized=dequantized.to(weight.dtype),
+        details=details,
+    )

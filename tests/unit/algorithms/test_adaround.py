@@ -1,0 +1,173 @@
+"""AdaRound: beats round-to-nearest on layer output MSE at 4 bits (Linear with correlated inputs,
+Conv2d on real photo patches, a MobileNetV2 conv when the model zoo is present), codes stay in
+{floor, floor + 1} of W/s, deterministic for a seed, rectified sigmoid facts, error paths."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ptqkit.algorithms.adaround import (
+    AdaRoundConfig,
+    ConvGeometry,
+    _inverse_rectified_sigmoid,
+    adaround_weight,
+    rectified_sigmoid,
+)
+from ptqkit.errors import CalibrationDataError, ConfigError
+from ptqkit.primitives import dequantize, qparams_from_tensor, quantize
+from ptqkit.qtypes import FP8_E4M3, INT4, PerChannel
+from ptqkit.spec import QuantSpec
+
+_SPEC = QuantSpec(qtype=INT4, granularity=PerChannel(0))
+_FAST = AdaRoundConfig(iterations=200, batch_size=64, lr=1e-2, seed=0)
+
+
+def _correlated_linear(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(512, 8, generator=g)
+    x = z @ torch.randn(8, 64, generator=g) + 0.3 * torch.randn(512, 64, generator=g)  # rank-8 + noise
+    w = torch.randn(32, 64, generator=g) * 0.1
+    return w, x
+
+
+def _check_codes(result, w: torch.Tensor) -> None:
+    qp = result.qparams
+    scale = qp.granularity.expand(qp.scale, w.shape)
+    floor = torch.floor(w / scale)
+    codes = result.codes.to(torch.float32) - qp.granularity.expand(qp.zero_point, w.shape).float()
+    clamped_floor = floor.clamp(qp.qtype.qmin, qp.qtype.qmax)
+    assert bool(((codes == clamped_floor) | (codes == (floor + 1).clamp(qp.qtype.qmin, qp.qtype.qmax))).all())
+    torch.testing.assert_close(result.dequantized, dequantize(result.codes, qp))
+
+
+def test_linear_correlated_inputs_beats_nearest():
+    w, x = _correlated_linear()
+    qp = qparams_from_tensor(w, _SPEC)
+    result = adaround_weight(w, x, qp, _FAST)
+    _check_codes(result, w)
+    ratio = result.details["loss_adaround"] / result.details["loss_nearest"]
+    assert ratio < 0.5, result.details  # measured 0.30 (200 its); 0.16 at 500, 0.11 at 1000
+    assert 0.0 < result.details["flipped"] < 0.5
+    # the returned loss is the real one: recompute it independently
+    mse = float(F.mse_loss(F.linear(x, result.dequantized), F.linear(x, w)))
+    assert abs(mse - result.details["loss_adaround"]) < 1e-6 + 1e-4 * mse
+
+
+def test_deterministic_for_a_seed_and_seed_matters():
+    w, x = _correlated_linear(1)
+    qp = qparams_from_tensor(w, _SPEC)
+    config = AdaRoundConfig(iterations=60, batch_size=16, seed=3)
+    a, b = adaround_weight(w, x, qp, config), adaround_weight(w, x, qp, config)
+    assert torch.equal(a.codes, b.codes)
+    c = adaround_weight(w, x, qp, AdaRoundConfig(iterations=60, batch_size=16, seed=4))
+    assert not torch.equal(a.codes, c.codes)  # batches differ, so (a few) rounding choices do
+
+
+def test_conv_on_photo_patches_with_relu_beats_nearest():
+    from skimage import data as skdata
+
+    img = torch.tensor(skdata.astronaut()).permute(2, 0, 1).float() / 255  # [3, 512, 512]
+    x = img.unfold(1, 8, 32).unfold(2, 8, 32).permute(1, 2, 0, 3, 4).reshape(-1, 3, 8, 8)  # [256, 3, 8, 8]
+    x = (x - 0.5) / 0.25
+    g = torch.Generator().manual_seed(2)
+    w, b = torch.randn(8, 3, 3, 3, generator=g) * 0.2, torch.randn(8, generator=g) * 0.1
+    conv = ConvGeometry(padding=(1, 1))
+    qp = qparams_from_tensor(w, _SPEC)
+    result = adaround_weight(w, x, qp, AdaRoundConfig(iterations=150, batch_size=16), bias=b, conv=conv, activation="relu")
+    _check_codes(result, w)
+    assert result.details["loss_adaround"] < 0.7 * result.details["loss_nearest"], result.details
+    ref = torch.relu(F.conv2d(x, w, b, padding=1))
+    mse = float(F.mse_loss(torch.relu(F.conv2d(x, result.dequantized, b, padding=1)), ref))
+    assert abs(mse - result.details["loss_adaround"]) < 1e-6 + 1e-4 * mse
+
+
+def test_rectified_sigmoid_and_warm_start():
+    h = torch.tensor([0.0, 0.25, 0.5, 0.9])
+    torch.testing.assert_close(rectified_sigmoid(_inverse_rectified_sigmoid(h)), h, rtol=0, atol=1e-6)
+    v = torch.tensor([-100.0, 0.0, 100.0])
+    torch.testing.assert_close(rectified_sigmoid(v), torch.tensor([0.0, 0.5, 1.0]))
+
+
+def test_without_training_hard_rounding_is_nearest():
+    """One step with lr≈0: V stays at the warm start, so V >= 0 ⇔ frac(W/s) >= 0.5: nearest
+    rounding with ties up, so the codes equal RTN's (half-even) except at exact ties."""
+    w, x = _correlated_linear(2)
+    qp = qparams_from_tensor(w, _SPEC)
+    result = adaround_weight(w, x, qp, AdaRoundConfig(iterations=1, lr=1e-12, batch_size=8))
+    rtn = quantize(w, qp)
+    scale = qp.granularity.expand(qp.scale, w.shape)
+    frac = w / scale - torch.floor(w / scale)
+    differ = result.codes != rtn
+    assert bool((frac[differ] == 0.5).all())  # only ties (the -7.5 extremes of min-max int4 rows)
+    assert result.details["flipped"] == pytest.approx(float(differ.float().mean()))
+
+
+def test_config_and_input_errors():
+    with pytest.raises(ConfigError, match="adaround.iterations: 0 must be an integer"):
+        AdaRoundConfig(iterations=0)
+    with pytest.raises(ConfigError, match="adaround.lr: -0.1 must be a number > 0"):
+        AdaRoundConfig(lr=-0.1)
+    with pytest.raises(ConfigError, match=r"adaround.warmup: 1.0 must be a number in \[0, 1\)"):
+        AdaRoundConfig(warmup=1.0)
+    with pytest.raises(ConfigError, match=r"beta_range: \(2, 20\) must be two positive numbers"):
+        AdaRoundConfig(beta_range=(2, 20))
+    with pytest.raises(ConfigError, match="adaround.batch_size: True must be an integer"):
+        AdaRoundConfig(batch_size=True)
+    w, x = _correlated_linear()
+    qp = qparams_from_tensor(w, _SPEC)
+    with pytest.raises(CalibrationDataError, match="inputs have 63 features, the Linear weight .* needs 64"):
+        adaround_weight(w, x[:, :63], qp, _FAST)
+    with pytest.raises(CalibrationDataError, match=r"inputs must be a non-empty batch"):
+        adaround_weight(w, x[:0], qp, _FAST)
+    with pytest.raises(CalibrationDataError, match=r"quant_inputs \(10, 64\) must match inputs"):
+        adaround_weight(w, x, qp, _FAST, quant_inputs=x[:10])
+    with pytest.raises(ConfigError, match="activation 'gelu' is unknown; valid: identity, relu, relu6"):
+        adaround_weight(w, x, qp, _FAST, activation="gelu")
+    with pytest.raises(ConfigError, match="integer grids only, got fp8_e4m3"):
+        adaround_weight(w, x, qparams_from_tensor(w, QuantSpec(qtype=FP8_E4M3)), _FAST)
+    with pytest.raises(ConfigError, match=r"expected a Conv2d .* got shape \(32, 64\)"):
+        adaround_weight(w, x, qp, _FAST, conv=ConvGeometry())
+    with pytest.raises(CalibrationDataError, match=r"must be \[N, 6, H, W\] for the conv weight"):
+        adaround_weight(torch.randn(4, 3, 3, 3), torch.randn(2, 5, 8, 8), qp, _FAST, conv=ConvGeometry(groups=2))
+    with pytest.raises(ConfigError, match="config must be an AdaRoundConfig, got dict"):
+        adaround_weight(w, x, qp, {"iterations": 3})
+
+
+@pytest.mark.integration
+def test_mobilenet_v2_conv_at_4_bits():
+    zoo = pytest.importorskip("ptqkit.models.zoo")
+    from skimage import data as skdata
+
+    from ptqkit.algorithms.bn_fold import fold_batchnorm_
+
+    model = zoo.load_mobilenet_v2().eval()
+    fold_batchnorm_(model)
+    imgs = [skdata.astronaut(), skdata.coffee(), skdata.chelsea()]
+    crops = []
+    for im in imgs:
+        t = torch.tensor(im).permute(2, 0, 1).float() / 255
+        crops += [t[:, i : i + 224, j : j + 224] for i in (0, 75) for j in (0, 75)]
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    x = (torch.stack(crops) - mean) / std  # [12, 3, 224, 224]
+    layer = model.get_submodule("features.3.conv.0.0")  # 1x1 expand conv 24 -> 144, then ReLU6
+    cached = []
+    handle = layer.register_forward_hook(lambda m, i, o: cached.append(i[0].detach()))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    inputs = cached[0]  # [12, 24, 56, 56]
+    qp = qparams_from_tensor(layer.weight, _SPEC)
+    result = adaround_weight(
+        layer.weight.detach(),
+        inputs,
+        qp,
+        AdaRoundConfig(iterations=300, batch_size=4),
+        bias=layer.bias.detach(),
+        conv=ConvGeometry(),
+        activation="relu6",
+    )
+    _check_codes(result, layer.weight.detach())
+    ratio = result.details["loss_adaround"] / result.details["loss_nearest"]
+    assert ratio < 0.8, result.details  # measured: see the final report / commit message
