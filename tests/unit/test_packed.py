@@ -1,0 +1,172 @@
+"""Packed weight-only modules on torch CPU kernels vs the simulated QuantLinear and a float64 reference."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import ptqkit as pq
+from ptqkit.errors import ConfigError
+from ptqkit.nn.modules import QuantLinear
+from ptqkit.nn.packed import CastLinear, Int4WeightOnlyLinear, Int8WeightOnlyLinear, int4_refusal, int8_refusal
+from ptqkit.pack import pack
+from ptqkit.qtypes import PerChannel, PerGroup
+from ptqkit.recipe import Recipe, Scheme
+from ptqkit.spec import QuantSpec
+
+# Tolerances (bf16 activations, fp32 accumulation, bf16 output):
+# vs a float64 reference that uses the same bf16-rounded x, scales and zeros: the only errors left are
+# fp32 accumulation and the final bf16 rounding of y (relative 2^-9 = 0.2% of |y|), so 1% of max |y|.
+# vs the simulated fp32 QuantLinear: x is also rounded to bf16 (2^-9 relative per element, random-walk
+# over K terms) and so are the scales. Measured here: every comparison below <= 0.53% of max |y|.
+REF_TOL = 0.01
+SIM_TOL = 0.02
+
+
+def _linear(k: int, n: int, seed: int = 0, bias: bool = True) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(k, n, bias=bias)).eval()
+
+
+def _quantize(model: nn.Module, weights: QuantSpec) -> nn.Module:
+    return pq.quantize(model, Recipe(scheme=Scheme(weights=weights)), progress=False)
+
+
+def _ref_bf16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """float64 x_bf16 · wᵀ + b_bf16 with w given in float64."""
+    y = x.to(torch.bfloat16).double() @ w.t()
+    if bias is not None:
+        y = y + bias.to(torch.bfloat16).double()
+    return y
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+
+
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("k,n", [(64, 48), (576, 192), (40, 5)])
+def test_int8_packed_matches_reference_and_simulation(k: int, n: int) -> None:
+    qmodel = _quantize(_linear(k, n), QuantSpec(qtype="int8", granularity=PerChannel(0), symmetric=True))
+    sim: QuantLinear = qmodel[0]
+    packed = pack(qmodel)
+    assert isinstance(packed[0], Int8WeightOnlyLinear)
+    x = torch.randn(3, 7, k)
+    y = packed(x)
+    assert y.shape == (3, 7, n) and y.dtype == torch.float32
+    w = sim.weight_codes.double() * sim.weight_scale.to(torch.bfloat16).double()[:, None]  # bf16 scales
+    assert _rel(y, _ref_bf16(x, w, sim.bias)) < REF_TOL
+    assert _rel(y, sim(x)) < SIM_TOL
+
+
+@pytest.mark.parametrize("group,k,n,qtype,symmetric", [
+    (32, 64, 32, "int4", True),
+    (64, 576, 192, "int4", True),
+    (128, 256, 48, "uint4", False),
+    (256, 512, 16, "int4", False),
+])
+def test_int4_packed_matches_reference_and_simulation(group: int, k: int, n: int, qtype: str, symmetric: bool) -> None:
+    spec = QuantSpec(qtype=qtype, granularity=PerGroup(group), symmetric=symmetric)
+    qmodel = _quantize(_linear(k, n, seed=group), spec)
+    sim: QuantLinear = qmodel[0]
+    packed = pack(qmodel)
+    assert isinstance(packed[0], Int4WeightOnlyLinear)
+    x = torch.randn(5, k)
+    y = packed(x)
+    # Independent reference in the kernel's own convention: q in [0, 15], w = (q - 8)·s + z, with s and z
+    # rounded to bf16 as the kernel holds them.
+    q = sim.weight_codes.double() - sim.weight_spec.qtype.qmin
+    s = sim.weight_scale.double()
+    z = (sim.weight_spec.qtype.qmin + 8 - sim.weight_zero_point.double()) * s
+    s16 = s.to(torch.bfloat16).double().repeat_interleave(group, dim=1)  # [N, K]
+    z16 = z.to(torch.bfloat16).double().repeat_interleave(group, dim=1)
+    w = (q - 8) * s16 + z16
+    assert _rel(y, _ref_bf16(x, w, sim.bias)) < REF_TOL
+    assert _rel(y, sim(x)) < SIM_TOL
+    # the dequantized weight agrees with ptqkit's exactly before bf16 rounding
+    w64 = (q - 8) * s.repeat_interleave(group, 1) + z.repeat_interleave(group, 1)
+    torch.testing.assert_close(w64, sim.weight.double(), rtol=0, atol=1e-6)
+
+
+def test_unsupported_layers_stay_simulated_and_are_reported(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(576, 64), nn.ReLU(), nn.Linear(64, 40), nn.ReLU(), nn.Linear(40, 32)).eval()
+    spec = QuantSpec(qtype="int4", granularity=PerGroup(128), symmetric=True)
+    qmodel = _quantize(model, spec)
+    with caplog.at_level(logging.WARNING, logger="ptqkit.pack"):
+        packed = pack(qmodel)
+    report = packed.ptqkit_pack_report
+    kernels = {layer.name: layer.kernel for layer in report.layers}
+    assert kernels == {"0": "simulated", "2": "simulated", "4": "simulated"}
+    reasons = {layer.name: layer.reason for layer in report.simulated}
+    assert "in_features=576 is not a multiple of the group size 128 (4.5 groups)" in reasons["0"]
+    assert "in_features=64 is not a multiple of the group size 128" in reasons["2"]
+    assert "576" in caplog.text and "stays on the simulated path" in caplog.text
+    assert isinstance(packed[0], QuantLinear)
+    x = torch.randn(2, 576)
+    torch.testing.assert_close(packed(x), qmodel(x), rtol=0, atol=0)  # the simulated path is unchanged
+    with pytest.raises(ConfigError, match=r"strict=True.*3 layer\(s\).*0: in_features=576"):
+        pack(qmodel, strict=True)
+
+
+def test_mixed_model_reports_every_layer() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 48), nn.Linear(48, 16), nn.Linear(16, 8)).eval()
+    recipe = Recipe(
+        scheme=Scheme(weights=QuantSpec(qtype="int8", granularity=PerChannel(0))),
+        ignore=("3",),
+        overrides=(
+            pq.recipe.Override(match=("1",), scheme=Scheme(weights=QuantSpec(qtype="int4", granularity=PerGroup(32)))),
+            pq.recipe.Override(match=("2",), scheme=Scheme(weights=QuantSpec(qtype="int8", granularity=PerChannel(0), symmetric=False))),
+        ),
+    )
+    qmodel = pq.quantize(model, recipe, progress=False)
+    packed = pack(qmodel, float_linear_dtype=torch.bfloat16)
+    by_name = {l.name: l for l in packed.ptqkit_pack_report.layers}
+    assert by_name["0"].kernel == "int8_weight_only"
+    assert by_name["1"].kernel == "int4_grouped"
+    assert by_name["2"].kernel == "simulated" and "asymmetric" in by_name["2"].reason
+    assert by_name["3"].kernel == "float_linear" and isinstance(packed[3], CastLinear)
+    x = torch.randn(4, 64)
+    assert _rel(packed(x), qmodel(x)) < SIM_TOL
+
+
+def test_refusals_name_the_constraint() -> None:
+    def ql(k: int, n: int, weights: QuantSpec, inputs: bool = False) -> QuantLinear:
+        recipe = Recipe(scheme=Scheme(weights=weights, inputs=QuantSpec(qtype="uint8", granularity=pq.PerToken(), symmetric=False, dynamic=True) if inputs else None))
+        return pq.quantize(_linear(k, n), recipe, progress=False)[0]
+
+    int8 = QuantSpec(qtype="int8", granularity=PerChannel(0))
+    assert int8_refusal(ql(64, 16, int8)) is None
+    assert "not a multiple of 8" in int8_refusal(ql(36, 16, int8))
+    assert "not weight-only" in int8_refusal(ql(64, 16, int8, inputs=True))
+    assert "per-channel (axis 0)" in int8_refusal(ql(64, 16, QuantSpec(qtype="int8", granularity=PerGroup(32))))
+    assert "signed 8-bit" in int8_refusal(ql(64, 16, QuantSpec(qtype="uint8", granularity=PerChannel(0))))
+    int4 = QuantSpec(qtype="int4", granularity=PerGroup(32))
+    assert int4_refusal(ql(64, 16, int4)) is None
+    assert "multiple of 16" in int4_refusal(ql(64, 24, int4))
+    assert "group size 16" in int4_refusal(ql(64, 16, QuantSpec(qtype="int4", granularity=PerGroup(16))))
+    assert "per_group" in int4_refusal(ql(64, 16, QuantSpec(qtype="int4", granularity=PerChannel(0))))
+    assert "fp8_e4m3" in int4_refusal(ql(64, 16, QuantSpec(qtype="fp8_e4m3", granularity=PerChannel(0))))
+
+
+def test_pack_errors() -> None:
+    qmodel = _quantize(_linear(64, 16), QuantSpec(qtype="int8", granularity=PerChannel(0)))
+    with pytest.raises(ConfigError, match=r"backend 'onnx' is unknown; valid: torch"):
+        pack(qmodel, backend="onnx")
+    with pytest.raises(ConfigError, match=r"activation_dtype=torch.int8 is not supported"):
+        pack(qmodel, activation_dtype=torch.int8)
+    with pytest.raises(ConfigError, match=r"Sequential has no ptqkit quantized modules"):
+        pack(_linear(64, 16))
+
+
+def test_pack_returns_a_copy_and_fp32_activations_work() -> None:
+    qmodel = _quantize(_linear(64, 32), QuantSpec(qtype="int4", granularity=PerGroup(32)))
+    packed = pack(qmodel, activation_dtype=torch.float32)
+    assert isinstance(qmodel[0], QuantLinear)
+    x = torch.randn(3, 64)
+    assert _rel(packed(x), qmodel(x)) < 1e-3  # fp32 activations and scales: only accumulation order differs
