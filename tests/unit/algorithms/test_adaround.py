@@ -157,17 +157,18 @@ def test_mobilenet_v2_conv_at_4_bits():
     with torch.no_grad():
         model(x)
     handle.remove()
-    inputs = cached[0]  # [12, 24, 56, 56]
+    # a 1x1 conv sees each position independently: split the maps into 28x28 quadrants
+    inputs = cached[0].unfold(2, 28, 28).unfold(3, 28, 28).permute(0, 2, 3, 1, 4, 5).reshape(-1, 24, 28, 28)  # [48, 24, 28, 28]
     qp = qparams_from_tensor(layer.weight, _SPEC)
     result = adaround_weight(
         layer.weight.detach(),
         inputs,
         qp,
-        AdaRoundConfig(iterations=300, batch_size=4),
+        AdaRoundConfig(iterations=300, batch_size=8),
         bias=layer.bias.detach(),
         conv=ConvGeometry(),
         activation="relu6",
     )
     _check_codes(result, layer.weight.detach())
     ratio = result.details["loss_adaround"] / result.details["loss_nearest"]
-    assert ratio < 0.8, result.details  # measured: see the final report / commit message
+    assert ratio < 0.8, result.details  # measured 0.52 (flipped 11.6% of the codes vs nearest)
