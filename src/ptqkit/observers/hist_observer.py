@@ -30,18 +30,18 @@ class HistogramObserver(Observer):
 
     def _observe(self, x: torch.Tensor) -> None:
         rows = self._rows_of(x)
-        if self.num_batches == 0:
-            self._hist = PowerOfTwoHistogram(rows.shape[0], self._bins(rows.shape[0]))
-            self._row_min = rows.amin(dim=1).to(torch.float64)
-            self._row_max = rows.amax(dim=1).to(torch.float64)
-        elif rows.shape[0] != self._hist.rows:
+        if self.num_batches > 0 and rows.shape[0] != self._hist.rows:
             raise ConfigError(
                 f"observer {self.name!r}: batch has {rows.shape[0]} channels but earlier batches had {self._hist.rows}"
             )
+        lo, hi = rows.amin(dim=1), rows.amax(dim=1)  # [rows]
+        if self.num_batches == 0:
+            self._hist = PowerOfTwoHistogram(rows.shape[0], self._bins(rows.shape[0]))
+            self._row_min, self._row_max = lo.to(torch.float64), hi.to(torch.float64)
         else:
-            self._row_min = torch.minimum(self._row_min, rows.amin(dim=1).to(torch.float64))
-            self._row_max = torch.maximum(self._row_max, rows.amax(dim=1).to(torch.float64))
-        self._hist.add(rows)
+            self._row_min = torch.minimum(self._row_min, lo.to(torch.float64))
+            self._row_max = torch.maximum(self._row_max, hi.to(torch.float64))
+        self._hist.add(rows, absmax=torch.maximum(hi, -lo))
 
     def _shape_param(self, values: torch.Tensor) -> torch.Tensor:
         """[rows] -> the granularity's parameter shape ([] per tensor, [C] per channel)."""

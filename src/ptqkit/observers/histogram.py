@@ -13,6 +13,8 @@ import torch
 
 __all__ = ["PowerOfTwoHistogram"]
 
+_CHUNK = 1 << 20  # values binned per step (bounds the float64/int64 temporaries to ~8 MB each)
+_ONE = torch.ones(1, dtype=torch.float64)
 _MIN_EXPONENT = -40  # R never goes below 2^-40 (an all-zero input still gets a valid range)
 
 
@@ -84,15 +86,22 @@ class PowerOfTwoHistogram:
         out[:, start : start + two_b // factor] = grouped
         return out
 
-    def add(self, values: torch.Tensor) -> None:
-        """Add values laid out as [rows, n]."""
-        values = values.to(torch.float64)
-        self.grow_to(_exponent_for(values.abs().amax(dim=1)))
+    def add(self, values: torch.Tensor, absmax: torch.Tensor | None = None) -> None:
+        """Add values laid out as [rows, n] (`absmax`: their per-row max |x|, if already known).
+
+        Columns go in chunks of about _CHUNK elements, so temporaries stay bounded (a few MB)
+        whatever the batch size; binning is exact, so chunking does not change the counts."""
+        if absmax is None:
+            absmax = torch.maximum(values.amax(dim=1), -values.amin(dim=1))  # [rows], no |x| copy
+        self.grow_to(_exponent_for(absmax))
         width = self.bin_width.unsqueeze(1)  # [rows, 1], a power of two: x / width is exact
-        idx = torch.floor(values / width).to(torch.int64) + self.bins_per_side
-        idx = idx.clamp(0, 2 * self.bins_per_side - 1)
-        flat = idx + torch.arange(self.rows).unsqueeze(1) * (2 * self.bins_per_side)  # [rows, n]
-        self.counts.view(-1).index_add_(0, flat.reshape(-1), torch.ones(flat.numel(), dtype=torch.float64))
+        offsets = torch.arange(self.rows).unsqueeze(1) * (2 * self.bins_per_side)  # [rows, 1]
+        flat_counts = self.counts.view(-1)  # [rows * 2B]
+        step = max(1, _CHUNK // max(1, self.rows))
+        for chunk in values.split(step, dim=1):  # [rows, <= step]
+            idx = torch.floor(chunk.to(torch.float64) / width).to(torch.int64) + self.bins_per_side
+            idx = idx.clamp_(0, 2 * self.bins_per_side - 1).add_(offsets).reshape(-1)  # [rows * step]
+            flat_counts.index_add_(0, idx, _ONE.expand(idx.numel()))
 
     def merge_(self, other: "PowerOfTwoHistogram") -> None:
         if other.counts.shape != self.counts.shape:
