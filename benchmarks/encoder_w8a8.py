@@ -189,7 +189,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         for name in args.models:
             rows += run_model(name, args, Path(work))
-    for name in args.models:
+            write_results(rows, args)  # after each model: a long run that is stopped keeps what it measured
+
+
+def write_results(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """Add speed-ups, print the table, write the JSON."""
+    for name in {r["model"] for r in rows}:
         base = next(r["latency_ms"] for r in rows if r["model"] == name and r["variant"] == "torch FP32")
         for r in rows:
             if r["model"] == name and "latency_ms" in r:
