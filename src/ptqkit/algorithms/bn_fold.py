@@ -143,6 +143,10 @@ def fold_batchnorm_(model: nn.Module, pairs: list[FoldedPair] | None = None) -> 
 
     The model must be in eval mode (folding uses the running statistics)."""
     pairs = find_fold_pairs(model) if pairs is None else list(pairs)
+    bns = [p.bn for p in pairs]
+    if len(set(bns)) != len(bns):
+        twice = sorted({b for b in bns if bns.count(b) > 1})
+        raise ConfigError(f"fold pairs name the BatchNorm(s) {twice} more than once; each BN folds into one layer")
     for pair in pairs:
         try:
             layer, bn = model.get_submodule(pair.layer), model.get_submodule(pair.bn)

@@ -40,6 +40,7 @@ __all__ = [
     "EqualizationResult",
     "RELU6_MODES",
     "equalization_scales",
+    "input_channel_ranges",
     "apply_equalization",
     "equalize_",
 ]

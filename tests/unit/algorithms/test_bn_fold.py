@@ -145,6 +145,8 @@ def test_fold_errors():
             nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False)).eval(),
             [FoldedPair(layer="0", bn="1")],
         )
+    with pytest.raises(ConfigError, match=r"BatchNorm\(s\) \['1'\] more than once"):
+        fold_batchnorm_(model, [FoldedPair(layer="0", bn="1"), FoldedPair(layer="0", bn="1")])
     with pytest.raises(ConfigError, match="fold pair .*'missing'"):
         fold_batchnorm_(model, [FoldedPair(layer="0", bn="missing")])
 
