@@ -1,0 +1,309 @@
+"""Save a quantized model as a ptqkit artifact: safetensors + JSON, written atomically.
+
+An artifact is a directory holding
+
+- `model.safetensors`: every tensor of the model's state dict. Integer weight codes are stored at
+  their width: 8-bit codes as int8/uint8 (`<layer>.weight_codes`), 4-/2-bit codes packed along
+  the last axis with `ptqkit.primitives.pack_lowbit` (`<layer>.weight_packed`, uint8, low bits
+  first), fp8 codes as float8. Scales and zero points are tensors; everything else keeps its float
+  dtype. Tensors that share storage (tied embeddings) are stored once and listed as aliases.
+- `quantization.json`: format version, the recipe, the plan (per-layer weight/input specs),
+  activation QParams (also stored as tensors; the loader checks that both agree), the calibration
+  description + fingerprint, ptqkit/torch/safetensors versions, optional metrics, and the SHA-256
+  of `model.safetensors`.
+- `config.json` (Hugging Face models only): the model's config with a `quantization_config` laid out
+  as compressed-tensors does (`config_groups` of `weights`/`input_activations` QuantizationArgs,
+  `ignore`, `format`, `quantization_status`). Its `quant_method` is "ptqkit", not
+  "compressed-tensors", because the tensor layout differs (codes as int8, not int32-packed).
+
+Writes go to a temporary directory next to `out_dir`, which is renamed into place at the end, so a
+process killed while saving leaves the previous artifact or none, never a half-written one. Files
+in an existing `out_dir` that are not part of the artifact (e.g. an ONNX export) are carried over.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ptqkit.errors import ArtifactError
+from ptqkit.nn.modules import QuantConv, QuantEmbedding, QuantizedModule, QuantLinear
+from ptqkit.primitives import pack_lowbit
+from ptqkit.spec import QuantSpec
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MODEL_FILE",
+    "QUANT_FILE",
+    "CONFIG_FILE",
+    "ARTIFACT_FILES",
+    "save_artifact",
+    "file_sha256",
+    "codes_storage",
+    "compressed_tensors_config",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "ptqkit-artifact"
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+QUANT_FILE = "quantization.json"
+CONFIG_FILE = "config.json"
+ARTIFACT_FILES = (MODEL_FILE, QUANT_FILE, CONFIG_FILE)
+_PACKABLE_BITS = (1, 2, 4)
+
+
+def codes_storage(spec: QuantSpec) -> str:
+    """How a layer's codes are stored: "packed" (1/2/4-bit, two or more per byte) or "raw"."""
+    qtype = spec.qtype
+    if qtype.storage_dtype.is_floating_point or qtype.bits not in _PACKABLE_BITS:
+        return "raw"
+    return "packed"
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 8 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(8 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _module_record(name: str, module: nn.Module, layer: Any) -> dict[str, Any]:
+    """The JSON record of one quantized (or input-only) module."""
+    from ptqkit.quantize import _InputOnly
+
+    record: dict[str, Any] = {"name": name, "plan_type": layer.module_type, "reason": layer.reason}
+    quantizer = module.input_quantizer
+    record["inputs"] = None if quantizer is None else quantizer.spec.to_dict()
+    qparams = None if quantizer is None else quantizer.qparams
+    record["input_qparams"] = None if qparams is None else {
+        "scale": qparams.scale.tolist(),
+        "zero_point": qparams.zero_point.tolist(),
+    }
+    if isinstance(module, _InputOnly):
+        record.update(module="InputOnly", weights=None)
+        return record
+    assert isinstance(module, QuantizedModule), type(module)
+    storage = codes_storage(module.weight_spec)
+    record.update(
+        module=type(module).__name__,
+        float_type=module.float_type,
+        weights=module.weight_spec.to_dict(),
+        weight_shape=list(module.weight_codes.shape),
+        weight_dtype=str(module.weight.dtype).removeprefix("torch."),
+        codes_storage=storage,
+        codes_tensor=f"{name}.weight_packed" if storage == "packed" else f"{name}.weight_codes",
+    )
+    if isinstance(module, QuantConv):
+        record["conv_args"] = {k: list(v) if isinstance(v, tuple) else v for k, v in module.conv_args.items()}
+    return record
+
+
+def _collect(qmodel: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str], list[dict[str, Any]]]:
+    """(tensors to write, aliases name -> stored name, per-layer records) of a quantized model."""
+    from ptqkit.quantize import _InputOnly
+
+    info = qmodel.ptqkit_info
+    layers = {layer.name: layer for layer in info.plan.layers}
+    records = []
+    packed_codes: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        try:
+            module = qmodel.get_submodule(name)
+        except AttributeError:
+            raise ArtifactError(f"save_artifact: planned layer {name!r} is missing from the model") from None
+        if not isinstance(module, (QuantizedModule, _InputOnly)):
+            raise ArtifactError(
+                f"save_artifact: layer {name!r} is a {type(module).__name__}, not a ptqkit quantized module; "
+                "save the model returned by ptqkit.quantize (packed models from ptqkit.pack cannot be saved: "
+                "save before packing, pack after loading)"
+            )
+        record = _module_record(name, module, layer)
+        records.append(record)
+        if record.get("codes_storage") == "packed":
+            # [..., K] codes -> [..., ceil(K * bits / 8)] bytes along the last axis
+            packed_codes[f"{name}.weight_codes"] = pack_lowbit(module.weight_codes, module.weight_spec.qtype.bits)
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[Any, ...], str] = {}
+    for key, value in qmodel.state_dict().items():
+        if key in packed_codes:
+            tensors[key.removesuffix("weight_codes") + "weight_packed"] = packed_codes[key].contiguous()
+            continue
+        identity = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), tuple(value.stride()), value.dtype)
+        if value.numel() and identity in seen:
+            aliases[key] = seen[identity]
+            continue
+        seen[identity] = key
+        tensors[key] = value.detach().clone().contiguous()  # own storage: safetensors refuses shared views
+    return tensors, aliases, records
+
+
+def _versions() -> dict[str, str]:
+    import safetensors
+
+    import ptqkit
+
+    return {"ptqkit": ptqkit.__version__, "torch": torch.__version__, "safetensors": safetensors.__version__}
+
+
+def _strategy(spec: QuantSpec) -> dict[str, Any]:
+    g = spec.granularity
+    strategy = {"per_tensor": "tensor", "per_channel": "channel", "per_group": "group", "per_token": "token"}[g.kind]
+    return {
+        "num_bits": spec.qtype.bits,
+        "type": "int" if spec.qtype.is_integer else "float",
+        "ptqkit_qtype": spec.qtype.name,
+        "symmetric": spec.symmetric,
+        "strategy": strategy,
+        "group_size": getattr(g, "size", None),
+        "dynamic": spec.dynamic,
+        "observer": spec.observer,
+        "actorder": None,
+    }
+
+
+def compressed_tensors_config(records: list[dict[str, Any]], skipped: list[Any]) -> dict[str, Any]:
+    """A `quantization_config` following compressed-tensors' layout (config groups of modules
+    sharing one weight/input scheme, targets by module name)."""
+    groups: dict[str, dict[str, Any]] = {}
+    for record in records:
+        weights = None if record["weights"] is None else _strategy(QuantSpec.from_dict(record["weights"]))
+        inputs = None if record["inputs"] is None else _strategy(QuantSpec.from_dict(record["inputs"]))
+        key = json.dumps([weights, inputs], sort_keys=True)
+        group = groups.setdefault(key, {"targets": [], "weights": weights, "input_activations": inputs, "output_activations": None})
+        group["targets"].append(record["name"])
+    return {
+        "quant_method": "ptqkit",
+        "format": f"{FORMAT_NAME}-v{FORMAT_VERSION}",
+        "quantization_status": "compressed",
+        "config_groups": {f"group_{i}": group for i, group in enumerate(groups.values())},
+        "ignore": [entry[0] for entry in skipped],
+        "kv_cache_scheme": None,
+    }
+
+
+def _hf_config(qmodel: nn.Module) -> dict[str, Any] | None:
+    config = getattr(qmodel, "config", None)
+    if config is None or not hasattr(config, "to_dict") or not hasattr(config, "model_type"):
+        return None
+    return config.to_dict()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_artifact(qmodel: nn.Module, out_dir: str | Path, *, metrics: Mapping[str, Any] | None = None) -> Path:
+    """Write `qmodel` (returned by `ptqkit.quantize`) as a ptqkit artifact in `out_dir`.
+
+    The write is atomic (temporary directory + rename); an existing artifact in `out_dir` is
+    replaced, other files there are kept. `metrics` (JSON-able) is stored in quantization.json.
+    Saving the same quantized model twice gives byte-identical `model.safetensors`.
+    Raises ArtifactError if `qmodel` is not a ptqkit-quantized model.
+    """
+    from safetensors.torch import save_file
+
+    info = getattr(qmodel, "ptqkit_info", None)
+    if info is None:
+        raise ArtifactError(
+            f"save_artifact: {type(qmodel).__name__} has no ptqkit_info; pass the model returned by ptqkit.quantize(...)"
+        )
+    out_dir = Path(out_dir)
+    tensors, aliases, records = _collect(qmodel)
+    float_dtypes = {str(p.dtype).removeprefix("torch.") for p in qmodel.parameters() if p.is_floating_point()}
+    config = _hf_config(qmodel)
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "versions": _versions(),
+        "model": {
+            "class": type(qmodel).__name__,
+            "hf": config is not None,
+            "dtype": sorted(float_dtypes)[0] if len(float_dtypes) == 1 else None,
+            "attn_implementation": getattr(getattr(qmodel, "config", None), "_attn_implementation", None),
+        },
+        "recipe": info.recipe.to_dict(),
+        "calibration": dict(info.calibration),
+        "layers": records,
+        "skipped": [list(entry) for entry in info.plan.skipped],
+        "aliases": aliases,
+        "metrics": dict(metrics) if metrics is not None else None,
+    }
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        model_path = tmp / MODEL_FILE
+        save_file(tensors, str(model_path), metadata={"format": "pt", "ptqkit_format_version": str(FORMAT_VERSION)})
+        _fsync(model_path)
+        manifest["model_sha256"] = file_sha256(model_path)
+        _write_json(tmp / QUANT_FILE, manifest)
+        if config is not None:
+            config["quantization_config"] = compressed_tensors_config(records, manifest["skipped"])
+            _write_json(tmp / CONFIG_FILE, config)
+        _carry_foreign_files(out_dir, tmp)
+        _fsync(tmp)
+        _swap_in(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("saved ptqkit artifact to %s (%d tensors, %d quantized layers)", out_dir, len(tensors), len(records))
+    return out_dir
+
+
+def _carry_foreign_files(out_dir: Path, tmp: Path) -> None:
+    """Hard-link (or copy) files of an existing `out_dir` that are not artifact files into `tmp`."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ArtifactError(f"save_artifact: {out_dir} exists and is not a directory; choose another out_dir")
+    for entry in out_dir.iterdir():
+        if entry.name in ARTIFACT_FILES:
+            continue
+        target = tmp / entry.name
+        if entry.is_dir():
+            shutil.copytree(entry, target, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, target)
+
+
+def _link_or_copy(src: str | Path, dst: str | Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _swap_in(tmp: Path, out_dir: Path) -> None:
+    """Rename `tmp` to `out_dir`; an existing `out_dir` is moved aside first and removed after."""
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.rename(out_dir, old / "previous")
+    os.rename(tmp, out_dir)
+    _fsync(out_dir.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

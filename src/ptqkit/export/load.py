@@ -1,0 +1,302 @@
+"""Load a ptqkit artifact (see `ptqkit.export.artifact`) back into quantized modules.
+
+Only safetensors and JSON are read: no pickle anywhere on this path. Everything read is checked
+before it is used: the format version, the SHA-256 of `model.safetensors`, every tensor's presence,
+dtype and shape against the model skeleton and the recorded specs, code ranges, and the activation
+QParams stored both as tensors and in JSON. Any failure raises ArtifactError naming the file and
+the tensor or key.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ptqkit.errors import ArtifactError, PTQError
+from ptqkit.export.artifact import CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, MODEL_FILE, QUANT_FILE, file_sha256
+from ptqkit.nn.act_quant import InputQuantizer
+from ptqkit.nn.modules import QuantConv, QuantEmbedding, QuantLinear
+from ptqkit.primitives import unpack_lowbit
+from ptqkit.spec import QParams, QuantSpec
+
+__all__ = ["load_artifact", "read_manifest"]
+
+logger = logging.getLogger(__name__)
+
+_REQUIRED_KEYS = ("format", "format_version", "recipe", "layers", "skipped", "aliases", "model_sha256", "model")
+_LAYER_KEYS = ("name", "module", "plan_type", "reason", "weights", "inputs", "input_qparams")
+_BUILT_SUFFIXES = ("weight_codes", "weight_scale", "weight_zero_point", "input_quantizer.scale", "input_quantizer.zero_point")
+_QUANT_MODULES = {"QuantLinear", "QuantConv", "QuantEmbedding", "InputOnly"}
+
+
+def read_manifest(out_dir: str | Path) -> dict[str, Any]:
+    """The parsed and validated `quantization.json` of an artifact."""
+    path = Path(out_dir) / QUANT_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing; {Path(out_dir)} is not a ptqkit artifact (expected {QUANT_FILE} and {MODEL_FILE})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc}); the artifact is corrupted") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
+    missing = [key for key in _REQUIRED_KEYS if key not in data]
+    if missing:
+        raise ArtifactError(f"{path}: missing key(s) {missing}; required: {list(_REQUIRED_KEYS)}")
+    if data["format"] != FORMAT_NAME:
+        raise ArtifactError(f"{path}: format {data['format']!r} is not {FORMAT_NAME!r}")
+    if data["format_version"] != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: format_version {data['format_version']!r} is not supported; this ptqkit reads version {FORMAT_VERSION}"
+        )
+    if not isinstance(data["layers"], list) or not isinstance(data["aliases"], dict) or not isinstance(data["skipped"], list):
+        raise ArtifactError(f"{path}: 'layers' and 'skipped' must be lists and 'aliases' an object")
+    for i, layer in enumerate(data["layers"]):
+        if not isinstance(layer, dict) or any(key not in layer for key in _LAYER_KEYS):
+            raise ArtifactError(f"{path}: layers[{i}] must be an object with keys {list(_LAYER_KEYS)}, got {layer!r:.200}")
+        if layer["module"] not in _QUANT_MODULES:
+            raise ArtifactError(f"{path}: layers[{i}].module {layer['module']!r} is unknown; valid: {sorted(_QUANT_MODULES)}")
+    return data
+
+
+def _read_tensors(path: Path, expected_sha: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing; the artifact is incomplete")
+    actual = file_sha256(path)
+    if actual != expected_sha:
+        raise ArtifactError(
+            f"{path}: SHA-256 {actual[:16]}... does not match {expected_sha!s:.16}... recorded in {QUANT_FILE}; "
+            "the file is truncated, corrupted or was modified"
+        )
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ArtifactError(f"{path}: cannot be read as safetensors ({exc})") from None
+
+
+def _take(tensors: dict[str, torch.Tensor], key: str, path: Path, dtype: torch.dtype | None, shape: tuple[int, ...] | None) -> torch.Tensor:
+    if key not in tensors:
+        raise ArtifactError(f"{path}: tensor {key!r} is missing")
+    value = tensors.pop(key)
+    if dtype is not None and value.dtype != dtype:
+        raise ArtifactError(f"{path}: tensor {key!r} has dtype {value.dtype}, expected {dtype}")
+    if shape is not None and tuple(value.shape) != tuple(shape):
+        raise ArtifactError(f"{path}: tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")
+    return value
+
+
+def _spec(data: Any, where: str) -> QuantSpec:
+    try:
+        return QuantSpec.from_dict(data, where=where)
+    except PTQError as exc:
+        raise ArtifactError(f"{where}: {exc}") from None
+
+
+def _codes(layer: dict[str, Any], spec: QuantSpec, tensors: dict[str, torch.Tensor], path: Path) -> torch.Tensor:
+    name = layer["name"]
+    shape = tuple(int(v) for v in layer["weight_shape"])
+    qtype = spec.qtype
+    if layer.get("codes_storage") == "packed":
+        key = f"{name}.weight_packed"
+        per_byte = 8 // qtype.bits
+        packed_shape = (*shape[:-1], -(-shape[-1] // per_byte))
+        packed = _take(tensors, key, path, torch.uint8, packed_shape)
+        signed = qtype.is_integer and qtype.signed
+        codes = unpack_lowbit(packed, qtype.bits, shape[-1], signed=signed)  # [..., K]
+        codes = codes.to(qtype.storage_dtype)
+    else:
+        key = f"{name}.weight_codes"
+        codes = _take(tensors, key, path, qtype.storage_dtype, shape)
+    if qtype.is_integer and codes.numel() and (codes.min() < qtype.qmin or codes.max() > qtype.qmax):
+        raise ArtifactError(
+            f"{path}: tensor {key!r} holds codes in [{codes.min().item()}, {codes.max().item()}], outside "
+            f"{qtype.name}'s range [{qtype.qmin}, {qtype.qmax}]"
+        )
+    if not qtype.is_integer and not qtype.storage_dtype.is_floating_point and codes.numel() and codes.max() > 15:
+        raise ArtifactError(f"{path}: tensor {key!r} holds 4-bit codes above 15")
+    return codes
+
+
+def _qparams(prefix: str, spec: QuantSpec, shape: tuple[int, ...] | None, tensors: dict[str, torch.Tensor], path: Path) -> QParams:
+    param_shape = None if shape is None else spec.granularity.param_shape(torch.Size(shape))
+    scale = _take(tensors, f"{prefix}scale", path, torch.float32, param_shape)
+    zero_point = _take(tensors, f"{prefix}zero_point", path, torch.int32, param_shape)
+    try:
+        return QParams(scale, zero_point, spec.qtype, spec.granularity)
+    except PTQError as exc:
+        raise ArtifactError(f"{path}: tensors {prefix}scale / {prefix}zero_point are invalid: {exc}") from None
+
+
+def _input_quantizer(layer: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> InputQuantizer | None:
+    if layer["inputs"] is None:
+        return None
+    name = layer["name"]
+    spec = _spec(layer["inputs"], f"{path.parent / QUANT_FILE}: layers[{name!r}].inputs")
+    if spec.dynamic:
+        return InputQuantizer(spec)
+    qparams = _qparams(f"{name}.input_quantizer.", spec, None, tensors, path)
+    recorded = layer["input_qparams"]
+    if not isinstance(recorded, dict) or recorded.get("scale") != qparams.scale.tolist() or recorded.get("zero_point") != qparams.zero_point.tolist():
+        raise ArtifactError(
+            f"{path}: tensors {name}.input_quantizer.scale/zero_point {qparams.scale.tolist()}/{qparams.zero_point.tolist()} "
+            f"disagree with layers[{name!r}].input_qparams {recorded!r:.200} in {QUANT_FILE}"
+        )
+    return InputQuantizer(spec, qparams)
+
+
+def _skeleton_weight(module: nn.Module, layer: dict[str, Any], path: Path) -> torch.Tensor:
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise ArtifactError(f"{path}: layer {layer['name']!r}: the model skeleton's {type(module).__name__} has no weight")
+    if layer["plan_type"] == "Conv1D":
+        weight = weight.t()  # transformers' Conv1D keeps [in, out]
+    expected = tuple(int(v) for v in layer["weight_shape"])
+    if tuple(weight.shape) != expected:
+        raise ArtifactError(
+            f"{path}: layer {layer['name']!r}: weight shape {expected} does not fit the model skeleton's "
+            f"{type(module).__name__} of weight shape {tuple(weight.shape)}; is this the right model?"
+        )
+    return weight
+
+
+def _build(module: nn.Module, layer: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> nn.Module:
+    """The quantized replacement of one skeleton module, from the artifact's tensors."""
+    from ptqkit.quantize import _InputOnly
+
+    inputs = _input_quantizer(layer, tensors, path)
+    if layer["module"] == "InputOnly":
+        return _InputOnly(module, inputs)
+    name = layer["name"]
+    spec = _spec(layer["weights"], f"{path.parent / QUANT_FILE}: layers[{name!r}].weights")
+    weight = _skeleton_weight(module, layer, path)
+    codes = _codes(layer, spec, tensors, path)
+    qparams = _qparams(f"{name}.weight_", spec, tuple(codes.shape), tensors, path)
+    dtype_name = layer.get("weight_dtype", "float32")
+    dtype = getattr(torch, str(dtype_name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ArtifactError(f"{path.parent / QUANT_FILE}: layers[{name!r}].weight_dtype {dtype_name!r} is not a float dtype")
+    template = torch.empty(codes.shape, dtype=dtype)
+    try:
+        if layer["module"] == "QuantLinear":
+            return QuantLinear(template, getattr(module, "bias", None), qparams, spec, inputs, codes=codes)
+        if layer["module"] == "QuantEmbedding":
+            return QuantEmbedding(module, qparams, spec, codes=codes)
+        return QuantConv(module, qparams, spec, inputs, codes=codes)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ArtifactError(f"{path}: layer {name!r} cannot be rebuilt as {layer['module']} on {type(module).__name__}: {exc}") from None
+
+
+def _skeleton_from_config(directory: Path, manifest: dict[str, Any]) -> nn.Module:
+    """An HF model with random weights built from `directory/config.json` (nothing downloaded)."""
+    from ptqkit.models.hf import infer_task
+
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing; pass a model skeleton (an nn.Module) or a Hugging Face model directory")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ArtifactError(f"{path}: not a Hugging Face config (no 'model_type')")
+    config.pop("quantization_config", None)
+    import transformers
+
+    try:
+        hf_config = transformers.AutoConfig.for_model(**config)
+        task = infer_task(config, source=str(path))
+        auto = transformers.AutoModelForCausalLM if task == "causal_lm" else transformers.AutoModel
+        dtype = getattr(torch, str(manifest["model"].get("dtype") or "float32"))
+        hf_config._attn_implementation = manifest["model"].get("attn_implementation") or "eager"
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model = auto.from_config(hf_config)
+        finally:
+            torch.set_default_dtype(previous)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{path}: transformers cannot build a model from this config: {exc}") from None
+    return model.eval()
+
+
+def load_artifact(out_dir: str | Path, model_skeleton_or_hf_dir: nn.Module | str | Path | None = None) -> nn.Module:
+    """Load a ptqkit artifact into quantized modules.
+
+    `model_skeleton_or_hf_dir`: the float model the artifact was quantized from (any weights; it is
+    filled in place and returned), or a local Hugging Face directory whose `config.json` builds it,
+    or None to use the artifact's own `config.json`. The result has the same QuantLinear/QuantConv/
+    QuantEmbedding modules with bit-identical codes and QParams, and `ptqkit_info` restored.
+    """
+    from ptqkit.quantize import QuantizationInfo, _set_submodule
+    from ptqkit.recipe import Recipe
+    from ptqkit.targets import LayerPlan, Plan
+
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    quant_path = out_dir / QUANT_FILE
+    path = out_dir / MODEL_FILE
+    tensors = _read_tensors(path, str(manifest["model_sha256"]))
+    if isinstance(model_skeleton_or_hf_dir, nn.Module):
+        model = model_skeleton_or_hf_dir
+    else:
+        model = _skeleton_from_config(Path(model_skeleton_or_hf_dir or out_dir), manifest)
+    try:
+        recipe = Recipe.from_dict(manifest["recipe"])
+    except PTQError as exc:
+        raise ArtifactError(f"{quant_path}: recipe is invalid: {exc}") from None
+    plans = []
+    replacements = {}
+    for layer in manifest["layers"]:
+        name = layer["name"]
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ArtifactError(f"{quant_path}: layer {name!r} does not exist in the model skeleton {type(model).__name__}") from None
+        replacements[name] = _build(module, layer, tensors, path)
+        weights = None if layer["weights"] is None else _spec(layer["weights"], f"{quant_path}: layers[{name!r}].weights")
+        inputs = None if layer["inputs"] is None else _spec(layer["inputs"], f"{quant_path}: layers[{name!r}].inputs")
+        plans.append(LayerPlan(name=name, module_type=layer["plan_type"], weights=weights, inputs=inputs, reason=layer["reason"]))
+    for name, module in replacements.items():
+        _set_submodule(model, name, module)
+    built = {f"{name}.{suffix}" for name in replacements for suffix in _BUILT_SUFFIXES}
+    _load_rest(model, tensors, manifest["aliases"], path, built)
+    model.ptqkit_info = QuantizationInfo(
+        recipe=recipe,
+        plan=Plan(layers=tuple(plans), skipped=tuple(tuple(s) for s in manifest["skipped"])),
+        calibration=dict(manifest.get("calibration") or {}),
+    )
+    logger.info("loaded ptqkit artifact %s (%d quantized layers)", out_dir, len(plans))
+    return model.eval()
+
+
+def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, Any], path: Path, built: set[str]) -> None:
+    """Fill every remaining state-dict entry of `model` from `tensors`, checking names, dtypes, shapes.
+    `built`: entries of the quantized modules, already read and checked."""
+    state = model.state_dict()
+    loaded: dict[str, torch.Tensor] = {}
+    for key, current in state.items():
+        if key in built:
+            loaded[key] = current  # already built from the artifact and checked
+            continue
+        source = aliases.get(key, key)
+        value = tensors.get(source)
+        if value is None:
+            raise ArtifactError(f"{path}: tensor {source!r} (model entry {key!r}) is missing")
+        if value.dtype != current.dtype or value.shape != current.shape:
+            raise ArtifactError(
+                f"{path}: tensor {source!r} has dtype {value.dtype} shape {tuple(value.shape)}; the model skeleton's "
+                f"{key!r} is {current.dtype} {tuple(current.shape)}"
+            )
+        loaded[key] = value
+    used = {aliases.get(key, key) for key in loaded}
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise ArtifactError(f"{path}: tensor(s) {extra[:5]} are not part of the model skeleton {type(model).__name__}")
+    model.load_state_dict(loaded, strict=True)
