@@ -5,6 +5,7 @@ compared within one bin of the coarser of the two histograms. ORT's symmetric pe
 the lower edge of the bin where the CDF reaches p, ptqkit the upper edge (never clipping the
 percentile itself): one more bin of tolerance there.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -40,7 +41,7 @@ class _Reader(ort_quant.CalibrationDataReader):
     def __init__(self, batches: list[np.ndarray]) -> None:
         self._it = iter([{"x": b} for b in batches])
 
-    def get_next(self):  # noqa: ANN201
+    def get_next(self):
         return next(self._it, None)
 
 
@@ -51,7 +52,9 @@ def _batches(seed: int) -> list[np.ndarray]:
     return [b.numpy().astype(np.float32) for b in data]
 
 
-def _ort_range(tmp_path: Path, method: str, batches: list[np.ndarray], **extra) -> tuple[float, float, float]:
+def _ort_range(
+    tmp_path: Path, method: str, batches: list[np.ndarray], **extra
+) -> tuple[float, float, float]:
     model = _identity_model(tmp_path / "m.onnx", list(batches[0].shape))
     calibrator = ort_quant.create_calibrator(
         model,
@@ -71,8 +74,15 @@ def _ort_range(tmp_path: Path, method: str, batches: list[np.ndarray], **extra) 
     return float(lo), float(hi), width
 
 
-def _ours(observer: str, batches: list[np.ndarray], symmetric: bool, **options) -> tuple[float, float, float]:
-    spec = pq.QuantSpec(qtype="int8" if symmetric else "uint8", symmetric=symmetric, observer=observer, observer_options=options)
+def _ours(
+    observer: str, batches: list[np.ndarray], symmetric: bool, **options
+) -> tuple[float, float, float]:
+    spec = pq.QuantSpec(
+        qtype="int8" if symmetric else "uint8",
+        symmetric=symmetric,
+        observer=observer,
+        observer_options=options,
+    )
     obs = make_observer(spec)
     for b in batches:
         obs.update(torch.from_numpy(b))
@@ -90,10 +100,16 @@ def test_minmax_equals_onnx_runtime_exactly(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("percentile", [99.9, 99.99])
-def test_percentile_within_one_bin_of_onnx_runtime(tmp_path: Path, symmetric: bool, percentile: float) -> None:
+def test_percentile_within_one_bin_of_onnx_runtime(
+    tmp_path: Path, symmetric: bool, percentile: float
+) -> None:
     batches = _batches(1)
-    lo, hi, ort_width = _ort_range(tmp_path, "Percentile", batches, num_bins=2048, percentile=percentile, symmetric=symmetric)
-    o_lo, o_hi, our_width = _ours("percentile", batches, symmetric, percentile=percentile, bins=2048)
+    lo, hi, ort_width = _ort_range(
+        tmp_path, "Percentile", batches, num_bins=2048, percentile=percentile, symmetric=symmetric
+    )
+    o_lo, o_hi, our_width = _ours(
+        "percentile", batches, symmetric, percentile=percentile, bins=2048
+    )
     tol = 2 * max(ort_width, our_width) + 1e-6
     assert abs(o_lo - lo) <= tol and abs(o_hi - hi) <= tol, ((o_lo, o_hi), (lo, hi), tol)
 
@@ -107,7 +123,9 @@ def test_entropy_differs_from_onnx_runtime_as_documented(tmp_path: Path) -> None
     window, float Q). Measured here on Student-t(4) data with outliers: ORT 12.6-13.3, ptqkit
     8.1-8.7 (|x| max 25, 99.99th percentile 10.6-13.3)."""
     batches = _batches(2)
-    lo, hi, _ = _ort_range(tmp_path, "Entropy", batches, num_bins=1024, num_quantized_bins=256, symmetric=True)
+    lo, hi, _ = _ort_range(
+        tmp_path, "Entropy", batches, num_bins=1024, num_quantized_bins=256, symmetric=True
+    )
     o_lo, o_hi, _ = _ours("kl", batches, symmetric=True, bins=512)
     absolute = np.abs(np.stack(batches))
     assert o_lo == -o_hi and lo < 0 < hi

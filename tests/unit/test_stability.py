@@ -1,4 +1,5 @@
 """Range-stability tracking over observer histories."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,7 +13,16 @@ from ptqkit.observers import make_observer
 
 def test_classifies_stable_and_unstable_layers() -> None:
     histories = {
-        "settles": [(-1.0, 1.0), (-2.0, 2.0), (-2.0, 2.01), (-2.0, 2.01), (-2.0, 2.01), (-2.0, 2.01), (-2.0, 2.01), (-2.0, 2.01)],
+        "settles": [
+            (-1.0, 1.0),
+            (-2.0, 2.0),
+            (-2.0, 2.01),
+            (-2.0, 2.01),
+            (-2.0, 2.01),
+            (-2.0, 2.01),
+            (-2.0, 2.01),
+            (-2.0, 2.01),
+        ],
         "keeps_growing": [(-1.0, float(i)) for i in range(1, 9)],
         "constant": [(0.0, 1.0)] * 6,
         "too_short": [(0.0, 1.0)] * 3,

@@ -5,10 +5,12 @@ more than `rel_tol` of the range width, and at least `window` batches followed b
 last `window` batches still moved the range are unstable: give them more samples, or look at
 them first when accuracy drops (the seeds' advice: "detect when ranges stabilize").
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from itertools import pairwise
 
 from ptqkit.errors import ConfigError
 
@@ -33,7 +35,7 @@ class RangeStability:
 def relative_changes(history: Sequence[tuple[float, float]]) -> list[float]:
     """Per batch after the first: max(|Δmin|, |Δmax|) / (max - min) of the running range."""
     changes = []
-    for (lo0, hi0), (lo1, hi1) in zip(history, history[1:]):
+    for (lo0, hi0), (lo1, hi1) in pairwise(history):
         width = max(hi1 - lo1, 1e-30)
         changes.append(max(abs(lo1 - lo0), abs(hi1 - hi0)) / width)
     return changes

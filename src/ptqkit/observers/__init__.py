@@ -1,4 +1,5 @@
 """Observers: streaming statistics -> ranges -> QParams. One explicit registry dict."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -4,6 +4,7 @@ Every observer also records the running (min, max) it has seen after each batch 
 which range-stability tracking reads, and can be saved (`state`), restored (`from_state`) and
 merged (`merge_`) so statistics from several processes combine.
 """
+
 from __future__ import annotations
 
 import abc
@@ -17,7 +18,7 @@ from ptqkit.primitives import check_finite, qparams_from_range
 from ptqkit.qtypes import Granularity, PerChannel, PerTensor, PerToken
 from ptqkit.spec import QParams, QuantSpec
 
-__all__ = ["Observer", "parse_options", "STATE_VERSION"]
+__all__ = ["STATE_VERSION", "Observer", "parse_options"]
 
 STATE_VERSION = 1
 
@@ -27,8 +28,15 @@ def parse_options(options_type: type, raw: dict[str, Any], observer: str) -> Any
     valid = {f.name: f for f in fields(options_type)}
     unknown = sorted(set(raw) - set(valid))
     if unknown:
-        described = ", ".join(f"{n} (default {f.default!r})" for n, f in valid.items() if f.default is not MISSING) or "none"
-        raise ConfigError(f"observer {observer!r}: unknown option(s) {unknown}; valid options: {described}")
+        described = (
+            ", ".join(
+                f"{n} (default {f.default!r})" for n, f in valid.items() if f.default is not MISSING
+            )
+            or "none"
+        )
+        raise ConfigError(
+            f"observer {observer!r}: unknown option(s) {unknown}; valid options: {described}"
+        )
     return options_type(**raw)
 
 
@@ -77,9 +85,17 @@ class Observer(abc.ABC):
     def qparams(self) -> QParams:
         """Quantization parameters for the observed range under the observer's spec."""
         if not self._history:
-            raise ConfigError(f"observer {self.name!r} has seen no data; run calibration batches first")
+            raise ConfigError(
+                f"observer {self.name!r} has seen no data; run calibration batches first"
+            )
         lo, hi = self.compute_range()
-        return qparams_from_range(lo, hi, self.spec.qtype, symmetric=self.spec.symmetric, granularity=self.spec.granularity)
+        return qparams_from_range(
+            lo,
+            hi,
+            self.spec.qtype,
+            symmetric=self.spec.symmetric,
+            granularity=self.spec.granularity,
+        )
 
     # ---- bookkeeping ----------------------------------------------------------------------
     @property
@@ -96,7 +112,7 @@ class Observer(abc.ABC):
         return g.axis if isinstance(g, PerChannel) else None
 
     # ---- merge and state ------------------------------------------------------------------
-    def merge_(self, other: "Observer") -> None:
+    def merge_(self, other: Observer) -> None:
         """Fold `other`'s statistics into this observer (same result as one observer over both)."""
         if type(other) is not type(self) or other.spec != self.spec:
             raise ConfigError(
@@ -114,7 +130,7 @@ class Observer(abc.ABC):
         self._seen_max = max(base_max, other._seen_max)
 
     @abc.abstractmethod
-    def _merge_stats(self, other: "Observer") -> None: ...
+    def _merge_stats(self, other: Observer) -> None: ...
 
     @abc.abstractmethod
     def _stats(self) -> dict[str, torch.Tensor]: ...
@@ -134,7 +150,7 @@ class Observer(abc.ABC):
         return tensors, meta
 
     @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "Observer":
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Observer:
         if meta.get("state_version") != STATE_VERSION or meta.get("observer") != cls.name:
             raise ConfigError(
                 f"observer state is for {meta.get('observer')!r} version {meta.get('state_version')!r}; "

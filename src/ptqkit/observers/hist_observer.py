@@ -1,5 +1,6 @@
 """Shared base of the histogram observers (percentile, kl, mse): one batch-split-invariant
 PowerOfTwoHistogram row per tensor (or per channel), plus the exact per-row min and max."""
+
 from __future__ import annotations
 
 import torch
@@ -13,7 +14,9 @@ __all__ = ["HistogramObserver", "check_bins"]
 
 def check_bins(observer: str, bins: object) -> None:
     if not isinstance(bins, int) or isinstance(bins, bool) or bins < 8 or bins & (bins - 1):
-        raise ConfigError(f"observer {observer!r}: bins={bins!r} must be a power of two >= 8 (bins per sign)")
+        raise ConfigError(
+            f"observer {observer!r}: bins={bins!r} must be a power of two >= 8 (bins per sign)"
+        )
 
 
 class HistogramObserver(Observer):
@@ -48,7 +51,9 @@ class HistogramObserver(Observer):
         values = values.to(torch.float32)
         return values.reshape(()) if self._channel_axis() is None else values
 
-    def _clamp_to_seen(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _clamp_to_seen(
+        self, lo: torch.Tensor, hi: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Never report a range wider than what was observed."""
         lo = torch.maximum(lo, self._row_min)
         hi = torch.minimum(hi, self._row_max)

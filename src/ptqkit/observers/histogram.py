@@ -7,6 +7,7 @@ at range 2R are a subset of the edges at range R (all are multiples of a power o
 re-binning is exact: the final counts equal those of one pass over all the data at the final R,
 for any batch split or order. Memory is rows × 2B float64 counts, whatever the number of batches.
 """
+
 from __future__ import annotations
 
 import torch
@@ -100,12 +101,16 @@ class PowerOfTwoHistogram:
         step = max(1, _CHUNK // max(1, self.rows))
         for chunk in values.split(step, dim=1):  # [rows, <= step]
             idx = torch.floor(chunk.to(torch.float64) / width).to(torch.int64) + self.bins_per_side
-            idx = idx.clamp_(0, 2 * self.bins_per_side - 1).add_(offsets).reshape(-1)  # [rows * step]
+            idx = (
+                idx.clamp_(0, 2 * self.bins_per_side - 1).add_(offsets).reshape(-1)
+            )  # [rows * step]
             flat_counts.index_add_(0, idx, _ONE.expand(idx.numel()))
 
-    def merge_(self, other: "PowerOfTwoHistogram") -> None:
+    def merge_(self, other: PowerOfTwoHistogram) -> None:
         if other.counts.shape != self.counts.shape:
-            raise ValueError(f"histogram shapes differ: {tuple(other.counts.shape)} vs {tuple(self.counts.shape)}")
+            raise ValueError(
+                f"histogram shapes differ: {tuple(other.counts.shape)} vs {tuple(self.counts.shape)}"
+            )
         target = torch.maximum(self.exponent, other.exponent)
         theirs = PowerOfTwoHistogram(other.rows, other.bins_per_side)
         theirs.counts, theirs.exponent = other.counts.clone(), other.exponent.clone()
@@ -122,7 +127,7 @@ class PowerOfTwoHistogram:
         return {"counts": self.counts, "exponent": self.exponent}
 
     @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor]) -> "PowerOfTwoHistogram":
+    def from_state(cls, tensors: dict[str, torch.Tensor]) -> PowerOfTwoHistogram:
         counts, exponent = tensors["counts"], tensors["exponent"]
         hist = cls(counts.shape[0], counts.shape[1] // 2)
         hist.counts, hist.exponent = counts.to(torch.float64), exponent.to(torch.int64)
@@ -133,6 +138,8 @@ def quantile_edges(counts: torch.Tensor, edges: torch.Tensor, fraction: float) -
     """Upper edge of the first bin at which the cumulative share reaches `fraction` (one row)."""
     total = counts.sum()
     cdf = torch.cumsum(counts, 0) / total
-    index = int(torch.searchsorted(cdf, torch.tensor(min(max(fraction, 0.0), 1.0), dtype=cdf.dtype)))
+    index = int(
+        torch.searchsorted(cdf, torch.tensor(min(max(fraction, 0.0), 1.0), dtype=cdf.dtype))
+    )
     index = min(index, len(counts) - 1)
     return float(edges[index + 1])

@@ -7,6 +7,7 @@ chunks and spreads each chunk's mass evenly over P's non-empty bins; both are sm
 bins cannot make KL infinite; the threshold minimizing KL(P || Q) wins, at (i + 0.5) bin widths.
 Asymmetric specs use that threshold on each side, never beyond the observed min/max.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,8 +35,15 @@ class KLOptions:
         check_bins("kl", self.bins)
         if not isinstance(self.stride, int) or isinstance(self.stride, bool) or self.stride < 1:
             raise ConfigError(f"observer 'kl': stride={self.stride!r} must be a positive integer")
-        if not isinstance(self.levels, int) or isinstance(self.levels, bool) or self.levels < 0 or self.levels > self.bins:
-            raise ConfigError(f"observer 'kl': levels={self.levels!r} must be 0 (automatic) or in 1..bins ({self.bins})")
+        if (
+            not isinstance(self.levels, int)
+            or isinstance(self.levels, bool)
+            or self.levels < 0
+            or self.levels > self.bins
+        ):
+            raise ConfigError(
+                f"observer 'kl': levels={self.levels!r} must be 0 (automatic) or in 1..bins ({self.bins})"
+            )
 
 
 def _expand_quantized(sliced: np.ndarray, nonzero: np.ndarray, levels: int) -> np.ndarray:
@@ -44,7 +52,9 @@ def _expand_quantized(sliced: np.ndarray, nonzero: np.ndarray, levels: int) -> n
     bounds = (np.arange(levels + 1) * n) // levels  # chunk boundaries
     chunk_mass = np.add.reduceat(sliced, bounds[:-1])
     chunk_nonzero = np.add.reduceat(nonzero, bounds[:-1])
-    per_bin = np.divide(chunk_mass, chunk_nonzero, out=np.zeros_like(chunk_mass), where=chunk_nonzero > 0)
+    per_bin = np.divide(
+        chunk_mass, chunk_nonzero, out=np.zeros_like(chunk_mass), where=chunk_nonzero > 0
+    )
     return np.repeat(per_bin, np.diff(bounds)) * nonzero
 
 
@@ -99,8 +109,12 @@ class KLObserver(HistogramObserver):
 
     def compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         qtype = self.spec.qtype
-        levels = self.options.levels or (max(2, int(qtype.qmax - qtype.qmin + 1) // 2) if qtype.is_integer else 128)
+        levels = self.options.levels or (
+            max(2, int(qtype.qmax - qtype.qmin + 1) // 2) if qtype.is_integer else 128
+        )
         levels = min(levels, self._hist.bins_per_side)
         i = kl_threshold_bin(self._hist.abs_counts()[0].numpy(), levels, self.options.stride)
         t = (i + 0.5) * float(self._hist.bin_width[0])
-        return self._clamp_to_seen(torch.tensor([-t], dtype=torch.float64), torch.tensor([t], dtype=torch.float64))
+        return self._clamp_to_seen(
+            torch.tensor([-t], dtype=torch.float64), torch.tensor([t], dtype=torch.float64)
+        )

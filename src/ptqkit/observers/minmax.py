@@ -1,5 +1,6 @@
 """Min-max observers: the exact running range (`minmax`) and its exponential moving average
 (`ema_minmax`, as in PyTorch's MovingAverageMinMaxObserver)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from ptqkit.errors import ConfigError
 from ptqkit.observers.base import Observer
 from ptqkit.qtypes import PerChannel, PerGroup, PerTensor
 
-__all__ = ["MinMaxObserver", "EMAMinMaxObserver"]
+__all__ = ["EMAMinMaxObserver", "MinMaxObserver"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,8 +27,14 @@ class EMAOptions:
     momentum: float = 0.9
 
     def __post_init__(self) -> None:
-        if not isinstance(self.momentum, (int, float)) or isinstance(self.momentum, bool) or not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"observer 'ema_minmax': momentum={self.momentum!r} must be in [0, 1)")
+        if (
+            not isinstance(self.momentum, (int, float))
+            or isinstance(self.momentum, bool)
+            or not 0.0 <= self.momentum < 1.0
+        ):
+            raise ConfigError(
+                f"observer 'ema_minmax': momentum={self.momentum!r} must be in [0, 1)"
+            )
 
 
 class MinMaxObserver(Observer):

@@ -6,6 +6,7 @@ candidate's error is evaluated on the histogram (bin centers
 weighted by counts) with the spec's own qtype, symmetry and rounding grid. Per-channel specs
 keep one histogram row per channel.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -65,8 +66,11 @@ class MSEObserver(HistogramObserver):
             k = ratios.shape[0]
             flat = PerChannel(0)  # one parameter per (candidate, row)
             qp = qparams_from_range(
-                (lo0 * ratios).reshape(-1), (hi0 * ratios).reshape(-1),  # [K * rows]
-                self.spec.qtype, symmetric=self.spec.symmetric, granularity=flat,
+                (lo0 * ratios).reshape(-1),
+                (hi0 * ratios).reshape(-1),  # [K * rows]
+                self.spec.qtype,
+                symmetric=self.spec.symmetric,
+                granularity=flat,
             )
             tiled = centers.repeat(k, 1)  # [K * rows, 2B]
             sq = (fake_quantize(tiled, qp).to(torch.float64) - tiled.to(torch.float64)) ** 2
@@ -77,16 +81,24 @@ class MSEObserver(HistogramObserver):
             best_err = torch.where(better, err_k, best_err)
             best_ratio = torch.where(better, pick, best_ratio)
 
-        per_call = max(1, _MAX_ELEMENTS // counts.numel())  # candidates per call: bounded temporaries
+        per_call = max(
+            1, _MAX_ELEMENTS // counts.numel()
+        )  # candidates per call: bounded temporaries
 
-        def search_all(ratios: torch.Tensor) -> None:  # in order, so ties still go to the smallest ratio
+        def search_all(
+            ratios: torch.Tensor,
+        ) -> None:  # in order, so ties still go to the smallest ratio
             for chunk in ratios.split(per_call):
                 search(chunk)
 
         grid, low = self.options.grid, self.options.min_ratio
-        search_all(torch.linspace(low, 1.0, grid, dtype=torch.float64).unsqueeze(1).expand(grid, rows))
+        search_all(
+            torch.linspace(low, 1.0, grid, dtype=torch.float64).unsqueeze(1).expand(grid, rows)
+        )
         step = (1.0 - low) / (grid - 1)  # refine around each row's best coarse ratio
-        fine = torch.linspace(-step, step, grid, dtype=torch.float64).unsqueeze(1) + best_ratio.unsqueeze(0)
+        fine = torch.linspace(-step, step, grid, dtype=torch.float64).unsqueeze(
+            1
+        ) + best_ratio.unsqueeze(0)
         search_all(fine.clamp(low, 1.0))
         best_lo, best_hi = lo0 * best_ratio, hi0 * best_ratio
         return self._clamp_to_seen(best_lo, best_hi)

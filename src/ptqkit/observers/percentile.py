@@ -5,6 +5,7 @@ p percent, cutting (100 - p) / 2 percent on each side (ONNX Runtime's convention
 bin edges (the outer edge of the bin where the cumulative share is reached), never beyond the
 observed min/max.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,8 +27,14 @@ class PercentileOptions:
     bins: int = 2048
 
     def __post_init__(self) -> None:
-        if not isinstance(self.percentile, (int, float)) or isinstance(self.percentile, bool) or not 50.0 < self.percentile <= 100.0:
-            raise ConfigError(f"observer 'percentile': percentile={self.percentile!r} must be in (50, 100]")
+        if (
+            not isinstance(self.percentile, (int, float))
+            or isinstance(self.percentile, bool)
+            or not 50.0 < self.percentile <= 100.0
+        ):
+            raise ConfigError(
+                f"observer 'percentile': percentile={self.percentile!r} must be in (50, 100]"
+            )
         check_bins("percentile", self.bins)
 
 

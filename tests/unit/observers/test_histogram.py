@@ -1,12 +1,13 @@
 """PowerOfTwoHistogram: counts equal an independent numpy binning at the final range, for any
 batch split and any internal chunk size (exact re-binning)."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-import ptqkit.observers.histogram as histogram
+from ptqkit.observers import histogram
 from ptqkit.observers.histogram import PowerOfTwoHistogram
 
 
@@ -17,7 +18,9 @@ def _numpy_counts(values: np.ndarray, bins_per_side: int) -> tuple[np.ndarray, i
     counts = np.zeros((values.shape[0], 2 * bins_per_side))
     for r, row in enumerate(values.astype(np.float64)):
         width = 2.0 ** int(exponent[r]) / bins_per_side
-        idx = np.clip(np.floor(row / width).astype(np.int64) + bins_per_side, 0, 2 * bins_per_side - 1)
+        idx = np.clip(
+            np.floor(row / width).astype(np.int64) + bins_per_side, 0, 2 * bins_per_side - 1
+        )
         counts[r] = np.bincount(idx, minlength=2 * bins_per_side)
     return counts, exponent
 

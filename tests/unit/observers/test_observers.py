@@ -1,4 +1,5 @@
 """Observers: brute-force references, invariance, merge, state, errors."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,8 +13,20 @@ from ptqkit.errors import ConfigError, NonFiniteError
 from ptqkit.observers import OBSERVERS, make_observer, observer_from_state
 
 
-def _spec(observer: str, qtype: str = "int8", symmetric: bool = True, granularity: pq.Granularity | None = None, **options) -> pq.QuantSpec:
-    return pq.QuantSpec(qtype=qtype, symmetric=symmetric, observer=observer, observer_options=options, granularity=granularity or pq.PerTensor())
+def _spec(
+    observer: str,
+    qtype: str = "int8",
+    symmetric: bool = True,
+    granularity: pq.Granularity | None = None,
+    **options,
+) -> pq.QuantSpec:
+    return pq.QuantSpec(
+        qtype=qtype,
+        symmetric=symmetric,
+        observer=observer,
+        observer_options=options,
+        granularity=granularity or pq.PerTensor(),
+    )
 
 
 def _heavy_tailed(n: int = 60_000, seed: int = 0) -> torch.Tensor:
@@ -30,7 +43,9 @@ def _observe(spec: pq.QuantSpec, chunks) -> object:
     return obs
 
 
-def _np_fake_quant_mse(x: np.ndarray, lo: float, hi: float, qtype: pq.QType, symmetric: bool) -> float:
+def _np_fake_quant_mse(
+    x: np.ndarray, lo: float, hi: float, qtype: pq.QType, symmetric: bool
+) -> float:
     """Float64 reference, written independently of ptqkit.primitives."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
     qmin, qmax = float(qtype.qmin), float(qtype.qmax)
@@ -45,7 +60,9 @@ def _np_fake_quant_mse(x: np.ndarray, lo: float, hi: float, qtype: pq.QType, sym
     return float(np.mean(((q - zp) * scale - x) ** 2))
 
 
-@pytest.mark.parametrize(("qtype", "symmetric"), [("int8", True), ("uint8", False), ("int4", True), ("uint4", False)])
+@pytest.mark.parametrize(
+    ("qtype", "symmetric"), [("int8", True), ("uint8", False), ("int4", True), ("uint4", False)]
+)
 def test_mse_observer_within_half_percent_of_brute_force(qtype: str, symmetric: bool) -> None:
     x = _heavy_tailed()
     obs = _observe(_spec("mse", qtype, symmetric), x.split(9_000))
@@ -57,13 +74,18 @@ def test_mse_observer_within_half_percent_of_brute_force(qtype: str, symmetric: 
     if symmetric:
         a = max(-lo0, hi0)
         lo0, hi0 = -a, a
-    brute = min(_np_fake_quant_mse(xs, r * lo0, r * hi0, qt, symmetric) for r in np.linspace(0.01, 1.0, 2000))
+    brute = min(
+        _np_fake_quant_mse(xs, r * lo0, r * hi0, qt, symmetric)
+        for r in np.linspace(0.01, 1.0, 2000)
+    )
     assert ours <= brute * 1.005, (ours, brute)
 
 
 def test_per_channel_mse_on_weights_beats_minmax_and_matches_brute_force() -> None:
     torch.manual_seed(1)
-    w = torch.distributions.Laplace(0.0, 0.02).sample((16, 256)) * torch.linspace(0.5, 3, 16).unsqueeze(1)
+    w = torch.distributions.Laplace(0.0, 0.02).sample((16, 256)) * torch.linspace(
+        0.5, 3, 16
+    ).unsqueeze(1)
     spec = _spec("mse", "int4", True, pq.PerChannel(0))
     obs = _observe(spec, [w])
     lo, hi = obs.compute_range()
@@ -73,7 +95,9 @@ def test_per_channel_mse_on_weights_beats_minmax_and_matches_brute_force() -> No
         row = w[c].double().numpy()
         ours = _np_fake_quant_mse(row, lo[c].item(), hi[c].item(), qt, True)
         a = np.abs(row).max()
-        brute = min(_np_fake_quant_mse(row, -r * a, r * a, qt, True) for r in np.linspace(0.01, 1, 1000))
+        brute = min(
+            _np_fake_quant_mse(row, -r * a, r * a, qt, True) for r in np.linspace(0.01, 1, 1000)
+        )
         assert ours <= brute * 1.005 + 1e-12
     minmax_err = pq.mse(w, pq.fake_quantize(w, pq.qparams_from_tensor(w, spec)))
     assert pq.mse(w, pq.fake_quantize(w, obs.qparams())) < 0.8 * minmax_err
@@ -90,7 +114,9 @@ def test_kl_on_heavy_tails_clips_inside_and_quantizes_the_bulk_better() -> None:
     assert err_kl < err_minmax / 4, (err_kl, err_minmax)  # measured: ~ 1/20
 
 
-@pytest.mark.parametrize("name", sorted(set(OBSERVERS) - {"ema_minmax"}))  # an EMA depends on order by definition
+@pytest.mark.parametrize(
+    "name", sorted(set(OBSERVERS) - {"ema_minmax"})
+)  # an EMA depends on order by definition
 def test_identical_for_any_batch_split_and_order(name: str) -> None:
     x = _heavy_tailed(30_000)
     spec = _spec(name, "uint8", symmetric=False)
@@ -151,7 +177,9 @@ def test_memory_does_not_grow_with_batches() -> None:
 
 
 def test_ema_follows_its_formula() -> None:
-    obs = _observe(_spec("ema_minmax", momentum=0.5), [torch.tensor([0.0, 4.0]), torch.tensor([-2.0, 2.0])])
+    obs = _observe(
+        _spec("ema_minmax", momentum=0.5), [torch.tensor([0.0, 4.0]), torch.tensor([-2.0, 2.0])]
+    )
     lo, hi = obs.compute_range()
     assert (lo.item(), hi.item()) == (-1.0, 3.0)
 
@@ -176,9 +204,15 @@ def test_percentile_is_monotone_in_p(p: float, delta: float, seed: int) -> None:
 
 
 def test_errors() -> None:
-    with pytest.raises(ConfigError, match="observer 'entropy' is unknown; valid: minmax, ema_minmax, percentile, mse, kl"):
+    with pytest.raises(
+        ConfigError,
+        match="observer 'entropy' is unknown; valid: minmax, ema_minmax, percentile, mse, kl",
+    ):
         make_observer(_spec("entropy"))
-    with pytest.raises(ConfigError, match=r"observer 'percentile': unknown option\(s\) \['pct'\]; valid options: percentile \(default 99\.99\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"observer 'percentile': unknown option\(s\) \['pct'\]; valid options: percentile \(default 99\.99\)",
+    ):
         make_observer(_spec("percentile", pct=99.0))
     with pytest.raises(ConfigError, match=r"percentile=40 must be in \(50, 100\]"):
         make_observer(_spec("percentile", percentile=40))
@@ -186,7 +220,10 @@ def test_errors() -> None:
         make_observer(_spec("kl", bins=1000))
     with pytest.raises(ConfigError, match=r"momentum=1\.5 must be in \[0, 1\)"):
         make_observer(_spec("ema_minmax", momentum=1.5))
-    with pytest.raises(ConfigError, match="observer 'kl' does not support per_channel granularity; valid: per_tensor"):
+    with pytest.raises(
+        ConfigError,
+        match="observer 'kl' does not support per_channel granularity; valid: per_tensor",
+    ):
         make_observer(_spec("kl", granularity=pq.PerChannel(0)))
     with pytest.raises(ConfigError, match="observer 'minmax' has seen no data"):
         make_observer(_spec("minmax")).qparams()
@@ -195,10 +232,14 @@ def test_errors() -> None:
     with pytest.raises(ConfigError, match="cannot merge observer 'kl'"):
         _observe(_spec("minmax"), [torch.ones(2)]).merge_(_observe(_spec("kl"), [torch.ones(2)]))
     tensors, meta = _observe(_spec("minmax"), [torch.ones(2)]).state()
-    with pytest.raises(ConfigError, match="observer state is for 'minmax' version 1; expected 'kl'"):
+    with pytest.raises(
+        ConfigError, match="observer state is for 'minmax' version 1; expected 'kl'"
+    ):
         OBSERVERS["kl"].from_state(tensors, meta)
     obs = _observe(_spec("minmax", granularity=pq.PerChannel(0)), [torch.ones(3, 2)])
-    with pytest.raises(ConfigError, match=r"batch gives \(4,\) parameters but earlier batches gave \(3,\)"):
+    with pytest.raises(
+        ConfigError, match=r"batch gives \(4,\) parameters but earlier batches gave \(3,\)"
+    ):
         obs.update(torch.ones(4, 2))
 
 
@@ -212,11 +253,17 @@ def test_kl_coarse_to_fine_matches_the_full_scan() -> None:
 
 
 def test_quant_spec_rejects_an_unknown_observer_where_it_is_written() -> None:
-    with pytest.raises(ConfigError, match="recipe.activations: observer 'entropy' is unknown; valid: minmax, ema_minmax, percentile, mse, kl"):
+    with pytest.raises(
+        ConfigError,
+        match="recipe.activations: observer 'entropy' is unknown; valid: minmax, ema_minmax, percentile, mse, kl",
+    ):
         pq.QuantSpec.from_dict({"qtype": "int8", "observer": "entropy"}, where="recipe.activations")
 
 
 def test_per_token_specs_are_dynamic_and_need_no_observer() -> None:
     spec = pq.QuantSpec(qtype="uint8", symmetric=False, granularity=pq.PerToken(), dynamic=True)
-    with pytest.raises(ConfigError, match=r"'minmax' does not support per_token granularity; valid: per_tensor, per_channel, per_group \(per-token parameters are computed"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'minmax' does not support per_token granularity; valid: per_tensor, per_channel, per_group \(per-token parameters are computed",
+    ):
         make_observer(spec)
