@@ -55,9 +55,10 @@ def test_smollm2_fp32_perplexity_on_python_docs(smollm2, python_doc_eval_texts, 
     nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
     ppl = math.exp(nll.item())
     record_property("smollm2_fp32_ppl_python_docs_2x512", ppl)
-    # measured: 23.5 (a 135M model on English technical prose; uniform guessing would be 49152)
+    # measured: 36.1 (a 135M model on unrelated API-doc paragraphs; a broken model gives >1000,
+    # uniform guessing 49152)
     assert math.isfinite(ppl)
-    assert 5.0 < ppl < 40.0, ppl
+    assert 5.0 < ppl < 60.0, ppl
 
 
 def test_mobilenet_v2_recognises_the_cat_and_the_coffee(mobilenet_v2) -> None:

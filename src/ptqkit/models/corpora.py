@@ -213,8 +213,8 @@ def _rst_paragraphs(source: str) -> list[str]:
         first = lines[0].strip()
         if first.startswith(".."):
             directive = re.match(r"\.\.\s+([\w:-]+)::", first)
-            if directive is None or directive.group(1) in _CODE_DIRECTIVES or len(lines) == 1:
-                skip_deeper_than = indent
+            if directive is None or directive.group(1) in _CODE_DIRECTIVES:
+                skip_deeper_than = indent  # comments and code: skip their body; notes etc.: keep it
             continue
         if any(_HEADING_LINE.match(line.strip()) for line in lines) or first.startswith(("+-", "|", ">>>", "$ ")):
             if first.startswith(">>>"):

@@ -140,7 +140,7 @@ def to_float_chw(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     Accepts uint8/bool/float arrays shaped [H, W] (gray, replicated to 3 channels),
     [H, W, 3] or [H, W, 4] (alpha dropped). Float input must already lie in [0, 1].
     """
-    x = torch.as_tensor(np.asarray(image))
+    x = torch.tensor(np.asarray(image))  # a copy: decoded arrays may be read-only
     if x.ndim == 2:
         x = x.unsqueeze(-1).expand(*x.shape, 3)  # [H, W] -> [H, W, 3]
     if x.ndim != 3 or x.shape[-1] not in (3, 4):
