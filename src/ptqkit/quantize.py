@@ -54,25 +54,37 @@ def quantize_(model: nn.Module, recipe: Recipe, calib: Any = None, *, progress: 
     `calib` is a CalibrationData (or anything CalibrationData.from_iterable accepts); it is
     required when the recipe has static (calibrated) input activations.
     """
+    from ptqkit.algorithms.pipeline import split_algorithms
+
     the_plan = resolve_plan(model, recipe)
     logger.info("quantization plan:\n%s", the_plan.render())
-    if recipe.algorithms:
-        names = [type(a).__name__ for a in recipe.algorithms]
-        raise ConfigError(f"algorithms {names}: the engine does not run algorithms yet; remove them from the recipe")
+    pre_transforms, weight_quantizer = split_algorithms(recipe.algorithms)
     static_inputs = {layer.name: layer.inputs for layer in the_plan.layers if layer.inputs is not None and not layer.inputs.dynamic}
     calibration: dict[str, Any] = {}
     observers: dict[str, Any] = {}
-    if static_inputs:
-        if calib is None:
-            raise ConfigError(
-                f"recipe {recipe.name!r} quantizes input activations statically ({len(static_inputs)} module(s)) "
-                "but no calibration data was given: pass calib=CalibrationData..., or use a dynamic preset "
-                "such as 'w8a8_dynamic' (or a weight-only one: 'w8a16', 'w4a16')"
-            )
-        data = _as_calibration_data(calib, recipe)
-        observers = _calibrate(model, static_inputs, data, recipe, progress)
-        calibration = {"description": data.description, "fingerprint": data.fingerprint}
-    replacements = {layer.name: _convert(model.get_submodule(layer.name), layer, observers.get(layer.name)) for layer in the_plan.layers}
+    if static_inputs and calib is None:
+        raise ConfigError(
+            f"recipe {recipe.name!r} quantizes input activations statically ({len(static_inputs)} module(s)) "
+            "but no calibration data was given: pass calib=CalibrationData..., or use a dynamic preset "
+            "such as 'w8a8_dynamic' (or a weight-only one: 'w8a16', 'w4a16')"
+        )
+    backup = copy.deepcopy(model.__dict__) if pre_transforms else None  # restored if anything fails
+    try:
+        for config in pre_transforms:
+            _run_pre_transform(model, config)
+        if static_inputs:
+            data = _as_calibration_data(calib, recipe)
+            observers = _calibrate(model, static_inputs, data, recipe, progress)
+            calibration = {"description": data.description, "fingerprint": data.fingerprint}
+        replacements = {
+            layer.name: _convert(model.get_submodule(layer.name), layer, observers.get(layer.name), weight_quantizer)
+            for layer in the_plan.layers
+        }
+    except BaseException:
+        if backup is not None:
+            model.__dict__.clear()
+            model.__dict__.update(backup)
+        raise
     for name, module in replacements.items():
         _set_submodule(model, name, module)
     model.ptqkit_info = QuantizationInfo(
@@ -109,8 +121,22 @@ def _calibrate(model: nn.Module, specs: dict[str, QuantSpec], data: Any, recipe:
     )
 
 
-def weight_qparams(weight: torch.Tensor, spec: QuantSpec) -> QParams:
-    """Round-to-nearest parameters of a weight (layout [out, in, ...]) from its observer."""
+def _run_pre_transform(model: nn.Module, config: Any) -> None:
+    from ptqkit.algorithms.pipeline import PRE_TRANSFORMS
+
+    with torch.no_grad():
+        PRE_TRANSFORMS[type(config)](model, config)
+    logger.info("pre-transform %s applied", type(config).__name__)
+
+
+def weight_qparams(weight: torch.Tensor, spec: QuantSpec, quantizer: Any = None) -> QParams:
+    """Parameters of a weight (layout [out, in, ...]): the recipe's weight quantizer (e.g. RTN
+    with an MSE clip search) if it has one, else the spec's observer (min-max by default)."""
+    if quantizer is not None:
+        from ptqkit.algorithms.pipeline import quantize_weight_params
+
+        qparams = quantize_weight_params(weight.detach(), spec, quantizer)
+        return QParams(qparams.scale, qparams.zero_point, qparams.qtype, spec.granularity)
     if spec.observer == "minmax":
         return qparams_from_tensor(weight.detach(), spec)
     from ptqkit.observers import make_observer
@@ -128,17 +154,17 @@ def _input_quantizer(layer: LayerPlan, observer: Any) -> InputQuantizer | None:
     return InputQuantizer(layer.inputs, observer.qparams())
 
 
-def _convert(module: nn.Module, layer: LayerPlan, observer: Any) -> nn.Module:
+def _convert(module: nn.Module, layer: LayerPlan, observer: Any, quantizer: Any = None) -> nn.Module:
     """The quantized replacement of one module (weights stay float if the layer has no weight spec)."""
     if layer.weights is None:
         return _InputOnly(module, _input_quantizer(layer, observer))
     inputs = _input_quantizer(layer, observer)
     if layer.module_type == "Embedding":
-        return QuantEmbedding(module, weight_qparams(module.weight, layer.weights), layer.weights)
+        return QuantEmbedding(module, weight_qparams(module.weight, layer.weights, quantizer), layer.weights)
     if layer.module_type in ("Linear", "Conv1D"):
         weight = module.weight.t() if layer.module_type == "Conv1D" else module.weight  # Conv1D keeps [in, out]
-        return QuantLinear(weight, module.bias, weight_qparams(weight, layer.weights), layer.weights, inputs)
-    return QuantConv(module, weight_qparams(module.weight, layer.weights), layer.weights, inputs)
+        return QuantLinear(weight, module.bias, weight_qparams(weight, layer.weights, quantizer), layer.weights, inputs)
+    return QuantConv(module, weight_qparams(module.weight, layer.weights, quantizer), layer.weights, inputs)
 
 
 class _InputOnly(nn.Module):

@@ -6,6 +6,10 @@ discovery). Every registered config is a frozen keyword-only dataclass of plain 
 
 from __future__ import annotations
 
+from ptqkit.algorithms.adaround import AdaRoundConfig
+from ptqkit.algorithms.bias_correction import BiasCorrectionConfig
+from ptqkit.algorithms.bn_fold import BNFoldConfig
+from ptqkit.algorithms.cle import CLEConfig
 from ptqkit.algorithms.gptq import GPTQConfig, gptq_quantize_weight
 from ptqkit.algorithms.hessian import HessianAccumulator
 from ptqkit.algorithms.rtn import RTNConfig, rtn_qparams, rtn_quantize_weight
@@ -13,6 +17,10 @@ from ptqkit.algorithms.weight_quant import SCALE_RULES, WeightQuantResult, weigh
 
 __all__ = [
     "ALGORITHMS",
+    "AdaRoundConfig",
+    "BNFoldConfig",
+    "BiasCorrectionConfig",
+    "CLEConfig",
     "SCALE_RULES",
     "GPTQConfig",
     "HessianAccumulator",
@@ -27,6 +35,8 @@ __all__ = [
 ALGORITHMS: dict[str, type] = {
     "rtn": RTNConfig,
     "gptq": GPTQConfig,
-    # CNN algorithms (bn_fold, cle, bias_correction, adaround) register here, one line each,
-    # importing their config class above: "name": ConfigClass.
+    "bn_fold": BNFoldConfig,
+    "cle": CLEConfig,
+    "bias_correction": BiasCorrectionConfig,
+    "adaround": AdaRoundConfig,
 }
