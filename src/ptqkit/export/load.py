@@ -58,7 +58,9 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any]:
     for i, layer in enumerate(data["layers"]):
         if not isinstance(layer, dict) or any(key not in layer for key in _LAYER_KEYS):
             raise ArtifactError(f"{path}: layers[{i}] must be an object with keys {list(_LAYER_KEYS)}, got {layer!r:.200}")
-        if layer["module"] not in _QUANT_MODULES:
+        if not isinstance(layer["name"], str) or not isinstance(layer["plan_type"], str) or not isinstance(layer["reason"], str):
+            raise ArtifactError(f"{path}: layers[{i}]: 'name', 'plan_type' and 'reason' must be strings")
+        if not isinstance(layer["module"], str) or layer["module"] not in _QUANT_MODULES:
             raise ArtifactError(f"{path}: layers[{i}].module {layer['module']!r} is unknown; valid: {sorted(_QUANT_MODULES)}")
     return data
 
@@ -95,8 +97,8 @@ def _take(tensors: dict[str, torch.Tensor], key: str, path: Path, dtype: torch.d
 def _spec(data: Any, where: str) -> QuantSpec:
     try:
         return QuantSpec.from_dict(data, where=where)
-    except PTQError as exc:
-        raise ArtifactError(f"{where}: {exc}") from None
+    except PTQError as exc:  # the message already starts with `where`
+        raise ArtifactError(str(exc) if str(exc).startswith(where) else f"{where}: {exc}") from None
 
 
 def _codes(layer: dict[str, Any], spec: QuantSpec, tensors: dict[str, torch.Tensor], path: Path) -> torch.Tensor:
@@ -256,12 +258,15 @@ def load_artifact(out_dir: str | Path, model_skeleton_or_hf_dir: nn.Module | str
     for layer in manifest["layers"]:
         name = layer["name"]
         try:
-            module = model.get_submodule(name)
+            module = model.get_submodule(str(name))
         except AttributeError:
             raise ArtifactError(f"{quant_path}: layer {name!r} does not exist in the model skeleton {type(model).__name__}") from None
-        replacements[name] = _build(module, layer, tensors, path)
-        weights = None if layer["weights"] is None else _spec(layer["weights"], f"{quant_path}: layers[{name!r}].weights")
-        inputs = None if layer["inputs"] is None else _spec(layer["inputs"], f"{quant_path}: layers[{name!r}].inputs")
+        try:
+            replacements[name] = _build(module, layer, tensors, path)
+            weights = None if layer["weights"] is None else _spec(layer["weights"], f"{quant_path}: layers[{name!r}].weights")
+            inputs = None if layer["inputs"] is None else _spec(layer["inputs"], f"{quant_path}: layers[{name!r}].inputs")
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:  # a malformed record
+            raise ArtifactError(f"{quant_path}: layers[{name!r}] is malformed: {exc!r}") from None
         plans.append(LayerPlan(name=name, module_type=layer["plan_type"], weights=weights, inputs=inputs, reason=layer["reason"]))
     for name, module in replacements.items():
         _set_submodule(model, name, module)
