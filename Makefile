@@ -26,8 +26,10 @@ $(VENV)/.installed-test: pyproject.toml constraints.txt | $(PY)
 
 example: $(VENV)/.installed-example
 	$(PY) -m ptqkit.examples.seed_table
+	$(VENV)/bin/ptqkit quantize
 
 test: $(VENV)/.installed-test
+	bash scripts/ensure_system_data.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

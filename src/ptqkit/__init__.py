@@ -44,6 +44,7 @@ from ptqkit.recipe import Recipe
 from ptqkit.calibration import CalibrationData
 from ptqkit.quantize import dequantize_model, plan, quantize, quantize_
 from ptqkit.eval.size import model_size
+from ptqkit.export import export
 
 __version__ = "0.1.0"
 
@@ -87,4 +88,5 @@ __all__ = [
     "quantize",
     "quantize_",
     "model_size",
+    "export",
 ]

@@ -13,7 +13,6 @@ import inspect
 import logging
 import sys
 import time
-from importlib import resources
 
 import torch
 
@@ -26,10 +25,10 @@ _DOC_MODULES = ("json", "collections", "itertools", "functools", "pathlib", "arg
 
 
 def calibration_texts(limit: int) -> list[str]:
-    """Lines of the bundled calibration file (Shakespeare, public domain)."""
-    text = resources.files("ptqkit.models").joinpath("data/example_calibration.txt").read_text(encoding="utf-8")
-    lines = [line.strip() for line in text.splitlines() if len(line.strip()) >= 20]
-    return lines[:limit]
+    """The bundled calibration file: Shakespeare speeches (public domain), one per line."""
+    from ptqkit.models.corpora import example_calibration_texts
+
+    return example_calibration_texts()[:limit]
 
 
 def stdlib_doc_texts(limit: int) -> list[str]:
