@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 from ptqkit.errors import ConfigError
 from ptqkit.qtypes import PerChannel, PerGroup, PerTensor, PerToken
-from ptqkit.spec import QuantSpec
+from ptqkit.spec import QuantSpec, check_config_keys
 
 __all__ = ["Scheme", "Override", "CalibrationSettings", "Recipe", "PRESETS", "SUPPORTED_MODULE_TYPES", "RECIPE_VERSION"]
 
@@ -21,16 +21,6 @@ RECIPE_VERSION = 1
 # Class names the engine can replace with a quantized module ("Conv1D" is Hugging Face's GPT-2 layer).
 SUPPORTED_MODULE_TYPES = ("Linear", "Conv1d", "Conv2d", "Embedding", "Conv1D")
 DEFAULT_TARGETS = ("Linear", "Conv1d", "Conv2d", "Conv1D")
-
-
-def _check_keys(data: Any, cls: type, where: str) -> dict[str, Any]:
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
-    valid = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - valid)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(valid)}")
-    return dict(data)
 
 
 def _string_tuple(value: Any, where: str) -> tuple[str, ...]:
@@ -71,7 +61,7 @@ class Scheme:
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "scheme") -> "Scheme":
-        data = _check_keys(data, cls, where)
+        data = check_config_keys(data, cls, where)
         specs = {
             name: None if data.get(name) is None else QuantSpec.from_dict(data[name], where=f"{where}.{name}")
             for name in ("weights", "inputs")
@@ -98,7 +88,7 @@ class Override:
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> "Override":
-        data = _check_keys(data, cls, where)
+        data = check_config_keys(data, cls, where)
         if "match" not in data or "scheme" not in data:
             raise ConfigError(f"{where}: an override needs both 'match' and 'scheme'")
         return cls(match=_string_tuple(data["match"], f"{where}.match"), scheme=Scheme.from_dict(data["scheme"], f"{where}.scheme"))
@@ -125,7 +115,7 @@ class CalibrationSettings:
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "calibration") -> "CalibrationSettings":
-        return cls(**_check_keys(data, cls, where))
+        return cls(**check_config_keys(data, cls, where))
 
 
 def _algorithm_to_dict(config: Any) -> dict[str, Any]:
@@ -246,7 +236,7 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "recipe") -> "Recipe":
-        data = _check_keys(data, cls, where)
+        data = check_config_keys(data, cls, where)
         if "scheme" not in data:
             raise ConfigError(f"{where}: 'scheme' is required")
         kwargs: dict[str, Any] = {k: v for k, v in data.items() if k in ("name", "version", "keep_output_head")}

@@ -10,10 +10,22 @@ import torch
 from ptqkit.errors import ConfigError, NonFiniteError
 from ptqkit.qtypes import Granularity, PerTensor, PerToken, QType, granularity_from_dict
 
-__all__ = ["QuantSpec", "QParams", "ROUNDING_MODES"]
+__all__ = ["QuantSpec", "QParams", "ROUNDING_MODES", "check_config_keys"]
 
 ROUNDING_MODES = ("half_even", "half_away", "stochastic")
 _OPTION_TYPES = (bool, int, float, str)
+
+
+def check_config_keys(data: Any, cls: type, where: str) -> dict[str, Any]:
+    """`data` as a dict if it is a mapping whose keys are all fields of the dataclass `cls`;
+    otherwise a ConfigError naming `where`, the unknown keys and the valid ones."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+    valid = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(valid)}")
+    return dict(data)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,15 +110,9 @@ class QuantSpec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "spec") -> "QuantSpec":
         """Inverse of `to_dict`; unknown keys raise ConfigError naming `where`."""
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-        valid = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - valid)
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(valid)}")
-        if "qtype" not in data:
+        kwargs = check_config_keys(data, cls, where)
+        if "qtype" not in kwargs:
             raise ConfigError(f"{where}: 'qtype' is required (e.g. 'int8', 'int4', 'fp8_e4m3')")
-        kwargs = dict(data)
         if "granularity" in kwargs:
             kwargs["granularity"] = granularity_from_dict(kwargs["granularity"], f"{where}.granularity")
         try:

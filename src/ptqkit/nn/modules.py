@@ -60,6 +60,14 @@ class QuantizedModule(nn.Module):
         """An ordinary float module with the dequantized weight (input quantization dropped)."""
         raise NotImplementedError
 
+    def _fill_float(self, module: nn.Module) -> nn.Module:
+        """Copy the dequantized weight (and the bias, if any) into a fresh float `module`."""
+        with torch.no_grad():
+            module.weight.copy_(self._weight)
+            if getattr(self, "bias", None) is not None:
+                module.bias.copy_(self.bias)
+        return module
+
     def weight_nbytes(self) -> int:
         """Bytes of the deployed weight: codes at their bit width plus scales and zero points."""
         bits = self.weight_spec.qtype.bits
@@ -96,11 +104,7 @@ class QuantLinear(QuantizedModule):
 
     def to_float(self) -> nn.Linear:
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=self._weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(self._weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return self._fill_float(linear)
 
     def extra_repr(self) -> str:
         spec = self.weight_spec
@@ -145,11 +149,7 @@ class QuantConv(QuantizedModule):
             self.in_channels, self.out_channels, self.kernel_size, bias=self.bias is not None,
             dtype=self._weight.dtype, **self.conv_args,
         )
-        with torch.no_grad():
-            conv.weight.copy_(self._weight)
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
+        return self._fill_float(conv)
 
     def extra_repr(self) -> str:
         spec = self.weight_spec
@@ -173,6 +173,4 @@ class QuantEmbedding(QuantizedModule):
 
     def to_float(self) -> nn.Embedding:
         emb = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx, dtype=self._weight.dtype)
-        with torch.no_grad():
-            emb.weight.copy_(self._weight)
-        return emb
+        return self._fill_float(emb)

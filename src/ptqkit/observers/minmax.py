@@ -55,7 +55,11 @@ class MinMaxObserver(Observer):
                 f"observer 'minmax': batch gives {tuple(lo.shape)} parameters but earlier batches gave "
                 f"{tuple(self._min.shape)} (the {g.kind} axis changed size)"
             )
-        self._min, self._max = torch.minimum(self._min, lo), torch.maximum(self._max, hi)
+        self._min, self._max = self._combine(lo, hi)
+
+    def _combine(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The running range after a batch whose own range is (lo, hi)."""
+        return torch.minimum(self._min, lo), torch.maximum(self._max, hi)
 
     def compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._min.clone(), self._max.clone()
@@ -78,15 +82,9 @@ class EMAMinMaxObserver(MinMaxObserver):
     name = "ema_minmax"
     options_type = EMAOptions
 
-    def _observe(self, x: torch.Tensor) -> None:
-        g = self.spec.granularity
-        lo, hi = g.reduce(x, torch.amin), g.reduce(x, torch.amax)
-        if self.num_batches == 0:
-            self._min, self._max = lo, hi
-            return
+    def _combine(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.options.momentum
-        self._min = m * self._min + (1 - m) * lo
-        self._max = m * self._max + (1 - m) * hi
+        return m * self._min + (1 - m) * lo, m * self._max + (1 - m) * hi
 
     def _merge_stats(self, other: Observer) -> None:
         a, b = self.num_batches, other.num_batches
