@@ -257,7 +257,9 @@ def save_artifact(qmodel: nn.Module, out_dir: str | Path, *, metrics: Mapping[st
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         model_path = tmp / MODEL_FILE
-        save_file(tensors, str(model_path), metadata={"format": "pt", "ptqkit_format_version": str(FORMAT_VERSION)})
+        # One metadata key only: safetensors keeps metadata in a hash map whose order varies per
+        # process, so two keys would make the header (and the file) non-deterministic.
+        save_file(tensors, str(model_path), metadata={"format": "pt"})
         _fsync(model_path)
         manifest["model_sha256"] = file_sha256(model_path)
         _write_json(tmp / QUANT_FILE, manifest)
