@@ -45,6 +45,9 @@ from ptqkit.calibration import CalibrationData
 from ptqkit.quantize import dequantize_model, plan, quantize, quantize_
 from ptqkit.eval.size import model_size
 from ptqkit.export import export
+from ptqkit.export.artifact import save_artifact as save
+from ptqkit.export.load import load_artifact as load
+from ptqkit.pack import pack
 
 __version__ = "0.1.0"
 
@@ -89,4 +92,7 @@ __all__ = [
     "quantize_",
     "model_size",
     "export",
+    "save",
+    "load",
+    "pack",
 ]
