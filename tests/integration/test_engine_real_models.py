@@ -29,7 +29,7 @@ def test_minilm_w8a8_static(minilm, shakespeare_calib_texts, minilm_eval) -> Non
     assert cosine.mean() >= 0.99  # measured 0.9934 (500 Python-doc paragraphs)
     size = pq.model_size(qmodel)
     assert size.quantized_layers == 37  # 6 blocks x 6 Linear + the pooler
-    assert 0.25 <= size.ratio <= 0.26  # int8 codes + fp32 per-channel scales: 1/4 plus ~0.3%
+    assert 0.25 <= size.ratio <= 0.26  # int8 codes + fp32 per-channel scales: measured 0.252
 
 
 def test_minilm_w8a8_dynamic(minilm, minilm_eval) -> None:
@@ -54,9 +54,9 @@ def smollm2_fp32_ppl(smollm2, smollm2_windows):
 def test_smollm2_w8a16_within_one_percent(smollm2, smollm2_windows, smollm2_fp32_ppl) -> None:
     qmodel = pq.quantize(smollm2[0], pq.Recipe.from_preset("w8a16"), progress=False)
     ppl = perplexity(qmodel, smollm2_windows)
-    assert ppl <= smollm2_fp32_ppl * 1.01, (ppl, smollm2_fp32_ppl)
+    assert ppl <= smollm2_fp32_ppl * 1.01, (ppl, smollm2_fp32_ppl)  # measured 39.93 vs FP32 39.86 (+0.17%)
     size = pq.model_size(qmodel)
-    assert 0.25 <= size.ratio <= 0.26
+    assert 0.25 <= size.ratio <= 0.26  # measured 0.2515
     # lm_head is tied to the embedding and kept in float (keep_output_head)
     assert "lm_head" not in [layer.name for layer in qmodel.ptqkit_info.plan.layers]
 
@@ -66,11 +66,12 @@ def test_smollm2_w4a16_g128_is_measured(smollm2, smollm2_windows, smollm2_fp32_p
     ppl = perplexity(qmodel, smollm2_windows)
     record_property("smollm2_w4a16_g128_ppl", ppl)
     record_property("smollm2_fp32_ppl", smollm2_fp32_ppl)
-    # RTN int4 g128 is worse than FP32 (GPTQ/AWQ recover it); measured FP32 ~, RTN ~ (see note)
+    # RTN int4 g128 is much worse than FP32 (GPTQ/AWQ, issue 7, are to recover it):
+    # measured 59.93 vs FP32 39.86 (x1.50) on 6 x 512 Python-doc tokens
     assert smollm2_fp32_ppl < ppl < smollm2_fp32_ppl * 1.6
     size = pq.model_size(qmodel)
     # int4 codes (1/8 of fp32) plus one fp32 scale per 128 weights (1/128): 0.133 with 576 = 4.5 groups
-    assert 0.125 < size.ratio < 0.14
+    assert 0.125 < size.ratio < 0.14  # measured 0.1335
 
 
 def test_mobilenet_v2_w8a8_per_channel(mobilenet_v2, photo_crops_calib, photo_crops_eval) -> None:
