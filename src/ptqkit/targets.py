@@ -155,6 +155,9 @@ def resolve_plan(model: nn.Module, recipe: Recipe) -> Plan:
         if ignored_by:
             skipped.append((name, kind, f"ignore {ignored_by[0]!r}"))
             continue
+        if getattr(module, "padding_mode", "zeros") != "zeros":
+            skipped.append((name, kind, f"padding_mode={module.padding_mode!r} is not supported (zeros only); left in float"))
+            continue
         if head is not None and module is head:
             skipped.append((name, kind, "output head kept in float (keep_output_head)"))
             continue

@@ -109,3 +109,10 @@ def test_pattern_matching_rules() -> None:
     assert not pattern_matches("layers.0", "layers.10.q_proj")
     assert pattern_matches("re:layers\\.[0-9]+\\.q_proj", "layers.12.q_proj")
     assert not pattern_matches("re:q_proj", "layers.12.q_proj")  # full match only
+
+
+def test_convs_with_other_padding_modes_stay_float_and_say_why() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.Conv2d(4, 4, 1))
+    plan = resolve_plan(model, Recipe.from_preset("w8a16"))
+    assert [layer.name for layer in plan.layers] == ["1"]
+    assert plan.skipped == (("0", "Conv2d", "padding_mode='reflect' is not supported (zeros only); left in float"),)
