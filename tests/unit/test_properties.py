@@ -75,7 +75,9 @@ def test_pack_unpack_is_identity(bits, signed, rows, cols, rnd) -> None:
     assert torch.equal(pq.unpack_lowbit(packed, bits, cols, signed), codes)
 
 
-@SETTINGS
+# A 3-standard-error bound fails by chance 0.27% of the time per example: the examples are
+# derandomized (a fixed, reproducible set) so the suite cannot flake on a lucky draw.
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(st.floats(min_value=-100, max_value=100, allow_nan=False, width=32), st.integers(0, 2**31 - 1))
 def test_stochastic_rounding_is_unbiased(value, seed) -> None:
     n = 4000
