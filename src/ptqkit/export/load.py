@@ -33,15 +33,24 @@ _BUILT_SUFFIXES = ("weight_codes", "weight_scale", "weight_zero_point", "input_q
 _QUANT_MODULES = {"QuantLinear", "QuantConv", "QuantEmbedding", "InputOnly"}
 
 
+def _read_json(path: Path, *, missing: str, invalid_suffix: str = "") -> Any:
+    """Parsed JSON of `path`; ArtifactError naming the file if it is absent or not valid JSON."""
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing; {missing}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc}){invalid_suffix}") from None
+
+
 def read_manifest(out_dir: str | Path) -> dict[str, Any]:
     """The parsed and validated `quantization.json` of an artifact."""
     path = Path(out_dir) / QUANT_FILE
-    if not path.is_file():
-        raise ArtifactError(f"{path}: missing; {Path(out_dir)} is not a ptqkit artifact (expected {QUANT_FILE} and {MODEL_FILE})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path}: not valid JSON ({exc}); the artifact is corrupted") from None
+    data = _read_json(
+        path,
+        missing=f"{Path(out_dir)} is not a ptqkit artifact (expected {QUANT_FILE} and {MODEL_FILE})",
+        invalid_suffix="; the artifact is corrupted",
+    )
     if not isinstance(data, dict):
         raise ArtifactError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
     missing = [key for key in _REQUIRED_KEYS if key not in data]
@@ -200,12 +209,7 @@ def _skeleton_from_config(directory: Path, manifest: dict[str, Any]) -> nn.Modul
     from ptqkit.models.hf import infer_task
 
     path = directory / CONFIG_FILE
-    if not path.is_file():
-        raise ArtifactError(f"{path}: missing; pass a model skeleton (an nn.Module) or a Hugging Face model directory")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path}: not valid JSON ({exc})") from None
+    config = _read_json(path, missing="pass a model skeleton (an nn.Module) or a Hugging Face model directory")
     if not isinstance(config, dict) or "model_type" not in config:
         raise ArtifactError(f"{path}: not a Hugging Face config (no 'model_type')")
     config.pop("quantization_config", None)
