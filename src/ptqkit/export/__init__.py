@@ -1,5 +1,5 @@
-"""Export a quantized model: ONNX QDQ (verified to run on ONNX Runtime's integer kernels) and the
-ptqkit safetensors artifact.
+"""Export a quantized model: ONNX (int8 QDQ and, for weight-only low-bit Linear layers, ONNX
+Runtime's MatMulNBits; verified to run on ORT's integer kernels) and the ptqkit safetensors artifact.
 
 `export(qmodel, out_dir, formats=("onnx",), example_inputs=...)` writes into a temporary
 directory next to `out_dir` and renames it into place at the end, so a failed or killed export
@@ -19,8 +19,9 @@ from typing import Any, Sequence
 from torch import nn
 
 from ptqkit.errors import ExportError
+from ptqkit.export.onnx_nbits import NBitsOptions
 
-__all__ = ["FORMATS", "ExportResult", "LayerExport", "export"]
+__all__ = ["FORMATS", "ExportResult", "LayerExport", "NBitsOptions", "export"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +36,8 @@ class LayerExport:
     """One quantized module in the ONNX export: how it was written and what ORT ran it on."""
 
     module: str
-    form: str  # "static", "dynamic", "dynamic_per_token", "weight_only" or "not_found"
-    kernel: str  # op that consumed the int8 weight in ORT's optimized graph ("" if none)
+    form: str  # "static", "dynamic", "dynamic_per_token", "weight_only", "matmul_nbits", "float" or "not_found"
+    kernel: str  # op that consumed the quantized (or kept float) weight in ORT's optimized graph ("" if none)
     integer: bool
     note: str = ""
 
@@ -48,7 +49,7 @@ class ExportResult:
     out_dir: Path
     files: dict[str, Path]
     layers: tuple[LayerExport, ...] = ()
-    checks: dict[str, Any] = field(default_factory=dict)  # fp32 ORT vs torch, int8 ORT vs simulated
+    checks: dict[str, Any] = field(default_factory=dict)  # fp32 ORT vs torch, quantized ORT vs simulated
 
     @property
     def float_layers(self) -> tuple[str, ...]:
@@ -77,6 +78,7 @@ def export(
     keep_float: bool = False,
     fp32_tolerance: float = 1e-4,
     onnx_weight_dtype: str = "auto",
+    matmul_nbits: NBitsOptions | None = None,
 ) -> ExportResult:
     """Export `qmodel` (from `ptqkit.quantize`) to `out_dir` in the given formats.
 
@@ -89,6 +91,11 @@ def export(
       tensors or a mapping name -> tensor (e.g. a tokenizer's output), batch size >= 2.
       `onnx_weight_dtype`: "auto" (default: uint8 storage, codes + 128, on x86 CPUs without
       VNNI, where ORT's u8s8 kernels saturate; int8 elsewhere), "int8" or "uint8".
+      Weight-only Linear layers with int2..int7 codes or per-group weights (w4a16) become
+      `com.microsoft.MatMulNBits` nodes (`ptqkit.export.onnx_nbits`); `matmul_nbits`
+      (`NBitsOptions`, default accuracy_level 0: ORT equals the simulated model to float
+      rounding) sets how. Such layers without a MatMulNBits form stay float, reported per layer
+      (ExportError under `strict`). HF decoders are exported without their KV cache (logits only).
     - "safetensors": the ptqkit artifact (`ptqkit.export.artifact.save_artifact`).
     """
     formats = _check_formats(formats)
@@ -111,6 +118,7 @@ def export(
             layers, checks = export_onnx(
                 qmodel, tmp, example_inputs, strict=strict, opset=opset, dynamic=dynamic_shapes,
                 keep_float=keep_float, fp32_tolerance=fp32_tolerance, weight_dtype=onnx_weight_dtype,
+                nbits=matmul_nbits,
             )
             files["onnx"] = out_dir / ONNX_FILE
             files["report"] = out_dir / REPORT_FILE

@@ -1,14 +1,16 @@
 """The ONNX export driver: float graph -> check vs torch -> integer rewrite -> check in ONNX Runtime.
 
 Thin on purpose: graph capture and the module map live in `onnx_graph`, the rewrite in
-`onnx_qdq` / `onnx_pertoken`, the ORT checks in `ort_check`.
+`onnx_qdq` / `onnx_pertoken` (int8 QDQ) and `onnx_nbits` (weight-only low-bit Linear layers ->
+MatMulNBits), the ORT checks in `ort_check`.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -23,7 +25,24 @@ logger = logging.getLogger(__name__)
 def _torch_outputs(model: nn.Module, example_inputs: Any) -> list[torch.Tensor]:
     from ptqkit.export.onnx_qdq import simulated_outputs
 
-    return simulated_outputs(model, example_inputs)
+    with _no_kv_cache(model):
+        return simulated_outputs(model, example_inputs)
+
+
+@contextlib.contextmanager
+def _no_kv_cache(model: nn.Module) -> Iterator[None]:
+    """Hugging Face decoders return a KV cache object by default, which the graph capture cannot
+    output: export (and compare) the logits-only forward, `config.use_cache=False`."""
+    config = getattr(model, "config", None)
+    previous = getattr(config, "use_cache", None)
+    if not previous:
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = previous
 
 
 def export_onnx(
@@ -37,31 +56,44 @@ def export_onnx(
     keep_float: bool = False,
     fp32_tolerance: float = 1e-4,
     weight_dtype: str = "auto",
+    nbits: Any = None,
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Write `model.onnx` (and optionally `model.fp32.onnx`) into `out_dir`; return (layers, checks).
 
     `weight_dtype`: "int8", "uint8" (int8 codes + 128, zero point + 128: the same values) or
     "auto" (uint8 on x86 CPUs without VNNI, where ORT's u8s8 kernels saturate; else int8).
+    `nbits`: `onnx_nbits.NBitsOptions` for weight-only low-bit Linear layers (None: defaults).
     """
     import onnx
 
     from ptqkit.export import FLOAT_ONNX_FILE, ONNX_FILE, LayerExport
     from ptqkit.export.onnx_graph import export_float_onnx, find_layer_nodes
+    from ptqkit.export.onnx_nbits import NBitsOptions, insert_matmul_nbits, nbits_layout, nbits_refusal, routes_to_nbits
     from ptqkit.export.onnx_qdq import check_exportable, insert_qdq, quantized_modules
     from ptqkit.export.ort_check import compare_outputs, cpu_has_vnni, layer_kernels, make_session, run_session
     from ptqkit.quantize import dequantize_model
 
     if weight_dtype not in ("auto", "int8", "uint8"):
         raise ExportError(f"export: onnx_weight_dtype={weight_dtype!r} is unknown; valid: auto, int8, uint8")
+    if nbits is None:
+        nbits = NBitsOptions()
+    if not isinstance(nbits, NBitsOptions):
+        raise ExportError(f"export: matmul_nbits must be a ptqkit.export.onnx_nbits.NBitsOptions or None, got {type(nbits).__name__}")
     uint8_weights = weight_dtype == "uint8" or (weight_dtype == "auto" and not cpu_has_vnni())
     modules = quantized_modules(qmodel)
     if not modules:
         raise ExportError("export: the model has no QuantLinear/QuantConv modules; nothing to write as integer ONNX")
-    for name, module in modules.items():
+    nbits_modules = {name: m for name, m in modules.items() if routes_to_nbits(m, nbits)}
+    qdq_modules = {name: m for name, m in modules.items() if name not in nbits_modules}
+    for name, module in qdq_modules.items():
         check_exportable(name, module)  # fail before the (slow) graph capture
+    refused = {name: why for name, m in nbits_modules.items() if (why := nbits_refusal(m)) is not None}
+    if refused and strict:
+        raise ExportError(f"export (strict): {len(refused)} weight-only module(s) have no MatMulNBits form: {refused}")
     float_model = dequantize_model(qmodel).eval()
     float_path = out_dir / FLOAT_ONNX_FILE
-    proto = export_float_onnx(float_model, example_inputs, float_path, opset=opset, dynamic=dynamic)
+    with _no_kv_cache(float_model):
+        proto = export_float_onnx(float_model, example_inputs, float_path, opset=opset, dynamic=dynamic)
 
     checks: dict[str, Any] = {}
     reference = _torch_outputs(float_model, example_inputs)
@@ -78,23 +110,37 @@ def export_onnx(
     found, missing = find_layer_nodes(proto, list(modules))
     if missing and strict:
         raise ExportError(f"export (strict): {len(missing)} quantized module(s) not found in the ONNX graph: {missing}")
-    proto, rewrites = insert_qdq(proto, found, modules, uint8_weights=uint8_weights)
+    kept_float = {name: found[name] for name in refused if name in found}  # float MatMul with the dequantized weight
+    to_nbits = {name: ln for name, ln in found.items() if name in nbits_modules and name not in refused}
+    proto, nbits_rewrites = insert_matmul_nbits(proto, to_nbits, nbits_modules, nbits)
+    if to_nbits:  # node indices moved: map the QDQ modules again
+        found, _ = find_layer_nodes(proto, [name for name in found if name in qdq_modules])
+    proto, rewrites = insert_qdq(proto, {n: ln for n, ln in found.items() if n in qdq_modules}, qdq_modules, uint8_weights=uint8_weights)
+    rewrites = nbits_rewrites + rewrites
     checks["weight_dtype"] = "uint8" if uint8_weights else "int8"
+    if nbits_modules:
+        checks["matmul_nbits"] = {"accuracy_level": nbits.accuracy_level, "layers": len(nbits_rewrites), "kept_float": refused}
     onnx_path = out_dir / ONNX_FILE
     onnx.save_model(proto, str(onnx_path))
 
     with tempfile.TemporaryDirectory() as scratch:
         optimized = Path(scratch) / "optimized.onnx"
         session = make_session(onnx_path, optimized_path=optimized)
-        kernels = {k.module: k for k in layer_kernels(optimized, {r.module: r.weight_initializer for r in rewrites})}
-        int8 = compare_outputs(_torch_outputs(qmodel, example_inputs), run_session(session, example_inputs))
-    checks["int8_ort_vs_simulated"] = int8
+        weights = {r.module: r.weight_initializer for r in rewrites} | {n: ln.weight_name for n, ln in kept_float.items()}
+        kernels = {k.module: k for k in layer_kernels(optimized, weights)}
+        quantized = compare_outputs(_torch_outputs(qmodel, example_inputs), run_session(session, example_inputs))
+    checks["quantized_ort_vs_simulated"] = quantized
+    checks["int8_ort_vs_simulated"] = quantized  # the name before MatMulNBits (same numbers)
 
     layers = []
     for r in rewrites:
         k = kernels[r.module]
         note = "" if k.integer else ("weight-only: DequantizeLinear + float kernel" if r.form == "weight_only" else "fused to a float kernel")
+        if r.form == "matmul_nbits":
+            layout = nbits_layout(nbits_modules[r.module])
+            note = f"{layout.bits}-bit, block {layout.block_size}" + (f"; {layout.note}" if layout.note else "") + (f"; {note}" if note else "")
         layers.append(LayerExport(r.module, r.form, k.op_type, k.integer, note))
+    layers += [LayerExport(n, "float", kernels[n].op_type, False, f"kept float: {refused[n]}") for n in kept_float]
     layers += [LayerExport(name, "not_found", "", False, why) for name, why in missing.items()]
     stayed_float = [f"{l.module} ({l.kernel or 'no kernel'}: {l.note})" for l in layers if not l.integer]
     if stayed_float:
@@ -105,5 +151,5 @@ def export_onnx(
     for l in layers:
         counts[l.kernel or "none"] = counts.get(l.kernel or "none", 0) + 1
     checks["kernels"] = counts
-    logger.info("ONNX export: %s; int8 vs simulated max abs %.3g", counts, int8["max_abs"])
+    logger.info("ONNX export: %s; ORT vs simulated max abs %.3g", counts, quantized["max_abs"])
     return tuple(layers), checks
