@@ -11,30 +11,40 @@ paths an algorithm needs:
 - `cle_chains`: variants of a layer → activation → layer … chain that cross-layer equalization may
   rescale (`algorithms.cle`). A block uses the first variant whose every path exists; a chain is
   only listed when each intermediate output feeds the next layer alone (no residual branch).
-- `norm_projections`: for transformer blocks, which norm feeds which linear projections
-  (SmoothQuant / AWQ / rotations). LLaMA, GPT-2, OPT and BERT rows go here.
+- `scale_groups`: for transformer blocks, a *source* whose output channels may be divided by a
+  per-channel scale s and the linear projections that read that output, whose input columns
+  are then multiplied by s (SmoothQuant, AWQ). The source is a norm (LayerNorm/RMSNorm: weight
+  and bias divided) or a Linear (output rows and bias divided) whose output reaches the
+  projections only through positively homogeneous operations (ReLU, a gated product, an
+  attention-weighted sum), so the float function is unchanged. A post-norm (BERT) LayerNorm
+  also feeds the residual branch and is therefore never a source.
 
 A row whose block class is a whole model (torchvision's `MobileNetV2`) holds model-level paths.
 `FAMILIES` groups rows per model family; `block_mappings()` lists them all.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Iterator
 
 from torch import nn
 
-from ptqkit.errors import ConfigError
+from ptqkit.errors import ConfigError, UnsupportedModelError
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "FoldPair",
     "CLEChain",
-    "NormProjections",
+    "ScaleGroup",
     "BlockMapping",
     "FAMILIES",
     "block_mappings",
     "resolve_fold_pairs",
     "resolve_cle_chains",
+    "resolve_scale_groups",
+    "find_block_list",
 ]
 
 
@@ -76,11 +86,20 @@ class CLEChain:
 
 
 @dataclass(frozen=True, kw_only=True)
-class NormProjections:
-    """A normalization module and the linear projections that read its output."""
+class ScaleGroup:
+    """A source module (norm or Linear) and the projections that read its output channels."""
 
-    norm: str
+    source: str
     projections: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "projections", tuple(self.projections))
+        if not self.projections:
+            raise ConfigError(f"scale group of source {self.source!r} names no projection")
+
+    def prefixed(self, prefix: str) -> "ScaleGroup":
+        """The same group with every path under the module `prefix`."""
+        return ScaleGroup(source=_join(prefix, self.source), projections=tuple(_join(prefix, p) for p in self.projections))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,7 +110,7 @@ class BlockMapping:
     block_class: str
     fold_pairs: tuple[FoldPair, ...] = ()
     cle_chains: tuple[CLEChain, ...] = ()  # variants: the first that fits the block is used
-    norm_projections: tuple[NormProjections, ...] = ()
+    scale_groups: tuple[ScaleGroup, ...] = ()
 
 
 def _join(prefix: str, path: str) -> str:
@@ -145,9 +164,51 @@ _TORCHVISION_CNN = (
     ),
 )
 
+# Hugging Face decoders and encoders. LLaMA-style blocks (LLaMA, Mistral, Qwen2, SmolLM2) share
+# paths. v_proj -> o_proj only applies without grouped-query attention (same width); groups whose
+# widths do not match are skipped with a logged reason (see `resolve_scale_groups`).
+_LLAMA_GROUPS = (
+    ScaleGroup(source="input_layernorm", projections=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ScaleGroup(source="self_attn.v_proj", projections=("self_attn.o_proj",)),
+    ScaleGroup(source="post_attention_layernorm", projections=("mlp.gate_proj", "mlp.up_proj")),
+    ScaleGroup(source="mlp.up_proj", projections=("mlp.down_proj",)),  # down(act(gate) * up)
+)
+_TRANSFORMERS = (
+    *(
+        BlockMapping(family="llama", block_class=name, scale_groups=_LLAMA_GROUPS)
+        for name in ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+    ),
+    BlockMapping(
+        family="gpt2",
+        block_class="GPT2Block",
+        # c_fc -> GELU -> c_proj is not homogeneous; c_attn's value third feeds c_proj but also q/k
+        scale_groups=(
+            ScaleGroup(source="ln_1", projections=("attn.c_attn",)),
+            ScaleGroup(source="ln_2", projections=("mlp.c_fc",)),
+        ),
+    ),
+    BlockMapping(
+        family="opt",
+        block_class="OPTDecoderLayer",
+        scale_groups=(
+            ScaleGroup(source="self_attn_layer_norm", projections=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            ScaleGroup(source="self_attn.v_proj", projections=("self_attn.out_proj",)),
+            ScaleGroup(source="final_layer_norm", projections=("fc1",)),
+            ScaleGroup(source="fc1", projections=("fc2",)),  # fc2(ReLU(fc1))
+        ),
+    ),
+    BlockMapping(
+        family="bert",
+        block_class="BertLayer",
+        # post-norm: every LayerNorm also feeds the residual, so only value -> output.dense
+        scale_groups=(ScaleGroup(source="attention.self.value", projections=("attention.output.dense",)),),
+    ),
+)
+
 FAMILIES: dict[str, tuple[BlockMapping, ...]] = {
     "torchvision_mobilenet_v2": tuple(m for m in _TORCHVISION_CNN if m.family == "torchvision_mobilenet_v2"),
     "torchvision_resnet": tuple(m for m in _TORCHVISION_CNN if m.family == "torchvision_resnet"),
+    **{family: tuple(m for m in _TRANSFORMERS if m.family == family) for family in ("llama", "gpt2", "opt", "bert")},
 }
 
 
@@ -212,3 +273,67 @@ def resolve_cle_chains(model: nn.Module) -> list[CLEChain]:
         c for c in found if not any(len(o.layers) > len(c.layers) and links(c) <= links(o) for o in found)
     ]
 
+
+
+def resolve_scale_groups(block: nn.Module, prefix: str = "") -> list[ScaleGroup]:
+    """The scale groups of one transformer block, as names under `prefix`.
+
+    Raises UnsupportedModelError when no table row names the block's class (the message says
+    which row to add). Groups whose paths are missing or whose widths do not match (grouped-query
+    attention's v_proj -> o_proj) are skipped with a logged reason."""
+    rows = [row for row in block_mappings() if row.block_class == type(block).__name__ and row.scale_groups]
+    if not rows:
+        known = sorted({row.block_class for row in block_mappings() if row.scale_groups})
+        raise UnsupportedModelError(
+            f"no scale-group mapping for block class {type(block).__name__!r} (at {prefix or 'the model root'!r}); "
+            "add a BlockMapping(family=..., block_class=..., scale_groups=(ScaleGroup(source='<norm>', "
+            f"projections=('<linear>', ...)), ...)) row to ptqkit/mappings.py. Known block classes: {known}"
+        )
+    groups = []
+    for group in rows[0].scale_groups:
+        paths = (group.source, *group.projections)
+        if not all(_has_path(block, p) for p in paths):
+            logger.info("%s: scale group %s skipped: a path is missing", prefix, group.source)
+            continue
+        width = _output_width(block.get_submodule(group.source))
+        widths = {_input_width(block.get_submodule(p)) for p in group.projections}
+        if widths != {width}:
+            logger.info(
+                "%s: scale group %s -> %s skipped: source width %s != projection input width(s) %s",
+                prefix, group.source, list(group.projections), width, sorted(widths),
+            )
+            continue
+        groups.append(group.prefixed(prefix))
+    return groups
+
+
+def _output_width(module: nn.Module) -> int | None:
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        return None
+    if type(module).__name__ == "Conv1D":  # Hugging Face GPT-2: weight [in, out]
+        return int(weight.shape[1])
+    return int(weight.shape[0])
+
+
+def _input_width(module: nn.Module) -> int | None:
+    weight = getattr(module, "weight", None)
+    if weight is None or weight.ndim != 2:
+        return None
+    return int(weight.shape[0] if type(module).__name__ == "Conv1D" else weight.shape[1])
+
+
+def find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The repeated blocks of a transformer: the ModuleList of at least two children of one
+    class that holds the most parameters (HF decoders' `model.layers`, GPT-2's `transformer.h`,
+    BERT's `encoder.layer`), as (name, list); None when the model has no such list."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 2:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if size > 0 and (best is None or size > best[0]):
+            best = (size, name, module)
+    return None if best is None else (best[1], best[2])

@@ -58,26 +58,33 @@ def quantize_(model: nn.Module, recipe: Recipe, calib: Any = None, *, progress: 
 
     the_plan = resolve_plan(model, recipe)
     logger.info("quantization plan:\n%s", the_plan.render())
-    pre_transforms, weight_quantizer = split_algorithms(recipe.algorithms)
+    stages = split_algorithms(recipe.algorithms)
     static_inputs = {layer.name: layer.inputs for layer in the_plan.layers if layer.inputs is not None and not layer.inputs.dynamic}
     calibration: dict[str, Any] = {}
     observers: dict[str, Any] = {}
-    if static_inputs and calib is None:
-        raise ConfigError(
-            f"recipe {recipe.name!r} quantizes input activations statically ({len(static_inputs)} module(s)) "
-            "but no calibration data was given: pass calib=CalibrationData..., or use a dynamic preset "
-            "such as 'w8a8_dynamic' (or a weight-only one: 'w8a16', 'w4a16')"
+    weight_results: dict[str, Any] = {}
+    if (static_inputs or stages.blockwise) and calib is None:
+        needs = f"quantizes input activations statically ({len(static_inputs)} module(s))" if static_inputs else (
+            f"runs {[type(c).__name__ for c in (*stages.block_transforms, stages.weight_quantizer) if c is not None]} "
+            "from calibration statistics"
         )
-    backup = copy.deepcopy(model.__dict__) if pre_transforms else None  # restored if anything fails
+        raise ConfigError(
+            f"recipe {recipe.name!r} {needs} but no calibration data was given: pass calib=CalibrationData..., "
+            "or use a data-free recipe such as 'w8a8_dynamic' (or a weight-only one: 'w8a16', 'w4a16') without gptq/awq/smoothquant"
+        )
+    backup = copy.deepcopy(model.__dict__) if stages.pre_transforms or stages.blockwise else None  # restored on failure
     try:
-        for config in pre_transforms:
+        for config in stages.pre_transforms:
             _run_pre_transform(model, config)
+        data = _as_calibration_data(calib, recipe) if calib is not None else None
+        if stages.blockwise:
+            weight_results = _run_blockwise(model, the_plan, stages, data, recipe, progress)
         if static_inputs:
-            data = _as_calibration_data(calib, recipe)
             observers = _calibrate(model, static_inputs, data, recipe, progress)
+        if data is not None and (static_inputs or stages.blockwise):
             calibration = {"description": data.description, "fingerprint": data.fingerprint}
         replacements = {
-            layer.name: _convert(model.get_submodule(layer.name), layer, observers.get(layer.name), weight_quantizer)
+            layer.name: _convert(model.get_submodule(layer.name), layer, observers.get(layer.name), stages.weight_quantizer, weight_results.get(layer.name))
             for layer in the_plan.layers
         }
     except BaseException:
@@ -121,6 +128,24 @@ def _calibrate(model: nn.Module, specs: dict[str, QuantSpec], data: Any, recipe:
     )
 
 
+def _run_blockwise(model: nn.Module, the_plan: Plan, stages: Any, data: Any, recipe: Recipe, progress: bool) -> dict[str, Any]:
+    from ptqkit.algorithms.blockwise import quantize_blocks_
+
+    if len(data) == 0:
+        raise CalibrationDataError("calibration data is empty")
+    targets = {layer.name: (layer.module_type, layer.weights) for layer in the_plan.layers if layer.weights is not None}
+    was_training = model.training
+    model.eval()
+    try:
+        results, _ = quantize_blocks_(
+            model, targets, stages, data.batches(recipe.calibration.batch_size),
+            max_samples=min(len(data), recipe.calibration.samples), progress=progress,
+        )
+    finally:
+        model.train(was_training)
+    return results
+
+
 def _run_pre_transform(model: nn.Module, config: Any) -> None:
     from ptqkit.algorithms.pipeline import PRE_TRANSFORMS
 
@@ -132,9 +157,9 @@ def _run_pre_transform(model: nn.Module, config: Any) -> None:
 def weight_qparams(weight: torch.Tensor, spec: QuantSpec, quantizer: Any = None) -> QParams:
     """Parameters of a weight (layout [out, in, ...]): the recipe's weight quantizer (e.g. RTN
     with an MSE clip search) if it has one, else the spec's observer (min-max by default)."""
-    if quantizer is not None:
-        from ptqkit.algorithms.pipeline import quantize_weight_params
+    from ptqkit.algorithms.pipeline import WEIGHT_QUANTIZERS, quantize_weight_params
 
+    if type(quantizer) in WEIGHT_QUANTIZERS:  # GPTQ runs block by block; elsewhere: the observer
         qparams = quantize_weight_params(weight.detach(), spec, quantizer)
         return QParams(qparams.scale, qparams.zero_point, qparams.qtype, spec.granularity)
     if spec.observer == "minmax":
@@ -154,11 +179,15 @@ def _input_quantizer(layer: LayerPlan, observer: Any) -> InputQuantizer | None:
     return InputQuantizer(layer.inputs, observer.qparams())
 
 
-def _convert(module: nn.Module, layer: LayerPlan, observer: Any, quantizer: Any = None) -> nn.Module:
-    """The quantized replacement of one module (weights stay float if the layer has no weight spec)."""
+def _convert(module: nn.Module, layer: LayerPlan, observer: Any, quantizer: Any = None, result: Any = None) -> nn.Module:
+    """The quantized replacement of one module (weights stay float if the layer has no weight
+    spec); `result` holds integer weights an algorithm already computed for it."""
     if layer.weights is None:
         return _InputOnly(module, _input_quantizer(layer, observer))
     inputs = _input_quantizer(layer, observer)
+    if result is not None:
+        weight = module.weight.t() if layer.module_type == "Conv1D" else module.weight
+        return QuantLinear(weight, module.bias, result.qparams, layer.weights, inputs, codes=result.codes)
     if layer.module_type == "Embedding":
         return QuantEmbedding(module, weight_qparams(module.weight, layer.weights, quantizer), layer.weights)
     if layer.module_type in ("Linear", "Conv1D"):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import ptqkit as pq
-from ptqkit.algorithms import BNFoldConfig, CLEConfig, GPTQConfig, RTNConfig
+from ptqkit.algorithms import AdaRoundConfig, BNFoldConfig, CLEConfig, RTNConfig
 from ptqkit.errors import CalibrationDataError, ConfigError
 from ptqkit.recipe import Recipe
 
@@ -49,9 +49,12 @@ def test_rtn_mse_clip_search_lowers_weight_error() -> None:
 
 
 def test_algorithms_the_engine_does_not_run_yet_are_refused() -> None:
-    with pytest.raises(ConfigError, match=r"algorithms\[0\]: GPTQConfig is not run by the engine yet; runnable: \['BNFoldConfig', 'CLEConfig', 'RTNConfig'\]"):
-        pq.quantize(_cnn(), Recipe.from_preset("w8a16", algorithms=(GPTQConfig(),)))
-    with pytest.raises(ConfigError, match=r"algorithms\[1\] \(BNFoldConfig\) is a pre-transform; list it before the weight quantizer"):
+    with pytest.raises(
+        ConfigError,
+        match=r"algorithms\[0\]: AdaRoundConfig is not run by the engine yet; runnable: \['AWQConfig', 'BNFoldConfig', 'CLEConfig', 'GPTQConfig', 'RTNConfig', 'SmoothQuantConfig'\]",
+    ):
+        pq.quantize(_cnn(), Recipe.from_preset("w8a16", algorithms=(AdaRoundConfig(),)))
+    with pytest.raises(ConfigError, match=r"algorithms\[1\] \(BNFoldConfig\) is a pre-transform; list it before RTNConfig \(a weight quantizer\)"):
         pq.quantize(_cnn(), Recipe.from_preset("w8a16", algorithms=(RTNConfig(), BNFoldConfig())))
 
 

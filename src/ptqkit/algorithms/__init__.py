@@ -7,17 +7,20 @@ discovery). Every registered config is a frozen keyword-only dataclass of plain 
 from __future__ import annotations
 
 from ptqkit.algorithms.adaround import AdaRoundConfig
+from ptqkit.algorithms.awq import AWQConfig
 from ptqkit.algorithms.bias_correction import BiasCorrectionConfig
 from ptqkit.algorithms.bn_fold import BNFoldConfig
 from ptqkit.algorithms.cle import CLEConfig
 from ptqkit.algorithms.gptq import GPTQConfig, gptq_quantize_weight
 from ptqkit.algorithms.hessian import HessianAccumulator
 from ptqkit.algorithms.rtn import RTNConfig, rtn_qparams, rtn_quantize_weight
+from ptqkit.algorithms.smoothquant import SmoothQuantConfig
 from ptqkit.algorithms.weight_quant import SCALE_RULES, WeightQuantResult, weight_qparams
 
 __all__ = [
     "ALGORITHMS",
     "AdaRoundConfig",
+    "AWQConfig",
     "BNFoldConfig",
     "BiasCorrectionConfig",
     "CLEConfig",
@@ -25,6 +28,7 @@ __all__ = [
     "GPTQConfig",
     "HessianAccumulator",
     "RTNConfig",
+    "SmoothQuantConfig",
     "WeightQuantResult",
     "gptq_quantize_weight",
     "rtn_qparams",
@@ -35,6 +39,8 @@ __all__ = [
 ALGORITHMS: dict[str, type] = {
     "rtn": RTNConfig,
     "gptq": GPTQConfig,
+    "awq": AWQConfig,
+    "smoothquant": SmoothQuantConfig,
     "bn_fold": BNFoldConfig,
     "cle": CLEConfig,
     "bias_correction": BiasCorrectionConfig,

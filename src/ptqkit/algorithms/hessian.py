@@ -104,6 +104,18 @@ class HessianAccumulator:
         self._n = total
         return self
 
+    def divide_inputs_(self, scales: torch.Tensor) -> HessianAccumulator:
+        """Make H what it would be had every input row been divided by `scales` [in]
+        (H_ij / (s_i s_j)), as when SmoothQuant or AWQ rescales the layer's input channels."""
+        if scales.shape != (self.in_features,) or not torch.isfinite(scales).all() or (scales <= 0).any():
+            raise ConfigError(
+                f"{self._where()}: input scales must be {self.in_features} positive finite values, "
+                f"got shape {tuple(scales.shape)}"
+            )
+        inverse = 1.0 / scales.to(self._h.dtype)  # [in]
+        self._h.mul_(inverse[:, None]).mul_(inverse[None, :])
+        return self
+
     def hessian(self) -> torch.Tensor:
         """A copy of H [in, in]; raises CalibrationDataError when nothing was accumulated."""
         if self._n == 0:

@@ -1,58 +1,118 @@
 """Which recipe algorithms the engine runs, and where: one explicit dict per stage.
 
-- Pre-transforms (function-preserving, in float, before calibration): bn_fold, cle.
-- Weight quantizers (how each targeted weight becomes integers): rtn (the default, min-max).
-Algorithms that need captured layer inputs or Hessians (gptq, adaround, bias_correction) have
-their maths in this package but are not run by the engine yet: a recipe naming them is refused
-with a ConfigError rather than silently ignored.
+1. Pre-transforms (function-preserving, in float, data-free, before calibration): bn_fold, cle.
+2. Block transforms (function-preserving, in float, from calibration statistics, block by block;
+   see `algorithms.blockwise`): smoothquant, awq.
+3. The weight quantizer (how each targeted weight becomes integers): rtn (the default, min-max)
+   or gptq (from each layer's Hessian, block by block).
+Algorithms whose maths exist but that the engine does not run yet (adaround, bias_correction)
+are refused with a ConfigError rather than silently ignored.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
+from ptqkit.algorithms.awq import AWQConfig
 from ptqkit.algorithms.bn_fold import BNFoldConfig, fold_batchnorm_
 from ptqkit.algorithms.cle import CLEConfig, equalize_
-from ptqkit.algorithms.rtn import RTNConfig, rtn_qparams
+from ptqkit.algorithms.gptq import GPTQConfig, gptq_quantize_weight
+from ptqkit.algorithms.rtn import RTNConfig, rtn_qparams, rtn_quantize_weight
+from ptqkit.algorithms.smoothquant import SmoothQuantConfig
+from ptqkit.algorithms.weight_quant import WeightQuantResult
 from ptqkit.errors import ConfigError
 from ptqkit.spec import QParams, QuantSpec
 
-__all__ = ["PRE_TRANSFORMS", "WEIGHT_QUANTIZERS", "split_algorithms", "quantize_weight_params"]
+__all__ = [
+    "PRE_TRANSFORMS",
+    "BLOCK_TRANSFORMS",
+    "WEIGHT_QUANTIZERS",
+    "Stages",
+    "split_algorithms",
+    "quantize_weight_params",
+    "quantize_weight",
+]
 
 PRE_TRANSFORMS: dict[type, Callable[[nn.Module, Any], Any]] = {
     BNFoldConfig: lambda model, config: fold_batchnorm_(model),
     CLEConfig: lambda model, config: equalize_(model, config=config),
 }
+BLOCK_TRANSFORMS: tuple[type, ...] = (SmoothQuantConfig, AWQConfig)  # run by algorithms.blockwise
 WEIGHT_QUANTIZERS: dict[type, Callable[[torch.Tensor, QuantSpec, Any], QParams]] = {
     RTNConfig: lambda weight, spec, config: rtn_qparams(weight, spec, config),
 }
+HESSIAN_QUANTIZERS: tuple[type, ...] = (GPTQConfig,)  # need each layer's Hessian: block by block
 
 
-def split_algorithms(algorithms: Sequence[Any]) -> tuple[list[Any], Any | None]:
-    """(pre-transforms in recipe order, the weight quantizer config or None)."""
-    pre, weights = [], []
+@dataclass(frozen=True)
+class Stages:
+    """A recipe's algorithms sorted into the engine's stages (each keeps recipe order)."""
+
+    pre_transforms: tuple[Any, ...] = ()
+    block_transforms: tuple[Any, ...] = ()
+    weight_quantizer: Any = None
+
+    @property
+    def blockwise(self) -> bool:
+        """Whether the model must be run block by block on calibration data."""
+        return bool(self.block_transforms) or isinstance(self.weight_quantizer, HESSIAN_QUANTIZERS)
+
+
+def _stage_of(config: Any) -> int:
+    if type(config) in PRE_TRANSFORMS:
+        return 0
+    if type(config) in BLOCK_TRANSFORMS:
+        return 1
+    if type(config) in WEIGHT_QUANTIZERS or type(config) in HESSIAN_QUANTIZERS:
+        return 2
+    return -1
+
+
+_STAGE_NAMES = ("a pre-transform", "a block transform", "a weight quantizer")
+
+
+def split_algorithms(algorithms: Sequence[Any]) -> Stages:
+    """Sort `algorithms` into stages; they must be listed in stage order."""
+    by_stage: tuple[list[Any], list[Any], list[Any]] = ([], [], [])
     for index, config in enumerate(algorithms):
-        if type(config) in PRE_TRANSFORMS:
-            if weights:
-                raise ConfigError(f"algorithms[{index}] ({type(config).__name__}) is a pre-transform; list it before the weight quantizer")
-            pre.append(config)
-        elif type(config) in WEIGHT_QUANTIZERS:
-            weights.append(config)
-        else:
-            runnable = sorted(c.__name__ for c in (*PRE_TRANSFORMS, *WEIGHT_QUANTIZERS))
+        stage = _stage_of(config)
+        if stage < 0:
+            runnable = sorted(c.__name__ for c in (*PRE_TRANSFORMS, *BLOCK_TRANSFORMS, *WEIGHT_QUANTIZERS, *HESSIAN_QUANTIZERS))
             raise ConfigError(
-                f"algorithms[{index}]: {type(config).__name__} is not run by the engine yet; "
-                f"runnable: {runnable}"
+                f"algorithms[{index}]: {type(config).__name__} is not run by the engine yet; runnable: {runnable}"
             )
-    if len(weights) > 1:
-        raise ConfigError(f"algorithms: {len(weights)} weight quantizers given; use one")
-    return pre, (weights[0] if weights else None)
+        later = [s for s in range(stage + 1, 3) if by_stage[s]]
+        if later:
+            raise ConfigError(
+                f"algorithms[{index}] ({type(config).__name__}) is {_STAGE_NAMES[stage]}; list it before "
+                f"{type(by_stage[later[0]][0]).__name__} ({_STAGE_NAMES[later[0]]}). Order: pre-transforms "
+                "(bn_fold, cle), block transforms (smoothquant, awq), then one weight quantizer (rtn, gptq)"
+            )
+        by_stage[stage].append(config)
+    if len(by_stage[2]) > 1:
+        raise ConfigError(f"algorithms: {len(by_stage[2])} weight quantizers given; use one")
+    return Stages(tuple(by_stage[0]), tuple(by_stage[1]), by_stage[2][0] if by_stage[2] else None)
 
 
 def quantize_weight_params(weight: torch.Tensor, spec: QuantSpec, config: Any) -> QParams:
-    """QParams of a weight [out, ...] by the configured weight quantizer (on its [out, -1] view
+    """QParams of a weight [out, ...] by a data-free weight quantizer (on its [out, -1] view
     for convolutions, whose per-channel parameters are the same)."""
+    if type(config) not in WEIGHT_QUANTIZERS:
+        raise ConfigError(f"{type(config).__name__} needs calibration data (a Hessian) and runs block by block, not here")
     flat = weight.reshape(weight.shape[0], -1) if weight.ndim > 2 else weight  # [out, in·k·k]
     return WEIGHT_QUANTIZERS[type(config)](flat, spec, config)
+
+
+def quantize_weight(
+    weight: torch.Tensor, spec: QuantSpec, config: Any, hessian: torch.Tensor | None = None, *, name: str | None = None
+) -> WeightQuantResult:
+    """Integer weights of a Linear weight [out, in] by the configured quantizer (RTN when
+    `config` is None); GPTQ needs the layer's Hessian [in, in]."""
+    if isinstance(config, GPTQConfig):
+        if hessian is None:
+            raise ConfigError(f"layer {name!r}: GPTQ needs the layer's Hessian")
+        return gptq_quantize_weight(weight, hessian, spec, config, name=name)
+    return rtn_quantize_weight(weight, spec, config if isinstance(config, RTNConfig) else None)
