@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ptqkit.errors import CalibrationDataError, ConfigError
-from ptqkit.nn.act_quant import InputQuantizer
+from ptqkit.nn.act_quant import InputQuantizer, OutlierKeepingQuantizer
 from ptqkit.nn.modules import QuantConv, QuantEmbedding, QuantizedModule, QuantLinear
 from ptqkit.primitives import qparams_from_tensor
 from ptqkit.recipe import Recipe
@@ -60,6 +60,11 @@ def quantize_(model: nn.Module, recipe: Recipe, calib: Any = None, *, progress: 
     logger.info("quantization plan:\n%s", the_plan.render())
     stages = split_algorithms(recipe.algorithms)
     static_inputs = {layer.name: layer.inputs for layer in the_plan.layers if layer.inputs is not None and not layer.inputs.dynamic}
+    if stages.input_decomposition is not None and (static_inputs or not any(layer.inputs for layer in the_plan.layers)):
+        raise ConfigError(
+            f"llm_int8 decomposes dynamically quantized inputs, but recipe {recipe.name!r} has "
+            f"{'static' if static_inputs else 'no'} input quantization; use it with 'w8a8_dynamic'"
+        )
     calibration: dict[str, Any] = {}
     observers: dict[str, Any] = {}
     weight_results: dict[str, Any] = {}
@@ -84,7 +89,9 @@ def quantize_(model: nn.Module, recipe: Recipe, calib: Any = None, *, progress: 
         if data is not None and (static_inputs or stages.blockwise):
             calibration = {"description": data.description, "fingerprint": data.fingerprint}
         replacements = {
-            layer.name: _convert(model.get_submodule(layer.name), layer, observers.get(layer.name), stages.weight_quantizer, weight_results.get(layer.name))
+            layer.name: _convert(
+                model.get_submodule(layer.name), layer, observers.get(layer.name), stages, weight_results.get(layer.name)
+            )
             for layer in the_plan.layers
         }
     except BaseException:
@@ -171,20 +178,23 @@ def weight_qparams(weight: torch.Tensor, spec: QuantSpec, quantizer: Any = None)
     return observer.qparams()
 
 
-def _input_quantizer(layer: LayerPlan, observer: Any) -> InputQuantizer | None:
+def _input_quantizer(layer: LayerPlan, observer: Any, decomposition: Any = None) -> InputQuantizer | None:
     if layer.inputs is None:
         return None
+    if decomposition is not None:  # LLM.int8: checked up front to need dynamic inputs
+        return OutlierKeepingQuantizer(layer.inputs, decomposition.threshold)
     if layer.inputs.dynamic:
         return InputQuantizer(layer.inputs)
     return InputQuantizer(layer.inputs, observer.qparams())
 
 
-def _convert(module: nn.Module, layer: LayerPlan, observer: Any, quantizer: Any = None, result: Any = None) -> nn.Module:
+def _convert(module: nn.Module, layer: LayerPlan, observer: Any, stages: Any, result: Any = None) -> nn.Module:
     """The quantized replacement of one module (weights stay float if the layer has no weight
     spec); `result` holds integer weights an algorithm already computed for it."""
+    inputs = _input_quantizer(layer, observer, stages.input_decomposition)
     if layer.weights is None:
-        return _InputOnly(module, _input_quantizer(layer, observer))
-    inputs = _input_quantizer(layer, observer)
+        return _InputOnly(module, inputs)
+    quantizer = stages.weight_quantizer
     if result is not None:
         weight = module.weight.t() if layer.module_type == "Conv1D" else module.weight
         return QuantLinear(weight, module.bias, result.qparams, layer.weights, inputs, codes=result.codes)

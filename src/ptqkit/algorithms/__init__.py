@@ -13,6 +13,7 @@ from ptqkit.algorithms.bn_fold import BNFoldConfig
 from ptqkit.algorithms.cle import CLEConfig
 from ptqkit.algorithms.gptq import GPTQConfig, gptq_quantize_weight
 from ptqkit.algorithms.hessian import HessianAccumulator
+from ptqkit.algorithms.llm_int8 import LLMInt8Config
 from ptqkit.algorithms.rtn import RTNConfig, rtn_qparams, rtn_quantize_weight
 from ptqkit.algorithms.smoothquant import SmoothQuantConfig
 from ptqkit.algorithms.weight_quant import SCALE_RULES, WeightQuantResult, weight_qparams
@@ -27,6 +28,7 @@ __all__ = [
     "SCALE_RULES",
     "GPTQConfig",
     "HessianAccumulator",
+    "LLMInt8Config",
     "RTNConfig",
     "SmoothQuantConfig",
     "WeightQuantResult",
@@ -41,6 +43,7 @@ ALGORITHMS: dict[str, type] = {
     "gptq": GPTQConfig,
     "awq": AWQConfig,
     "smoothquant": SmoothQuantConfig,
+    "llm_int8": LLMInt8Config,
     "bn_fold": BNFoldConfig,
     "cle": CLEConfig,
     "bias_correction": BiasCorrectionConfig,

@@ -5,6 +5,7 @@
    see `algorithms.blockwise`): smoothquant, awq.
 3. The weight quantizer (how each targeted weight becomes integers): rtn (the default, min-max)
    or gptq (from each layer's Hessian, block by block).
+4. Input decomposition at conversion: llm_int8 (outlier input columns stay float per call).
 Algorithms whose maths exist but that the engine does not run yet (adaround, bias_correction)
 are refused with a ConfigError rather than silently ignored.
 """
@@ -20,6 +21,7 @@ from ptqkit.algorithms.awq import AWQConfig
 from ptqkit.algorithms.bn_fold import BNFoldConfig, fold_batchnorm_
 from ptqkit.algorithms.cle import CLEConfig, equalize_
 from ptqkit.algorithms.gptq import GPTQConfig, gptq_quantize_weight
+from ptqkit.algorithms.llm_int8 import LLMInt8Config
 from ptqkit.algorithms.rtn import RTNConfig, rtn_qparams, rtn_quantize_weight
 from ptqkit.algorithms.smoothquant import SmoothQuantConfig
 from ptqkit.algorithms.weight_quant import WeightQuantResult
@@ -45,6 +47,7 @@ WEIGHT_QUANTIZERS: dict[type, Callable[[torch.Tensor, QuantSpec, Any], QParams]]
     RTNConfig: lambda weight, spec, config: rtn_qparams(weight, spec, config),
 }
 HESSIAN_QUANTIZERS: tuple[type, ...] = (GPTQConfig,)  # need each layer's Hessian: block by block
+INPUT_DECOMPOSITIONS: tuple[type, ...] = (LLMInt8Config,)  # change how inputs are quantized at conversion
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class Stages:
     pre_transforms: tuple[Any, ...] = ()
     block_transforms: tuple[Any, ...] = ()
     weight_quantizer: Any = None
+    input_decomposition: Any = None
 
     @property
     def blockwise(self) -> bool:
@@ -68,33 +72,39 @@ def _stage_of(config: Any) -> int:
         return 1
     if type(config) in WEIGHT_QUANTIZERS or type(config) in HESSIAN_QUANTIZERS:
         return 2
+    if type(config) in INPUT_DECOMPOSITIONS:
+        return 3
     return -1
 
 
-_STAGE_NAMES = ("a pre-transform", "a block transform", "a weight quantizer")
+_STAGE_NAMES = ("a pre-transform", "a block transform", "a weight quantizer", "an input decomposition")
+_ALL = (*PRE_TRANSFORMS, *BLOCK_TRANSFORMS, *WEIGHT_QUANTIZERS, *HESSIAN_QUANTIZERS, *INPUT_DECOMPOSITIONS)
 
 
 def split_algorithms(algorithms: Sequence[Any]) -> Stages:
     """Sort `algorithms` into stages; they must be listed in stage order."""
-    by_stage: tuple[list[Any], list[Any], list[Any]] = ([], [], [])
+    by_stage: tuple[list[Any], ...] = ([], [], [], [])
     for index, config in enumerate(algorithms):
         stage = _stage_of(config)
         if stage < 0:
-            runnable = sorted(c.__name__ for c in (*PRE_TRANSFORMS, *BLOCK_TRANSFORMS, *WEIGHT_QUANTIZERS, *HESSIAN_QUANTIZERS))
+            runnable = sorted(c.__name__ for c in _ALL)
             raise ConfigError(
                 f"algorithms[{index}]: {type(config).__name__} is not run by the engine yet; runnable: {runnable}"
             )
-        later = [s for s in range(stage + 1, 3) if by_stage[s]]
+        later = [s for s in range(stage + 1, len(by_stage)) if by_stage[s]]
         if later:
             raise ConfigError(
                 f"algorithms[{index}] ({type(config).__name__}) is {_STAGE_NAMES[stage]}; list it before "
                 f"{type(by_stage[later[0]][0]).__name__} ({_STAGE_NAMES[later[0]]}). Order: pre-transforms "
-                "(bn_fold, cle), block transforms (smoothquant, awq), then one weight quantizer (rtn, gptq)"
+                "(bn_fold, cle), block transforms (smoothquant, awq), one weight quantizer (rtn, gptq), llm_int8"
             )
         by_stage[stage].append(config)
-    if len(by_stage[2]) > 1:
-        raise ConfigError(f"algorithms: {len(by_stage[2])} weight quantizers given; use one")
-    return Stages(tuple(by_stage[0]), tuple(by_stage[1]), by_stage[2][0] if by_stage[2] else None)
+    for stage, what in ((2, "weight quantizers"), (3, "input decompositions")):
+        if len(by_stage[stage]) > 1:
+            raise ConfigError(f"algorithms: {len(by_stage[stage])} {what} given; use one")
+    return Stages(
+        tuple(by_stage[0]), tuple(by_stage[1]), by_stage[2][0] if by_stage[2] else None, by_stage[3][0] if by_stage[3] else None
+    )
 
 
 def quantize_weight_params(weight: torch.Tensor, spec: QuantSpec, config: Any) -> QParams:

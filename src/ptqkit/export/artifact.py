@@ -87,6 +87,7 @@ def _module_record(name: str, module: nn.Module, layer: Any) -> dict[str, Any]:
     record: dict[str, Any] = {"name": name, "plan_type": layer.module_type, "reason": layer.reason}
     quantizer = module.input_quantizer
     record["inputs"] = None if quantizer is None else quantizer.spec.to_dict()
+    record["outlier_threshold"] = getattr(quantizer, "outlier_threshold", None)
     qparams = None if quantizer is None else quantizer.qparams
     record["input_qparams"] = None if qparams is None else {
         "scale": qparams.scale.tolist(),

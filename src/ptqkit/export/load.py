@@ -18,7 +18,7 @@ from torch import nn
 
 from ptqkit.errors import ArtifactError, PTQError
 from ptqkit.export.artifact import CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, MODEL_FILE, QUANT_FILE, file_sha256
-from ptqkit.nn.act_quant import InputQuantizer
+from ptqkit.nn.act_quant import InputQuantizer, OutlierKeepingQuantizer
 from ptqkit.nn.modules import QuantConv, QuantEmbedding, QuantLinear
 from ptqkit.primitives import unpack_lowbit
 from ptqkit.spec import QParams, QuantSpec
@@ -28,7 +28,7 @@ __all__ = ["load_artifact", "read_manifest"]
 logger = logging.getLogger(__name__)
 
 _REQUIRED_KEYS = ("format", "format_version", "recipe", "layers", "skipped", "aliases", "model_sha256", "model")
-_LAYER_KEYS = ("name", "module", "plan_type", "reason", "weights", "inputs", "input_qparams")
+_LAYER_KEYS = ("name", "module", "plan_type", "reason", "weights", "inputs", "input_qparams")  # + optional "outlier_threshold"
 _BUILT_SUFFIXES = ("weight_codes", "weight_scale", "weight_zero_point", "input_quantizer.scale", "input_quantizer.zero_point")
 _QUANT_MODULES = {"QuantLinear", "QuantConv", "QuantEmbedding", "InputOnly"}
 
@@ -150,6 +150,14 @@ def _input_quantizer(layer: dict[str, Any], tensors: dict[str, torch.Tensor], pa
         return None
     name = layer["name"]
     spec = _spec(layer["inputs"], f"{path.parent / QUANT_FILE}: layers[{name!r}].inputs")
+    threshold = layer.get("outlier_threshold")
+    if threshold is not None:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0 or not spec.dynamic:
+            raise ArtifactError(
+                f"{path.parent / QUANT_FILE}: layers[{name!r}].outlier_threshold={threshold!r} must be a positive number "
+                "on a layer with dynamic inputs"
+            )
+        return OutlierKeepingQuantizer(spec, float(threshold))
     if spec.dynamic:
         return InputQuantizer(spec)
     qparams = _qparams(f"{name}.input_quantizer.", spec, None, tensors, path)

@@ -76,6 +76,11 @@ def check_exportable(name: str, module: QuantizedModule) -> None:
     quantizer = module.input_quantizer
     if quantizer is None:
         return
+    if getattr(quantizer, "outlier_threshold", None) is not None:
+        raise ExportError(
+            f"module {name!r}: LLM.int8 outlier decomposition (float columns where |x| > {quantizer.outlier_threshold:g}) "
+            "is a simulated scheme with no ONNX form; export a w8a8_dynamic model without llm_int8"
+        )
     ispec = quantizer.spec
     if isinstance(ispec.granularity, PerToken) and ispec.qtype.name == "uint8" and not ispec.symmetric:
         if isinstance(module, QuantConv) or bool((module.weight_zero_point != 0).any()):

@@ -7,7 +7,7 @@ from torch import nn
 from ptqkit.primitives import fake_quantize, qparams_from_tensor
 from ptqkit.spec import QParams, QuantSpec
 
-__all__ = ["InputQuantizer"]
+__all__ = ["InputQuantizer", "OutlierKeepingQuantizer"]
 
 
 class InputQuantizer(nn.Module):
@@ -40,3 +40,34 @@ class InputQuantizer(nn.Module):
     def extra_repr(self) -> str:
         mode = "dynamic" if self.spec.dynamic else "static"
         return f"{self.spec.qtype.name}, {type(self.spec.granularity).__name__}, {mode}"
+
+
+class OutlierKeepingQuantizer(InputQuantizer):
+    """LLM.int8()'s input side: per call, the input columns with any |x| > `threshold` pass
+    through in float, the others are fake-quantized dynamically (see `algorithms.llm_int8`).
+    Counts the share of columns kept in float over all calls (`outlier_fraction`)."""
+
+    def __init__(self, spec: QuantSpec, threshold: float) -> None:
+        if not spec.dynamic:
+            raise ValueError("LLM.int8 decomposition needs a dynamic input spec (per-token int8)")
+        super().__init__(spec)
+        self.outlier_threshold = float(threshold)
+        self.register_buffer("_columns_seen", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("_outliers_seen", torch.zeros((), dtype=torch.float64), persistent=False)
+
+    @property
+    def outlier_fraction(self) -> float:
+        """Share of input columns kept in float, over every call so far (0 before any)."""
+        seen = float(self._columns_seen)
+        return float(self._outliers_seen) / seen if seen else 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ptqkit.algorithms.llm_int8 import split_outliers
+
+        regular, outliers, mask = split_outliers(x, self.outlier_threshold)
+        self._columns_seen += mask.numel()
+        self._outliers_seen += mask.sum()
+        return super().forward(regular) + outliers
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, float columns where |x| > {self.outlier_threshold:g}"

@@ -1,0 +1,49 @@
+"""LLM.int8() outlier decomposition (Dettmers et al., 2022, "LLM.int8(): 8-bit Matrix
+Multiplication for Transformers at Scale"), as a simulated scheme.
+
+A few hidden-state channels of large transformers carry values far above the rest (|x| > 6);
+int8 per-token quantization of such a row spends its whole range on them. LLM.int8() splits the
+matrix product by input column: columns where any element of the current input exceeds the
+threshold stay in 16/32-bit, the rest are quantized per token to int8:
+
+    y = Q(x_regular) · Ŵᵀ + x_outlier · Ŵᵀ
+
+with Ŵ the int8 (per output channel) weights, x_regular = x with the outlier columns zeroed and
+x_outlier = x on them only. The columns are chosen per call, as in the paper. The quantizer
+counts how many input columns it kept in float (`OutlierKeepingQuantizer.outlier_fraction`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ptqkit.errors import ConfigError
+
+__all__ = ["LLMInt8Config", "outlier_columns", "split_outliers"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LLMInt8Config:
+    """`threshold`: an input column is an outlier when any |x| in it exceeds this (6.0 in the paper)."""
+
+    threshold: float = 6.0
+    name: ClassVar[str] = "llm_int8"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not self.threshold > 0:
+            raise ConfigError(f"llm_int8.threshold: {self.threshold!r} must be a positive number")
+
+
+def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Boolean mask [C] of the input columns with any |x| > threshold, for x [..., C]."""
+    return (x.detach().abs() > threshold).reshape(-1, x.shape[-1]).any(0)  # [C]
+
+
+def split_outliers(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x with outlier columns zeroed, x on the outlier columns only, the mask [C]); the two
+    parts add up to x exactly."""
+    mask = outlier_columns(x, threshold)  # [C]
+    outliers = x * mask.to(x.dtype)  # [..., C]
+    return x - outliers, outliers, mask
