@@ -22,6 +22,8 @@ divide the input width, so both use NNCF's adjustment, groups of 64 on the 576-w
 | nncf-awq-se/{g128,channel} | the same with awq=True, scale_estimation=True on the calibration windows; 12-15 GB RSS, so run last and only with `--min-free-gib` available |
 
 A failing, timed-out or skipped configuration becomes a row with its error; the run goes on.
+Each child's JSON row and log are kept in `results/<JSON name>_rows/`; the 1-minute load
+average after each row is recorded because other jobs may share the 2 cores.
 
     .venv/bin/python benchmarks/llm_peers.py [--samples 128] [--window 512] [--quick] [--only NAME ...]
 
@@ -96,10 +98,10 @@ def peer_model_dir(model_dir: Path) -> Path:
     return target
 
 
-def run_peer(tool: str, scheme: str, windows: Path, model_dir: Path, timeout: float) -> dict:
+def run_peer(tool: str, scheme: str, windows: Path, model_dir: Path, timeout: float, rows_dir: Path) -> dict:
     """One configuration in a child process of the peers' venv; any failure becomes `error`."""
     name = config_name(tool, scheme)
-    out = RESULTS / "llm_peers_rows" / f"{name.replace('/', '_')}.json"
+    out = rows_dir / f"{name.replace('/', '_')}.json"
     log = out.with_suffix(".log")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
@@ -189,7 +191,7 @@ def main() -> None:
             row = {"error": f"skipped: {free:.1f} GiB available < --min-free-gib {args.min_free_gib:g}"}
         else:
             timeout = args.awq_timeout if tool == "llmcompressor-awq" else args.timeout
-            row = run_peer(tool, scheme, windows, model_dir, timeout)
+            row = run_peer(tool, scheme, windows, model_dir, timeout, out.with_name(f"{out.stem}_rows"))
         # Other jobs may share the cores: the 1-minute load average at the end of each row.
         rows.append({"name": name, **row, "loadavg_1min": os.getloadavg()[0]})
         logger.info("%s: %s", name, {k: row.get(k) for k in ("ppl", "quantize_s", "peak_rss_mib", "error")})
