@@ -153,7 +153,7 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=40, help="512-token eval windows")
     parser.add_argument("--quick", action="store_true", help="smoke test: 16 x 256 calibration, 8 eval windows")
     parser.add_argument("--only", nargs="+", metavar="NAME", help=f"configs to run, of: {[config_name(t, s) for t, s, _ in CONFIGS]}")
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
+    parser.add_argument("--timeout", type=float, default=7200, help="seconds per configuration")
     parser.add_argument("--awq-timeout", type=float, default=300, help="seconds for llm-compressor AWQ")
     parser.add_argument("--min-free-gib", type=float, default=16, help="available memory needed for nncf-awq-se")
     parser.add_argument("--out", type=Path, help="JSON path (default results/llm_peers[_quick].json)")
