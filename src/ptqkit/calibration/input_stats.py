@@ -30,6 +30,7 @@ class StatsRequest:
     mean_abs: bool = False
     rows_per_call: int = 0  # 0: no samples
     hessian: bool = False
+    hessian_skip_tokens: int = 0  # leave the first tokens of each sequence [B, T, C] out of the Hessian
 
     def __or__(self, other: "StatsRequest") -> "StatsRequest":
         return StatsRequest(
@@ -37,6 +38,7 @@ class StatsRequest:
             mean_abs=self.mean_abs or other.mean_abs,
             rows_per_call=max(self.rows_per_call, other.rows_per_call),
             hessian=self.hessian or other.hessian,
+            hessian_skip_tokens=max(self.hessian_skip_tokens, other.hessian_skip_tokens),
         )
 
 
@@ -69,7 +71,8 @@ class InputStatistics:
             index = torch.linspace(0, rows.shape[0] - 1, k).round().long()  # [k], evenly spaced
             self._samples.append(rows[index].clone())
         if self.hessian is not None:
-            self.hessian.update(rows)
+            skip = self.request.hessian_skip_tokens
+            self.hessian.update(x[:, skip:].float() if skip and x.ndim == 3 else rows)
 
     @property
     def mean_abs(self) -> torch.Tensor:
