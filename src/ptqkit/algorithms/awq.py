@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import nn
 
-from ptqkit.algorithms.channel_scaling import input_columns, scale_channels_, set_input_columns_
+from ptqkit.algorithms.channel_scaling import input_columns, rescale_group_, set_input_columns_
 from ptqkit.algorithms.weight_quant import expand_qparams, quant_dequant, weight_qparams
 from ptqkit.calibration.input_stats import InputStatistics, StatsRequest
 from ptqkit.errors import ConfigError
@@ -175,9 +175,7 @@ def awq_block_(
         first = stats[group.projections[0]]
         weights = [input_columns(modules[p]).detach().float() for p in targeted]
         scales, alpha, _ = awq_search_scales(first.samples, first.mean_abs, weights, [specs[p] for p in targeted], config.grid)
-        scale_channels_(modules, group.source, group.projections, scales)
-        for unique in {id(stats[p]): stats[p] for p in group.projections}.values():
-            unique.divide_(scales)
+        rescale_group_(modules, group, scales, stats)
         details[group.source] = {"alpha": alpha}
         logger.debug("awq %s: alpha %.2f", group.source, alpha)
     if config.clip:

@@ -8,14 +8,14 @@ Layouts: a norm (LayerNorm / RMSNorm) has weight [C] and maybe bias [C]; a Linea
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from ptqkit.errors import UnsupportedModelError
 
-__all__ = ["scale_channels_", "input_columns", "set_input_columns_"]
+__all__ = ["scale_channels_", "rescale_group_", "input_columns", "set_input_columns_"]
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -63,3 +63,11 @@ def scale_channels_(
         projection = modules[name]
         columns = input_columns(projection)  # [out, C]
         set_input_columns_(projection, columns * scales.to(columns.dtype)[None, :])
+
+
+def rescale_group_(modules: dict[str, nn.Module], group: Any, scales: torch.Tensor, stats: dict[str, Any]) -> None:
+    """`scale_channels_` for a scale group, and the projections' input statistics divided by
+    the same scales (each distinct statistics object once)."""
+    scale_channels_(modules, group.source, group.projections, scales)
+    for unique in {id(stats[p]): stats[p] for p in group.projections}.values():
+        unique.divide_(scales)

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import nn
 
-from ptqkit.algorithms.channel_scaling import input_columns, scale_channels_
+from ptqkit.algorithms.channel_scaling import input_columns, rescale_group_
 from ptqkit.calibration.input_stats import InputStatistics, StatsRequest
 from ptqkit.errors import ConfigError
 from ptqkit.mappings import ScaleGroup
@@ -99,9 +99,7 @@ def smoothquant_block_(
         first = stats[group.projections[0]]
         alpha = config.alpha_for(group.source)
         scales = smoothing_scales(first.absmax, weight_column_absmax([modules[p] for p in group.projections]), alpha, config.min_scale)
-        scale_channels_(modules, group.source, group.projections, scales)
-        for unique in {id(stats[p]): stats[p] for p in group.projections}.values():
-            unique.divide_(scales)
+        rescale_group_(modules, group, scales, stats)
         details[group.source] = {"alpha": alpha, "max_scale": float(scales.max()), "min_scale": float(scales.min())}
         logger.debug("smoothquant %s: alpha %.2f, scales in [%.3g, %.3g]", group.source, alpha, scales.min(), scales.max())
     return details

@@ -189,3 +189,17 @@ def find_layer_nodes(proto: Any, modules: Sequence[str]) -> tuple[dict[str, Laye
         if module not in found:
             notes.setdefault(module, "no MatMul/Gemm/Conv node of the exported graph carries this module's name scope")
     return found, {m: notes[m] for m in modules if m not in found}
+
+
+def replace_nodes_(graph: Any, replacements: dict[int, list[Any]], new_initializers: list[Any]) -> None:
+    """Swap graph nodes by index for their replacement lists (in place, order kept), add
+    `new_initializers`, and drop initializers no node or output reads any more."""
+    new_nodes: list[Any] = []
+    for index, node in enumerate(graph.node):
+        new_nodes.extend(replacements.get(index, [node]))
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + list(new_initializers))

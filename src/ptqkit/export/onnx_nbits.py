@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ptqkit.errors import ExportError
-from ptqkit.export.onnx_graph import LayerNode, initializer_map
+from ptqkit.export.onnx_graph import LayerNode, initializer_map, replace_nodes_
 from ptqkit.export.onnx_qdq import LayerRewrite, _check_float_weight
 from ptqkit.nn.modules import QuantizedModule, QuantLinear
 from ptqkit.primitives import pack_lowbit
@@ -332,15 +332,7 @@ def insert_matmul_nbits(
         new.metadata_props.extend(node.metadata_props)
         replacements[ln.node_index] = [new]
         rewrites.append(LayerRewrite(name, ln.op_type, "matmul_nbits", b_name))
-    new_nodes: list[Any] = []
-    for index, node in enumerate(graph.node):
-        new_nodes.extend(replacements.get(index, [node]))
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    kept = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + new_inits)
+    replace_nodes_(graph, replacements, new_inits)
     if rewrites and not any(op.domain == MS_DOMAIN for op in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     logger.info("wrote %d MatMulNBits node(s) (accuracy_level %d)", len(rewrites), options.accuracy_level)

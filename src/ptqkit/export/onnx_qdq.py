@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ptqkit.errors import ExportError
-from ptqkit.export.onnx_graph import LayerNode, initializer_map
+from ptqkit.export.onnx_graph import LayerNode, initializer_map, replace_nodes_
 from ptqkit.export.onnx_pertoken import per_token_matmul_nodes
 from ptqkit.nn.modules import QuantConv, QuantizedModule, QuantLinear
 from ptqkit.qtypes import PerChannel, PerTensor, PerToken
@@ -305,15 +305,7 @@ def insert_qdq(
         if quantizer is not None and isinstance(quantizer.spec.granularity, PerToken):
             form = "dynamic_per_token"
         rewrites.append(LayerRewrite(name, ln.op_type, form, wq))
-    new_nodes: list[Any] = []
-    for index, node in enumerate(graph.node):
-        new_nodes.extend(replacements.get(index, [node]))
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    kept = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + b.initializers)
+    replace_nodes_(graph, replacements, b.initializers)
     if not any(op.domain in ("", "ai.onnx") and op.version >= 13 for op in proto.opset_import):
         raise ExportError(f"the float graph's opset {[op.version for op in proto.opset_import]} is below 13 (per-channel DequantizeLinear)")
     logger.info("inserted integer forms for %d module(s)", len(rewrites))

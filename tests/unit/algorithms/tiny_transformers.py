@@ -24,20 +24,11 @@ def _outlier_norms_(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-def tiny_llama() -> torch.nn.Module:
+def tiny_llama(kv_heads: int = 2) -> torch.nn.Module:
+    """4 query heads; 2 key/value heads (grouped-query attention) by default, 4 without."""
     config = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, attn_implementation="eager",
-    )
-    torch.manual_seed(0)
-    return _outlier_norms_(transformers.LlamaForCausalLM(config))
-
-
-def tiny_llama_mha() -> torch.nn.Module:
-    """Without grouped-query attention: v_proj -> o_proj is a scale group too."""
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=64, attn_implementation="eager",
+        num_key_value_heads=kv_heads, max_position_embeddings=64, attn_implementation="eager",
     )
     torch.manual_seed(0)
     return _outlier_norms_(transformers.LlamaForCausalLM(config))
@@ -67,7 +58,7 @@ def tiny_bert() -> torch.nn.Module:
     return _outlier_norms_(transformers.BertModel(config))
 
 
-FAMILIES = {"llama": tiny_llama, "llama_mha": tiny_llama_mha, "gpt2": tiny_gpt2, "opt": tiny_opt, "bert": tiny_bert}
+FAMILIES = {"llama": tiny_llama, "llama_mha": lambda: tiny_llama(kv_heads=4), "gpt2": tiny_gpt2, "opt": tiny_opt, "bert": tiny_bert}
 
 
 def token_batch(samples: int = 8, length: int = 24, seed: int = 0) -> torch.Tensor:
