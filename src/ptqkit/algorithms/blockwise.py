@@ -122,7 +122,7 @@ def _requests(stages: Stages, groups: list[ScaleGroup], targets: Mapping[str, Qu
                 ask(name, StatsRequest(rows_per_call=config.rows_per_call))
     if quantize_weights and isinstance(stages.weight_quantizer, GPTQConfig):
         for name in targets:
-            ask(name, StatsRequest(hessian=True, hessian_skip_tokens=stages.weight_quantizer.skip_first_tokens))
+            ask(name, StatsRequest(hessian=True))
     return requests
 
 

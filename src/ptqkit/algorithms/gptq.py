@@ -66,10 +66,6 @@ class GPTQConfig:
       (the default 4 goes from 1% up to 100x mean(diag H), where GPTQ tends to plain RTN).
     - `scale_rule` / `clip_search`: how parameters come from a weight range, as in RTNConfig
       ("mse" runs RTN's default clip-ratio grid for every parameter when it is computed).
-    - `skip_first_tokens`: leave the first tokens of every sequence out of the Hessian. Causal
-      LMs put "massive activations" (attention-sink tokens, norms 100x the median) at position
-      0: measured on SmolLM2-135M, token 0 holds 99% of Σ‖x‖² at block 15, so the Hessian
-      would fit that one token and neglect the others.
     """
 
     block_size: int = 128
@@ -79,11 +75,10 @@ class GPTQConfig:
     damp_retries: int = 4
     scale_rule: str = "range"
     clip_search: str = "none"
-    skip_first_tokens: int = 0
     name: ClassVar[str] = "gptq"
 
     def __post_init__(self) -> None:
-        for key, low in (("block_size", 1), ("damp_retries", 0), ("skip_first_tokens", 0)):
+        for key, low in (("block_size", 1), ("damp_retries", 0)):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"gptq.{key}: {value!r} must be an integer >= {low}")

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ptqkit.algorithms.hessian import HessianAccumulator
 from ptqkit.errors import CalibrationDataError, ConfigError
 
 __all__ = ["StatsRequest", "InputStatistics"]
@@ -30,7 +29,6 @@ class StatsRequest:
     mean_abs: bool = False
     rows_per_call: int = 0  # 0: no samples
     hessian: bool = False
-    hessian_skip_tokens: int = 0  # leave the first tokens of each sequence [B, T, C] out of the Hessian
 
     def __or__(self, other: "StatsRequest") -> "StatsRequest":
         return StatsRequest(
@@ -38,7 +36,6 @@ class StatsRequest:
             mean_abs=self.mean_abs or other.mean_abs,
             rows_per_call=max(self.rows_per_call, other.rows_per_call),
             hessian=self.hessian or other.hessian,
-            hessian_skip_tokens=max(self.hessian_skip_tokens, other.hessian_skip_tokens),
         )
 
 
@@ -46,6 +43,8 @@ class InputStatistics:
     """The requested statistics of one input [..., channels]; `name` appears in errors."""
 
     def __init__(self, channels: int, request: StatsRequest, name: str) -> None:
+        from ptqkit.algorithms.hessian import HessianAccumulator  # (ptqkit.algorithms imports this module)
+
         self.channels = channels
         self.request = request
         self.name = name
@@ -71,8 +70,7 @@ class InputStatistics:
             index = torch.linspace(0, rows.shape[0] - 1, k).round().long()  # [k], evenly spaced
             self._samples.append(rows[index].clone())
         if self.hessian is not None:
-            skip = self.request.hessian_skip_tokens
-            self.hessian.update(x[:, skip:].float() if skip and x.ndim == 3 else rows)
+            self.hessian.update(rows)
 
     @property
     def mean_abs(self) -> torch.Tensor:

@@ -1,11 +1,10 @@
 """Input statistics collected once for every algorithm: exact against direct computation, exact
-after a channel rescaling (`divide_`), and the Hessian's skipped leading tokens."""
+after a channel rescaling (`divide_`), and errors that name the layer."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ptqkit.algorithms.hessian import HessianAccumulator
 from ptqkit.calibration.input_stats import InputStatistics, StatsRequest
 from ptqkit.errors import CalibrationDataError
 
@@ -31,16 +30,6 @@ def test_statistics_equal_direct_computation_and_follow_a_rescaling() -> None:
     assert torch.allclose(stats.absmax, scaled.abs().amax(0))
     assert torch.allclose(stats.mean_abs, scaled.abs().mean(0))
     assert torch.allclose(stats.hessian.hessian(), 2 * scaled.T @ scaled / 30, rtol=1e-5)
-
-
-def test_hessian_can_skip_each_sequences_first_tokens() -> None:
-    stats = InputStatistics(6, StatsRequest(hessian=True, hessian_skip_tokens=1), "layer")
-    reference = HessianAccumulator(6)
-    for x in _batches():
-        stats.update(x)
-        reference.update(x[:, 1:])
-    assert stats.hessian.num_samples == 24
-    assert torch.allclose(stats.hessian.hessian(), reference.hessian())
 
 
 def test_non_finite_inputs_name_the_layer() -> None:
