@@ -19,7 +19,7 @@ divide the input width, so both use NNCF's adjustment, groups of 64 on the 576-w
 | llmcompressor-gptq/{g128,channel} | `oneshot` + `GPTQModifier`, groups or per channel; tool defaults otherwise (actorder static, dampening 0.01, block 128, min-max observer) |
 | llmcompressor-awq/g128 | `AWQModifier` (known to fail without a GPU: tried once, `--awq-timeout`) |
 | nncf/{g128,channel} | `nncf.compress_weights` INT4_SYM, ratio 1.0, backup mode NONE, data-free |
-| nncf-awq-se/{g128,channel} | the same with awq=True, scale_estimation=True on the calibration windows; 12-15 GB RSS, so run last and only with `--min-free-gib` available |
+| nncf-awq-se/{g128,channel} | the same with awq=True, scale_estimation=True on the calibration windows (subset_size = all); 12-15 GB RSS reported at 128 x 512 (1.7 GB at 16 x 256), so run last and only with `--min-free-gib` available |
 
 A failing, timed-out or skipped configuration becomes a row with its error; the run goes on.
 Each child's JSON row and log are kept in `results/<JSON name>_rows/`; the 1-minute load
@@ -27,7 +27,7 @@ average after each row is recorded because other jobs may share the 2 cores.
 
     .venv/bin/python benchmarks/llm_peers.py [--samples 128] [--window 512] [--quick] [--only NAME ...]
 
-`--quick` is a smoke test: 16 x 256 calibration tokens and 8 eval windows.
+`--quick` is a smoke test: 16 calibration windows of 256 tokens and 8 eval windows.
 """
 from __future__ import annotations
 
