@@ -51,7 +51,7 @@ def test_rtn_mse_clip_search_lowers_weight_error() -> None:
 def test_algorithms_the_engine_does_not_run_yet_are_refused() -> None:
     with pytest.raises(
         ConfigError,
-        match=r"algorithms\[0\]: AdaRoundConfig is not run by the engine yet; runnable: \['AWQConfig', 'BNFoldConfig', 'CLEConfig', 'GPTQConfig', 'RTNConfig', 'SmoothQuantConfig'\]",
+        match=r"algorithms\[0\]: AdaRoundConfig is not run by the engine yet; runnable: \['AWQConfig', 'BNFoldConfig', 'CLEConfig', 'GPTQConfig', 'LLMInt8Config', 'RTNConfig', 'SmoothQuantConfig'\]",
     ):
         pq.quantize(_cnn(), Recipe.from_preset("w8a16", algorithms=(AdaRoundConfig(),)))
     with pytest.raises(ConfigError, match=r"algorithms\[1\] \(BNFoldConfig\) is a pre-transform; list it before RTNConfig \(a weight quantizer\)"):
