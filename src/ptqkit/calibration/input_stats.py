@@ -58,19 +58,24 @@ class InputStatistics:
         if x.shape[-1] != self.channels:
             raise CalibrationDataError(f"layer {self.name!r}: input of shape {tuple(x.shape)} does not end in {self.channels} channels")
         rows = x.reshape(-1, self.channels).float()  # [n, C]
-        if not torch.isfinite(rows).all():
-            raise CalibrationDataError(f"layer {self.name!r}: NaN/Inf in its calibration input; check the model's float numerics")
-        self._rows += rows.shape[0]
+        # Each statistic is checked on its own small result (NaN/Inf propagates into it), which
+        # costs far less than scanning the [n, C] rows once more.
         if self.absmax is not None:
-            torch.maximum(self.absmax, rows.abs().amax(0), out=self.absmax)
+            torch.maximum(self.absmax, self._finite(rows.abs().amax(0)), out=self.absmax)
         if self._abs_sum is not None:
-            self._abs_sum += rows.abs().sum(0, dtype=torch.float64)
+            self._abs_sum += self._finite(rows.abs().sum(0, dtype=torch.float64))
         if self.request.rows_per_call:
             k = min(self.request.rows_per_call, rows.shape[0])
             index = torch.linspace(0, rows.shape[0] - 1, k).round().long()  # [k], evenly spaced
-            self._samples.append(rows[index].clone())
+            self._samples.append(self._finite(rows[index].clone()))
         if self.hessian is not None:
             self.hessian.update(rows)
+        self._rows += rows.shape[0]
+
+    def _finite(self, statistic: torch.Tensor) -> torch.Tensor:
+        if not torch.isfinite(statistic).all():
+            raise CalibrationDataError(f"layer {self.name!r}: NaN/Inf in its calibration input; check the model's float numerics")
+        return statistic
 
     @property
     def mean_abs(self) -> torch.Tensor:

@@ -12,6 +12,7 @@ repeated blocks is handled as a single stage whose calls are the calibration bat
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -30,6 +31,7 @@ __all__ = [
     "next_block_calls",
     "observe_inputs",
     "shared_inputs",
+    "fused_attention",
 ]
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,32 @@ class BlockCall:
         if self.args:
             return BlockCall((hidden, *self.args[1:]), self.kwargs)
         return BlockCall((), {**self.kwargs, "hidden_states": hidden})
+
+
+@contextmanager
+def fused_attention(model: nn.Module) -> Iterator[None]:
+    """Run a Hugging Face model with PyTorch's fused attention (SDPA) inside the block, then
+    restore its attention implementation.
+
+    ptqkit loads models with eager attention (it exports to ONNX exactly), but eager attention
+    materializes every [heads, T, T] score matrix: on SmolLM2-135M at 512 tokens SDPA made the
+    whole forward 1.5x faster here. Calibration statistics change only by float rounding (the
+    logits agree to 1e-6). Models that do not support SDPA keep their implementation.
+    """
+    config = getattr(model, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    switch = before == "eager" and hasattr(model, "set_attn_implementation")
+    if switch:
+        try:
+            model.set_attn_implementation("sdpa")
+        except (ValueError, ImportError, NotImplementedError) as error:
+            logger.info("keeping eager attention for calibration: %s", error)
+            switch = False
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation(before)
 
 
 class _StopForward(Exception):

@@ -238,13 +238,13 @@ def _is_prose(text: str) -> bool:
 
 
 @lru_cache(maxsize=8)
-def _python_doc_pool(root: str, min_chars: int, max_chars: int) -> tuple[str, ...]:
+def _python_doc_pool(root: str, min_chars: int, max_chars: int, whats_new: bool) -> tuple[str, ...]:
     files = sorted(Path(root).rglob("*.rst.txt"))
     pool: list[str] = []
     seen: set[str] = set()
     for path in files:
-        if path.name.startswith(("genindex", "whatsnew")) or "whatsnew" in path.parts:
-            continue  # changelogs are lists of names, not prose
+        if path.name.startswith("genindex") or ("whatsnew" in path.relative_to(root).parts) != whats_new:
+            continue
         for text in _rst_paragraphs(path.read_text(encoding="utf-8", errors="replace")):
             if min_chars <= len(text) <= max_chars and _is_prose(text) and text not in seen:
                 seen.add(text)
@@ -258,13 +258,17 @@ def python_doc_texts(
     min_chars: int = 80,
     max_chars: int = 1000,
     *,
+    whats_new: bool = False,
     root: str | Path = PYTHON_DOC_ROOT,
 ) -> list[str]:
     """n distinct prose paragraphs from the Python 3.11 documentation's reST sources.
 
     ``root`` defaults to where Debian's ``python3.11-doc`` installs them. Inline markup is
-    reduced to its text (``:func:`len``` -> ``len``); code, tables, headings and what's-new
-    pages are skipped. Deterministic for a seed (sorted files, ``random.Random(seed)``).
+    reduced to its text (``:func:`len``` -> ``len``); code, tables and headings are skipped.
+    The "What's New" pages (``whatsnew/``) and the rest are disjoint sets of documents:
+    ``whats_new=True`` draws only from the former, the default only from the latter, so one
+    can calibrate on one and evaluate on the other. Deterministic for a seed (sorted files,
+    ``random.Random(seed)``).
     """
     _check_lengths(n, min_chars, max_chars, "python_doc_texts")
     root = Path(root)
@@ -273,7 +277,7 @@ def python_doc_texts(
             f"the Python documentation sources are not at {str(root)!r}; on Debian/Ubuntu install them with "
             "`apt-get install python3.11-doc` (or run scripts/ensure_system_data.sh as root)"
         )
-    pool = list(_python_doc_pool(str(root), min_chars, max_chars))
+    pool = list(_python_doc_pool(str(root), min_chars, max_chars, whats_new))
     return _sample(pool, n, seed, f"python_doc_texts (root {str(root)!r})")
 
 

@@ -138,7 +138,9 @@ def rebuild_from_state(model: Any) -> Any:
     """A fresh, ordinary HF model of the same class built from ``model.config`` and its state dict.
 
     transformers refuses ``save_pretrained`` on a model loaded from GGUF; the rebuilt model has
-    identical parameters and buffers (checked) and saves normally. Tied weights stay tied.
+    identical parameters and buffers (checked) and saves normally. Tied weights stay tied. Its
+    config drops the GGUF loader's ``quantization_config`` (the weights are dequantized already:
+    other tools reading it would refuse the model as "quantized in a different format").
     """
     transformers = _import_transformers()
     if not isinstance(model, transformers.PreTrainedModel):
@@ -147,7 +149,7 @@ def rebuild_from_state(model: Any) -> Any:
         )
     config = model.config.__class__.from_dict(model.config.to_dict())
     dtype = next(model.parameters()).dtype
-    for attr in ("gguf_file", "_gguf_file"):
+    for attr in ("gguf_file", "_gguf_file", "quantization_config"):  # the rebuilt model is plain float
         if hasattr(config, attr):
             delattr(config, attr)
     config._attn_implementation = model.config._attn_implementation

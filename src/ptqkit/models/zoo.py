@@ -104,12 +104,15 @@ def cache_dir() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "ptqkit"
 
 
+_FP32_COPY_FORMAT = 2  # 2: config.json without the GGUF quantization_config
+
+
 def _gguf_cache_key(path: Path) -> str:
     """Identifies one GGUF file and the transformers that dequantized it (size, mtime, version)."""
     import transformers
 
     stat = path.stat()
-    text = f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    text = f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}|{_FP32_COPY_FORMAT}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

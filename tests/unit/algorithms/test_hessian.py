@@ -91,7 +91,10 @@ def test_errors_name_the_layer_and_the_bad_value() -> None:
         acc.update(torch.ones(4, 8, dtype=torch.int64))
     bad = torch.ones(4, 8)
     bad[1, 2] = float("nan")
-    with pytest.raises(CalibrationDataError, match=r"up_proj.*1 NaN/Inf"):
+    with pytest.raises(CalibrationDataError, match=r"up_proj.*NaN/Inf"):
+        acc.update(bad)
+    bad[1, 2] = float("inf")
+    with pytest.raises(CalibrationDataError, match=r"up_proj.*NaN/Inf"):
         acc.update(bad)
     assert acc.num_samples == 0  # a rejected batch leaves no trace
     with pytest.raises(ConfigError, match=r"in_features=5 into one with in_features=8"):

@@ -32,7 +32,13 @@ def test_statistics_equal_direct_computation_and_follow_a_rescaling() -> None:
     assert torch.allclose(stats.hessian.hessian(), 2 * scaled.T @ scaled / 30, rtol=1e-5)
 
 
-def test_non_finite_inputs_name_the_layer() -> None:
-    stats = InputStatistics(3, StatsRequest(absmax=True), "model.layers.0.mlp.down_proj")
-    with pytest.raises(CalibrationDataError, match="layer 'model.layers.0.mlp.down_proj': NaN/Inf"):
-        stats.update(torch.tensor([[1.0, float("nan"), 0.0]]))
+@pytest.mark.parametrize(
+    "request_", [StatsRequest(absmax=True), StatsRequest(mean_abs=True), StatsRequest(rows_per_call=8), StatsRequest(hessian=True)]
+)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_inputs_name_the_layer(request_: StatsRequest, bad: float) -> None:
+    stats = InputStatistics(3, request_, "model.layers.0.mlp.down_proj")
+    x = torch.ones(5, 3)
+    x[2, 1] = bad
+    with pytest.raises(CalibrationDataError, match="layer 'model.layers.0.mlp.down_proj'.*NaN/Inf"):
+        stats.update(x)

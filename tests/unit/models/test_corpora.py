@@ -103,6 +103,15 @@ def test_text_errors(tmp_path) -> None:
     assert corpora.python_doc_texts(1, min_chars=10, root=tmp_path) == [
         "A single paragraph of prose that is long enough to be kept here."
     ]
+    whatsnew = tmp_path / "whatsnew"
+    whatsnew.mkdir()
+    (whatsnew / "3.11.rst.txt").write_text("What is new here is a paragraph of prose that is long enough to keep.\n")
+    assert corpora.python_doc_texts(1, min_chars=10, root=tmp_path) == [
+        "A single paragraph of prose that is long enough to be kept here."
+    ]
+    assert corpora.python_doc_texts(1, min_chars=10, root=tmp_path, whats_new=True) == [
+        "What is new here is a paragraph of prose that is long enough to keep."
+    ]
     with pytest.raises(ConfigError, match=r"shakespeare_texts: n=0 is invalid"):
         corpora.shakespeare_texts(0)
     with pytest.raises(ConfigError, match=r"min_chars=50, max_chars=10 are invalid"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -129,7 +130,9 @@ def _tiny_llama():
 
 def test_rebuild_from_state_is_identical_and_saveable(tmp_path) -> None:
     model = _tiny_llama()
+    model.config.quantization_config = {"quant_method": "gguf", "dequantize": False}  # as the GGUF loader leaves it
     fresh = hf.rebuild_from_state(model)
+    assert not hasattr(fresh.config, "quantization_config")
     assert fresh is not model and type(fresh) is type(model) and not fresh.training
     reference = model.state_dict()
     assert fresh.state_dict().keys() == reference.keys()
@@ -139,6 +142,7 @@ def test_rebuild_from_state_is_identical_and_saveable(tmp_path) -> None:
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, model(ids).logits)
     fresh.save_pretrained(tmp_path)
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
     loaded = type(model).from_pretrained(tmp_path, local_files_only=True).eval()
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
