@@ -60,7 +60,11 @@ class GPTQConfig:
 
     - `block_size`: columns per lazy-update block (128 in the paper).
     - `damp_percent`: damping λ as a fraction of mean(diag H) (0.01 = 1%).
-    - `act_order`: quantize columns by decreasing diag(H) (implies static groups with PerGroup).
+    - `act_order`: quantize columns by decreasing diag(H) (implies static groups with PerGroup,
+      so the codes keep the plain group layout every kernel reads). On by default: on
+      SmolLM2-135M, int4 per-channel, 16 x 256 calibration tokens, it took the held-out
+      perplexity from 59.3 to 50.1 (FP32 38.9, round-to-nearest 75.3). `False` is the paper's
+      column order.
     - `static_groups`: compute group parameters from the original weights up front.
     - `damp_retries`: how many times λ is multiplied by 10 when H + λI is not positive definite
       (the default 4 goes from 1% up to 100x mean(diag H), where GPTQ tends to plain RTN).
@@ -70,7 +74,7 @@ class GPTQConfig:
 
     block_size: int = 128
     damp_percent: float = 0.01
-    act_order: bool = False
+    act_order: bool = True
     static_groups: bool = False
     damp_retries: int = 4
     scale_rule: str = "range"
@@ -193,10 +197,6 @@ def gptq_quantize_weight(
     g = spec.granularity
     grouped = isinstance(g, PerGroup)
     static = not grouped or config.static_groups or config.act_order
-    if grouped and config.act_order and not config.static_groups:
-        logger.info(
-            "%s: act_order with group quantization uses static groups (parameters up front)", where
-        )
     rtn_config = RTNConfig(clip_search=config.clip_search, scale_rule=config.scale_rule)
     qmin, qmax = float(spec.qtype.qmin), float(spec.qtype.qmax)
     if static:
