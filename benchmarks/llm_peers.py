@@ -19,7 +19,7 @@ divide the input width, so both use NNCF's adjustment, groups of 64 on the 576-w
 | llmcompressor-gptq/{g128,channel} | `oneshot` + `GPTQModifier`, groups or per channel; tool defaults otherwise (actorder static, dampening 0.01, block 128, min-max observer) |
 | llmcompressor-awq/g128 | `AWQModifier` (known to fail without a GPU: tried once, `--awq-timeout`) |
 | nncf/{g128,channel} | `nncf.compress_weights` INT4_SYM, ratio 1.0, backup mode NONE, data-free |
-| nncf-awq-se/{g128,channel} | the same with awq=True, scale_estimation=True on the calibration windows (subset_size = all); 12-15 GB RSS reported at 128 x 512 (1.7 GB at 16 x 256), so run last and only with `--min-free-gib` available |
+| nncf-awq-se/{g128,channel} | the same with awq=True, scale_estimation=True on the calibration windows (subset_size = all); measured peak RSS 8.5 GB for g128 at 32 x 512 (12-15 GB reported at 128 x 512), so run last and only with `--min-free-gib` available |
 
 The same run then quantizes with ptqkit (`--ptqkit`, configuration names of `llm_ppl.py`) on the
 same windows, each in its own product-venv process (`llm_ppl.py --child`), so ptqkit's rows sit
@@ -181,7 +181,7 @@ def main() -> None:
     calibration = calibration_windows(tokenizer, args.samples, args.window, source=args.calibration)  # [N, T]
     evaluation = eval_windows(tokenizer, max_windows=args.eval_windows)  # [M, 512]
     windows = RESULTS / f"llm_peers_windows_{args.calibration}_{args.samples}x{args.window}_{len(evaluation)}.safetensors"
-    save_windows(windows, calibration=calibration, eval=evaluation, evaluation=evaluation)
+    save_windows(windows, calibration=calibration, eval=evaluation, evaluation=evaluation.clone())  # llm_ppl.py reads "evaluation"
     logger.info("calibration %s, eval %s, saved to %s", tuple(calibration.shape), tuple(evaluation.shape), windows)
 
     rows = [{"name": "fp32 (ptqkit metric, product venv)", "ppl": fp32_reference(model_dir, evaluation)}]
