@@ -129,6 +129,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="16 x 256 calibration, 8 eval windows")
     parser.add_argument("--only", nargs="*", help="configuration names (see --list)")
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--out", type=Path, help="results JSON (default results/llm_ppl_<calibration>_<N>x<T>_<eval>.json)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--windows-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -169,7 +170,7 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(), "load_average": list(__import__("os").getloadavg()),
     }
     print_table(rows, meta)
-    results = RESULTS_DIR / f"llm_ppl_{tag}.json"
+    results = args.out or RESULTS_DIR / f"llm_ppl_{tag}.json"
     results.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
     print(f"wrote {results}")
 

@@ -9,6 +9,7 @@ measures the full table at 128 x 512 and 40 windows.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from ptqkit.eval.metrics import perplexity, token_windows
 from ptqkit.qtypes import PerChannel
 
 pytestmark = pytest.mark.integration
+logger = logging.getLogger(__name__)
 
 
 def _int4_per_channel(*algorithms) -> pq.Recipe:
@@ -42,12 +44,14 @@ def perplexities(smollm2, whatsnew_calib_texts, python_doc_eval_texts) -> dict[s
         with torch.inference_mode():
             result[name] = perplexity(quantized, evaluation)
         del quantized
+    logger.info("SmolLM2 int4 per-channel perplexities: %s", result)
     return result
 
 
 @pytest.mark.parametrize(
     ("method", "minimum"),
-    [("gptq", 0.35), ("awq", 0.45)],  # measured: see MEASURED below
+    # measured here: FP32 41.48, RTN 83.75, GPTQ 54.81 (68% recovered), AWQ grid 10 57.77 (61%)
+    [("gptq", 0.55), ("awq", 0.50)],
 )
 def test_calibrated_methods_recover_the_rtn_gap(perplexities: dict[str, float], method: str, minimum: float) -> None:
     fp32, rtn = perplexities["fp32"], perplexities["rtn"]
