@@ -22,7 +22,7 @@ divide the input width, so both use NNCF's adjustment, groups of 64 on the 576-w
 | nncf-awq-se/{g128,channel} | the same with awq=True, scale_estimation=True on the calibration windows (subset_size = all); measured peak RSS 8.5 GB for g128 at 32 x 512 (12-15 GB reported at 128 x 512), so run last and only with `--min-free-gib` available |
 
 The same run then quantizes with ptqkit (`--ptqkit`, configuration names of `llm_ppl.py`) on the
-same windows, each in its own product-venv process (`llm_ppl.py --child`), so ptqkit's rows sit
+same windows, each in its own product-venv process (`llm_ppl.run_child`), so ptqkit's rows sit
 beside the peers' under the same load. Calibration is the "What's New" prose by default
 (`--calibration shakespeare` for the domain-shifted source; see `llm_data.py`).
 
@@ -51,12 +51,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from llm_data import CALIBRATION_SOURCES, calibration_windows, eval_windows, save_windows  # noqa: E402
+from llm_ppl import run_child  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PEER_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 RUN_PEER = ROOT / "benchmarks" / "peers" / "run_peer.py"
-LLM_PPL = ROOT / "benchmarks" / "llm_ppl.py"
 PTQKIT_CONFIGS = ("int4-pc/rtn", "int4-pc/gptq", "int4-pc/awq+gptq", "int4-g128/rtn", "int4-g128/gptq", "int4-g128/awq+gptq")
 
 # (tool, scheme, heavy): heavy configurations need --min-free-gib of available memory.
@@ -112,16 +112,10 @@ def run_peer(tool: str, scheme: str, windows: Path, model_dir: Path, timeout: fl
 
 def run_ptqkit(name: str, windows: Path, timeout: float) -> dict:
     """One ptqkit configuration of `llm_ppl.py` in a product-venv child on the same windows."""
-    command = [sys.executable, str(LLM_PPL), "--child", name, "--windows-file", str(windows)]
     logger.info("ptqkit %s: running", name)
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    if done.returncode != 0:
-        tail = done.stderr.strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
-        return {"error": tail[0]}
-    row = json.loads(done.stdout.strip().splitlines()[-1])
+    row = run_child(name, windows, timeout)
+    if "error" in row:
+        return {"error": row["error"]}
     return {"ppl": row["ppl"], "quantize_s": row["quantize_s"], "peak_rss_mib": row["peak_rss_mb"]}
 
 
@@ -181,7 +175,7 @@ def main() -> None:
     calibration = calibration_windows(tokenizer, args.samples, args.window, source=args.calibration)  # [N, T]
     evaluation = eval_windows(tokenizer, max_windows=args.eval_windows)  # [M, 512]
     windows = RESULTS / f"llm_peers_windows_{args.calibration}_{args.samples}x{args.window}_{len(evaluation)}.safetensors"
-    save_windows(windows, calibration=calibration, eval=evaluation, evaluation=evaluation.clone())  # llm_ppl.py reads "evaluation"
+    save_windows(windows, calibration=calibration, eval=evaluation)
     logger.info("calibration %s, eval %s, saved to %s", tuple(calibration.shape), tuple(evaluation.shape), windows)
 
     rows = [{"name": "fp32 (ptqkit metric, product venv)", "ppl": fp32_reference(model_dir, evaluation)}]

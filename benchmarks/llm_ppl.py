@@ -91,9 +91,22 @@ def run_one(name: str, windows_file: Path) -> dict:
         start = time.perf_counter()
         model = pq.quantize_(model, recipe, data, progress=False)
         seconds = time.perf_counter() - start
-    ppl = perplexity(model, windows["evaluation"])
+    ppl = perplexity(model, windows["eval"])
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"config": name, "ppl": ppl, "quantize_s": seconds, "peak_rss_mb": peak_mb, "threads": torch.get_num_threads()}
+
+
+def run_child(name: str, windows_file: Path, timeout: float | None = None) -> dict:
+    """`run_one` in a fresh process of this interpreter: its row, or {config, error}."""
+    command = [sys.executable, __file__, "--child", name, "--windows-file", str(windows_file)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"config": name, "error": f"timed out after {timeout:.0f} s"}
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        return {"config": name, "error": lines[-1] if lines else f"exit {done.returncode}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def add_gap_recovered(rows: list[dict]) -> None:
@@ -148,7 +161,7 @@ def main() -> None:
     tag = f"{args.calibration}_{args.samples}x{args.window}_{args.eval_windows}"
     windows_file = RESULTS_DIR / f"llm_ppl_windows_{tag}.safetensors"
     calibration = calibration_windows(tokenizer, args.samples, args.window, source=args.calibration)
-    save_windows(windows_file, calibration=calibration, evaluation=eval_windows(tokenizer, args.eval_windows))
+    save_windows(windows_file, calibration=calibration, eval=eval_windows(tokenizer, args.eval_windows))
     names = args.only or config_names()
     if "fp32" not in names:
         names = ["fp32", *names]
@@ -156,13 +169,7 @@ def main() -> None:
     for name in names:
         if name not in config_names(extra=True):
             raise SystemExit(f"unknown configuration {name!r}; see --list")
-        done = subprocess.run(
-            [sys.executable, __file__, "--child", name, "--windows-file", str(windows_file)], capture_output=True, text=True
-        )
-        if done.returncode != 0:
-            rows.append({"config": name, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"})
-        else:
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        rows.append(run_child(name, windows_file))
         print(json.dumps(rows[-1]), flush=True)
     add_gap_recovered(rows)
     meta = {

@@ -34,8 +34,8 @@ from ptqkit.calibration.sequential import (
     BlockCall,
     calls_from_batches,
     capture_block_inputs,
-    next_block_calls,
     fused_attention,
+    next_block_calls,
     observe_inputs,
     shared_inputs,
 )
