@@ -68,25 +68,27 @@ def quantize_(model: nn.Module, recipe: Recipe, calib: Any = None, *, progress: 
     calibration: dict[str, Any] = {}
     observers: dict[str, Any] = {}
     weight_results: dict[str, Any] = {}
-    if (static_inputs or stages.blockwise) and calib is None:
+    needs_data = stages.blockwise or stages.layerwise
+    if (static_inputs or needs_data) and calib is None:
+        algorithms = (*stages.block_transforms, stages.weight_quantizer, *stages.post_corrections)
         needs = f"quantizes input activations statically ({len(static_inputs)} module(s))" if static_inputs else (
-            f"runs {[type(c).__name__ for c in (*stages.block_transforms, stages.weight_quantizer) if c is not None]} "
-            "from calibration statistics"
+            f"runs {[type(c).__name__ for c in algorithms if c is not None]} from calibration data"
         )
         raise ConfigError(
             f"recipe {recipe.name!r} {needs} but no calibration data was given: pass calib=CalibrationData..., "
-            "or use a data-free recipe such as 'w8a8_dynamic' (or a weight-only one: 'w8a16', 'w4a16') without gptq/awq/smoothquant"
+            "or use a data-free recipe such as 'w8a8_dynamic' (or a weight-only one: 'w8a16', 'w4a16') "
+            "without gptq/awq/smoothquant/adaround/bias_correction"
         )
-    backup = copy.deepcopy(model.__dict__) if stages.pre_transforms or stages.blockwise else None  # restored on failure
+    backup = copy.deepcopy(model.__dict__) if stages.pre_transforms or needs_data else None  # restored on failure
     try:
         for config in stages.pre_transforms:
             _run_pre_transform(model, config)
         data = _as_calibration_data(calib, recipe) if calib is not None else None
-        if stages.blockwise:
-            weight_results = _run_blockwise(model, the_plan, stages, data, recipe, progress)
+        if needs_data:
+            weight_results = _run_weight_algorithms(model, the_plan, stages, data, recipe, progress)
         if static_inputs:
             observers = _calibrate(model, static_inputs, data, recipe, progress)
-        if data is not None and (static_inputs or stages.blockwise):
+        if data is not None and (static_inputs or needs_data):
             calibration = {"description": data.description, "fingerprint": data.fingerprint}
         replacements = {
             layer.name: _convert(
@@ -135,19 +137,29 @@ def _calibrate(model: nn.Module, specs: dict[str, QuantSpec], data: Any, recipe:
     )
 
 
-def _run_blockwise(model: nn.Module, the_plan: Plan, stages: Any, data: Any, recipe: Recipe, progress: bool) -> dict[str, Any]:
+def _run_weight_algorithms(model: nn.Module, the_plan: Plan, stages: Any, data: Any, recipe: Recipe, progress: bool) -> dict[str, Any]:
+    """Weights by the data-driven engines: block by block (SmoothQuant, AWQ, GPTQ) or layer by
+    layer (AdaRound, bias correction)."""
     from ptqkit.algorithms.blockwise import quantize_blocks_
+    from ptqkit.algorithms.layerwise import quantize_layers_
 
     if len(data) == 0:
         raise CalibrationDataError("calibration data is empty")
     targets = {layer.name: (layer.module_type, layer.weights) for layer in the_plan.layers if layer.weights is not None}
+    batch_size = recipe.calibration.batch_size
+    max_samples = min(len(data), recipe.calibration.samples)
     was_training = model.training
     model.eval()
     try:
-        results, _ = quantize_blocks_(
-            model, targets, stages, data.batches(recipe.calibration.batch_size),
-            max_samples=min(len(data), recipe.calibration.samples), progress=progress,
-        )
+        if stages.blockwise:
+            results, _ = quantize_blocks_(
+                model, targets, stages, data.batches(batch_size), max_samples=max_samples, progress=progress
+            )
+        else:
+            results, _ = quantize_layers_(
+                model, targets, lambda name, weight, spec: weight_qparams(weight, spec), stages.weight_quantizer,
+                stages.post_corrections, lambda: data.batches(batch_size), max_samples=max_samples, progress=progress,
+            )
     finally:
         model.train(was_training)
     return results
@@ -195,6 +207,8 @@ def _convert(module: nn.Module, layer: LayerPlan, observer: Any, stages: Any, re
     if layer.weights is None:
         return _InputOnly(module, inputs)
     quantizer = stages.weight_quantizer
+    if result is not None and layer.module_type in ("Conv1d", "Conv2d"):
+        return QuantConv(module, result.qparams, layer.weights, inputs, codes=result.codes)
     if result is not None:
         weight = module.weight.t() if layer.module_type == "Conv1D" else module.weight
         return QuantLinear(weight, module.bias, result.qparams, layer.weights, inputs, codes=result.codes)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import ptqkit as pq
-from ptqkit.algorithms import AdaRoundConfig, BNFoldConfig, CLEConfig, RTNConfig
+from ptqkit.algorithms import BNFoldConfig, CLEConfig, RTNConfig
 from ptqkit.errors import CalibrationDataError, ConfigError
 from ptqkit.recipe import Recipe
 
@@ -48,12 +48,15 @@ def test_rtn_mse_clip_search_lowers_weight_error() -> None:
     assert err(searched) < 0.9 * err(plain)
 
 
-def test_algorithms_the_engine_does_not_run_yet_are_refused() -> None:
+def test_unknown_algorithms_and_stage_order_are_refused() -> None:
+    from ptqkit.algorithms.pipeline import split_algorithms
+
     with pytest.raises(
         ConfigError,
-        match=r"algorithms\[0\]: AdaRoundConfig is not run by the engine yet; runnable: \['AWQConfig', 'BNFoldConfig', 'CLEConfig', 'GPTQConfig', 'LLMInt8Config', 'RTNConfig', 'SmoothQuantConfig'\]",
+        match=r"algorithms\[0\]: ConfigError is not run by the engine yet; runnable: \['AWQConfig', 'AdaRoundConfig', 'BNFoldConfig', "
+        r"'BiasCorrectionConfig', 'CLEConfig', 'GPTQConfig', 'LLMInt8Config', 'RTNConfig', 'SmoothQuantConfig'\]",
     ):
-        pq.quantize(_cnn(), Recipe.from_preset("w8a16", algorithms=(AdaRoundConfig(),)))
+        split_algorithms([ConfigError("not a config")])
     with pytest.raises(ConfigError, match=r"algorithms\[1\] \(BNFoldConfig\) is a pre-transform; list it before RTNConfig \(a weight quantizer\)"):
         pq.quantize(_cnn(), Recipe.from_preset("w8a16", algorithms=(RTNConfig(), BNFoldConfig())))
 

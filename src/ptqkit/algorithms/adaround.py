@@ -5,13 +5,18 @@ Each weight is rounded either down or up on the quantization grid: W̃ = s · (c
 + z, qmin, qmax) - z), where h(V) = clamp(sigmoid(V)·(ζ - γ) + γ, 0, 1) is the rectified sigmoid
 (ζ = 1.1, γ = -0.1). V is optimized with Adam (β = 0.9, 0.999; ε = 1e-8) to minimize, on cached inputs x of the layer,
 
-    ‖f(W x + b) - f(W̃ x + b)‖² (mean over elements)  +  λ · Σ (1 - |2 h(V) - 1|^β)
+    ‖f(W x + b) - f(W̃ x + b)‖² (summed over output channels, averaged over samples and
+                                positions)  +  λ · Σ (1 - |2 h(V) - 1|^β)
 
 where f is an optional activation (the paper's "asymmetric reconstruction" through the
 non-linearity) and the regularizer, switched on after a warm-up fraction of the iterations,
 drives every h(V) to 0 or 1 while β is annealed linearly from beta_range[0] (20) to
 beta_range[1] (2). V starts where h(V) equals the fractional part of W/s (so the soft weights
 start at W itself). The final codes use hard rounding: up where h(V) ≥ 0.5, i.e. V ≥ 0.
+Convolutions on large feature maps train on random conv_patch × conv_patch windows of the output
+(one window per step, the same for the batch), computed exactly from the matching window of the
+zero-padded input: at 112 × 112 on MobileNetV2 a step is about 10x cheaper, with the same loss
+in expectation.
 The quantization grid (scale and zero point) is fixed beforehand, e.g. by RTN's min-max or
 MSE search (`ptqkit.primitives` / `ptqkit.algorithms.rtn`).
 """
@@ -23,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ptqkit.algorithms.weight_quant import WeightQuantResult
 from ptqkit.errors import CalibrationDataError, ConfigError
@@ -48,6 +54,8 @@ class AdaRoundConfig:
     - `beta_range`: (start, end) of the annealed regularizer exponent β.
     - `warmup`: fraction of the iterations without the regularizer, in [0, 1).
     - `batch_size`: samples of the cached inputs per step.
+    - `conv_patch`: side of the random output window convolutions train on per step (0: the
+      whole feature map).
     - `seed`: seeds the batch sampling; the result is deterministic for a seed.
     """
 
@@ -57,6 +65,7 @@ class AdaRoundConfig:
     beta_range: tuple[float, float] = (20.0, 2.0)
     warmup: float = 0.2
     batch_size: int = 32
+    conv_patch: int = 16
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -72,6 +81,7 @@ class AdaRoundConfig:
 
         integer("iterations", 1, 1_000_000)
         integer("batch_size", 1, 1_000_000)
+        integer("conv_patch", 0, 1_000_000)
         integer("seed", 0, 2**63 - 1)
         number("lr", isinstance(self.lr, (int, float)) and self.lr > 0, "> 0")
         number("reg_weight", isinstance(self.reg_weight, (int, float)) and self.reg_weight >= 0, ">= 0")
@@ -109,7 +119,9 @@ def _inverse_rectified_sigmoid(h: torch.Tensor) -> torch.Tensor:
     return -torch.log((ZETA - GAMMA) / (h - GAMMA) - 1.0)
 
 
-def _activation(y: torch.Tensor, activation: str) -> torch.Tensor:
+def _activation(y: torch.Tensor, activation: str | nn.Module) -> torch.Tensor:
+    if isinstance(activation, nn.Module):  # e.g. CLE's per-channel clipped ReLU
+        return activation(y)
     if activation == "relu":
         return torch.relu(y)
     if activation == "relu6":
@@ -129,7 +141,7 @@ def _check_inputs(
     quant_inputs: torch.Tensor | None,
     qparams: QParams,
     conv: ConvGeometry | None,
-    activation: str,
+    activation: str | nn.Module,
 ) -> None:
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
         raise ConfigError(f"adaround: weight must be a floating tensor, got {type(weight).__name__}")
@@ -140,8 +152,8 @@ def _check_inputs(
     check_finite(weight, "adaround weight")
     if not qparams.qtype.is_integer:
         raise ConfigError(f"adaround: rounds onto integer grids only, got {qparams.qtype.name}; valid: int2..int8, uint2..uint8")
-    if activation not in ACTIVATIONS:
-        raise ConfigError(f"adaround: activation {activation!r} is unknown; valid: {', '.join(ACTIVATIONS)}")
+    if not isinstance(activation, nn.Module) and activation not in ACTIVATIONS:
+        raise ConfigError(f"adaround: activation {activation!r} is unknown; valid: {', '.join(ACTIVATIONS)} or an nn.Module")
     for name, x in (("inputs", inputs), ("quant_inputs", quant_inputs)):
         if x is None:
             continue
@@ -164,6 +176,34 @@ def _check_inputs(
         )
 
 
+class _Windows:
+    """Training inputs and targets per step: whole samples, or for a convolution whose output is
+    larger than `patch`, one random patch × patch output window and the input window that
+    produces it exactly (the input is zero-padded once, so the window's conv needs no padding)."""
+
+    def __init__(self, x_q: torch.Tensor, target: torch.Tensor, conv: ConvGeometry | None, kernel: tuple[int, ...], patch: int) -> None:
+        self.x_q, self.target, self.conv, self.patch = x_q, target, conv, patch
+        self.windowed = conv is not None and patch > 0 and max(target.shape[-2:]) > patch
+        if self.windowed:
+            assert conv is not None
+            (ph, pw), (self.kh, self.kw) = conv.padding, kernel
+            self.padded = F.pad(x_q, (pw, pw, ph, ph))  # [N, C, H + 2ph, W + 2pw]
+            self.geometry = ConvGeometry(stride=conv.stride, padding=(0, 0), dilation=conv.dilation, groups=conv.groups)
+
+    def sample(self, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, ConvGeometry | None]:
+        if not self.windowed:
+            return self.x_q[idx], self.target[idx], self.conv
+        out_h, out_w = self.target.shape[-2:]
+        ph, pw = min(self.patch, out_h), min(self.patch, out_w)
+        oy = int(torch.randint(0, out_h - ph + 1, (1,), generator=gen))
+        ox = int(torch.randint(0, out_w - pw + 1, (1,), generator=gen))
+        (sh, sw), (dh, dw) = self.geometry.stride, self.geometry.dilation
+        span_h = (ph - 1) * sh + dh * (self.kh - 1) + 1  # input rows one output window reads
+        span_w = (pw - 1) * sw + dw * (self.kw - 1) + 1
+        x = self.padded[idx, :, oy * sh : oy * sh + span_h, ox * sw : ox * sw + span_w]  # [B, C, span_h, span_w]
+        return x, self.target[idx, :, oy : oy + ph, ox : ox + pw], self.geometry
+
+
 def adaround_weight(
     weight: torch.Tensor,
     inputs: torch.Tensor,
@@ -172,14 +212,15 @@ def adaround_weight(
     *,
     bias: torch.Tensor | None = None,
     conv: ConvGeometry | None = None,
-    activation: str = "identity",
+    activation: str | nn.Module = "identity",
     quant_inputs: torch.Tensor | None = None,
 ) -> WeightQuantResult:
     """Learn the rounding of `weight` on the grid `qparams` (whose granularity must broadcast
     over the weight: PerTensor or PerChannel(0), or PerGroup along the last axis).
 
     `inputs` [N, ..., in] (Linear) or [N, C, H, W] (`conv` given) are the layer's cached
-    inputs; the target is f(W x + b) with f = `activation`. `quant_inputs` (same shape), if
+    inputs; the target is f(W x + b) with f = `activation` (a name, or the model's own
+    activation module, e.g. CLE's per-channel clipped ReLU). `quant_inputs` (same shape), if
     given, feed the quantized layer instead — the outputs of the already-quantized layers
     before it. Returns codes (storage dtype), qparams, dequantized weights and `details`:
     {"loss_nearest", "loss_adaround"} (reconstruction MSE on all inputs with hard rounding),
@@ -207,10 +248,16 @@ def adaround_weight(
 
     with torch.no_grad():
         target = _activation(_layer(w, x_fp, b, conv), activation)  # [N, ...]
+    channel_dim = 1 if conv is not None else -1
+
+    def recon(out: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+        return (out - goal).pow(2).sum(dim=channel_dim).mean()
 
     def recon_loss(wq: torch.Tensor) -> float:
         with torch.no_grad():
-            return float(F.mse_loss(_activation(_layer(wq, x_q, b, conv), activation), target))
+            return float(recon(_activation(_layer(wq, x_q, b, conv), activation), target))
+
+    window = _Windows(x_q, target, conv, tuple(w.shape[-2:]), config.conv_patch)
 
     nearest_codes = torch.clamp(w_floor + torch.round(rest) + zero, qmin, qmax)  # half-even, as RTN
     nearest = (nearest_codes - zero) * scale
@@ -222,9 +269,10 @@ def adaround_weight(
     beta_start, beta_end = config.beta_range
     for it in range(config.iterations):
         idx = torch.randint(0, n, (min(config.batch_size, n),), generator=gen)
+        x_step, goal, geometry = window.sample(idx, gen)
         h = rectified_sigmoid(v)
-        out = _activation(_layer(soft_weight(h), x_q[idx], b, conv), activation)
-        loss = F.mse_loss(out, target[idx])
+        out = _activation(_layer(soft_weight(h), x_step, b, geometry), activation)
+        loss = recon(out, goal)
         if it >= warm and config.reg_weight > 0:
             progress = (it - warm) / max(config.iterations - warm, 1)
             beta = beta_end + (beta_start - beta_end) * (1.0 - progress)

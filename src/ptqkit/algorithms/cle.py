@@ -261,15 +261,21 @@ def equalize_(
     chains: list[CLEChain] | None = None,
     config: CLEConfig | None = None,
 ) -> list[EqualizationResult]:
-    """Cross-layer equalization of `chains` (default: the mapping table's chains found in
-    `model`, see `ptqkit.mappings.resolve_cle_chains`), in place. Fold batch norms first.
+    """Cross-layer equalization of `chains`, in place. Fold batch norms first. By default the
+    chains come from the model's torch.fx graph (`cle_graph.graph_cle_chains`), or from the
+    mapping tables (`ptqkit.mappings.resolve_cle_chains`) when the model does not trace.
 
     Ineligible chains (a non-homogeneous activation, an unfolded BN, mismatched channels) are
     skipped with a logged reason. Returns one `EqualizationResult` per chain."""
     config = config or CLEConfig()
     if not isinstance(config, CLEConfig):
         raise ConfigError(f"equalize_: config must be a CLEConfig, got {type(config).__name__}")
-    chains = resolve_cle_chains(model) if chains is None else list(chains)
+    if chains is None:
+        from ptqkit.algorithms.cle_graph import graph_cle_chains
+
+        found = graph_cle_chains(model)
+        chains = resolve_cle_chains(model) if found is None else found
+    chains = list(chains)
     results = []
     for chain in chains:
         problem = _chain_problem(model, chain)

@@ -3,11 +3,11 @@
 1. Pre-transforms (function-preserving, in float, data-free, before calibration): bn_fold, cle.
 2. Block transforms (function-preserving, in float, from calibration statistics, block by block;
    see `algorithms.blockwise`): smoothquant, awq.
-3. The weight quantizer (how each targeted weight becomes integers): rtn (the default, min-max)
-   or gptq (from each layer's Hessian, block by block).
-4. Input decomposition at conversion: llm_int8 (outlier input columns stay float per call).
-Algorithms whose maths exist but that the engine does not run yet (adaround, bias_correction)
-are refused with a ConfigError rather than silently ignored.
+3. The weight quantizer (how each targeted weight becomes integers): rtn (the default, min-max),
+   gptq (from each layer's Hessian, block by block) or adaround (learned rounding, layer by
+   layer; see `algorithms.layerwise`).
+4. Post-corrections after the weights are integers: bias_correction (layer by layer).
+5. Input decomposition at conversion: llm_int8 (outlier input columns stay float per call).
 """
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from ptqkit.algorithms.adaround import AdaRoundConfig
 from ptqkit.algorithms.awq import AWQConfig
+from ptqkit.algorithms.bias_correction import BiasCorrectionConfig
 from ptqkit.algorithms.bn_fold import BNFoldConfig, fold_batchnorm_
 from ptqkit.algorithms.cle import CLEConfig, equalize_
 from ptqkit.algorithms.gptq import GPTQConfig, gptq_quantize_weight
@@ -47,6 +49,8 @@ WEIGHT_QUANTIZERS: dict[type, Callable[[torch.Tensor, QuantSpec, Any], QParams]]
     RTNConfig: lambda weight, spec, config: rtn_qparams(weight, spec, config),
 }
 HESSIAN_QUANTIZERS: tuple[type, ...] = (GPTQConfig,)  # need each layer's Hessian: block by block
+LAYER_QUANTIZERS: tuple[type, ...] = (AdaRoundConfig,)  # reconstruct each layer's output: layer by layer
+POST_CORRECTIONS: tuple[type, ...] = (BiasCorrectionConfig,)  # after the weights are integers, layer by layer
 INPUT_DECOMPOSITIONS: tuple[type, ...] = (LLMInt8Config,)  # change how inputs are quantized at conversion
 
 
@@ -57,6 +61,7 @@ class Stages:
     pre_transforms: tuple[Any, ...] = ()
     block_transforms: tuple[Any, ...] = ()
     weight_quantizer: Any = None
+    post_corrections: tuple[Any, ...] = ()
     input_decomposition: Any = None
 
     @property
@@ -64,26 +69,36 @@ class Stages:
         """Whether the model must be run block by block on calibration data."""
         return bool(self.block_transforms) or isinstance(self.weight_quantizer, HESSIAN_QUANTIZERS)
 
+    @property
+    def layerwise(self) -> bool:
+        """Whether the model must be run layer by layer on calibration data."""
+        return bool(self.post_corrections) or isinstance(self.weight_quantizer, LAYER_QUANTIZERS)
+
 
 def _stage_of(config: Any) -> int:
     if type(config) in PRE_TRANSFORMS:
         return 0
     if type(config) in BLOCK_TRANSFORMS:
         return 1
-    if type(config) in WEIGHT_QUANTIZERS or type(config) in HESSIAN_QUANTIZERS:
+    if type(config) in WEIGHT_QUANTIZERS or type(config) in HESSIAN_QUANTIZERS or type(config) in LAYER_QUANTIZERS:
         return 2
-    if type(config) in INPUT_DECOMPOSITIONS:
+    if type(config) in POST_CORRECTIONS:
         return 3
+    if type(config) in INPUT_DECOMPOSITIONS:
+        return 4
     return -1
 
 
-_STAGE_NAMES = ("a pre-transform", "a block transform", "a weight quantizer", "an input decomposition")
-_ALL = (*PRE_TRANSFORMS, *BLOCK_TRANSFORMS, *WEIGHT_QUANTIZERS, *HESSIAN_QUANTIZERS, *INPUT_DECOMPOSITIONS)
+_STAGE_NAMES = ("a pre-transform", "a block transform", "a weight quantizer", "a post-correction", "an input decomposition")
+_ALL = (
+    *PRE_TRANSFORMS, *BLOCK_TRANSFORMS, *WEIGHT_QUANTIZERS, *HESSIAN_QUANTIZERS, *LAYER_QUANTIZERS, *POST_CORRECTIONS,
+    *INPUT_DECOMPOSITIONS,
+)
 
 
 def split_algorithms(algorithms: Sequence[Any]) -> Stages:
     """Sort `algorithms` into stages; they must be listed in stage order."""
-    by_stage: tuple[list[Any], ...] = ([], [], [], [])
+    by_stage: tuple[list[Any], ...] = ([], [], [], [], [])
     for index, config in enumerate(algorithms):
         stage = _stage_of(config)
         if stage < 0:
@@ -96,22 +111,32 @@ def split_algorithms(algorithms: Sequence[Any]) -> Stages:
             raise ConfigError(
                 f"algorithms[{index}] ({type(config).__name__}) is {_STAGE_NAMES[stage]}; list it before "
                 f"{type(by_stage[later[0]][0]).__name__} ({_STAGE_NAMES[later[0]]}). Order: pre-transforms "
-                "(bn_fold, cle), block transforms (smoothquant, awq), one weight quantizer (rtn, gptq), llm_int8"
+                "(bn_fold, cle), block transforms (smoothquant, awq), one weight quantizer (rtn, gptq, adaround), "
+                "post-corrections (bias_correction), llm_int8"
             )
         by_stage[stage].append(config)
-    for stage, what in ((2, "weight quantizers"), (3, "input decompositions")):
+    for stage, what in ((2, "weight quantizers"), (3, "post-corrections"), (4, "input decompositions")):
         if len(by_stage[stage]) > 1:
             raise ConfigError(f"algorithms: {len(by_stage[stage])} {what} given; use one")
-    return Stages(
-        tuple(by_stage[0]), tuple(by_stage[1]), by_stage[2][0] if by_stage[2] else None, by_stage[3][0] if by_stage[3] else None
+    stages = Stages(
+        pre_transforms=tuple(by_stage[0]),
+        block_transforms=tuple(by_stage[1]),
+        weight_quantizer=by_stage[2][0] if by_stage[2] else None,
+        post_corrections=tuple(by_stage[3]),
+        input_decomposition=by_stage[4][0] if by_stage[4] else None,
     )
+    if stages.blockwise and stages.layerwise:
+        block = [type(c).__name__ for c in (*stages.block_transforms, stages.weight_quantizer) if type(c) in (*BLOCK_TRANSFORMS, *HESSIAN_QUANTIZERS)]
+        layer = [type(c).__name__ for c in (stages.weight_quantizer, *stages.post_corrections) if type(c) in (*LAYER_QUANTIZERS, *POST_CORRECTIONS)]
+        raise ConfigError(f"algorithms: {block} run block by block and {layer} layer by layer; one recipe uses one of the two")
+    return stages
 
 
 def quantize_weight_params(weight: torch.Tensor, spec: QuantSpec, config: Any) -> QParams:
     """QParams of a weight [out, ...] by a data-free weight quantizer (on its [out, -1] view
     for convolutions, whose per-channel parameters are the same)."""
     if type(config) not in WEIGHT_QUANTIZERS:
-        raise ConfigError(f"{type(config).__name__} needs calibration data (a Hessian) and runs block by block, not here")
+        raise ConfigError(f"{type(config).__name__} needs calibration data and runs block or layer by layer, not here")
     flat = weight.reshape(weight.shape[0], -1) if weight.ndim > 2 else weight  # [out, in·k·k]
     return WEIGHT_QUANTIZERS[type(config)](flat, spec, config)
 

@@ -6,7 +6,7 @@ always removed and the model's train/eval mode restored, whether calibration suc
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from ptqkit.errors import CalibrationDataError, NonFiniteError, PTQError
 from ptqkit.progress import progress_bar
 from ptqkit.spec import QuantSpec
 
-__all__ = ["calibrate_inputs", "batch_length", "slice_batch"]
+__all__ = ["calibrate_inputs", "batch_length", "slice_batch", "limited_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,20 @@ def slice_batch(batch: Any, count: int) -> Any:
     if isinstance(batch, Mapping):
         return {k: v[:count] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     return type(batch)(v[:count] if isinstance(v, torch.Tensor) else v for v in batch)
+
+
+def limited_batches(batches: Iterable[Any], max_samples: int) -> Iterator[tuple[Any, int]]:
+    """(batch, index of its first sample) for the batches holding the first `max_samples`
+    samples; the last one is sliced to fit."""
+    seen = 0
+    for batch in batches:
+        if seen >= max_samples:
+            return
+        count = batch_length(batch)
+        if seen + count > max_samples:
+            batch, count = slice_batch(batch, max_samples - seen), max_samples - seen
+        yield batch, seen
+        seen += count
 
 
 def calibrate_inputs(
@@ -78,23 +92,19 @@ def calibrate_inputs(
     try:
         model.eval()
         with torch.inference_mode(), progress_bar("calibrating", total_batches, progress) as advance:
-            for index, batch in enumerate(batches):
-                if seen >= max_samples:
-                    break
+            for index, (batch, first) in enumerate(limited_batches(batches, max_samples)):
                 count = batch_length(batch)
-                if seen + count > max_samples:
-                    batch, count = slice_batch(batch, max_samples - seen), max_samples - seen
-                where.update(batch=index, first=seen, last=seen + count - 1)
+                where.update(batch=index, first=first, last=first + count - 1)
                 try:
                     call_model(model, batch)
                 except PTQError:
                     raise
                 except Exception as exc:
                     raise CalibrationDataError(
-                        f"calibration batch {index} (samples {seen}-{seen + count - 1}) does not fit the "
+                        f"calibration batch {index} (samples {first}-{first + count - 1}) does not fit the "
                         f"model: {type(exc).__name__}: {exc}"
                     ) from exc
-                seen += count
+                seen = first + count
                 advance(1)
     finally:
         for handle in handles:

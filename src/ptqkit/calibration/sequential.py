@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from ptqkit.calibration.hooks import batch_length, slice_batch
+from ptqkit.calibration.hooks import limited_batches
 from ptqkit.calibration.samples import call_model
 from ptqkit.errors import CalibrationDataError, PTQError
 
@@ -86,22 +86,10 @@ class _StopForward(Exception):
     """Raised by the capture hook once block 0's inputs are recorded."""
 
 
-def _limited(batches: Iterable[Any], max_samples: int) -> Iterator[Any]:
-    seen = 0
-    for batch in batches:
-        if seen >= max_samples:
-            return
-        count = batch_length(batch)
-        if seen + count > max_samples:
-            batch, count = slice_batch(batch, max_samples - seen), max_samples - seen
-        seen += count
-        yield batch
-
-
 def calls_from_batches(batches: Iterable[Any], max_samples: int) -> list[BlockCall]:
     """Calibration batches as calls of the whole model (a dict batch becomes keywords)."""
     calls = []
-    for batch in _limited(batches, max_samples):
+    for batch, _ in limited_batches(batches, max_samples):
         if isinstance(batch, Mapping):
             calls.append(BlockCall((), dict(batch)))
         elif isinstance(batch, (tuple, list)):
@@ -134,7 +122,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, batches: Iterable[A
     was_training = model.training
     model.eval()
     try:
-        for index, batch in enumerate(_limited(batches, max_samples)):
+        for index, (batch, _) in enumerate(limited_batches(batches, max_samples)):
             before = len(calls)
             try:
                 call_model(model, batch)

@@ -1,5 +1,5 @@
 """Task metrics for comparing a quantized model with its float reference, computed the same way
-for both: perplexity, sentence-embedding cosine, top-1 agreement/accuracy, output SQNR."""
+for both: perplexity, sentence-embedding cosine, top-1/top-k agreement, softmax KL, output SQNR."""
 from __future__ import annotations
 
 import math
@@ -12,7 +12,17 @@ from torch import nn
 from ptqkit.errors import ConfigError
 from ptqkit.primitives import sqnr_db
 
-__all__ = ["perplexity", "token_windows", "mean_pooled_embeddings", "embedding_cosine", "top1_agreement", "logits_of", "output_sqnr_db"]
+__all__ = [
+    "perplexity",
+    "token_windows",
+    "mean_pooled_embeddings",
+    "embedding_cosine",
+    "top1_agreement",
+    "topk_agreement",
+    "mean_softmax_kl",
+    "logits_of",
+    "output_sqnr_db",
+]
 
 
 def token_windows(tokenizer: Any, texts: Sequence[str], window: int = 512, max_windows: int | None = None) -> torch.Tensor:
@@ -75,3 +85,27 @@ def top1_agreement(reference_logits: torch.Tensor, candidate_logits: torch.Tenso
 def output_sqnr_db(reference: torch.Tensor, candidate: torch.Tensor) -> float:
     """SQNR of the candidate's outputs against the reference's, in dB."""
     return sqnr_db(reference, candidate)
+
+
+def topk_agreement(reference_logits: torch.Tensor, candidate_logits: torch.Tensor, k: int = 5) -> float:
+    """Share of rows whose reference arg-max class is among the candidate's k highest."""
+    if reference_logits.shape != candidate_logits.shape or reference_logits.ndim != 2:
+        raise ConfigError(
+            f"topk_agreement: logits must be two equal [N, classes] shapes, got "
+            f"{tuple(reference_logits.shape)} and {tuple(candidate_logits.shape)}"
+        )
+    if not 1 <= k <= reference_logits.shape[1]:
+        raise ConfigError(f"topk_agreement: k={k!r} must be in [1, {reference_logits.shape[1]}] (the number of classes)")
+    top = candidate_logits.topk(k, dim=-1).indices  # [N, k]
+    return float((top == reference_logits.argmax(-1, keepdim=True)).any(-1).float().mean())
+
+
+def mean_softmax_kl(reference_logits: torch.Tensor, candidate_logits: torch.Tensor) -> float:
+    """Mean over rows of KL(softmax(reference) ‖ softmax(candidate)), in nats, in float64."""
+    if reference_logits.shape != candidate_logits.shape:
+        raise ConfigError(
+            f"mean_softmax_kl: logits shapes differ: {tuple(reference_logits.shape)} vs {tuple(candidate_logits.shape)}"
+        )
+    log_p = F.log_softmax(reference_logits.double(), dim=-1)  # [N, classes]
+    log_q = F.log_softmax(candidate_logits.double(), dim=-1)  # [N, classes]
+    return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())

@@ -90,7 +90,7 @@ def test_stage_order_and_calibration_are_required(llama_and_data) -> None:
         pq.quantize(model, _recipe(GPTQConfig(), AWQConfig()), data, progress=False)
     with pytest.raises(ConfigError, match="2 weight quantizers given"):
         pq.quantize(model, _recipe(RTNConfig(), GPTQConfig()), data, progress=False)
-    with pytest.raises(ConfigError, match=r"runs \['GPTQConfig'\] from calibration statistics but no calibration data"):
+    with pytest.raises(ConfigError, match=r"runs \['GPTQConfig'\] from calibration data but no calibration data"):
         pq.quantize(model, _recipe(GPTQConfig()), None, progress=False)
 
 

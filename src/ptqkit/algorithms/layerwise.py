@@ -1,0 +1,233 @@
+"""The layer-by-layer driver for algorithms that reconstruct each layer's output on calibration
+data: AdaRound (learned rounding) and empirical bias correction.
+
+For each targeted layer, in the order the model first calls them:
+1. its inputs on the calibration data are captured twice: from a float copy of the model (the
+   reference) and from the model being quantized, whose earlier layers already hold their
+   quantized weights (each forward stops at the layer, so later layers cost nothing);
+2. its weight becomes integers on the spec's grid: AdaRound's learned rounding, reconstructing
+   f(W x + b) through the activation module that directly consumes the layer's output (ReLU,
+   ReLU6, CLE's clipped ReLU; identity otherwise), or round-to-nearest;
+3. bias correction adds c = μ_fp − μ_q per output channel: the output mean of the float layer on
+   the float inputs minus that of the quantized layer on the quantized model's inputs (the
+   seeds' b_new = b_old + (μ_fp − μ_int)). It removes the mean shift of this layer's weight
+   error and of the weight errors upstream; with padding the means are exact, not modelled;
+4. the dequantized weight and the corrected bias replace the float ones, so later layers see
+   them.
+Memory is one layer's inputs, twice (N × C × H × W floats each), and a float copy of the model.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptqkit.algorithms.adaround import AdaRoundConfig, ConvGeometry, adaround_weight
+from ptqkit.algorithms.bias_correction import BiasCorrectionConfig, output_mean_correction
+from ptqkit.algorithms.cle import ChannelClippedReLU
+from ptqkit.algorithms.weight_quant import WeightQuantResult
+from ptqkit.calibration.hooks import limited_batches
+from ptqkit.calibration.samples import call_model
+from ptqkit.errors import CalibrationDataError, ConfigError, PTQError
+from ptqkit.primitives import dequantize, quantize
+from ptqkit.progress import progress_bar
+from ptqkit.spec import QParams, QuantSpec
+
+__all__ = ["LAYER_KINDS", "RECONSTRUCT_THROUGH", "quantize_layers_", "call_order", "capture_inputs", "layer_output"]
+
+logger = logging.getLogger(__name__)
+
+LAYER_KINDS = ("Linear", "Conv2d")  # what the layer-by-layer algorithms handle
+RECONSTRUCT_THROUGH = (nn.ReLU, nn.ReLU6, ChannelClippedReLU)  # activations AdaRound reconstructs through
+Batches = Callable[[], Iterable[Any]]  # a fresh iterator over the calibration batches per call
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the layer's input is recorded."""
+
+
+def _run(model: nn.Module, batch: Any, index: int) -> None:
+    try:
+        call_model(model, batch)
+    except _StopForward:
+        pass
+    except PTQError:
+        raise
+    except Exception as exc:
+        raise CalibrationDataError(f"calibration batch {index} does not fit the model: {type(exc).__name__}: {exc}") from exc
+
+
+@torch.inference_mode()
+def call_order(model: nn.Module, names: Iterable[str], batch: Any) -> tuple[list[str], dict[str, nn.Module]]:
+    """The modules among `names` in the order one forward of `batch` first calls them (modules
+    never called are left out), and for each the activation module that directly consumes its
+    output (the very same tensor), where that activation is one AdaRound reconstructs through."""
+    modules = dict(model.named_modules())
+    order: list[str] = []
+    outputs: list[tuple[torch.Tensor, str]] = []  # (output, layer): kept alive, so identity is exact
+    activation: dict[str, nn.Module] = {}
+
+    def layer_hook(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if name not in order:
+                order.append(name)
+                if isinstance(output, torch.Tensor):
+                    outputs.append((output, name))
+        return hook
+
+    def activation_hook(module: nn.Module, args: tuple) -> None:
+        producer = next((name for output, name in outputs if args and output is args[0]), None)
+        if producer is not None and producer not in activation:
+            activation[producer] = module
+
+    wanted = list(names)
+    handles = [modules[name].register_forward_hook(layer_hook(name)) for name in wanted]
+    handles += [m.register_forward_pre_hook(activation_hook) for m in modules.values() if isinstance(m, RECONSTRUCT_THROUGH)]
+    try:
+        _run(model, batch, 0)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order, activation
+
+
+@torch.inference_mode()
+def capture_inputs(model: nn.Module, module: nn.Module, batches: Iterable[Any], max_samples: int) -> torch.Tensor:
+    """The first input of `module` on every batch, concatenated along the batch axis [N, ...]
+    (each forward stops as soon as the module is reached)."""
+    captured: list[torch.Tensor] = []
+
+    def hook(mod: nn.Module, args: tuple) -> None:
+        captured.append(args[0].detach().clone())
+        raise _StopForward
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        for index, (batch, _) in enumerate(limited_batches(batches, max_samples)):
+            _run(model, batch, index)
+    finally:
+        handle.remove()
+    if not captured:
+        raise CalibrationDataError("calibration data is empty: no sample reached the layer")
+    return torch.cat(captured)
+
+
+def _conv_geometry(module: nn.Module) -> ConvGeometry | None:
+    if not isinstance(module, nn.Conv2d):
+        return None
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        raise ConfigError(f"conv {module}: layer-by-layer algorithms need numeric zero padding, got {module.padding!r}")
+    return ConvGeometry(stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups)
+
+
+def layer_output(weight: torch.Tensor, x: torch.Tensor, conv: ConvGeometry | None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W x (+ b) of a Linear [N, ..., out] or a 2-D convolution [N, out, H', W']."""
+    if conv is None:
+        return F.linear(x, weight, bias)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _channel_means(y: torch.Tensor, conv: ConvGeometry | None) -> torch.Tensor:
+    """Per-output-channel mean of a layer output (axis 1 of a conv's, the last of a Linear's)."""
+    if conv is None:
+        return y.reshape(-1, y.shape[-1]).mean(dim=0, dtype=torch.float64)  # [..., out] -> [out]
+    return y.transpose(0, 1).reshape(y.shape[1], -1).mean(dim=1, dtype=torch.float64)  # [N, out, H, W] -> [out]
+
+
+def _nearest(weight: torch.Tensor, qparams: QParams, spec: QuantSpec) -> WeightQuantResult:
+    codes = quantize(weight, qparams, spec.rounding)
+    return WeightQuantResult(codes=codes, qparams=qparams, dequantized=dequantize(codes, qparams, dtype=weight.dtype))
+
+
+@torch.no_grad()
+def quantize_layers_(
+    model: nn.Module,
+    targets: Mapping[str, tuple[str, QuantSpec]],
+    grids: Callable[[str, torch.Tensor, QuantSpec], QParams],
+    weight_quantizer: Any,
+    corrections: tuple[Any, ...],
+    batches: Batches,
+    *,
+    max_samples: int,
+    progress: bool = True,
+) -> tuple[dict[str, WeightQuantResult], dict[str, dict[str, Any]]]:
+    """Quantize the weights of `targets` (name -> (module type, weight spec)) one layer at a
+    time, in place, with AdaRound (`weight_quantizer` an AdaRoundConfig) or round-to-nearest,
+    then bias-correct them (`corrections` holding a BiasCorrectionConfig). `grids(name, weight,
+    spec)` gives each layer's quantization grid. Returns the weight results (the model's float
+    weights now hold the dequantized values, its biases the corrected ones) and per-layer
+    details. Targets of other kinds (embeddings, 1-D convolutions) are left to conversion."""
+    correct = any(isinstance(c, BiasCorrectionConfig) for c in corrections)
+    for config in corrections:
+        if isinstance(config, BiasCorrectionConfig) and config.mode != "empirical":
+            raise ConfigError(
+                f"bias_correction mode {config.mode!r}: the engine corrects biases from calibration data "
+                "(mode 'empirical'); the data-free form is ptqkit.algorithms.bias_correction.analytic_bias_correction"
+            )
+    adaround = weight_quantizer if isinstance(weight_quantizer, AdaRoundConfig) else None
+    kinds = {name: kind for name, (kind, _) in targets.items()}
+    skipped = sorted(name for name, kind in kinds.items() if kind not in LAYER_KINDS)
+    if skipped:
+        logger.info("layer-by-layer algorithms skip %d layer(s) of other kinds (quantized at conversion): %s", len(skipped), skipped)
+    first = next(iter(limited_batches(batches(), max_samples)), None)
+    if first is None:
+        raise CalibrationDataError("calibration data is empty")
+    order, activations = call_order(model, [n for n in targets if n not in skipped], first[0])
+    never = sorted(set(targets) - set(skipped) - set(order))
+    if never:
+        logger.warning("%d targeted layer(s) never ran on calibration data; round-to-nearest at conversion: %s", len(never), never)
+    logger.info("layer-by-layer: a float copy of the model is kept as the reference")
+    reference = copy.deepcopy(model)
+    results: dict[str, WeightQuantResult] = {}
+    details: dict[str, dict[str, Any]] = {}
+    with progress_bar(f"quantizing {len(order)} layer(s) one by one", len(order), progress) as advance:
+        for name in order:
+            module, spec = model.get_submodule(name), targets[name][1]
+            x_fp = capture_inputs(reference, reference.get_submodule(name), batches(), max_samples)
+            x_q = capture_inputs(model, module, batches(), max_samples)
+            results[name], details[name] = _quantize_layer(
+                name, module, spec, grids, adaround, correct, x_fp, x_q, activations.get(name)
+            )
+            advance(1)
+    return results, details
+
+
+def _quantize_layer(
+    name: str,
+    module: nn.Module,
+    spec: QuantSpec,
+    grids: Callable[[str, torch.Tensor, QuantSpec], QParams],
+    adaround: AdaRoundConfig | None,
+    correct: bool,
+    x_fp: torch.Tensor,
+    x_q: torch.Tensor,
+    activation: nn.Module | None,
+) -> tuple[WeightQuantResult, dict[str, Any]]:
+    conv = _conv_geometry(module)
+    weight = module.weight.detach()
+    qparams = grids(name, weight, spec)
+    if adaround is not None:
+        with torch.enable_grad():
+            result = adaround_weight(
+                weight, x_fp, qparams, adaround, bias=module.bias, conv=conv,
+                activation=activation if activation is not None else "identity", quant_inputs=x_q,
+            )
+        detail = dict(result.details)
+        detail["activation"] = type(activation).__name__ if activation is not None else "identity"
+    else:
+        result, detail = _nearest(weight, qparams, spec), {}
+    if correct:
+        mean_fp = _channel_means(layer_output(weight, x_fp, conv), conv)
+        mean_q = _channel_means(layer_output(result.dequantized, x_q, conv), conv)
+        shift = output_mean_correction(mean_fp, mean_q)  # [out]
+        if module.bias is None:
+            module.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype), requires_grad=False)
+        module.bias.add_(shift.to(module.bias.dtype))
+        detail["bias_shift_max"] = float(shift.abs().max())
+    module.weight.copy_(result.dequantized.to(module.weight.dtype))
+    logger.debug("layer %s: %s", name, detail)
+    return result, detail
