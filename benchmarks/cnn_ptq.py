@@ -9,8 +9,8 @@ KL divergence of the softmax outputs. Calibration crops come from other photos (
 Then the per-channel W8A8 MobileNetV2 is exported to ONNX and timed in ONNX Runtime against ORT
 FP32 and torch FP32 (same thread count, spinning off), with the kernels ORT ran.
 
-    .venv/bin/python benchmarks/cnn_ptq.py [--eval 1000] [--calib 256] [--adaround-samples 128]
-        [--iterations 1000] [--rows ...] [--threads 2] [--skip-onnx] [--out results/cnn_ptq.json]
+    .venv/bin/python benchmarks/cnn_ptq.py [--eval 1000] [--calib 256] [--layerwise-samples 128]
+        [--iterations 300] [--rows ...] [--threads 2] [--skip-onnx] [--out results/cnn_ptq.json]
 """
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -48,19 +49,20 @@ def recipe(weights: QuantSpec, algorithms: tuple[Any, ...], samples: int, name: 
     return replace(base, name=name, scheme=replace(base.scheme, weights=weights), algorithms=algorithms, calibration=calibration)
 
 
-def rows(iterations: int, calib: int, adaround_samples: int) -> dict[str, pq.Recipe]:
-    """The issue's table rows, in order."""
+def rows(iterations: int, calib: int, layerwise_samples: int) -> dict[str, pq.Recipe]:
+    """The issue's table rows, in order; the layer-by-layer rows (bias correction, AdaRound)
+    calibrate on the first `layerwise_samples` crops (their one pass holds all of them in memory)."""
     ada = AdaRoundConfig(iterations=iterations)
     fold, cle, bc = BNFoldConfig(), CLEConfig(), BiasCorrectionConfig()
     table = {
         "W8A8 per-tensor nearest": (INT8_PER_TENSOR, (), calib),
         "+ BN fold": (INT8_PER_TENSOR, (fold,), calib),
         "+ CLE": (INT8_PER_TENSOR, (fold, cle), calib),
-        "+ CLE + bias correction": (INT8_PER_TENSOR, (fold, cle, bc), calib),
+        "+ CLE + bias correction": (INT8_PER_TENSOR, (fold, cle, bc), layerwise_samples),
         "W8A8 per-channel": (INT8_PER_CHANNEL, (fold,), calib),
         "W4A8 per-channel nearest": (INT4_PER_CHANNEL, (fold,), calib),
-        "W4A8 + AdaRound": (INT4_PER_CHANNEL, (fold, ada), adaround_samples),
-        "W4A8 + CLE + BC + AdaRound": (INT4_PER_CHANNEL, (fold, cle, ada, bc), adaround_samples),
+        "W4A8 + AdaRound": (INT4_PER_CHANNEL, (fold, ada), layerwise_samples),
+        "W4A8 + CLE + BC + AdaRound": (INT4_PER_CHANNEL, (fold, cle, ada, bc), layerwise_samples),
     }
     return {name: recipe(w, algos, n, name) for name, (w, algos, n) in table.items()}
 
@@ -154,8 +156,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--eval", type=int, default=1000, help="evaluation crops (default 1000)")
     parser.add_argument("--calib", type=int, default=256, help="calibration crops (default 256)")
-    parser.add_argument("--adaround-samples", type=int, default=128, help="calibration crops for AdaRound rows")
-    parser.add_argument("--iterations", type=int, default=1000, help="AdaRound iterations per layer")
+    parser.add_argument("--layerwise-samples", type=int, default=128, help="calibration crops for the bias-correction and AdaRound rows")
+    parser.add_argument("--iterations", type=int, default=300, help="AdaRound iterations per layer")
     parser.add_argument("--rows", nargs="*", default=None, help="MobileNetV2 rows to run (default all)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--onnx-batch", type=int, default=8)
@@ -173,7 +175,7 @@ def main() -> None:
     calib = corpora.photo_crops(args.calib, seed=0, source="calib")  # [calib, 3, 224, 224]
     eval_x = corpora.photo_crops(args.eval, seed=1, source="eval")  # [eval, 3, 224, 224]
     reference = logits_of(model, eval_x)
-    table = rows(args.iterations, args.calib, args.adaround_samples)
+    table = rows(args.iterations, args.calib, args.layerwise_samples)
     chosen = args.rows or list(table)
     unknown = sorted(set(chosen) - set(table))
     if unknown:

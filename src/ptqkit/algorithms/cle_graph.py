@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from ptqkit.calibration.graph_pass import trace
 from ptqkit.mappings import CLEChain
 
 __all__ = ["graph_cle_chains"]
@@ -65,12 +66,8 @@ def _follow(modules: dict[str, nn.Module], node: Any) -> tuple[str | None, Any] 
 
 def graph_cle_chains(model: nn.Module) -> list[CLEChain] | None:
     """CLE chains found in `model`'s torch.fx graph, or None if it does not trace."""
-    import torch.fx
-
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception as exc:  # fx raises many types (TraceError, TypeError, NotImplementedError...)
-        logger.info("cle: %s does not trace with torch.fx (%s: %s)", type(model).__name__, type(exc).__name__, exc)
+    graph = trace(model)
+    if graph is None:
         return None
     modules = dict(model.named_modules())
     links: dict[str, tuple[str | None, str]] = {}  # layer -> (activation, next layer)

@@ -2,9 +2,11 @@
 data: AdaRound (learned rounding) and empirical bias correction.
 
 For each targeted layer, in the order the model first calls them:
-1. its inputs on the calibration data are captured twice: from a float copy of the model (the
+1. its inputs on the calibration data are taken twice: from a float copy of the model (the
    reference) and from the model being quantized, whose earlier layers already hold their
-   quantized weights (each forward stops at the layer, so later layers cost nothing);
+   quantized weights. A model torch.fx traces runs once, node by node, both sides in lockstep
+   (`calibration.graph_pass`); otherwise each layer's inputs are captured with hooks, two
+   forwards per layer, each stopped at the layer;
 2. its weight becomes integers on the spec's grid: AdaRound's learned rounding, reconstructing
    f(W x + b) through the activation module that directly consumes the layer's output (ReLU,
    ReLU6, CLE's clipped ReLU; identity otherwise), or round-to-nearest;
@@ -14,13 +16,15 @@ For each targeted layer, in the order the model first calls them:
    error and of the weight errors upstream; with padding the means are exact, not modelled;
 4. the dequantized weight and the corrected bias replace the float ones, so later layers see
    them.
-Memory is one layer's inputs, twice (N × C × H × W floats each), and a float copy of the model.
+Memory: a float copy of the model, one layer's inputs twice (N × C × H × W floats each), and in
+the graph pass the live intermediate values of all calibration samples, twice.
 """
 from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,14 +34,16 @@ from ptqkit.algorithms.adaround import AdaRoundConfig, ConvGeometry, adaround_we
 from ptqkit.algorithms.bias_correction import BiasCorrectionConfig, output_mean_correction
 from ptqkit.algorithms.cle import ChannelClippedReLU
 from ptqkit.algorithms.weight_quant import WeightQuantResult
+from ptqkit.calibration.graph_pass import run_lockstep, trace
 from ptqkit.calibration.hooks import limited_batches
 from ptqkit.calibration.samples import call_model
+from ptqkit.calibration.sequential import calls_from_batches
 from ptqkit.errors import CalibrationDataError, ConfigError, PTQError
 from ptqkit.primitives import dequantize, quantize
 from ptqkit.progress import progress_bar
 from ptqkit.spec import QParams, QuantSpec
 
-__all__ = ["LAYER_KINDS", "RECONSTRUCT_THROUGH", "quantize_layers_", "call_order", "capture_inputs", "layer_output"]
+__all__ = ["LAYER_KINDS", "RECONSTRUCT_THROUGH", "call_order", "capture_inputs", "layer_output", "quantize_layers_"]
 
 logger = logging.getLogger(__name__)
 
@@ -184,15 +190,25 @@ def quantize_layers_(
     reference = copy.deepcopy(model)
     results: dict[str, WeightQuantResult] = {}
     details: dict[str, dict[str, Any]] = {}
+    graph = trace(model)
     with progress_bar(f"quantizing {len(order)} layer(s) one by one", len(order), progress) as advance:
-        for name in order:
-            module, spec = model.get_submodule(name), targets[name][1]
-            x_fp = capture_inputs(reference, reference.get_submodule(name), batches(), max_samples)
-            x_q = capture_inputs(model, module, batches(), max_samples)
+
+        def visit(name: str, x_fp: torch.Tensor, x_q: torch.Tensor) -> None:
+            module = model.get_submodule(name)
             results[name], details[name] = _quantize_layer(
-                name, module, spec, grids, adaround, correct, x_fp, x_q, activations.get(name)
+                name, module, targets[name][1], grids, adaround, correct, x_fp, x_q, activations.get(name)
             )
             advance(1)
+
+        if graph is not None:  # one lockstep pass over the graph
+            run_lockstep(graph, model, reference, calls_from_batches(batches(), max_samples), set(order), visit)
+        else:  # two forwards per layer, each stopped at the layer
+            for name in order:
+                visit(
+                    name,
+                    capture_inputs(reference, reference.get_submodule(name), batches(), max_samples),
+                    capture_inputs(model, model.get_submodule(name), batches(), max_samples),
+                )
     return results, details
 
 

@@ -9,10 +9,16 @@ The float graph comes from the dynamo exporter (`onnx_graph.export_float_onnx`) 
   DequantizeLinear with ptqkit's scale/zero point (static) or DynamicQuantizeLinear +
   DequantizeLinear (dynamic). Gemm becomes MatMul + Add. ONNX Runtime fuses these into
   MatMulIntegerToFloat (static) and DynamicQuantizeMatMul (dynamic) — measured with ORT 1.32.
-- Conv: ORT leaves DQ -> Conv in float unless an output Q follows (QLinearConv needs an output
-  scale that ptqkit does not calibrate), so the rewrite writes the integer form directly:
-  (Dynamic)QuantizeLinear -> ConvInteger(u8, s8) -> Cast -> Mul(x_scale * w_scale) -> Add(bias).
-  This is exact for symmetric weights (ConvInteger takes one weight zero point).
+- Conv with static inputs whose output reaches other quantized layers only through Relu/Clip
+  (MobileNetV2: expand -> ReLU6 -> depthwise -> ReLU6 -> project): Q -> DQ -> Conv(DQ(w),
+  DQ(int32 bias)) -> Q -> DQ, the output Q carrying the reading layers' own input parameters.
+  ORT fuses it into QLinearConv and drops the Relu/Clip and the repeated Q/DQ. This is what
+  the simulated model computes: a ReLU/ReLU6 output has minimum 0, so its zero point is 0 and
+  its top code lies at or below 6, where quantizing before or after the clip is the same; the
+  bias is rounded to int32 at scale x_scale·w_scale (an error far below one output step).
+- Other convs (ORT leaves DQ -> Conv in float unless an output Q follows): the integer form
+  written directly, (Dynamic)QuantizeLinear -> ConvInteger(u8, s8) -> Cast -> Mul(x_scale *
+  w_scale) -> Add(bias), exact for symmetric weights (ConvInteger takes one weight zero point).
 - Weight-only layers get int8 weights + DequantizeLinear before the float MatMul/Conv (a smaller
   file, float kernel: reported as such).
 
@@ -229,6 +235,79 @@ def _rewrite_matmul(b: _Builder, node: Any, ln: LayerNode, module: QuantizedModu
     return nodes, wq
 
 
+_PASS_THROUGH = ("Relu", "Clip")  # ops between a conv and the layers reading it that a Q absorbs
+
+
+def _static(module: QuantizedModule) -> bool:
+    quantizer = module.input_quantizer
+    return quantizer is not None and not quantizer.spec.dynamic and getattr(quantizer, "qparams", None) is not None
+
+
+def output_quantizers(graph: Any, layer_nodes: dict[str, LayerNode], modules: dict[str, QuantizedModule]) -> dict[str, Any]:
+    """For each static-input conv whose output reaches only quantized layers with static inputs
+    and one set of input parameters, through Relu/Clip nodes only: that input quantizer."""
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    module_of = {graph.node[ln.node_index].name: name for name, ln in layer_nodes.items()}
+    outputs = {o.name for o in graph.output}
+    found: dict[str, Any] = {}
+    for name, ln in layer_nodes.items():
+        if ln.op_type != "Conv" or not _static(modules[name]):
+            continue
+        tensor = graph.node[ln.node_index].output[0]
+        users = readers.get(tensor, [])
+        while len(users) == 1 and users[0].op_type in _PASS_THROUGH and tensor not in outputs:
+            tensor = users[0].output[0]
+            users = readers.get(tensor, [])
+        targets = [module_of.get(u.name) for u in users]
+        if not users or tensor in outputs or None in targets or any(u.input[0] != tensor for u in users):
+            continue
+        quantizers = [modules[t].input_quantizer for t in targets if _static(modules[t])]
+        keys = {(float(q.qparams.scale.reshape(-1)[0]), int(q.qparams.zero_point.reshape(-1)[0]), q.qparams.qtype.name) for q in quantizers}
+        if len(quantizers) == len(targets) and len(keys) == 1:
+            found[name] = quantizers[0]
+    return found
+
+
+def _rewrite_qlinear_conv(b: _Builder, node: Any, ln: LayerNode, module: QuantizedModule, cache: dict, out_quantizer: Any) -> tuple[list[Any], str]:
+    """Q -> DQ -> Conv(DQ(w), DQ(int32 bias)) -> Q -> DQ: ORT's QLinearConv pattern."""
+    name = ln.module
+    codes, scale, zero, axis = _weight_tensors(module, "conv", b.uint8_weights)
+    wq = b.const(f"{name}.weight_quantized", codes)
+    ws, wz = b.const(f"{name}.weight_scale", scale), b.const(f"{name}.weight_zero_point", zero)
+    wdq = b.unique(f"{name}.weight_dequantized")
+    nodes = [_make_node("DequantizeLinear", [wq, ws, wz], [wdq], b.unique(f"{name}.weight_dq"), axis=axis)]
+    q, s, z, qnodes = _quantized_input(b, node.input[0], name, module.input_quantizer, cache)
+    x = b.unique(f"{name}.input_dequantized")
+    nodes += qnodes + [_make_node("DequantizeLinear", [q, s, z], [x], b.unique(f"{name}.input_dq"))]
+    inputs = [x, wdq]
+    if module.bias is not None:
+        x_scale = float(module.input_quantizer.qparams.scale.reshape(-1)[0])
+        bias_scale = (np.broadcast_to(scale, (codes.shape[0],)).astype(np.float64) * x_scale).astype(np.float32)  # [out]
+        bias = module.bias.detach().cpu().double().numpy()
+        bias_codes = np.clip(np.round(bias / bias_scale), -(2**31), 2**31 - 1).astype(np.int32)  # [out]
+        bq, bs = b.const(f"{name}.bias_quantized", bias_codes), b.const(f"{name}.bias_scale", bias_scale)
+        bz = b.const(f"{name}.bias_zero_point", np.zeros(codes.shape[0], np.int32))
+        bdq = b.unique(f"{name}.bias_dequantized")
+        nodes.append(_make_node("DequantizeLinear", [bq, bs, bz], [bdq], b.unique(f"{name}.bias_dq"), axis=0))
+        inputs.append(bdq)
+    y = b.unique(f"{name}.output_float")
+    conv = _make_node("Conv", inputs, [y], node.name)
+    conv.attribute.extend(node.attribute)
+    oq = out_quantizer.qparams
+    os_ = b.const(f"{name}.output_scale", np.array(float(oq.scale.reshape(-1)[0]), np.float32))
+    oz = b.const(f"{name}.output_zero_point", np.array(int(oq.zero_point.reshape(-1)[0]), _np_dtype(oq)))
+    yq = b.unique(f"{name}.output_q")
+    nodes += [
+        conv,
+        _make_node("QuantizeLinear", [y, os_, oz], [yq], b.unique(f"{name}.output_quantize")),
+        _make_node("DequantizeLinear", [yq, os_, oz], list(node.output), b.unique(f"{name}.output_dq")),
+    ]
+    return nodes, wq
+
+
 def _rewrite_conv(b: _Builder, node: Any, ln: LayerNode, module: QuantizedModule, cache: dict) -> tuple[list[Any], str]:
     name = ln.module
     codes, scale, zero, axis = _weight_tensors(module, "conv", b.uint8_weights)
@@ -293,12 +372,17 @@ def insert_qdq(
     replacements: dict[int, list[Any]] = {}
     rewrites: list[LayerRewrite] = []
     for name, ln in layer_nodes.items():
+        check_exportable(name, modules[name])
+    out_quantizers = output_quantizers(graph, layer_nodes, modules)
+    for name, ln in layer_nodes.items():
         module = modules[name]
-        check_exportable(name, module)
         node = graph.node[ln.node_index]
         _check_float_weight(name, numpy_helper.to_array(inits[ln.weight_name]), module, ln.weight_layout)
-        rewrite = _rewrite_conv if ln.op_type == "Conv" else _rewrite_matmul
-        nodes, wq = rewrite(b, node, ln, module, cache)
+        if name in out_quantizers and not np.any(module.weight_zero_point.numpy() != 0):
+            nodes, wq = _rewrite_qlinear_conv(b, node, ln, module, cache, out_quantizers[name])
+        else:
+            rewrite = _rewrite_conv if ln.op_type == "Conv" else _rewrite_matmul
+            nodes, wq = rewrite(b, node, ln, module, cache)
         replacements[ln.node_index] = nodes
         quantizer = module.input_quantizer
         form = "weight_only" if quantizer is None else ("dynamic" if quantizer.spec.dynamic else "static")

@@ -18,7 +18,7 @@ from torch import nn
 
 from ptqkit.errors import ConfigError
 
-__all__ = ["DigitsCNN", "TrainedDigits", "train_digits_cnn", "accuracy"]
+__all__ = ["DigitsCNN", "TrainedDigits", "accuracy", "train_digits_cnn"]
 
 logger = logging.getLogger(__name__)
 

@@ -193,3 +193,19 @@ def test_cle_then_adaround_reconstructs_through_the_clipped_relu() -> None:
     assert isinstance(qmodel[1], ChannelClippedReLU)  # CLE found the chain from the fx graph
     with torch.no_grad():
         assert pq.sqnr_db(bare(x), qmodel(x)) > 10
+
+
+def test_graph_pass_and_hook_capture_give_the_same_model(monkeypatch) -> None:
+    """The lockstep fx pass (two forwards in all) and the hook capture (two per layer, the
+    fallback for untraceable models) feed the layers the very same inputs."""
+    from ptqkit.algorithms import layerwise
+
+    model, data = _cnn(), pq.CalibrationData.from_tensors(_images(48), batch_size=16)
+    recipe = _w4a8(BNFoldConfig(), AdaRoundConfig(iterations=30), BiasCorrectionConfig())
+    graph = pq.quantize(model, recipe, data, progress=False)
+    monkeypatch.setattr(layerwise, "trace", lambda model: None)
+    hooks = pq.quantize(model, recipe, data, progress=False)
+    for name in ("0", "3", "6", "8"):
+        a, b = graph.get_submodule(name), hooks.get_submodule(name)
+        assert torch.equal(a.weight_codes, b.weight_codes), name
+        torch.testing.assert_close(a.bias, b.bias, rtol=0, atol=1e-6)

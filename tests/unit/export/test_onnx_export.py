@@ -191,3 +191,52 @@ def test_importing_ptqkit_export_does_not_import_onnx() -> None:
     code = "import ptqkit, ptqkit.export, sys; print(any(m.split('.')[0] in ('onnx', 'onnxruntime', 'onnxscript') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+class ConvChain(nn.Module):
+    """A MobileNetV2-like chain: expand 1x1 -> ReLU6 -> depthwise 3x3 -> ReLU -> project 1x1, whose
+    output is added to the block input (residual), so it has no quantized reader."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(4, 12, 1)
+        self.act1 = nn.ReLU6()
+        self.depthwise = nn.Conv2d(12, 12, 3, padding=1, groups=12)
+        self.act2 = nn.ReLU()
+        self.project = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.project(self.act2(self.depthwise(self.act1(self.expand(x)))))
+
+
+def test_conv_chains_fuse_into_qlinearconv_with_the_readers_input_scales(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = ConvChain().eval()
+    g = torch.Generator().manual_seed(3)
+    calib = pq.CalibrationData.from_tensors(torch.randn(32, 4, 10, 10, generator=g))
+    qmodel = pq.quantize(model, pq.Recipe.from_preset("w8a8"), calib, progress=False)
+    x = torch.randn(6, 4, 10, 10, generator=g)
+    result = export(qmodel, tmp_path / "chain", example_inputs=(x,))
+    kernels = {layer.module: layer.kernel for layer in result.layers}
+    # expand and depthwise feed quantized convs through ReLU6 / ReLU: QLinearConv; project feeds the add
+    assert kernels == {"expand": "QLinearConv", "depthwise": "QLinearConv", "project": "ConvInteger"}
+    assert result.float_layers == ()
+    graph = _graph(tmp_path / "chain")
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for layer, reader in (("expand", "depthwise"), ("depthwise", "project")):
+        qp = getattr(qmodel, reader).input_quantizer.qparams
+        assert float(inits[f"{layer}.output_scale"].reshape(-1)[0]) == qp.scale.reshape(-1)[0].item()  # the reader's own scale
+        assert int(inits[f"{layer}.output_zero_point"].reshape(-1)[0]) == qp.zero_point.reshape(-1)[0].item() == 0  # after a ReLU
+        bias = inits[f"{layer}.bias_quantized"]
+        assert bias.dtype == np.int32
+    # ORT requantizes each conv output with its own float multiplier: an output code may differ
+    # by one step from the simulation's; the project conv's output moves by one input step times
+    # its weights at most per differing code
+    with torch.inference_mode():
+        ref = qmodel(x).numpy()
+    got = run_session(make_session(tmp_path / "chain" / "model.onnx"), (x,))[0]
+    step = float(qmodel.project.input_quantizer.qparams.scale.reshape(-1)[0])
+    bound = step * float(qmodel.project.weight.abs().sum(dim=(1, 2, 3)).max())
+    diff = np.abs(got - ref)
+    assert float(np.median(diff)) < 1e-4, float(np.median(diff))  # typical elements: exact
+    assert float(diff.max()) <= bound, (float(diff.max()), bound)
