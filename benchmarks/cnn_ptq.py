@@ -120,24 +120,58 @@ def median_seconds(fn: Callable[[], Any], reps: int) -> float:
     return statistics.median(times)
 
 
-def onnx_rows(model: torch.nn.Module, qmodel: torch.nn.Module, eval_x: torch.Tensor, threads: int, batch: int, reps: int) -> dict[str, Any]:
+def onnx_rows(
+    model: torch.nn.Module, qmodel: torch.nn.Module, calib: torch.Tensor, eval_x: torch.Tensor, reference: torch.Tensor,
+    threads: int, batch: int, reps: int,
+) -> dict[str, Any]:
+    """Latency (batch `batch`) and top-1 agreement with torch FP32 on all eval crops for ORT FP32,
+    ptqkit's export and ORT's own quantize_static (QDQ, per-channel, MinMax, same calibration crops)."""
     import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
+    from ptqkit.export.onnx_graph import export_float_onnx
     from ptqkit.export.ort_check import make_session
 
     x = eval_x[:batch].contiguous()
+    with torch.inference_mode():
+        simulated = logits_of(qmodel, eval_x)
     with tempfile.TemporaryDirectory() as tmp:
-        result = pq.export(qmodel, Path(tmp) / "mnv2", formats=["onnx"], example_inputs=(x,), keep_float=True)
+        result = pq.export(qmodel, Path(tmp) / "mnv2", formats=["onnx"], example_inputs=(x,))
         kernels: dict[str, int] = {}
         for layer in result.layers:
             kernels[layer.kernel] = kernels.get(layer.kernel, 0) + 1
-        sessions = {name: make_session(result.files[key], threads=threads) for name, key in (("ORT FP32", "onnx_fp32"), ("ptqkit W8A8 (ORT)", "onnx"))}
-        feed = {sessions["ORT FP32"].get_inputs()[0].name: x.numpy()}
+        fp32 = Path(tmp) / "fp32.onnx"
+        export_float_onnx(model, (x,), fp32)  # the original model (the export's own float file has its dequantized weights)
+        files = {"ORT FP32": fp32, "ptqkit W8A8 (ORT)": result.files["onnx"]}
+
+        input_name = make_session(files["ORT FP32"], threads=threads).get_inputs()[0].name
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.batches = iter([{input_name: calib[i : i + 16].numpy()} for i in range(0, len(calib), 16)])
+
+            def get_next(self) -> dict[str, Any] | None:
+                return next(self.batches, None)
+
+        peer = Path(tmp) / "ort_static.onnx"
+        start = time.perf_counter()
+        quantize_static(str(files["ORT FP32"]), str(peer), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        peer_seconds = time.perf_counter() - start
+        files["ORT quantize_static (QDQ, per-channel)"] = peer
+        timings = {}
         with torch.inference_mode():
-            timings = {"torch FP32": median_seconds(lambda: model(x), reps)}
-        for name, session in sessions.items():
-            timings[name] = median_seconds(lambda s=session: s.run(None, feed), reps)
-        size = {name: result.files[key].stat().st_size for name, key in (("ORT FP32", "onnx_fp32"), ("ptqkit W8A8 (ORT)", "onnx"))}
+            timings["torch FP32"] = median_seconds(lambda: model(x), reps)
+        agreement = {"torch FP32": 1.0}
+        for name, path in files.items():
+            session = make_session(path, threads=threads)
+            feed = {input_name: x.numpy()}
+            timings[name] = median_seconds(lambda s=session, f=feed: s.run(None, f), reps)
+            logits = torch.cat([torch.from_numpy(session.run(None, {input_name: eval_x[i : i + 32].numpy()})[0]) for i in range(0, len(eval_x), 32)])
+            agreement[name] = top1_agreement(reference, logits)
+            if name == "ptqkit W8A8 (ORT)":
+                agreement["ptqkit W8A8 (ORT) vs simulated"] = top1_agreement(simulated, logits)
+        size = {name: path.stat().st_size for name, path in files.items()}
     base = timings["torch FP32"]
     return {
         "batch": batch,
@@ -145,6 +179,9 @@ def onnx_rows(model: torch.nn.Module, qmodel: torch.nn.Module, eval_x: torch.Ten
         "onnxruntime": ort.__version__,
         "latency_ms": {k: v * 1e3 for k, v in timings.items()},
         "speedup_vs_torch_fp32": {k: base / v for k, v in timings.items()},
+        "top1_agreement_vs_fp32": agreement,
+        "simulated_top1_agreement_vs_fp32": top1_agreement(reference, simulated),
+        "ort_quantize_static_seconds": peer_seconds,
         "file_bytes": size,
         "kernels": kernels,
         "float_layers": list(result.float_layers),
@@ -200,11 +237,14 @@ def main() -> None:
         qmodel = kept.get("W8A8 per-channel") or pq.quantize(
             model, table["W8A8 per-channel"], pq.CalibrationData.from_tensors(calib, batch_size=32), progress=False
         )
-        results["onnx"] = onnx_rows(model, qmodel, eval_x, args.threads, args.onnx_batch, args.reps)
+        results["onnx"] = onnx_rows(model, qmodel, calib, eval_x, reference, args.threads, args.onnx_batch, args.reps)
         onnx = results["onnx"]
-        print(f"\nONNX Runtime {onnx['onnxruntime']}, batch {onnx['batch']}, {onnx['threads']} threads; kernels {onnx['kernels']}")
+        print(f"\nONNX Runtime {onnx['onnxruntime']}, batch {onnx['batch']}, {onnx['threads']} threads; ptqkit's kernels {onnx['kernels']}")
+        print(f"{'model':40} {'latency ms':>10} {'vs torch FP32':>14} {'top-1 vs FP32':>14}")
         for name, ms in onnx["latency_ms"].items():
-            print(f"{name:32} {ms:9.2f} ms  x{onnx['speedup_vs_torch_fp32'][name]:.2f} vs torch FP32")
+            print(f"{name:40} {ms:10.2f} {onnx['speedup_vs_torch_fp32'][name]:13.2f}x {onnx['top1_agreement_vs_fp32'][name]:14.4f}")
+        print(f"ptqkit simulated top-1 vs FP32 {onnx['simulated_top1_agreement_vs_fp32']:.4f}; ORT int8 vs simulated "
+              f"{onnx['top1_agreement_vs_fp32']['ptqkit W8A8 (ORT) vs simulated']:.4f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, default=str))
     print(f"\nwrote {args.out}")

@@ -59,7 +59,7 @@ class TrainedDigits:
     seconds: float
 
 
-def train_digits_cnn(*, seed: int = 0, epochs: int = 15, batch_size: int = 64, lr: float = 0.01) -> TrainedDigits:
+def train_digits_cnn(*, seed: int = 0, epochs: int = 20, batch_size: int = 64, lr: float = 0.01) -> TrainedDigits:
     """Train a DigitsCNN on the train split; returns it in eval mode with its accuracies."""
     from ptqkit.models.corpora import digits
 
