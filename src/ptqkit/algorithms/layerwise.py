@@ -36,9 +36,8 @@ from ptqkit.algorithms.cle import ChannelClippedReLU
 from ptqkit.algorithms.weight_quant import WeightQuantResult
 from ptqkit.calibration.graph_pass import run_lockstep, trace
 from ptqkit.calibration.hooks import limited_batches
-from ptqkit.calibration.samples import call_model
-from ptqkit.calibration.sequential import calls_from_batches
-from ptqkit.errors import CalibrationDataError, ConfigError, PTQError
+from ptqkit.calibration.sequential import StopForward, calls_from_batches, run_batch
+from ptqkit.errors import CalibrationDataError, ConfigError
 from ptqkit.primitives import dequantize, quantize
 from ptqkit.progress import progress_bar
 from ptqkit.spec import QParams, QuantSpec
@@ -50,21 +49,6 @@ logger = logging.getLogger(__name__)
 LAYER_KINDS = ("Linear", "Conv2d")  # what the layer-by-layer algorithms handle
 RECONSTRUCT_THROUGH = (nn.ReLU, nn.ReLU6, ChannelClippedReLU)  # activations AdaRound reconstructs through
 Batches = Callable[[], Iterable[Any]]  # a fresh iterator over the calibration batches per call
-
-
-class _StopForward(Exception):
-    """Raised by the capture hook once the layer's input is recorded."""
-
-
-def _run(model: nn.Module, batch: Any, index: int) -> None:
-    try:
-        call_model(model, batch)
-    except _StopForward:
-        pass
-    except PTQError:
-        raise
-    except Exception as exc:
-        raise CalibrationDataError(f"calibration batch {index} does not fit the model: {type(exc).__name__}: {exc}") from exc
 
 
 @torch.inference_mode()
@@ -94,7 +78,7 @@ def call_order(model: nn.Module, names: Iterable[str], batch: Any) -> tuple[list
     handles = [modules[name].register_forward_hook(layer_hook(name)) for name in wanted]
     handles += [m.register_forward_pre_hook(activation_hook) for m in modules.values() if isinstance(m, RECONSTRUCT_THROUGH)]
     try:
-        _run(model, batch, 0)
+        run_batch(model, batch, 0)
     finally:
         for handle in handles:
             handle.remove()
@@ -109,12 +93,12 @@ def capture_inputs(model: nn.Module, module: nn.Module, batches: Iterable[Any], 
 
     def hook(mod: nn.Module, args: tuple) -> None:
         captured.append(args[0].detach().clone())
-        raise _StopForward
+        raise StopForward
 
     handle = module.register_forward_pre_hook(hook)
     try:
         for index, (batch, _) in enumerate(limited_batches(batches, max_samples)):
-            _run(model, batch, index)
+            run_batch(model, batch, index)
     finally:
         handle.remove()
     if not captured:

@@ -32,6 +32,8 @@ __all__ = [
     "observe_inputs",
     "shared_inputs",
     "fused_attention",
+    "StopForward",
+    "run_batch",
 ]
 
 logger = logging.getLogger(__name__)
@@ -82,8 +84,21 @@ def fused_attention(model: nn.Module) -> Iterator[None]:
             model.set_attn_implementation(before)
 
 
-class _StopForward(Exception):
-    """Raised by the capture hook once block 0's inputs are recorded."""
+class StopForward(Exception):
+    """Raised by a capture hook once it has what it needs: the rest of the forward is skipped."""
+
+
+def run_batch(model: nn.Module, batch: Any, index: int) -> None:
+    """Run `model` on calibration batch number `index`, until a hook raises StopForward; an
+    error of the model's own becomes a CalibrationDataError naming the batch."""
+    try:
+        call_model(model, batch)
+    except StopForward:
+        pass
+    except PTQError:
+        raise
+    except Exception as exc:
+        raise CalibrationDataError(f"calibration batch {index} does not fit the model: {type(exc).__name__}: {exc}") from exc
 
 
 def calls_from_batches(batches: Iterable[Any], max_samples: int) -> list[BlockCall]:
@@ -115,7 +130,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, batches: Iterable[A
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         calls.append(BlockCall(tuple(args), dict(kwargs)))
-        raise _StopForward
+        raise StopForward
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     old_cache = _without_cache(model)
@@ -124,16 +139,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, batches: Iterable[A
     try:
         for index, (batch, _) in enumerate(limited_batches(batches, max_samples)):
             before = len(calls)
-            try:
-                call_model(model, batch)
-            except _StopForward:
-                pass
-            except PTQError:
-                raise
-            except Exception as exc:
-                raise CalibrationDataError(
-                    f"calibration batch {index} does not fit the model: {type(exc).__name__}: {exc}"
-                ) from exc
+            run_batch(model, batch, index)
             if len(calls) == before:
                 raise CalibrationDataError(
                     f"calibration batch {index} ran through the model without reaching its first block; "
