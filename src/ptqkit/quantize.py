@@ -157,7 +157,7 @@ def _run_weight_algorithms(model: nn.Module, the_plan: Plan, stages: Any, data: 
             )
         else:
             results, _ = quantize_layers_(
-                model, targets, lambda name, weight, spec: weight_qparams(weight, spec), stages.weight_quantizer,
+                model, targets, weight_qparams, stages.weight_quantizer,
                 stages.post_corrections, lambda: data.batches(batch_size), max_samples=max_samples, progress=progress,
             )
     finally:

@@ -35,7 +35,7 @@ from ptqkit.errors import CalibrationDataError, ConfigError
 from ptqkit.primitives import check_finite
 from ptqkit.spec import QParams
 
-__all__ = ["AdaRoundConfig", "ConvGeometry", "ACTIVATIONS", "rectified_sigmoid", "adaround_weight"]
+__all__ = ["AdaRoundConfig", "ConvGeometry", "ACTIVATIONS", "rectified_sigmoid", "adaround_weight", "layer_output"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,8 @@ def _activation(y: torch.Tensor, activation: str | nn.Module) -> torch.Tensor:
     return y
 
 
-def _layer(w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, conv: ConvGeometry | None) -> torch.Tensor:
+def layer_output(w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, conv: ConvGeometry | None) -> torch.Tensor:
+    """W x + b of a Linear [N, ..., out], or of a 2-D convolution [N, out, H', W'] when `conv` is given."""
     if conv is None:
         return F.linear(x, w, bias)  # [B, ..., out]
     return F.conv2d(x, w, bias, conv.stride, conv.padding, conv.dilation, conv.groups)  # [B, out, H', W']
@@ -247,7 +248,7 @@ def adaround_weight(
         return scale * (torch.clamp(w_floor + h + zero, qmin, qmax) - zero)
 
     with torch.no_grad():
-        target = _activation(_layer(w, x_fp, b, conv), activation)  # [N, ...]
+        target = _activation(layer_output(w, x_fp, b, conv), activation)  # [N, ...]
     channel_dim = 1 if conv is not None else -1
 
     def recon(out: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
@@ -255,7 +256,7 @@ def adaround_weight(
 
     def recon_loss(wq: torch.Tensor) -> float:
         with torch.no_grad():
-            return float(recon(_activation(_layer(wq, x_q, b, conv), activation), target))
+            return float(recon(_activation(layer_output(wq, x_q, b, conv), activation), target))
 
     window = _Windows(x_q, target, conv, tuple(w.shape[-2:]), config.conv_patch)
 
@@ -271,7 +272,7 @@ def adaround_weight(
         idx = torch.randint(0, n, (min(config.batch_size, n),), generator=gen)
         x_step, goal, geometry = window.sample(idx, gen)
         h = rectified_sigmoid(v)
-        out = _activation(_layer(soft_weight(h), x_step, b, geometry), activation)
+        out = _activation(layer_output(soft_weight(h), x_step, b, geometry), activation)
         loss = recon(out, goal)
         if it >= warm and config.reg_weight > 0:
             progress = (it - warm) / max(config.iterations - warm, 1)

@@ -5,8 +5,7 @@ A link is layer A → [one activation module] → layer B (A, B: Conv2d or Linea
 reaches only that activation and the activation's output reaches only B; nn.Identity modules
 (what BN folding leaves behind) and eval-mode Dropout on the way are transparent. An unfolded
 BatchNorm on the way is reported in the activation's place, so that the chain is skipped with
-that reason. Links that
-share a layer are joined into chains (MobileNetV2: expand 1x1 → depthwise 3x3 → project 1x1).
+that reason. Links that share a layer are joined into chains (MobileNetV2: expand 1x1 → depthwise 3x3 → project 1x1).
 Whether the activation can be scaled through (ReLU, ReLU6, LeakyReLU) is not judged here:
 `cle.equalize_` skips a chain through SiLU, GELU or an unfolded BatchNorm with a logged reason.
 A path through a function call (torch.relu, a residual add, a reshape) ends the link: only

@@ -27,10 +27,9 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ptqkit.algorithms.adaround import AdaRoundConfig, ConvGeometry, adaround_weight
+from ptqkit.algorithms.adaround import AdaRoundConfig, ConvGeometry, adaround_weight, layer_output
 from ptqkit.algorithms.bias_correction import BiasCorrectionConfig, output_mean_correction
 from ptqkit.algorithms.cle import ChannelClippedReLU
 from ptqkit.algorithms.weight_quant import WeightQuantResult
@@ -42,7 +41,7 @@ from ptqkit.primitives import dequantize, quantize
 from ptqkit.progress import progress_bar
 from ptqkit.spec import QParams, QuantSpec
 
-__all__ = ["LAYER_KINDS", "RECONSTRUCT_THROUGH", "call_order", "capture_inputs", "layer_output", "quantize_layers_"]
+__all__ = ["LAYER_KINDS", "RECONSTRUCT_THROUGH", "call_order", "capture_inputs", "quantize_layers_"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,13 +113,6 @@ def _conv_geometry(module: nn.Module) -> ConvGeometry | None:
     return ConvGeometry(stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups)
 
 
-def layer_output(weight: torch.Tensor, x: torch.Tensor, conv: ConvGeometry | None, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """W x (+ b) of a Linear [N, ..., out] or a 2-D convolution [N, out, H', W']."""
-    if conv is None:
-        return F.linear(x, weight, bias)
-    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-
-
 def _channel_means(y: torch.Tensor, conv: ConvGeometry | None) -> torch.Tensor:
     """Per-output-channel mean of a layer output (axis 1 of a conv's, the last of a Linear's)."""
     if conv is None:
@@ -137,7 +129,7 @@ def _nearest(weight: torch.Tensor, qparams: QParams, spec: QuantSpec) -> WeightQ
 def quantize_layers_(
     model: nn.Module,
     targets: Mapping[str, tuple[str, QuantSpec]],
-    grids: Callable[[str, torch.Tensor, QuantSpec], QParams],
+    grids: Callable[[torch.Tensor, QuantSpec], QParams],
     weight_quantizer: Any,
     corrections: tuple[Any, ...],
     batches: Batches,
@@ -147,8 +139,8 @@ def quantize_layers_(
 ) -> tuple[dict[str, WeightQuantResult], dict[str, dict[str, Any]]]:
     """Quantize the weights of `targets` (name -> (module type, weight spec)) one layer at a
     time, in place, with AdaRound (`weight_quantizer` an AdaRoundConfig) or round-to-nearest,
-    then bias-correct them (`corrections` holding a BiasCorrectionConfig). `grids(name, weight,
-    spec)` gives each layer's quantization grid. Returns the weight results (the model's float
+    then bias-correct them (`corrections` holding a BiasCorrectionConfig). `grids(weight, spec)`
+    gives each layer's quantization grid. Returns the weight results (the model's float
     weights now hold the dequantized values, its biases the corrected ones) and per-layer
     details. Targets of other kinds (embeddings, 1-D convolutions) are left to conversion."""
     correct = any(isinstance(c, BiasCorrectionConfig) for c in corrections)
@@ -159,8 +151,7 @@ def quantize_layers_(
                 "(mode 'empirical'); the data-free form is ptqkit.algorithms.bias_correction.analytic_bias_correction"
             )
     adaround = weight_quantizer if isinstance(weight_quantizer, AdaRoundConfig) else None
-    kinds = {name: kind for name, (kind, _) in targets.items()}
-    skipped = sorted(name for name, kind in kinds.items() if kind not in LAYER_KINDS)
+    skipped = sorted(name for name, (kind, _) in targets.items() if kind not in LAYER_KINDS)
     if skipped:
         logger.info("layer-by-layer algorithms skip %d layer(s) of other kinds (quantized at conversion): %s", len(skipped), skipped)
     first = next(iter(limited_batches(batches(), max_samples)), None)
@@ -200,7 +191,7 @@ def _quantize_layer(
     name: str,
     module: nn.Module,
     spec: QuantSpec,
-    grids: Callable[[str, torch.Tensor, QuantSpec], QParams],
+    grids: Callable[[torch.Tensor, QuantSpec], QParams],
     adaround: AdaRoundConfig | None,
     correct: bool,
     x_fp: torch.Tensor,
@@ -209,7 +200,7 @@ def _quantize_layer(
 ) -> tuple[WeightQuantResult, dict[str, Any]]:
     conv = _conv_geometry(module)
     weight = module.weight.detach()
-    qparams = grids(name, weight, spec)
+    qparams = grids(weight, spec)
     if adaround is not None:
         with torch.enable_grad():
             result = adaround_weight(
@@ -221,8 +212,8 @@ def _quantize_layer(
     else:
         result, detail = _nearest(weight, qparams, spec), {}
     if correct:
-        mean_fp = _channel_means(layer_output(weight, x_fp, conv), conv)
-        mean_q = _channel_means(layer_output(result.dequantized, x_q, conv), conv)
+        mean_fp = _channel_means(layer_output(weight, x_fp, None, conv), conv)
+        mean_q = _channel_means(layer_output(result.dequantized, x_q, None, conv), conv)
         shift = output_mean_correction(mean_fp, mean_q)  # [out]
         if module.bias is None:
             module.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype), requires_grad=False)

@@ -204,6 +204,24 @@ def _quantized_input(b: _Builder, x: str, module: str, quantizer: Any, cache: di
     return q, s, z, nodes
 
 
+def _dequantized_operands(
+    b: _Builder, x: str, name: str, module: QuantizedModule, weights: tuple[np.ndarray, np.ndarray, np.ndarray, int | None], cache: dict
+) -> tuple[str, str, str, list[Any]]:
+    """The integer weight behind a DequantizeLinear and, if the module quantizes its input, `x`
+    through QuantizeLinear -> DequantizeLinear: (input to use, weight initializer, dequantized
+    weight, new nodes) — the QDQ operands ORT fuses into its integer kernels."""
+    codes, scale, zero, axis = weights
+    wq = b.const(f"{name}.weight_quantized", codes)
+    ws, wz = b.const(f"{name}.weight_scale", scale), b.const(f"{name}.weight_zero_point", zero)
+    wdq = b.unique(f"{name}.weight_dequantized")
+    nodes = [_make_node("DequantizeLinear", [wq, ws, wz], [wdq], b.unique(f"{name}.weight_dq"), axis=axis)]
+    if module.input_quantizer is not None:
+        q, s, z, qnodes = _quantized_input(b, x, name, module.input_quantizer, cache)
+        x = b.unique(f"{name}.input_dequantized")
+        nodes += qnodes + [_make_node("DequantizeLinear", [q, s, z], [x], b.unique(f"{name}.input_dq"))]
+    return x, wq, wdq, nodes
+
+
 def _rewrite_matmul(b: _Builder, node: Any, ln: LayerNode, module: QuantizedModule, cache: dict) -> tuple[list[Any], str]:
     name = ln.module
     codes, scale, zero, axis = _weight_tensors(module, ln.weight_layout, b.uint8_weights)
@@ -215,15 +233,7 @@ def _rewrite_matmul(b: _Builder, node: Any, ln: LayerNode, module: QuantizedModu
         return per_token_matmul_nodes(
             b, _make_node, name, node.input[0], codes, scale, zero.reshape(-1)[0], list(node.output), node.name, bias
         )
-    wq = b.const(f"{name}.weight_quantized", codes)
-    ws, wz = b.const(f"{name}.weight_scale", scale), b.const(f"{name}.weight_zero_point", zero)
-    wdq = b.unique(f"{name}.weight_dequantized")
-    nodes = [_make_node("DequantizeLinear", [wq, ws, wz], [wdq], b.unique(f"{name}.weight_dq"), axis=axis)]
-    x = node.input[0]
-    if module.input_quantizer is not None:
-        q, s, z, qnodes = _quantized_input(b, x, name, module.input_quantizer, cache)
-        x = b.unique(f"{name}.input_dequantized")
-        nodes += qnodes + [_make_node("DequantizeLinear", [q, s, z], [x], b.unique(f"{name}.input_dq"))]
+    x, wq, wdq, nodes = _dequantized_operands(b, node.input[0], name, module, (codes, scale, zero, axis), cache)
     if node.op_type == "MatMul":
         nodes.append(_make_node("MatMul", [x, wdq], list(node.output), node.name))
     else:  # Gemm (alpha = beta = 1, transA = 0): MatMul + Add(C)
@@ -275,13 +285,7 @@ def _rewrite_qlinear_conv(b: _Builder, node: Any, ln: LayerNode, module: Quantiz
     """Q -> DQ -> Conv(DQ(w), DQ(int32 bias)) -> Q -> DQ: ORT's QLinearConv pattern."""
     name = ln.module
     codes, scale, zero, axis = _weight_tensors(module, "conv", b.uint8_weights)
-    wq = b.const(f"{name}.weight_quantized", codes)
-    ws, wz = b.const(f"{name}.weight_scale", scale), b.const(f"{name}.weight_zero_point", zero)
-    wdq = b.unique(f"{name}.weight_dequantized")
-    nodes = [_make_node("DequantizeLinear", [wq, ws, wz], [wdq], b.unique(f"{name}.weight_dq"), axis=axis)]
-    q, s, z, qnodes = _quantized_input(b, node.input[0], name, module.input_quantizer, cache)
-    x = b.unique(f"{name}.input_dequantized")
-    nodes += qnodes + [_make_node("DequantizeLinear", [q, s, z], [x], b.unique(f"{name}.input_dq"))]
+    x, wq, wdq, nodes = _dequantized_operands(b, node.input[0], name, module, (codes, scale, zero, axis), cache)
     inputs = [x, wdq]
     if module.bias is not None:
         x_scale = float(module.input_quantizer.qparams.scale.reshape(-1)[0])
@@ -314,15 +318,7 @@ def _rewrite_conv(b: _Builder, node: Any, ln: LayerNode, module: QuantizedModule
     attrs = {a.name: a for a in node.attribute}
     quantizer = module.input_quantizer
     if quantizer is None or np.any(zero != zero.reshape(-1)[0]):  # weight-only, or per-channel zero points: DQ -> float Conv
-        wq = b.const(f"{name}.weight_quantized", codes)
-        ws, wz = b.const(f"{name}.weight_scale", scale), b.const(f"{name}.weight_zero_point", zero)
-        wdq = b.unique(f"{name}.weight_dequantized")
-        nodes = [_make_node("DequantizeLinear", [wq, ws, wz], [wdq], b.unique(f"{name}.weight_dq"), axis=axis)]
-        x = node.input[0]
-        if quantizer is not None:
-            q, s, z, qnodes = _quantized_input(b, x, name, quantizer, cache)
-            x = b.unique(f"{name}.input_dequantized")
-            nodes += qnodes + [_make_node("DequantizeLinear", [q, s, z], [x], b.unique(f"{name}.input_dq"))]
+        x, wq, wdq, nodes = _dequantized_operands(b, node.input[0], name, module, (codes, scale, zero, axis), cache)
         conv = _make_node("Conv", [x, wdq, *node.input[2:]], list(node.output), node.name)
         conv.attribute.extend(attrs.values())
         return nodes + [conv], wq

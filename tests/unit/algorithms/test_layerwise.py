@@ -89,7 +89,7 @@ def test_bias_correction_makes_the_output_mean_shift_zero() -> None:
         y_fp = model(x)
     targets = {"0": ("Linear", INT4), "2": ("Linear", INT4)}
     results, details = quantize_layers_(
-        model, targets, lambda name, w, spec: qparams_from_tensor(w, spec), None, (BiasCorrectionConfig(),),
+        model, targets, qparams_from_tensor, None, (BiasCorrectionConfig(),),
         lambda: [x[:100], x[100:]], max_samples=256, progress=False,
     )
     assert set(results) == {"0", "2"} and details["0"]["bias_shift_max"] > 0
