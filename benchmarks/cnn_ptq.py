@@ -50,15 +50,18 @@ def recipe(weights: QuantSpec, algorithms: tuple[Any, ...], samples: int, name: 
 
 
 def rows(iterations: int, calib: int, layerwise_samples: int) -> dict[str, pq.Recipe]:
-    """The issue's table rows, in order; the layer-by-layer rows (bias correction, AdaRound)
+    """The issue's table rows, in order (plus the data-free bias correction of DFQ, which needs no
+    calibration pass of its own); the layer-by-layer rows (bias correction, AdaRound)
     calibrate on the first `layerwise_samples` crops (their one pass holds all of them in memory)."""
     ada = AdaRoundConfig(iterations=iterations)
     fold, cle, bc = BNFoldConfig(), CLEConfig(), BiasCorrectionConfig()
+    analytic = BiasCorrectionConfig(mode="analytic")
     table = {
         "W8A8 per-tensor nearest": (INT8_PER_TENSOR, (), calib),
         "+ BN fold": (INT8_PER_TENSOR, (fold,), calib),
         "+ CLE": (INT8_PER_TENSOR, (fold, cle), calib),
         "+ CLE + bias correction": (INT8_PER_TENSOR, (fold, cle, bc), layerwise_samples),
+        "+ CLE + analytic bias correction": (INT8_PER_TENSOR, (fold, cle, analytic), calib),
         "W8A8 per-channel": (INT8_PER_CHANNEL, (fold,), calib),
         "W4A8 per-channel nearest": (INT4_PER_CHANNEL, (fold,), calib),
         "W4A8 + AdaRound": (INT4_PER_CHANNEL, (fold, ada), layerwise_samples),

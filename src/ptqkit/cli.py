@@ -1,6 +1,13 @@
-"""The `ptqkit` command (first commands: `inspect`, `quantize` with no arguments runs the bundled
-example). User errors print one line and exit with a typed code, without a traceback:
-0 ok, 2 usage/config error, 3 data error, 4 unsupported model, 1 unexpected."""
+"""The `ptqkit` command: `quantize`, `export`, `inspect`.
+
+`ptqkit quantize --model M (--recipe FILE | --preset NAME) [--set key=value ...] --calib DATA
+--out DIR [--format onnx]` writes a run directory (`ptqkit.runs`); `ptqkit quantize` with no
+arguments runs the bundled MiniLM example. `ptqkit export DIR` exports a run to ONNX;
+`ptqkit inspect RECIPE|PRESET|DIR` validates and prints a recipe or describes an artifact without
+loading a model. User errors print one line and exit with a typed code, without a traceback
+(`--debug` shows it): 0 ok, 2 usage/config error, 3 data error, 4 unsupported model, 1 anything
+else. Progress bars go to stderr only when it is a terminal and `--quiet` is not given.
+"""
 from __future__ import annotations
 
 import argparse
@@ -8,29 +15,135 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from ptqkit.errors import CalibrationDataError, ConfigError, PTQError, UnsupportedModelError
 
-__all__ = ["main", "EXIT_CODES"]
+__all__ = ["EXIT_CODES", "main"]
 
 EXIT_CODES: dict[type[PTQError], int] = {ConfigError: 2, CalibrationDataError: 3, UnsupportedModelError: 4}
+FORMATS = ("safetensors", "onnx")
+
+
+def _show_progress(args: argparse.Namespace) -> bool:
+    return not args.quiet and sys.stderr.isatty()
+
+
+def _write(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
+    sys.stdout.write((json.dumps(data, indent=2, default=str) if args.json else text) + "\n")
+
+
+def _recipe(args: argparse.Namespace) -> Any:
+    """The effective recipe: a file or a preset, with --set applied, validated once."""
+    from ptqkit.recipe import Recipe
+    from ptqkit.sources import apply_settings
+
+    if (args.recipe is None) == (args.preset is None):
+        raise ConfigError("quantize: pass exactly one of --recipe FILE and --preset NAME (w8a8, w8a8_dynamic, w8a16, w4a16, fp8)")
+    base = Recipe.load(args.recipe) if args.recipe is not None else Recipe.from_preset(args.preset)
+    if not args.set:
+        return base
+    data = apply_settings(base.to_dict(), args.set)
+    try:
+        return Recipe.from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"--set {' '.join(args.set)}: {exc}") from None
+
+
+def _formats(text: str) -> tuple[str, ...]:
+    formats = tuple(f.strip() for f in text.split(",") if f.strip())
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ConfigError(f"--format: unknown {unknown}; valid: {', '.join(FORMATS)}")
+    return formats
+
+
+def _human_bytes(count: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count} B"
+
+
+def _render_summary(summary: dict[str, Any], out: str) -> str:
+    sqnr = summary["output_sqnr_db"]
+    lines = [
+        f"{'':30} {'float':>10} {'quantized':>10}",
+        f"{'weights and buffers':30} {_human_bytes(summary['model_float_bytes']):>10} {_human_bytes(summary['model_quantized_bytes']):>10}",
+        f"{'output SQNR on one batch (dB)':30} {'':>10} {sqnr:10.2f}" if sqnr is not None else "",
+        f"{summary['quantized_layers']} layers quantized ({summary['skipped_modules']} modules left float) with recipe "
+        f"{summary['recipe']!r} on {summary['calibration_samples']} calibration samples in {summary['quantize_seconds']:.1f} s",
+    ]
+    if "onnx" in summary:
+        onnx = summary["onnx"]
+        lines.append(f"ONNX: {onnx['file']} ({onnx['integer_layers']} layers on integer kernels, {len(onnx['float_layers'])} float)")
+    lines.append(f"run directory: {out}")
+    return "\n".join(line for line in lines if line)
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    if args.model is None:
+        if args.out is not None or args.calib is not None or args.recipe or args.preset or args.set:
+            raise ConfigError("quantize: --model is required with --out/--calib/--recipe/--preset/--set")
+        from ptqkit.examples import minilm
+
+        result = minilm.run(progress=_show_progress(args))
+        _write(args, result, minilm.render(result))
+        return 0
+    if args.out is None:
+        raise ConfigError("quantize: --out DIR is required (the run directory to write)")
+    from ptqkit.runs import quantize_run
+    from ptqkit.sources import load_calibration, load_model
+
+    recipe = _recipe(args)
+    formats = _formats(args.format)
+    loaded = load_model(args.model, args.weights)
+    calib = None
+    if args.calib is not None:
+        calib = load_calibration(
+            args.calib, tokenizer=loaded.tokenizer, samples=recipe.calibration.samples, batch_size=recipe.calibration.batch_size,
+            seed=recipe.calibration.seed, text_field=args.text_field, max_length=args.max_length, image_size=args.image_size,
+            tensor_name=args.tensor_name,
+        )
+    if not args.quiet and not args.json:
+        import ptqkit as pq
+
+        sys.stderr.write(pq.plan(loaded.model, recipe).render() + "\n")
+    summary = quantize_run(loaded, recipe, calib, args.out, formats=formats, progress=_show_progress(args))
+    _write(args, summary, _render_summary(summary, args.out))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ptqkit.runs import export_run
+
+    formats = _formats(args.format)
+    if formats != ("onnx",):
+        raise ConfigError(f"export: --format {args.format!r}; a run directory already holds the safetensors artifact, export writes onnx")
+    result = export_run(args.run, strict=args.strict)
+    text = f"wrote {result['file']}: {result['integer_layers']} layers on integer kernels, float: {result['float_layers'] or 'none'}"
+    _write(args, result, text)
+    return 0
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from ptqkit.recipe import PRESETS, Recipe
 
-    recipe = Recipe.from_preset(args.recipe) if args.recipe in PRESETS and not Path(args.recipe).exists() else Recipe.load(args.recipe)
+    target = Path(args.target)
+    if target.is_dir():
+        from ptqkit.runs import describe_run
+
+        info = describe_run(target)
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(info["layers_by_kind"].items()))
+        text = (
+            f"{info['artifact']}: {info['model_class']} quantized with recipe {info['recipe']!r}\n"
+            f"{info['quantized_layers']} quantized layers ({kinds}); {info['skipped_modules']} modules left float\n"
+            f"files: {', '.join(info['files'])}"
+        )
+        _write(args, info, text)
+        return 0
+    recipe = Recipe.from_preset(args.target) if args.target in PRESETS and not target.exists() else Recipe.load(target)
     sys.stdout.write(recipe.to_json() if args.json else recipe.to_yaml())
-    return 0
-
-
-def _cmd_quantize(args: argparse.Namespace) -> int:
-    if args.model is not None:
-        raise ConfigError("quantize --model is not available yet; run `ptqkit quantize` with no arguments for the bundled example")
-    from ptqkit.examples import minilm
-
-    result = minilm.run(progress=not args.quiet)
-    sys.stdout.write((json.dumps(result, indent=2) if args.json else minilm.render(result)) + "\n")
     return 0
 
 
@@ -39,21 +152,43 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true", help="log progress details")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True)
-    inspect = sub.add_parser("inspect", help="validate and print a recipe (a YAML/JSON file or a preset name)")
-    inspect.add_argument("recipe", help="recipe file or preset name (w8a8, w8a8_dynamic, w8a16, w4a16, fp8)")
-    inspect.add_argument("--json", action="store_true", help="print JSON instead of YAML")
-    inspect.set_defaults(handler=_cmd_inspect)
-    quantize = sub.add_parser("quantize", help="quantize a model; with no arguments, the bundled MiniLM W8A8 example")
-    quantize.add_argument("--model", default=None, help="local model directory (not available yet)")
-    quantize.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    quantize = sub.add_parser("quantize", help="quantize a model into a run directory; no arguments: the bundled MiniLM example")
+    quantize.add_argument("--model", default=None, help="a local Hugging Face directory, or package.module:function returning an nn.Module")
+    quantize.add_argument("--weights", default=None, help="state dict (.safetensors, .pt) for a package.module:function model")
+    quantize.add_argument("--recipe", default=None, help="recipe file (.yaml/.json; see recipes/)")
+    quantize.add_argument("--preset", default=None, help="preset recipe: w8a8, w8a8_dynamic, w8a16, w4a16, fp8")
+    quantize.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field, e.g. scheme.weights.group_size=64 (repeatable)")
+    quantize.add_argument("--calib", default=None, help="calibration data: an image folder, .txt/.jsonl text, or a .safetensors/.pt tensor [N, ...]")
+    quantize.add_argument("--text-field", default="text", help="the JSON field holding the text in a .jsonl file (default: text)")
+    quantize.add_argument("--max-length", type=int, default=128, help="tokens per calibration text (default 128)")
+    quantize.add_argument("--image-size", type=int, default=224, help="centre-crop size of calibration images (default 224)")
+    quantize.add_argument("--tensor-name", default=None, help="which tensor of a calibration tensor file holds the inputs")
+    quantize.add_argument("--out", default=None, help="run directory to write (artifact, recipe, summary)")
+    quantize.add_argument("--format", default="safetensors", help="comma-separated: safetensors (always written), onnx")
+    quantize.add_argument("--quiet", action="store_true", help="no plan or progress output")
     quantize.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
     quantize.set_defaults(handler=_cmd_quantize)
+
+    export = sub.add_parser("export", help="export a run directory to ONNX (DIR/onnx/model.onnx, export_report.json)")
+    export.add_argument("run", help="run directory written by `ptqkit quantize`")
+    export.add_argument("--format", default="onnx", help="onnx")
+    export.add_argument("--strict", action="store_true", help="fail if a quantized layer does not run on an integer kernel")
+    export.add_argument("--quiet", action="store_true", help="no progress output")
+    export.add_argument("--json", action="store_true", help="machine-readable result on stdout")
+    export.set_defaults(handler=_cmd_export)
+
+    inspect = sub.add_parser("inspect", help="validate and print a recipe (file or preset), or describe a run directory")
+    inspect.add_argument("target", help="recipe file, preset name (w8a8, w8a8_dynamic, w8a16, w4a16, fp8) or run directory")
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.set_defaults(handler=_cmd_inspect)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    level = logging.INFO if args.verbose else logging.ERROR if getattr(args, "quiet", False) else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
     except PTQError as exc:

@@ -54,7 +54,7 @@ def quantize_(model: nn.Module, recipe: Recipe, calib: Any = None, *, progress: 
     `calib` is a CalibrationData (or anything CalibrationData.from_iterable accepts); it is
     required when the recipe has static (calibrated) input activations.
     """
-    from ptqkit.algorithms.pipeline import split_algorithms
+    from ptqkit.algorithms.pipeline import TransformContext, split_algorithms
 
     the_plan = resolve_plan(model, recipe)
     logger.info("quantization plan:\n%s", the_plan.render())
@@ -79,13 +79,17 @@ def quantize_(model: nn.Module, recipe: Recipe, calib: Any = None, *, progress: 
             "or use a data-free recipe such as 'w8a8_dynamic' (or a weight-only one: 'w8a16', 'w4a16') "
             "without gptq/awq/smoothquant/adaround/bias_correction"
         )
-    backup = copy.deepcopy(model.__dict__) if stages.pre_transforms or needs_data else None  # restored on failure
+    changes_model = stages.pre_transforms or needs_data or stages.analytic_correction is not None
+    backup = copy.deepcopy(model.__dict__) if changes_model else None  # restored on failure
     try:
-        for config in stages.pre_transforms:
-            _run_pre_transform(model, config)
         data = _as_calibration_data(calib, recipe) if calib is not None else None
+        context = TransformContext(example=_first_batch(data, recipe) if stages.pre_transforms else None)
+        for config in stages.pre_transforms:
+            _run_pre_transform(model, config, context)
         if needs_data:
             weight_results = _run_weight_algorithms(model, the_plan, stages, data, recipe, progress)
+        if stages.analytic_correction is not None:
+            _run_analytic_correction(model, the_plan, stages, context)
         if static_inputs:
             observers = _calibrate(model, static_inputs, data, recipe, progress)
         if data is not None and (static_inputs or needs_data):
@@ -158,19 +162,37 @@ def _run_weight_algorithms(model: nn.Module, the_plan: Plan, stages: Any, data: 
         else:
             results, _ = quantize_layers_(
                 model, targets, weight_qparams, stages.weight_quantizer,
-                stages.post_corrections, lambda: data.batches(batch_size), max_samples=max_samples, progress=progress,
+                stages.data_corrections, lambda: data.batches(batch_size), max_samples=max_samples, progress=progress,
             )
     finally:
         model.train(was_training)
     return results
 
 
-def _run_pre_transform(model: nn.Module, config: Any) -> None:
+def _first_batch(data: Any, recipe: Recipe) -> Any:
+    """One calibration batch, or None without data (CLE's chain capture for untraceable models)."""
+    if data is None:
+        return None
+    return next(iter(data.batches(recipe.calibration.batch_size)), None)
+
+
+def _run_pre_transform(model: nn.Module, config: Any, context: Any) -> None:
     from ptqkit.algorithms.pipeline import PRE_TRANSFORMS
 
     with torch.no_grad():
-        PRE_TRANSFORMS[type(config)](model, config)
+        PRE_TRANSFORMS[type(config)](model, config, context)
     logger.info("pre-transform %s applied", type(config).__name__)
+
+
+def _run_analytic_correction(model: nn.Module, the_plan: Plan, stages: Any, context: Any) -> None:
+    """Data-free bias correction of every targeted Conv2d/Linear fed by a folded layer, on the
+    grid conversion will quantize its weight on."""
+    from ptqkit.algorithms.analytic_bias import analytic_bias_correct_
+
+    targets = {layer.name: (layer.module_type, layer.weights) for layer in the_plan.layers if layer.weights is not None}
+    analytic_bias_correct_(
+        model, targets, lambda weight, spec: weight_qparams(weight, spec, stages.weight_quantizer), context.gaussians
+    )
 
 
 def weight_qparams(weight: torch.Tensor, spec: QuantSpec, quantizer: Any = None) -> QParams:

@@ -1,6 +1,7 @@
 """`QuantSpec` (how one tensor is quantized) and `QParams` (the calibrated result)."""
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -24,7 +25,9 @@ def check_config_keys(data: Any, cls: type, where: str) -> dict[str, Any]:
     valid = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - valid)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(valid)}")
+        close = [m for key in unknown for m in difflib.get_close_matches(str(key), sorted(valid), n=1)]
+        hint = f" (did you mean {close[0]!r}?)" if len(close) == 1 else f" (did you mean {close}?)" if close else ""
+        raise ConfigError(f"{where}: unknown key(s) {unknown}{hint}; valid keys: {sorted(valid)}")
     return dict(data)
 
 

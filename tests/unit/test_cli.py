@@ -1,11 +1,16 @@
 """The `ptqkit` command: inspect, typed exit codes, no tracebacks for user errors."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 from ptqkit.cli import main
+from ptqkit.eval.metrics import output_sqnr_db
 from ptqkit.recipe import Recipe
 
 
@@ -33,3 +38,122 @@ def test_bad_recipe_exits_2_with_one_line(tmp_path: Path) -> None:
 def test_missing_recipe_file(capsys) -> None:
     assert main(["inspect", "no/such/recipe.yaml"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# ---- quantize / inspect / export on a factory model (the digits CNN: seconds) --------------
+FACTORY = "ptqkit.models.digits_cnn:DigitsCNN"
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+
+
+@pytest.fixture()
+def digits_files(tmp_path: Path) -> dict[str, Path]:
+    from safetensors.torch import save_file
+
+    from ptqkit.models.digits_cnn import DigitsCNN
+
+    torch.manual_seed(0)
+    weights = tmp_path / "digits.safetensors"
+    save_file(DigitsCNN().state_dict(), str(weights))
+    calib = tmp_path / "calib.pt"
+    torch.save(torch.rand(48, 1, 8, 8), calib)
+    return {"weights": weights, "calib": calib, "out": tmp_path / "run"}
+
+
+def _quantize_args(files: dict[str, Path], *extra: str) -> list[str]:
+    return [
+        "quantize", "--model", FACTORY, "--weights", str(files["weights"]), "--calib", str(files["calib"]),
+        "--out", str(files["out"]), "--quiet", *extra,
+    ]
+
+
+def test_quantize_a_factory_model_writes_a_run_directory(digits_files, capsys) -> None:
+    recipe = str(next(r for r in RECIPES if r.name == "w8a8-cnn-cle-bc.yaml"))
+    args = _quantize_args(digits_files, "--recipe", recipe, "--set", "calibration.samples=32", "--set", "algorithms.2.mode=analytic", "--json")
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["quantized_layers"] == 5 and summary["calibration_samples"] == 32
+    assert summary["output_sqnr_db"] > 10  # per-tensor int8, random weights: measured 47.0 dB
+    run = digits_files["out"]
+    assert {"model.safetensors", "quantization.json", "recipe.yaml", "source.json", "example_inputs.safetensors", "summary.json"} <= {
+        p.name for p in run.iterdir()
+    }
+    saved = Recipe.load(run / "recipe.yaml")  # the effective recipe, --set applied
+    assert saved.calibration.samples == 32 and saved.algorithms[2].mode == "analytic"
+    assert main(["inspect", str(run), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["quantized_layers"] == 5 and info["source"]["factory"] == FACTORY
+    assert info["layers_by_kind"] == {"Conv2d int8": 4, "Linear int8": 1}
+
+
+def test_open_run_rebuilds_the_folded_and_equalized_model(digits_files) -> None:
+    from ptqkit.runs import open_run
+    from ptqkit.sources import load_model
+
+    recipe = str(next(r for r in RECIPES if r.name == "w8a8-cnn-cle-bc.yaml"))
+    assert main(_quantize_args(digits_files, "--recipe", recipe, "--set", "calibration.samples=16")) == 0
+    loaded, qmodel, example = open_run(digits_files["out"])
+    original = load_model(FACTORY, digits_files["weights"]).model
+    with torch.no_grad():  # the rebuilt float model is the original with BN folded and CLE applied: same function
+        torch.testing.assert_close(loaded.model(example), original(example), rtol=1e-4, atol=1e-5)
+        assert output_sqnr_db(original(example), qmodel(example)) > 10
+
+
+def test_set_group_size_shorthand_and_typos(digits_files, capsys) -> None:
+    assert main(_quantize_args(digits_files, "--preset", "w8a16", "--set", "scheme.weights.group_size=8", "--set", "targets=[Linear]", "--json")) == 0
+    saved = Recipe.load(digits_files["out"] / "recipe.yaml")
+    assert saved.scheme.weights.granularity.size == 8 and saved.targets == ("Linear",)
+    capsys.readouterr()
+    assert main(_quantize_args(digits_files, "--preset", "w8a8", "--set", "scheme.wieghts.qtype=int4")) == 2
+    assert "unknown key 'wieghts'; did you mean 'weights'?" in capsys.readouterr().err
+    assert main(_quantize_args(digits_files, "--preset", "w8a8", "--set", "scheme.weights.qtype=int9")) == 2
+    assert "int qtype bits=9 is not supported" in capsys.readouterr().err
+    assert main(_quantize_args(digits_files, "--preset", "w8a8", "--set", "calibration.sample=3")) == 2
+    assert "unknown key 'sample'; did you mean 'samples'?" in capsys.readouterr().err
+
+
+def test_a_misspelled_recipe_key_names_the_closest(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(Recipe.from_preset("w8a8").to_yaml().replace("keep_output_head", "keep_output_haed"))
+    assert main(["inspect", str(bad)]) == 2
+    assert "unknown key(s) ['keep_output_haed'] (did you mean 'keep_output_head'?)" in capsys.readouterr().err
+
+
+def test_user_errors_have_typed_exit_codes(digits_files, tmp_path: Path, capsys) -> None:
+    assert main(["quantize", "--model", str(tmp_path / "no-such-model"), "--preset", "w8a8", "--out", str(tmp_path / "o")]) == 4
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["quantize", "--model", "ptqkit.models.digits_cnn:DigitCNN", "--preset", "w8a8", "--out", str(tmp_path / "o")]) == 4
+    assert "did you mean 'DigitsCNN'?" in capsys.readouterr().err
+    garbage = tmp_path / "calib.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    args = _quantize_args(digits_files, "--preset", "w8a8")
+    args[args.index("--calib") + 1] = str(garbage)
+    assert main(args) == 3
+    assert f"{garbage}: cannot read tensors" in capsys.readouterr().err
+    assert main(_quantize_args(digits_files)) == 2
+    assert "pass exactly one of --recipe FILE and --preset NAME" in capsys.readouterr().err
+    assert not digits_files["out"].exists()  # nothing half-written
+
+
+def test_quiet_and_non_tty_output_have_no_progress(digits_files) -> None:
+    base = [sys.executable, "-m", "ptqkit.cli"] + _quantize_args(digits_files, "--preset", "w8a8")
+    quiet = subprocess.run(base, capture_output=True, text=True, check=True)
+    assert quiet.stderr == "" and "layers quantized" in quiet.stdout
+    loud = subprocess.run([a for a in base if a != "--quiet"], capture_output=True, text=True, check=True)
+    assert "Conv2d" in loud.stderr  # the plan is printed ...
+    assert "━" not in loud.stderr and "\r" not in loud.stderr  # ... but no progress bar: stderr is not a terminal
+
+
+@pytest.mark.parametrize("command", ["quantize", "export", "inspect"])
+def test_help_lists_the_options(command: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "ptqkit.cli", command, "--help"], capture_output=True, text=True, check=True)
+    expected = {"quantize": ["--model", "--recipe", "--preset", "--set", "--calib", "--out", "--format", "--quiet", "--json"],
+                "export": ["--format", "--strict", "--json"], "inspect": ["--json"]}[command]
+    assert all(option in proc.stdout for option in expected), proc.stdout
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_bundled_recipes_load_and_validate(path: Path, capsys) -> None:
+    recipe = Recipe.load(path)
+    assert recipe.name == path.stem
+    assert main(["inspect", str(path), "--json"]) == 0
+    assert Recipe.from_dict(json.loads(capsys.readouterr().out)) == recipe

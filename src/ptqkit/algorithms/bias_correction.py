@@ -104,35 +104,36 @@ def _normal_pdf(z: torch.Tensor) -> torch.Tensor:
 
 
 def clipped_normal_mean(
-    mu: torch.Tensor, sigma: torch.Tensor, lower: float = 0.0, upper: float = math.inf
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    lower: float | torch.Tensor = 0.0,
+    upper: float | torch.Tensor = math.inf,
 ) -> torch.Tensor:
-    """E[clamp(X, lower, upper)] for X ~ N(mu, sigma²), elementwise, in float64.
+    """E[clamp(X, lower, upper)] for X ~ N(mu, sigma²), elementwise, in float64. The bounds are
+    numbers or per-element tensors (CLE's clipped ReLU has one upper bound per channel); ±inf
+    means unbounded.
 
     With a = (lower - mu)/σ, b = (upper - mu)/σ, Φ the normal CDF and φ its density:
     E = lower·Φ(a) + upper·(1 - Φ(b)) + mu·(Φ(b) - Φ(a)) + σ·(φ(a) - φ(b)); for ReLU
     (lower 0, upper ∞) this is mu·Φ(mu/σ) + σ·φ(mu/σ), the DFQ paper's expression. σ = 0
     gives clamp(mu, lower, upper)."""
-    mu = torch.as_tensor(mu, dtype=torch.float64)
-    sigma = torch.as_tensor(sigma, dtype=torch.float64).abs()
-    if not lower < upper:
-        raise ConfigError(f"clipped_normal_mean: lower={lower!r} must be below upper={upper!r}")
+    f64 = torch.float64
+    mu = torch.as_tensor(mu, dtype=f64)
+    sigma = torch.as_tensor(sigma, dtype=f64).abs()
     check_finite(mu, "clipped_normal_mean mu")
     check_finite(sigma, "clipped_normal_mean sigma")
+    low = torch.as_tensor(lower, dtype=f64).expand_as(mu)
+    high = torch.as_tensor(upper, dtype=f64).expand_as(mu)
+    if not bool((low < high).all()):  # NaN bounds fail here too
+        where = "" if isinstance(lower, (int, float)) and isinstance(upper, (int, float)) else " (per element)"
+        raise ConfigError(f"clipped_normal_mean: lower={lower!r} must be below upper={upper!r}{where}")
     safe = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
-    if lower == -math.inf:
-        cdf_a, pdf_a, low_term = torch.zeros_like(mu), torch.zeros_like(mu), torch.zeros_like(mu)
-    else:
-        a = (lower - mu) / safe
-        cdf_a, pdf_a = torch.special.ndtr(a), _normal_pdf(a)
-        low_term = lower * cdf_a
-    if upper == math.inf:
-        cdf_b, pdf_b, high_term = torch.ones_like(mu), torch.zeros_like(mu), torch.zeros_like(mu)
-    else:
-        b = (upper - mu) / safe
-        cdf_b, pdf_b = torch.special.ndtr(b), _normal_pdf(b)
-        high_term = upper * (1.0 - cdf_b)
-    result = low_term + high_term + mu * (cdf_b - cdf_a) + safe * (pdf_a - pdf_b)
-    return torch.where(sigma > 0, result, mu.clamp(lower, upper))
+    a, b = (low - mu) / safe, (high - mu) / safe  # ±inf at unbounded sides
+    cdf_a, cdf_b = torch.special.ndtr(a), torch.special.ndtr(b)
+    low_term = torch.where(low.isinf(), 0.0, low * cdf_a)  # Φ(-inf) = 0 takes the -inf bound's term
+    high_term = torch.where(high.isinf(), 0.0, high * (1.0 - cdf_b))
+    result = low_term + high_term + mu * (cdf_b - cdf_a) + safe * (_normal_pdf(a) - _normal_pdf(b))
+    return torch.where(sigma > 0, result, torch.minimum(torch.maximum(mu, low), high))
 
 
 def expected_activation_from_bn(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,11 +77,13 @@ class CLEConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class EqualizationResult:
-    """What happened to one chain: `sweeps` run (0 if skipped) and the reason it was skipped."""
+    """What happened to one chain: `sweeps` run (0 if skipped), the reason it was skipped, and
+    `scales[i]` [C]: the product of the scales layers[i]'s output channels were divided by."""
 
     chain: CLEChain
     sweeps: int = 0
     skipped: str | None = None
+    scales: tuple[torch.Tensor, ...] = ()
 
 
 class ChannelClippedReLU(nn.Module):
@@ -239,7 +242,7 @@ def _prepare_activations(model: nn.Module, chain: CLEChain, relu6: str) -> None:
                 _set_module(model, path, nn.ReLU())
 
 
-def _equalize_pair(model: nn.Module, chain: CLEChain, i: int) -> float:
+def _equalize_pair(model: nn.Module, chain: CLEChain, i: int) -> torch.Tensor:
     l1, l2 = model.get_submodule(chain.layers[i]), model.get_submodule(chain.layers[i + 1])
     groups = _layer_groups(l2)
     with torch.no_grad():
@@ -253,17 +256,33 @@ def _equalize_pair(model: nn.Module, chain: CLEChain, i: int) -> float:
         act = model.get_submodule(act_path) if act_path is not None else None
         if isinstance(act, ChannelClippedReLU):
             act.upper.copy_(act.upper / s.to(act.upper.dtype))
-    return float(s.double().log().abs().max())
+    return s
+
+
+def _discover_chains(model: nn.Module, example: Any) -> list[CLEChain]:
+    from ptqkit.algorithms.cle_capture import captured_cle_chains
+    from ptqkit.algorithms.cle_graph import graph_cle_chains
+
+    found = graph_cle_chains(model)
+    if found is not None:
+        return found
+    if example is not None:
+        return captured_cle_chains(model, example)
+    logger.info("cle: %s does not trace and no example batch was given; chains from the mapping tables", type(model).__name__)
+    return resolve_cle_chains(model)
 
 
 def equalize_(
     model: nn.Module,
     chains: list[CLEChain] | None = None,
     config: CLEConfig | None = None,
+    *,
+    example: Any = None,
 ) -> list[EqualizationResult]:
     """Cross-layer equalization of `chains`, in place. Fold batch norms first. By default the
-    chains come from the model's torch.fx graph (`cle_graph.graph_cle_chains`), or from the
-    mapping tables (`ptqkit.mappings.resolve_cle_chains`) when the model does not trace.
+    chains come from the model's torch.fx graph (`cle_graph`); for a model that does not trace,
+    from one forward of `example` (a calibration batch) with hooks (`cle_capture`), or without
+    one from the mapping tables (`ptqkit.mappings.resolve_cle_chains`).
 
     Ineligible chains (a non-homogeneous activation, an unfolded BN, mismatched channels) are
     skipped with a logged reason. Returns one `EqualizationResult` per chain."""
@@ -271,10 +290,7 @@ def equalize_(
     if not isinstance(config, CLEConfig):
         raise ConfigError(f"equalize_: config must be a CLEConfig, got {type(config).__name__}")
     if chains is None:
-        from ptqkit.algorithms.cle_graph import graph_cle_chains
-
-        found = graph_cle_chains(model)
-        chains = resolve_cle_chains(model) if found is None else found
+        chains = _discover_chains(model, example)
     chains = list(chains)
     results = []
     for chain in chains:
@@ -284,12 +300,17 @@ def equalize_(
             results.append(EqualizationResult(chain=chain, skipped=problem))
             continue
         _prepare_activations(model, chain, config.relu6)
+        totals = [torch.ones(model.get_submodule(path).weight.shape[0], dtype=torch.float64) for path in chain.layers[:-1]]
         sweeps = 0
         for sweeps in range(1, config.iterations + 1):
-            change = max(_equalize_pair(model, chain, i) for i in range(len(chain.layers) - 1))
+            change = 0.0
+            for i in range(len(chain.layers) - 1):
+                s = _equalize_pair(model, chain, i).to(torch.float64)
+                totals[i] *= s
+                change = max(change, float(s.log().abs().max()))
             if change < config.tolerance:
                 break
         logger.debug("cle: %s equalized in %d sweep(s)", " -> ".join(chain.layers), sweeps)
-        results.append(EqualizationResult(chain=chain, sweeps=sweeps))
+        results.append(EqualizationResult(chain=chain, sweeps=sweeps, scales=tuple(totals)))
     logger.info("cle: equalized %d of %d chain(s)", sum(r.skipped is None for r in results), len(results))
     return results

@@ -10,7 +10,8 @@ Whether the activation can be scaled through (ReLU, ReLU6, LeakyReLU) is not jud
 `cle.equalize_` skips a chain through SiLU, GELU or an unfolded BatchNorm with a logged reason.
 A path through a function call (torch.relu, a residual add, a reshape) ends the link: only
 modules can be rescaled, and a tensor with two readers cannot be scaled for one of them.
-Models that torch.fx cannot trace return None; `cle.equalize_` then uses the mapping tables.
+Models that torch.fx cannot trace return None; `cle.equalize_` then captures the chains from one
+forward with hooks (`cle_capture`, given an example batch) or uses the mapping tables.
 """
 from __future__ import annotations
 

@@ -146,10 +146,7 @@ def quantize_layers_(
     correct = any(isinstance(c, BiasCorrectionConfig) for c in corrections)
     for config in corrections:
         if isinstance(config, BiasCorrectionConfig) and config.mode != "empirical":
-            raise ConfigError(
-                f"bias_correction mode {config.mode!r}: the engine corrects biases from calibration data "
-                "(mode 'empirical'); the data-free form is ptqkit.algorithms.bias_correction.analytic_bias_correction"
-            )
+            raise ConfigError(f"bias_correction mode {config.mode!r} is data-free; it runs in algorithms.analytic_bias")
     adaround = weight_quantizer if isinstance(weight_quantizer, AdaRoundConfig) else None
     skipped = sorted(name for name, (kind, _) in targets.items() if kind not in LAYER_KINDS)
     if skipped:

@@ -1,26 +1,35 @@
 """Which recipe algorithms the engine runs, and where: one explicit dict per stage.
 
-1. Pre-transforms (function-preserving, in float, data-free, before calibration): bn_fold, cle.
+1. Pre-transforms (function-preserving, in float, before calibration): bn_fold, cle. They see a
+   `TransformContext`: one example batch (CLE's chain capture for models torch.fx cannot trace)
+   and the output model of each folded layer that they record and update (for analytic bias
+   correction).
 2. Block transforms (function-preserving, in float, from calibration statistics, block by block;
    see `algorithms.blockwise`): smoothquant, awq.
 3. The weight quantizer (how each targeted weight becomes integers): rtn (the default, min-max),
    gptq (from each layer's Hessian, block by block) or adaround (learned rounding, layer by
    layer; see `algorithms.layerwise`).
-4. Post-corrections after the weights are integers: bias_correction (layer by layer).
+4. Post-corrections after the weights are integers: bias_correction, "empirical" (layer by layer
+   on calibration data) or "analytic" (data-free, from the folded BatchNorms; `analytic_bias`).
 5. Input decomposition at conversion: llm_int8 (outlier input columns stay float per call).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from ptqkit.algorithms.adaround import AdaRoundConfig
+from ptqkit.algorithms.analytic_bias import (
+    ChannelGaussian,
+    batchnorm_gaussians,
+    equalized_gaussians,
+)
 from ptqkit.algorithms.awq import AWQConfig
 from ptqkit.algorithms.bias_correction import BiasCorrectionConfig
-from ptqkit.algorithms.bn_fold import BNFoldConfig, fold_batchnorm_
+from ptqkit.algorithms.bn_fold import BNFoldConfig, find_fold_pairs, fold_batchnorm_
 from ptqkit.algorithms.cle import CLEConfig, equalize_
 from ptqkit.algorithms.gptq import GPTQConfig, gptq_quantize_weight
 from ptqkit.algorithms.llm_int8 import LLMInt8Config
@@ -35,14 +44,35 @@ __all__ = [
     "BLOCK_TRANSFORMS",
     "WEIGHT_QUANTIZERS",
     "Stages",
+    "TransformContext",
     "split_algorithms",
     "quantize_weight_params",
     "quantize_weight",
 ]
 
-PRE_TRANSFORMS: dict[type, Callable[[nn.Module, Any], Any]] = {
-    BNFoldConfig: lambda model, config: fold_batchnorm_(model),
-    CLEConfig: lambda model, config: equalize_(model, config=config),
+@dataclass(frozen=True)
+class TransformContext:
+    """What pre-transforms read and record: `example`, one calibration batch or None, and
+    `gaussians`, each folded layer's output model (filled by bn_fold, rescaled by cle)."""
+
+    example: Any = None
+    gaussians: dict[str, ChannelGaussian] = field(default_factory=dict)
+
+
+def _fold(model: nn.Module, config: BNFoldConfig, context: TransformContext) -> None:
+    pairs = find_fold_pairs(model)
+    context.gaussians.update(batchnorm_gaussians(model, pairs))
+    fold_batchnorm_(model, pairs)
+
+
+def _equalize(model: nn.Module, config: CLEConfig, context: TransformContext) -> None:
+    results = equalize_(model, config=config, example=context.example)
+    context.gaussians.update(equalized_gaussians(context.gaussians, results))
+
+
+PRE_TRANSFORMS: dict[type, Callable[[nn.Module, Any, TransformContext], None]] = {
+    BNFoldConfig: _fold,
+    CLEConfig: _equalize,
 }
 BLOCK_TRANSFORMS: tuple[type, ...] = (SmoothQuantConfig, AWQConfig)  # run by algorithms.blockwise
 WEIGHT_QUANTIZERS: dict[type, Callable[[torch.Tensor, QuantSpec, Any], QParams]] = {
@@ -72,7 +102,21 @@ class Stages:
     @property
     def layerwise(self) -> bool:
         """Whether the model must be run layer by layer on calibration data."""
-        return bool(self.post_corrections) or isinstance(self.weight_quantizer, LAYER_QUANTIZERS)
+        return bool(self.data_corrections) or isinstance(self.weight_quantizer, LAYER_QUANTIZERS)
+
+    @property
+    def data_corrections(self) -> tuple[Any, ...]:
+        """The post-corrections computed from calibration data (layer by layer)."""
+        return tuple(c for c in self.post_corrections if not _is_analytic(c))
+
+    @property
+    def analytic_correction(self) -> Any:
+        """The data-free bias correction, or None."""
+        return next((c for c in self.post_corrections if _is_analytic(c)), None)
+
+
+def _is_analytic(config: Any) -> bool:
+    return isinstance(config, BiasCorrectionConfig) and config.mode == "analytic"
 
 
 def _stage_of(config: Any) -> int:
@@ -129,7 +173,22 @@ def split_algorithms(algorithms: Sequence[Any]) -> Stages:
         block = [type(c).__name__ for c in (*stages.block_transforms, stages.weight_quantizer) if type(c) in (*BLOCK_TRANSFORMS, *HESSIAN_QUANTIZERS)]
         layer = [type(c).__name__ for c in (stages.weight_quantizer, *stages.post_corrections) if type(c) in (*LAYER_QUANTIZERS, *POST_CORRECTIONS)]
         raise ConfigError(f"algorithms: {block} run block by block and {layer} layer by layer; one recipe uses one of the two")
+    if stages.analytic_correction is not None:
+        _check_analytic(stages)
     return stages
+
+
+def _check_analytic(stages: Stages) -> None:
+    if not any(isinstance(c, BNFoldConfig) for c in stages.pre_transforms):
+        raise ConfigError(
+            "bias_correction mode 'analytic' models each layer's input from the BatchNorm folded into the layer "
+            "before it: list bn_fold (and optionally cle) before it, or use mode 'empirical' with calibration data"
+        )
+    if stages.weight_quantizer is not None and type(stages.weight_quantizer) not in WEIGHT_QUANTIZERS:
+        raise ConfigError(
+            f"bias_correction mode 'analytic' corrects data-free weight rounding (rtn); "
+            f"{type(stages.weight_quantizer).__name__} learns from calibration data: use mode 'empirical' with it"
+        )
 
 
 def quantize_weight_params(weight: torch.Tensor, spec: QuantSpec, config: Any) -> QParams:

@@ -8,7 +8,14 @@ import torch
 from torch import nn
 
 import ptqkit as pq
-from ptqkit.algorithms import AdaRoundConfig, BiasCorrectionConfig, BNFoldConfig, CLEConfig, GPTQConfig, RTNConfig
+from ptqkit.algorithms import (
+    AdaRoundConfig,
+    BiasCorrectionConfig,
+    BNFoldConfig,
+    CLEConfig,
+    GPTQConfig,
+    RTNConfig,
+)
 from ptqkit.algorithms.cle import ChannelClippedReLU
 from ptqkit.algorithms.layerwise import call_order, capture_inputs, quantize_layers_
 from ptqkit.errors import CalibrationDataError, ConfigError
@@ -155,8 +162,6 @@ def test_stage_order_and_combinations_are_checked() -> None:
         pq.quantize(model, _w4a8(GPTQConfig(), BiasCorrectionConfig()), data)
     with pytest.raises(ConfigError, match=r"runs \['AdaRoundConfig'\] from calibration data but no calibration data was given"):
         pq.quantize(model, Recipe.from_preset("w8a16", algorithms=(AdaRoundConfig(),)))
-    with pytest.raises(ConfigError, match=r"bias_correction mode 'analytic': the engine corrects biases from calibration data"):
-        pq.quantize(model, _w4a8(BiasCorrectionConfig(mode="analytic")), data, progress=False)
 
 
 def test_failed_layerwise_run_restores_the_model() -> None:

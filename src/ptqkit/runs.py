@@ -1,0 +1,209 @@
+"""A run directory: what `ptqkit quantize --out DIR` writes, and what later commands read.
+
+    model.safetensors, quantization.json (+ config.json)  the ptqkit artifact (export.artifact)
+    recipe.yaml                  the effective recipe (after --set), as validated
+    source.json                  how the float model was loaded (sources.LoadedModel.source)
+    example_inputs.safetensors   one calibration batch: the inputs of ONNX export and its checks
+    summary.json                 what the quantize command measured
+    onnx/model.onnx, onnx/export_report.json   after an ONNX export
+
+`open_run` rebuilds the float model from source.json (a Hugging Face directory, or a factory
+whose structure-changing pre-transforms, BN folding and CLE, are replayed on it) and loads the
+quantized one, so `ptqkit export DIR` and `ptqkit inspect DIR` work on a run alone.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ptqkit.errors import ArtifactError
+from ptqkit.recipe import Recipe
+from ptqkit.sources import LoadedModel, load_model
+
+__all__ = ["RunFiles", "describe_run", "export_run", "open_run", "output_sqnr_on", "quantize_run"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The paths of a run directory."""
+
+    root: Path
+
+    @property
+    def recipe(self) -> Path:
+        return self.root / "recipe.yaml"
+
+    @property
+    def source(self) -> Path:
+        return self.root / "source.json"
+
+    @property
+    def example(self) -> Path:
+        return self.root / "example_inputs.safetensors"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def onnx_dir(self) -> Path:
+        return self.root / "onnx"
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    """The main tensor of a model output: itself, a ModelOutput's/dict's first tensor, a tuple's first."""
+    if isinstance(output, torch.Tensor):
+        return output
+    values = output.values() if isinstance(output, dict) else output
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value
+    raise ArtifactError(f"the model's output ({type(output).__name__}) holds no tensor to compare")
+
+
+@torch.no_grad()
+def output_sqnr_on(model: nn.Module, qmodel: nn.Module, example: Any) -> float:
+    """SQNR (dB) of the quantized model's main output against the float model's, on `example`."""
+    from ptqkit.calibration.samples import call_model
+    from ptqkit.primitives import sqnr_db
+
+    reference = _first_tensor(call_model(model, example)).float()
+    candidate = _first_tensor(call_model(qmodel, example)).float()
+    return float(sqnr_db(reference, candidate))
+
+
+def _save_example(path: Path, example: Any) -> None:
+    from safetensors.torch import save_file
+
+    tensors = dict(example) if isinstance(example, dict) else {"input": example}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+
+
+def _load_example(path: Path) -> Any:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing: this run directory was not written by `ptqkit quantize`")
+    tensors = load_file(str(path))
+    return tensors["input"] if list(tensors) == ["input"] else tensors
+
+
+def quantize_run(
+    loaded: LoadedModel, recipe: Recipe, calib: Any, out_dir: str | Path, *, formats: tuple[str, ...] = (), progress: bool = True
+) -> dict[str, Any]:
+    """Quantize `loaded.model` with `recipe` on `calib`, write the run directory, and return the
+    summary (also written to summary.json)."""
+    import ptqkit as pq
+
+    files = RunFiles(Path(out_dir))
+    start = time.perf_counter()
+    qmodel = pq.quantize(loaded.model, recipe, calib, progress=progress)
+    seconds = time.perf_counter() - start
+    example = next(iter(calib.batches())) if calib is not None and len(calib) else None
+    size = pq.model_size(qmodel)
+    summary: dict[str, Any] = {
+        "recipe": recipe.name,
+        "quantize_seconds": round(seconds, 3),
+        "quantized_layers": size.quantized_layers,
+        "skipped_modules": len(qmodel.ptqkit_info.plan.skipped),
+        "calibration_samples": len(calib) if calib is not None else 0,
+        "model_float_bytes": size.total_float_bytes,
+        "model_quantized_bytes": size.total_quantized_bytes,
+        "output_sqnr_db": output_sqnr_on(loaded.model, qmodel, example) if example is not None else None,
+    }
+    pq.save(qmodel, files.root, metrics=summary)
+    recipe.save(files.recipe)
+    files.source.write_text(json.dumps(loaded.source, indent=2) + "\n", encoding="utf-8")
+    if example is not None:
+        _save_example(files.example, example)
+    summary["artifact_bytes"] = (files.root / "model.safetensors").stat().st_size
+    if "onnx" in formats:
+        summary["onnx"] = export_run(files.root, qmodel=qmodel)
+    files.summary.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+def _float_model(files: RunFiles, recipe: Recipe) -> LoadedModel:
+    if not files.source.is_file():
+        raise ArtifactError(f"{files.source} is missing: this run directory was not written by `ptqkit quantize`")
+    source = json.loads(files.source.read_text(encoding="utf-8"))
+    if source.get("kind") == "hf":
+        return load_model(source["path"])
+    loaded = load_model(source["factory"], source.get("weights"))
+    from ptqkit.algorithms.pipeline import TransformContext, split_algorithms
+    from ptqkit.quantize import _run_pre_transform
+
+    for config in split_algorithms(recipe.algorithms).pre_transforms:  # the artifact's module structure
+        _run_pre_transform(loaded.model, config, TransformContext())
+    return loaded
+
+
+def open_run(out_dir: str | Path) -> tuple[LoadedModel, nn.Module, Any]:
+    """(the float model, the quantized model, the example inputs) of a run directory. For a
+    factory model the float model has the recipe's pre-transforms applied (same function)."""
+    import copy
+
+    import ptqkit as pq
+
+    files = RunFiles(Path(out_dir))
+    manifest = _read_manifest(files.root)
+    recipe = Recipe.from_dict(manifest["recipe"])
+    loaded = _float_model(files, recipe)
+    qmodel = pq.load(files.root, copy.deepcopy(loaded.model))
+    return loaded, qmodel, _load_example(files.example)
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    from ptqkit.export.load import read_manifest
+
+    return read_manifest(root)
+
+
+def export_run(out_dir: str | Path, *, qmodel: nn.Module | None = None, strict: bool = False) -> dict[str, Any]:
+    """Export a run directory's quantized model to ONNX: onnx/model.onnx + onnx/export_report.json
+    (the onnx/ folder is replaced as a whole, atomically)."""
+    import ptqkit as pq
+
+    files = RunFiles(Path(out_dir))
+    if qmodel is None:
+        _, qmodel, example = open_run(files.root)
+    else:
+        example = _load_example(files.example)
+    result = pq.export(qmodel, files.onnx_dir, ("onnx",), example_inputs=example, strict=strict)
+    integer = sum(layer.integer for layer in result.layers)
+    return {"file": str(result.files["onnx"]), "integer_layers": integer, "float_layers": list(result.float_layers), "checks": result.checks}
+
+
+def describe_run(out_dir: str | Path) -> dict[str, Any]:
+    """What a run directory or artifact holds, read from its JSON files (no model is loaded)."""
+    root = Path(out_dir)
+    manifest = _read_manifest(root)
+    files = RunFiles(root)
+    layers = manifest["layers"]
+    kinds: dict[str, int] = {}
+    for layer in layers:
+        weights = layer.get("weights") or {}
+        key = f"{layer.get('plan_type')} {weights.get('qtype', 'float')}"
+        kinds[key] = kinds.get(key, 0) + 1
+    return {
+        "artifact": str(root),
+        "recipe": manifest["recipe"].get("name"),
+        "model_class": manifest["model"]["class"],
+        "quantized_layers": len(layers),
+        "layers_by_kind": kinds,
+        "skipped_modules": len(manifest["skipped"]),
+        "calibration": manifest.get("calibration"),
+        "versions": manifest.get("versions"),
+        "metrics": manifest.get("metrics"),
+        "files": sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()),
+        "source": json.loads(files.source.read_text(encoding="utf-8")) if files.source.is_file() else None,
+    }
