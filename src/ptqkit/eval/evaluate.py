@@ -1,0 +1,356 @@
+"""`evaluate`: the quantized model against its float original on the same data, model-wide and
+per layer, every number measured in one pass.
+
+The float side is the *float equivalent* of the quantized model: a copy of the reference with the
+recipe's data-free pre-transforms (BN folding, CLE) replayed. They are exact and deterministic,
+so its layers are the ones that were quantized, with their float weights and the same names.
+
+Per targeted layer:
+- weight SQNR: the float equivalent's weight against the dequantized one;
+- output SQNR (isolated): the quantized layer against the float layer on the *same* inputs (the
+  quantized model's), so it is this layer's own error (weights and input quantization);
+- accumulated SQNR: the layer's output in the quantized model against the float model's, each
+  on its own activations: the error that has built up to this point;
+- input range, clipping rate (share of input values beyond a static quantizer's representable
+  range) and the outlier ratio of the input channels (largest per-channel |x| max over the
+  median one; ~1 for even channels, 10-100 for LLM outlier features).
+Block transforms (SmoothQuant, AWQ) rescale weights and inputs by data-dependent factors that are
+not replayed: with them, weight and isolated SQNR are not reported (accumulated SQNR still is,
+since they preserve every layer's output).
+
+Model-wide metrics follow the output: [N, classes] logits give top-1/top-5 agreement, softmax KL
+and, with labels, accuracy; a causal LM's logits with input_ids give both perplexities, next-token
+agreement and KL; other [N, T, H] outputs (encoders) give mean-pooled cosine similarity. Output
+SQNR always.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptqkit.calibration.hooks import batch_length, limited_batches
+from ptqkit.calibration.samples import call_model
+from ptqkit.errors import CalibrationDataError, ConfigError
+from ptqkit.nn.modules import QuantizedModule
+
+__all__ = ["REPORT_SCHEMA_VERSION", "LayerReport", "QuantReport", "evaluate", "float_equivalent"]
+
+REPORT_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One targeted layer's measurements (None: not measurable here, `note` says why)."""
+
+    name: str
+    module_type: str
+    weights: str | None
+    inputs: str | None
+    weight_sqnr_db: float | None
+    output_sqnr_db: float | None
+    accumulated_sqnr_db: float | None
+    input_min: float | None
+    input_max: float | None
+    clip_rate: float | None
+    outlier_ratio: float | None
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class QuantReport:
+    """What `evaluate` measured: model-wide `metrics`, per-layer reports and sizes."""
+
+    metrics: dict[str, float]
+    layers: tuple[LayerReport, ...]
+    size: dict[str, float]
+    samples: int
+    recipe: dict[str, Any] = field(default_factory=dict)
+
+    def worst_layers(self, count: int = 5) -> list[LayerReport]:
+        """The layers with the lowest isolated output SQNR (accumulated where isolated is absent)."""
+        scored = [(layer.output_sqnr_db if layer.output_sqnr_db is not None else layer.accumulated_sqnr_db, layer) for layer in self.layers]
+        return [layer for score, layer in sorted((s for s in scored if s[0] is not None), key=lambda s: s[0])[:count]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": REPORT_SCHEMA_VERSION,
+            "samples": self.samples,
+            "metrics": dict(self.metrics),
+            "size": dict(self.size),
+            "recipe": dict(self.recipe),
+            "layers": [asdict(layer) for layer in self.layers],
+        }
+
+
+def float_equivalent(reference: nn.Module, recipe: Any) -> nn.Module:
+    """A copy of `reference` with the recipe's data-free pre-transforms replayed (eval mode)."""
+    from ptqkit.algorithms.pipeline import TransformContext, split_algorithms
+    from ptqkit.quantize import _run_pre_transform
+
+    model = copy.deepcopy(reference).eval()
+    for config in split_algorithms(recipe.algorithms).pre_transforms:
+        _run_pre_transform(model, config, TransformContext())
+    return model
+
+
+class _Energy:
+    """Running Σ ref² and Σ (cand - ref)² for an SQNR."""
+
+    def __init__(self) -> None:
+        self.signal = 0.0
+        self.noise = 0.0
+
+    def add(self, reference: torch.Tensor, candidate: torch.Tensor) -> None:
+        ref = reference.detach().double()
+        self.signal += float(ref.pow(2).sum())
+        self.noise += float((candidate.detach().double() - ref).pow(2).sum())
+
+    def db(self) -> float | None:
+        if self.signal == 0 and self.noise == 0:
+            return None
+        if self.noise == 0:
+            return math.inf
+        return 10.0 * math.log10(self.signal / self.noise) if self.signal > 0 else -math.inf
+
+
+class _InputStats:
+    """Range, saturation count and per-channel |x| maxima of a layer's float inputs."""
+
+    def __init__(self, channel_dim: int) -> None:
+        self.channel_dim = channel_dim
+        self.low = math.inf
+        self.high = -math.inf
+        self.clipped = 0
+        self.seen = 0
+        self.channel_max: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor, quantizer: Any) -> None:
+        x = x.detach().float()
+        self.low, self.high = min(self.low, float(x.min())), max(self.high, float(x.max()))
+        self.seen += x.numel()
+        qparams = quantizer.qparams if quantizer is not None else None
+        if qparams is not None and qparams.qtype.is_integer:
+            scale = qparams.granularity.expand(qparams.scale, x.shape).float()
+            zero = qparams.granularity.expand(qparams.zero_point, x.shape).float()
+            lowest, highest = (qparams.qtype.qmin - zero) * scale, (qparams.qtype.qmax - zero) * scale
+            self.clipped += int(((x < lowest - scale / 2) | (x > highest + scale / 2)).sum())
+        per_channel = x.abs().transpose(0, self.channel_dim).reshape(x.shape[self.channel_dim], -1).amax(dim=1)  # [C]
+        self.channel_max = per_channel if self.channel_max is None else torch.maximum(self.channel_max, per_channel)
+
+    def clip_rate(self, quantizer: Any) -> float | None:
+        static = quantizer is not None and quantizer.qparams is not None and quantizer.qparams.qtype.is_integer
+        return self.clipped / self.seen if static and self.seen else None
+
+    def outlier_ratio(self) -> float | None:
+        if self.channel_max is None or self.channel_max.numel() < 2:
+            return None
+        median = float(self.channel_max.median())
+        return float(self.channel_max.max()) / median if median > 0 else math.inf
+
+
+def _describe(spec: Any) -> str | None:
+    if spec is None:
+        return None
+    kind = type(spec.granularity).__name__.replace("Per", "per-").lower()
+    return f"{spec.qtype.name} {kind}{' dynamic' if spec.dynamic else ''}"
+
+
+def _float_weight(module: nn.Module, module_type: str) -> torch.Tensor:
+    return module.weight.t() if module_type == "Conv1D" else module.weight
+
+
+class _Model:
+    """Per-batch model-wide metrics, accumulated."""
+
+    def __init__(self) -> None:
+        self.energy = _Energy()
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.minimum: dict[str, float] = {}
+
+    def mean(self, key: str, total: float, count: int) -> None:
+        self.sums[key] = self.sums.get(key, 0.0) + total
+        self.counts[key] = self.counts.get(key, 0) + count
+
+    def add(self, ref_out: Any, q_out: Any, batch: Any, labels: torch.Tensor | None) -> None:
+        ref, cand = _main_tensor(ref_out).float(), _main_tensor(q_out).float()
+        self.energy.add(ref, cand)
+        logits = getattr(ref_out, "logits", None)
+        if ref.ndim == 2:  # [N, classes]
+            self._classification(ref, cand, labels)
+        elif logits is not None and isinstance(batch, dict) and "input_ids" in batch:
+            self._causal_lm(ref, cand, batch)
+        elif ref.ndim == 3:  # [N, T, H] hidden states
+            mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+            weights = mask.unsqueeze(-1).float() if mask is not None else torch.ones(ref.shape[:2] + (1,))
+            pool = lambda h: (h * weights).sum(1) / weights.sum(1).clamp_min(1e-9)  # noqa: E731  [N, H]
+            cosine = F.cosine_similarity(pool(ref), pool(cand), dim=-1)  # [N]
+            self.mean("embedding_cosine_mean", float(cosine.sum()), cosine.numel())
+            self.minimum["embedding_cosine_min"] = min(self.minimum.get("embedding_cosine_min", 1.0), float(cosine.min()))
+
+    def _classification(self, ref: torch.Tensor, cand: torch.Tensor, labels: torch.Tensor | None) -> None:
+        n = ref.shape[0]
+        self.mean("top1_agreement", float((ref.argmax(-1) == cand.argmax(-1)).sum()), n)
+        if ref.shape[1] >= 5:
+            top5 = (cand.topk(5, dim=-1).indices == ref.argmax(-1, keepdim=True)).any(-1)
+            self.mean("top5_agreement", float(top5.sum()), n)
+        log_p, log_q = F.log_softmax(ref.double(), -1), F.log_softmax(cand.double(), -1)
+        self.mean("softmax_kl", float((log_p.exp() * (log_p - log_q)).sum()), n)
+        if labels is not None:
+            self.mean("accuracy_float", float((ref.argmax(-1) == labels).sum()), n)
+            self.mean("accuracy_quantized", float((cand.argmax(-1) == labels).sum()), n)
+
+    def _causal_lm(self, ref: torch.Tensor, cand: torch.Tensor, batch: dict) -> None:
+        targets = batch["input_ids"][:, 1:]  # [N, T-1]
+        mask = batch.get("attention_mask")
+        keep = (mask[:, 1:] > 0) if mask is not None else torch.ones_like(targets, dtype=torch.bool)
+        tokens = int(keep.sum())
+        for key, logits in (("float", ref), ("quantized", cand)):
+            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).double(), targets.reshape(-1), reduction="none")
+            self.mean(f"nll_{key}", float(nll[keep.reshape(-1)].sum()), tokens)
+        agree = (ref[:, :-1].argmax(-1) == cand[:, :-1].argmax(-1)) & keep
+        self.mean("next_token_agreement", float(agree.sum()), tokens)
+        log_p, log_q = F.log_softmax(ref[:, :-1].double(), -1), F.log_softmax(cand[:, :-1].double(), -1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [N, T-1]
+        self.mean("softmax_kl", float(kl[keep].sum()), tokens)
+
+    def result(self) -> dict[str, float]:
+        metrics = {key: self.sums[key] / self.counts[key] for key in self.sums if self.counts[key]}
+        for key in ("float", "quantized"):
+            if f"nll_{key}" in metrics:
+                metrics[f"perplexity_{key}"] = math.exp(metrics.pop(f"nll_{key}"))
+        metrics.update(self.minimum)
+        sqnr = self.energy.db()
+        if sqnr is not None:
+            metrics["output_sqnr_db"] = sqnr
+        return metrics
+
+
+def _main_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    for value in (output.values() if isinstance(output, dict) else output):
+        if isinstance(value, torch.Tensor):
+            return value
+    raise ConfigError(f"evaluate: the model's output ({type(output).__name__}) holds no tensor")
+
+
+@torch.no_grad()
+def evaluate(
+    qmodel: nn.Module,
+    reference: nn.Module,
+    data: Iterable[Any],
+    *,
+    max_samples: int = 256,
+    labels: torch.Tensor | None = None,
+) -> QuantReport:
+    """Measure `qmodel` (from `ptqkit.quantize`) against the float `reference` on `data` (a
+    CalibrationData or an iterable of batches: tensors, tuples or dicts). `labels` [N] (class
+    ids, in sample order) add accuracy for classifiers; a CalibrationData with labels that are
+    class names is not used for accuracy."""
+    import ptqkit as pq
+
+    info = getattr(qmodel, "ptqkit_info", None)
+    if info is None:
+        raise ConfigError("evaluate: qmodel has no ptqkit_info; pass the model returned by ptqkit.quantize(...)")
+    from ptqkit.algorithms.pipeline import split_algorithms
+
+    stages = split_algorithms(info.recipe.algorithms)
+    rescaled = [type(c).__name__ for c in stages.block_transforms]
+    float_model = float_equivalent(reference, info.recipe)
+    q_modules, f_modules = dict(qmodel.named_modules()), dict(float_model.named_modules())
+    plans = [layer for layer in info.plan.layers if layer.name in q_modules and layer.name in f_modules]
+    isolated = {layer.name: _Energy() for layer in plans}
+    accumulated = {layer.name: _Energy() for layer in plans}
+    inputs: dict[str, _InputStats] = {}
+    float_outputs: dict[str, torch.Tensor] = {}
+    handles = []
+    comparing = [False]  # True while a float layer runs on the quantized model's inputs
+
+    def q_hook(name: str, module_type: str) -> Any:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            x = args[0] if args else None
+            if not isinstance(output, torch.Tensor):
+                return
+            if name in float_outputs:
+                accumulated[name].add(float_outputs.pop(name), output)
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                if not rescaled:
+                    comparing[0] = True
+                    try:
+                        isolated[name].add(f_modules[name](x), output)
+                    finally:
+                        comparing[0] = False
+                channel_dim = 1 if module_type in ("Conv1d", "Conv2d") else -1
+                stats = inputs.setdefault(name, _InputStats(channel_dim if channel_dim == 1 else x.ndim - 1))
+                stats.add(x, getattr(module, "input_quantizer", None))
+        return hook
+
+    def f_hook(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if isinstance(output, torch.Tensor) and not comparing[0]:
+                float_outputs[name] = output
+        return hook
+
+    for layer in plans:
+        handles.append(q_modules[layer.name].register_forward_hook(q_hook(layer.name, layer.module_type)))
+        handles.append(f_modules[layer.name].register_forward_hook(f_hook(layer.name)))
+    model_metrics = _Model()
+    samples = 0
+    batches = data.batches() if hasattr(data, "batches") else data
+    try:
+        for batch, first in limited_batches(batches, max_samples):
+            ref_out = call_model(float_model, batch)  # the float outputs of this batch, per layer
+            q_out = call_model(qmodel, batch)
+            n = batch_length(batch)
+            batch_labels = labels[first : first + n] if labels is not None else None
+            model_metrics.add(ref_out, q_out, batch, batch_labels)
+            samples += n
+            float_outputs.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+    if samples == 0:
+        raise CalibrationDataError("evaluate: the data holds no samples")
+    layers = []
+    for layer in plans:
+        qmod, fmod = q_modules[layer.name], f_modules[layer.name]
+        weight_db = None
+        if isinstance(qmod, QuantizedModule) and not rescaled:
+            weight_db = float(pq.sqnr_db(_float_weight(fmod, layer.module_type).float(), qmod.weight.float()))
+        stats = inputs.get(layer.name)
+        quantizer = getattr(qmod, "input_quantizer", None)
+        layers.append(LayerReport(
+            name=layer.name,
+            module_type=layer.module_type,
+            weights=_describe(layer.weights),
+            inputs=_describe(layer.inputs),
+            weight_sqnr_db=weight_db,
+            output_sqnr_db=None if rescaled else isolated[layer.name].db(),
+            accumulated_sqnr_db=accumulated[layer.name].db(),
+            input_min=stats.low if stats else None,
+            input_max=stats.high if stats else None,
+            clip_rate=stats.clip_rate(quantizer) if stats else None,
+            outlier_ratio=stats.outlier_ratio() if stats else None,
+            note=f"{', '.join(rescaled)} rescaled weights and inputs: compared end to end only" if rescaled else None,
+        ))
+    size = pq.model_size(qmodel)
+    return QuantReport(
+        metrics=model_metrics.result(),
+        layers=tuple(layers),
+        size={
+            "float_bytes": size.total_float_bytes,
+            "quantized_bytes": size.total_quantized_bytes,
+            "quantized_layers": size.quantized_layers,
+            "layer_weight_ratio": size.ratio,
+        },
+        samples=samples,
+        recipe=info.recipe.to_dict(),
+    )

@@ -1,0 +1,257 @@
+"""`write_report`: a `QuantReport` as `report.json` (schema-versioned, every number) and
+`report.html`, one self-contained page (inline CSS, JS and SVG; nothing fetched) with the
+headline, the model-wide metrics, a per-layer table sortable by any column, a chart of per-layer
+SQNR, the recipe and the provenance (versions, machine, calibration fingerprint)."""
+from __future__ import annotations
+
+import datetime
+import html
+import json
+import math
+import os
+import platform
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ptqkit.eval.evaluate import QuantReport
+
+__all__ = ["headline", "machine", "write_report"]
+
+_METRIC_NAMES = {
+    "output_sqnr_db": "output SQNR (dB)",
+    "top1_agreement": "top-1 agreement with float",
+    "top5_agreement": "top-5 agreement with float",
+    "softmax_kl": "softmax KL to float (nats)",
+    "accuracy_float": "accuracy, float",
+    "accuracy_quantized": "accuracy, quantized",
+    "perplexity_float": "perplexity, float",
+    "perplexity_quantized": "perplexity, quantized",
+    "next_token_agreement": "next-token agreement with float",
+    "embedding_cosine_mean": "embedding cosine to float, mean",
+    "embedding_cosine_min": "embedding cosine to float, worst",
+}
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, core count, integer-dot-product ISA flags and versions of this process."""
+    import torch
+
+    import ptqkit
+
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu in ("", platform.machine(), platform.processor()):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "isa": {name: name in flags for name in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16")},
+        "torch_threads": torch.get_num_threads(),
+        "versions": {"ptqkit": ptqkit.__version__, "torch": torch.__version__, "python": platform.python_version()},
+    }
+
+
+def headline(report: QuantReport, bench: Mapping[str, Any] | None = None) -> str:
+    """One sentence: the accuracy change, the size ratio and, when measured, the speed ratio;
+    a quantized model slower than float says so first."""
+    metrics, parts = report.metrics, []
+    if "accuracy_quantized" in metrics:
+        change = 100 * (metrics["accuracy_quantized"] - metrics["accuracy_float"])
+        parts.append(f"accuracy {metrics['accuracy_quantized']:.4f} ({change:+.2f} points vs float {metrics['accuracy_float']:.4f})")
+    elif "top1_agreement" in metrics:
+        parts.append(f"top-1 agreement with float {metrics['top1_agreement']:.4f}")
+    elif "perplexity_quantized" in metrics:
+        parts.append(f"perplexity {metrics['perplexity_quantized']:.2f} (float {metrics['perplexity_float']:.2f})")
+    elif "embedding_cosine_mean" in metrics:
+        parts.append(f"embedding cosine to float {metrics['embedding_cosine_mean']:.4f}")
+    if "output_sqnr_db" in metrics:
+        parts.append(f"output SQNR {metrics['output_sqnr_db']:.1f} dB")
+    size = report.size
+    if size.get("quantized_bytes"):
+        parts.append(f"{size['float_bytes'] / size['quantized_bytes']:.2f}x smaller in memory")
+    text = ", ".join(parts)
+    if bench and bench.get("speedup") is not None:
+        speedup = float(bench["speedup"])
+        if speedup < 1:
+            return f"Slower than float on this machine ({speedup:.2f}x the speed). {text[0].upper()}{text[1:]}."
+        text += f", {speedup:.2f}x faster than float"
+    return f"{text[0].upper()}{text[1:]}." if text else "No metrics were measured."
+
+
+def _number(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "∞" if value > 0 else "−∞"
+        return f"{value:.{digits}f}" if abs(value) >= 0.01 or value == 0 else f"{value:.2e}"
+    return html.escape(str(value))
+
+
+def _chart(report: QuantReport) -> str:
+    """Inline SVG: one bar per layer, isolated output SQNR (accumulated where isolated is absent)."""
+    values = []
+    for layer in report.layers:
+        value = layer.output_sqnr_db if layer.output_sqnr_db is not None else layer.accumulated_sqnr_db
+        values.append((layer.name, value if value is not None and math.isfinite(value) else None))
+    finite = [v for _, v in values if v is not None]
+    if not finite:
+        return "<p>No per-layer SQNR was measured.</p>"
+    top = max(max(finite), 1.0)
+    worst = sorted((v, n) for n, v in values if v is not None)[:5]
+    worst_names = {n for _, n in worst}
+    width, height, bar = max(300, 8 * len(values)), 180, max(2, 8 * 0.75)
+    bars = []
+    for i, (name, value) in enumerate(values):
+        if value is None:
+            continue
+        h = max(1.0, (max(value, 0.0) / top) * (height - 20))
+        colour = "#c0392b" if name in worst_names else "#2e86c1"
+        bars.append(
+            f'<rect x="{i * 8}" y="{height - h:.1f}" width="{bar}" height="{h:.1f}" fill="{colour}">'
+            f"<title>{html.escape(name)}: {value:.2f} dB</title></rect>"
+        )
+    return (
+        f'<svg id="sqnr-chart" role="img" aria-label="per-layer SQNR" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">'
+        f'<text x="2" y="12" font-size="11">{top:.1f} dB</text>{"".join(bars)}</svg>'
+        f"<p>Bars: per-layer output SQNR in model order; red: the five worst ({', '.join(html.escape(n) for _, n in worst)}).</p>"
+    )
+
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+h1{font-size:1.4em} .headline{font-size:1.15em;padding:.6em;background:#f4f6f7;border-left:4px solid #2e86c1}
+table{border-collapse:collapse;font-size:.85em} th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}
+th{background:#eee;cursor:pointer} td:first-child,th:first-child{text-align:left} pre{background:#f8f8f8;padding:.5em;overflow:auto}
+"""
+
+_SORT_SCRIPT = """
+document.querySelectorAll('table.sortable th').forEach(function (th, column) {
+  th.addEventListener('click', function () {
+    var body = th.closest('table').tBodies[0];
+    var rows = Array.prototype.slice.call(body.rows);
+    var ascending = th.dataset.order !== 'asc';
+    th.dataset.order = ascending ? 'asc' : 'desc';
+    rows.sort(function (a, b) {
+      var x = a.cells[column].dataset.value, y = b.cells[column].dataset.value;
+      var nx = parseFloat(x), ny = parseFloat(y);
+      var cmp = (isNaN(nx) || isNaN(ny)) ? String(x).localeCompare(String(y)) : nx - ny;
+      return ascending ? cmp : -cmp;
+    });
+    rows.forEach(function (row) { body.appendChild(row); });
+  });
+});
+"""
+
+_LAYER_COLUMNS = (
+    ("name", "layer", None), ("module_type", "type", None), ("weights", "weights", None), ("inputs", "inputs", None),
+    ("weight_sqnr_db", "weight SQNR dB", 2), ("output_sqnr_db", "output SQNR dB", 2),
+    ("accumulated_sqnr_db", "accumulated SQNR dB", 2), ("input_min", "input min", 3), ("input_max", "input max", 3),
+    ("clip_rate", "clipped", 4), ("outlier_ratio", "outlier ratio", 1),
+)
+
+
+def _layer_table(report: QuantReport) -> str:
+    head = "".join(f"<th>{html.escape(title)}</th>" for _, title, _ in _LAYER_COLUMNS)
+    rows = []
+    for layer in report.layers:
+        cells = []
+        for key, _, digits in _LAYER_COLUMNS:
+            value = getattr(layer, key)
+            sort_value = "" if value is None else (str(value) if not isinstance(value, float) or math.isfinite(value) else ("1e308" if value > 0 else "-1e308"))
+            shown = _number(value, digits) if digits is not None else html.escape(str(value if value is not None else "—"))
+            cells.append(f'<td data-value="{html.escape(sort_value)}">{shown}</td>')
+        title = f' title="{html.escape(layer.note)}"' if layer.note else ""
+        rows.append(f"<tr{title}>{''.join(cells)}</tr>")
+    return f'<table id="layers" class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _render_html(data: dict[str, Any], report: QuantReport, title: str) -> str:
+    metrics = "".join(
+        f"<tr><td>{html.escape(_METRIC_NAMES.get(k, k))}</td><td>{_number(v, 4)}</td></tr>" for k, v in data["metrics"].items()
+    )
+    findings = data.get("findings") or []
+    finding_html = "".join(
+        f"<li><b>{html.escape(str(f.get('severity', '')))}</b> {html.escape(str(f.get('id', '')))}: {html.escape(str(f.get('message', '')))}</li>"
+        for f in findings
+    )
+    size = data["size"]
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_STYLE}</style></head>
+<body>
+<h1>{html.escape(title)}</h1>
+<p id="headline" class="headline">{html.escape(data["headline"])}</p>
+<h2>Model</h2>
+<table id="metrics"><tbody>{metrics}
+<tr><td>weights and buffers, float (bytes)</td><td>{size["float_bytes"]}</td></tr>
+<tr><td>weights and buffers, quantized (bytes)</td><td>{size["quantized_bytes"]}</td></tr>
+<tr><td>samples evaluated</td><td>{data["samples"]}</td></tr></tbody></table>
+{f'<h2>Findings</h2><ul id="findings">{finding_html}</ul>' if findings else ''}
+<h2>Per layer</h2>
+{_chart(report)}
+<p>Click a column title to sort. Output SQNR: the quantized layer against the float layer on the same inputs;
+accumulated: each model on its own activations; clipped: share of inputs beyond the calibrated range.</p>
+{_layer_table(report)}
+<h2>Recipe</h2><pre id="recipe">{html.escape(json.dumps(data["recipe"], indent=2))}</pre>
+<h2>Provenance</h2><pre id="provenance">{html.escape(json.dumps(data["provenance"], indent=2))}</pre>
+<script>{_SORT_SCRIPT}</script>
+</body></html>
+"""
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe: non-finite floats become the strings "inf", "-inf", "nan" (strict JSON has none)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_report(
+    report: QuantReport,
+    out_dir: str | Path,
+    *,
+    title: str = "ptqkit quantization report",
+    bench: Mapping[str, Any] | None = None,
+    findings: list[dict[str, Any]] | None = None,
+    calibration: Mapping[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Write report.json and report.html into `out_dir`; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = report.to_dict()
+    data.update(
+        title=title,
+        headline=headline(report, bench),
+        generated=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        bench=dict(bench) if bench else None,
+        findings=list(findings or []),
+        provenance={"machine": machine(), "calibration": dict(calibration or {})},
+    )
+    json_text = json.dumps(_plain(data), indent=2, default=str, allow_nan=False) + "\n"
+    paths = {"json": out / "report.json", "html": out / "report.html"}
+    _write_atomic(paths["json"], json_text)
+    _write_atomic(paths["html"], _render_html(data, report, title))
+    return paths

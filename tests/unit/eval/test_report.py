@@ -1,0 +1,77 @@
+"""report.json / report.html: content, honesty of the headline, and a real browser render."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import ptqkit as pq
+from ptqkit.eval.evaluate import evaluate
+from ptqkit.eval.report import headline, write_report
+from ptqkit.recipe import Recipe
+
+
+@pytest.fixture(scope="module")
+def small_report():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    x = torch.randn(96, 16)
+    qmodel = pq.quantize(model, Recipe.from_preset("w8a8"), pq.CalibrationData.from_tensors(x[:64]), progress=False)
+    return evaluate(qmodel, model, [x[64:80], x[80:]], labels=torch.randint(0, 10, (32,)))
+
+
+def test_json_holds_every_number_and_is_strict(small_report, tmp_path: Path) -> None:
+    paths = write_report(small_report, tmp_path, title="MLP W8A8", calibration={"fingerprint": "abc"})
+    data = json.loads(paths["json"].read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert data["schema_version"] == 1 and data["samples"] == 32 and data["title"] == "MLP W8A8"
+    assert data["metrics"]["top1_agreement"] == pytest.approx(small_report.metrics["top1_agreement"])
+    assert [layer["name"] for layer in data["layers"]] == ["0", "2", "4"]
+    assert data["provenance"]["calibration"] == {"fingerprint": "abc"}
+    assert "avx2" in data["provenance"]["machine"]["isa"] and data["provenance"]["machine"]["versions"]["torch"]
+    page = paths["html"].read_text()
+    assert page.startswith("<!DOCTYPE html>") and "http://" not in page.replace("http://www.w3.org/2000/svg", "")
+    assert 'id="layers"' in page and 'id="sqnr-chart"' in page and data["headline"] in page
+
+
+def test_headline_says_when_quantized_is_slower(small_report) -> None:
+    assert headline(small_report, {"speedup": 0.8}).startswith("Slower than float on this machine (0.80x the speed).")
+    faster = headline(small_report, {"speedup": 1.7})
+    assert faster.startswith("Accuracy ") and "points vs float" in faster and faster.endswith("1.70x faster than float.")
+
+
+def test_non_finite_numbers_become_strings(small_report, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    exact = replace(small_report, layers=(replace(small_report.layers[0], weight_sqnr_db=math.inf),) + small_report.layers[1:])
+    data = json.loads(write_report(exact, tmp_path)["json"].read_text())
+    assert data["layers"][0]["weight_sqnr_db"] == "inf"
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (scripts/ensure_system_data.sh installs it as root)")
+def test_report_renders_in_headless_chromium_without_console_errors(small_report, tmp_path: Path) -> None:
+    paths = write_report(small_report, tmp_path, title="MLP W8A8")
+    base = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0", "--window-size=1280,1800"]
+    png = tmp_path / "report.png"
+    shot = subprocess.run([*base, f"--screenshot={png}", paths["html"].as_uri()], capture_output=True, text=True, timeout=120)
+    assert png.is_file() and png.stat().st_size > 10_000, shot.stderr[-2000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "CONSOLE" not in shot.stderr and "Uncaught" not in shot.stderr, shot.stderr[-2000:]
+    # sorting: click the "output SQNR dB" header, then the page records the first row's layer
+    probe = tmp_path / "probe.html"
+    column = 5  # output SQNR dB
+    probe.write_text(paths["html"].read_text().replace("</body>", (
+        f"<script>document.querySelectorAll('#layers th')[{column}].click();"
+        "document.title = 'first:' + document.querySelector('#layers tbody tr td').textContent;</script></body>"
+    )))
+    dom = subprocess.run([*base, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    worst = min(small_report.layers, key=lambda layer: layer.output_sqnr_db).name
+    assert f"<title>first:{worst}</title>" in dom.stdout, dom.stderr[-2000:]
+    for element in ('id="headline"', 'id="metrics"', 'id="layers"', 'id="sqnr-chart"', 'id="recipe"', 'id="provenance"'):
+        assert element in dom.stdout, element
+    assert "CONSOLE" not in dom.stderr and "Uncaught" not in dom.stderr, dom.stderr[-2000:]
