@@ -1,10 +1,11 @@
-"""The `ptqkit` command: `quantize`, `export`, `eval`, `report`, `doctor`, `inspect`.
+"""The `ptqkit` command: `quantize`, `export`, `eval`, `report`, `bench`, `doctor`, `inspect`.
 
 `ptqkit quantize --model M (--recipe FILE | --preset NAME) [--set key=value ...] --calib DATA
 --out DIR [--format onnx]` writes a run directory (`ptqkit.runs`); `ptqkit quantize` with no
 arguments runs the bundled MiniLM example. `ptqkit export DIR` exports a run to ONNX.
 `ptqkit eval DIR [--data DATA]` measures it against the float model (`eval.evaluate`);
-`ptqkit report DIR` also writes report.json and report.html. `ptqkit doctor --model M --calib
+`ptqkit report DIR` also writes report.json and report.html; `ptqkit bench DIR` times it against
+the float model in ONNX Runtime or torch (`eval.bench`). `ptqkit doctor --model M --calib
 DATA ...` runs the PTQ checklist (`eval.doctor`). `ptqkit inspect RECIPE|PRESET|DIR`
 validates and prints a recipe or describes an artifact without loading a model. User errors print one line and exit with a typed code, without a traceback
 (`--debug` shows it): 0 ok, 2 usage/config error, 3 data error, 4 unsupported model, 1 anything
@@ -175,8 +176,27 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     report, calibration = _evaluate_run(args)
     out = Path(args.out) if args.out else Path(args.run) / "report"
-    paths = write_report(report, out, title=f"ptqkit report: {Path(args.run).name}", calibration=calibration)
+    bench_file = Path(args.run) / "bench.json"  # written by `ptqkit bench`: the report's speed claim
+    bench = json.loads(bench_file.read_text(encoding="utf-8")) if bench_file.is_file() else None
+    paths = write_report(report, out, title=f"ptqkit report: {Path(args.run).name}", calibration=calibration, bench=bench)
     _write(args, {k: str(v) for k, v in paths.items()}, f"{_render_report(report)}\n\nwrote {paths['html']} and {paths['json']}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from ptqkit.runs import bench_run
+
+    result = bench_run(args.run, runtime=args.runtime, threads=args.threads, warmup=args.warmup, reps=args.reps)
+    data = result.to_dict()
+    lines = [result.headline(), f"{'':12} {'median ms':>10} {'p90 ms':>10} {'samples/s':>10} {'peak RSS':>10}"]
+    for key in ("float", "quantized"):
+        t = getattr(result, key)
+        lines.append(f"{key:12} {t.median_ms:10.2f} {t.p90_ms:10.2f} {t.throughput_per_s:10.1f} {t.rss_peak_bytes / 2**20:8.0f} MB")
+    lines.append(f"kernels: {result.kernels}")
+    if result.note:
+        lines.append(result.note)
+    _write(args, data, "\n".join(lines))
+    Path(args.run, "bench.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return 0
 
 
@@ -270,6 +290,16 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--quiet", action="store_true", help="no progress output")
         command.add_argument("--json", action="store_true", help="machine-readable result on stdout")
         command.set_defaults(handler=handler)
+
+    bench = sub.add_parser("bench", help="latency, throughput and memory of a run vs its float model, side by side (writes RUN/bench.json)")
+    bench.add_argument("run", help="run directory written by `ptqkit quantize`")
+    bench.add_argument("--runtime", default="onnxruntime", choices=("onnxruntime", "torch"), help="onnxruntime (default) or torch (packed kernels)")
+    bench.add_argument("--threads", type=int, default=None, help="intra-op threads for both models (default: ORT 1, torch its current)")
+    bench.add_argument("--warmup", type=int, default=3, help="warm-up calls per model")
+    bench.add_argument("--reps", type=int, default=20, help="timed calls per model, alternating")
+    bench.add_argument("--quiet", action="store_true", help="no progress output")
+    bench.add_argument("--json", action="store_true", help="machine-readable result on stdout")
+    bench.set_defaults(handler=_cmd_bench)
 
     doctor = sub.add_parser("doctor", help="run the PTQ checklist: quantize, evaluate, and list findings with evidence and fixes")
     doctor.add_argument("--model", required=True, help="a local Hugging Face directory, or package.module:function")

@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ptqkit.errors import ArtifactError
+from ptqkit.errors import ArtifactError, ConfigError
 from ptqkit.recipe import Recipe
 from ptqkit.sources import LoadedModel, load_model
 
-__all__ = ["RunFiles", "describe_run", "export_run", "open_run", "output_sqnr_on", "quantize_run"]
+__all__ = ["RunFiles", "bench_run", "describe_run", "export_run", "open_run", "output_sqnr_on", "quantize_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -168,9 +168,9 @@ def _read_manifest(root: Path) -> dict[str, Any]:
     return read_manifest(root)
 
 
-def export_run(out_dir: str | Path, *, qmodel: nn.Module | None = None, strict: bool = False) -> dict[str, Any]:
+def export_run(out_dir: str | Path, *, qmodel: nn.Module | None = None, strict: bool = False, keep_float: bool = False) -> dict[str, Any]:
     """Export a run directory's quantized model to ONNX: onnx/model.onnx + onnx/export_report.json
-    (the onnx/ folder is replaced as a whole, atomically)."""
+    (+ onnx/model.fp32.onnx with `keep_float`); the onnx/ folder is replaced as a whole, atomically."""
     import ptqkit as pq
 
     files = RunFiles(Path(out_dir))
@@ -178,9 +178,36 @@ def export_run(out_dir: str | Path, *, qmodel: nn.Module | None = None, strict: 
         _, qmodel, example = open_run(files.root)
     else:
         example = _load_example(files.example)
-    result = pq.export(qmodel, files.onnx_dir, ("onnx",), example_inputs=example, strict=strict)
+    result = pq.export(qmodel, files.onnx_dir, ("onnx",), example_inputs=example, strict=strict, keep_float=keep_float)
     integer = sum(layer.integer for layer in result.layers)
-    return {"file": str(result.files["onnx"]), "integer_layers": integer, "float_layers": list(result.float_layers), "checks": result.checks}
+    kernels: dict[str, int] = {}
+    for layer in result.layers:
+        kernels[layer.kernel or "none"] = kernels.get(layer.kernel or "none", 0) + 1
+    return {
+        "file": str(result.files["onnx"]), "integer_layers": integer, "float_layers": list(result.float_layers),
+        "kernels": kernels, "checks": result.checks,
+    }
+
+
+def bench_run(out_dir: str | Path, *, runtime: str = "onnxruntime", threads: int | None = None, warmup: int = 3, reps: int = 20) -> Any:
+    """Float vs quantized speed of a run directory on its example batch (`eval.bench`): in ONNX
+    Runtime (exported again with the float graph kept, when onnx/model.fp32.onnx is missing) or in
+    torch (the float model against the packed quantized one)."""
+    from ptqkit.eval.bench import RUNTIMES, bench, bench_onnx
+
+    files = RunFiles(Path(out_dir))
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"bench: runtime {runtime!r} is unknown; valid: {', '.join(RUNTIMES)}")
+    loaded, qmodel, example = open_run(files.root)
+    if runtime == "torch":
+        return bench(loaded.model, qmodel, example, threads=threads, warmup=warmup, reps=reps)
+    float_onnx, report = files.onnx_dir / "model.fp32.onnx", files.onnx_dir / "export_report.json"
+    if not float_onnx.is_file() or not report.is_file():
+        export_run(files.root, qmodel=qmodel, keep_float=True)
+    kernels: dict[str, int] = {}
+    for layer in json.loads(report.read_text(encoding="utf-8"))["layers"]:
+        kernels[layer["kernel"] or "none"] = kernels.get(layer["kernel"] or "none", 0) + 1
+    return bench_onnx(float_onnx, files.onnx_dir / "model.onnx", example, threads=threads or 1, warmup=warmup, reps=reps, kernels=kernels)
 
 
 def describe_run(out_dir: str | Path) -> dict[str, Any]:

@@ -143,13 +143,13 @@ def test_quiet_and_non_tty_output_have_no_progress(digits_files) -> None:
     assert "━" not in loud.stderr and "\r" not in loud.stderr  # ... but no progress bar: stderr is not a terminal
 
 
-@pytest.mark.parametrize("command", ["quantize", "export", "eval", "report", "doctor", "inspect"])
+@pytest.mark.parametrize("command", ["quantize", "export", "eval", "report", "bench", "doctor", "inspect"])
 def test_help_lists_the_options(command: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "ptqkit.cli", command, "--help"], capture_output=True, text=True, check=True)
     expected = {"quantize": ["--model", "--recipe", "--preset", "--set", "--calib", "--out", "--format", "--quiet", "--json"],
                 "export": ["--format", "--strict", "--json"], "eval": ["--data", "--samples", "--json"],
                 "report": ["--data", "--out", "--json"], "doctor": ["--model", "--recipe", "--calib", "--data", "--json"],
-                "inspect": ["--json"]}[command]
+                "bench": ["--runtime", "--threads", "--reps"], "inspect": ["--json"]}[command]
     assert all(option in proc.stdout for option in expected), proc.stdout
 
 
@@ -187,3 +187,17 @@ def test_doctor_lists_findings_with_fixes(digits_files, tmp_path: Path, capsys) 
     ids = [f["id"] for f in found]
     assert "depthwise-per-tensor" in ids and "too-few-samples" in ids  # DigitsCNN's block.3 is depthwise; 48 samples
     assert all(f["fix"] and f["severity"] in ("error", "warning", "info") for f in found)
+
+
+def test_bench_in_onnx_runtime_then_report_states_the_speed(digits_files, capsys) -> None:
+    assert main(_quantize_args(digits_files, "--preset", "w8a8")) == 0
+    capsys.readouterr()
+    assert main(["bench", str(digits_files["out"]), "--reps", "3", "--warmup", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["runtime"] == "onnxruntime" and result["threads"] == 1 and result["float"]["calls"] == 3
+    assert sum(result["kernels"].values()) == 5 and (digits_files["out"] / "onnx/model.fp32.onnx").is_file()
+    assert main(["report", str(digits_files["out"]), "--quiet", "--json"]) == 0
+    saved = json.loads((digits_files["out"] / "report/report.json").read_text())
+    assert saved["bench"]["speedup"] == pytest.approx(result["speedup"])
+    expected = "Slower than float on this machine" if result["speedup"] < 1 else "faster than float"
+    assert expected in saved["headline"]
