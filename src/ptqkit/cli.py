@@ -132,24 +132,29 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_run(args: argparse.Namespace) -> tuple[Any, Any]:
-    """(QuantReport, calibration description) of a run directory on --data (default: the run's
-    example batch)."""
+def _evaluate_run(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, Any]:
+    """(QuantReport, data description, float model, quantized model, data) of a run directory on
+    --data (default: the run's example batch)."""
     from ptqkit.eval.evaluate import evaluate
     from ptqkit.runs import open_run
-    from ptqkit.sources import load_calibration
 
     loaded, qmodel, example = open_run(args.run)
     if args.data is None:
         data, described = [example], {"description": "the run's example batch (example_inputs.safetensors)"}
     else:
-        recipe = qmodel.ptqkit_info.recipe
-        data = load_calibration(
-            args.data, tokenizer=loaded.tokenizer, samples=args.samples, batch_size=recipe.calibration.batch_size,
-            seed=recipe.calibration.seed, text_field=args.text_field, max_length=args.max_length, image_size=args.image_size,
-        )
+        data = _eval_data(args, loaded, qmodel)
         described = {"description": data.description, "fingerprint": data.fingerprint}
-    return evaluate(qmodel, loaded.model, data, max_samples=args.samples), described
+    return evaluate(qmodel, loaded.model, data, max_samples=args.samples), described, loaded, qmodel, data
+
+
+def _eval_data(args: argparse.Namespace, loaded: Any, qmodel: Any) -> Any:
+    from ptqkit.sources import load_calibration
+
+    recipe = qmodel.ptqkit_info.recipe
+    return load_calibration(
+        args.data, tokenizer=loaded.tokenizer, samples=args.samples, batch_size=recipe.calibration.batch_size,
+        seed=recipe.calibration.seed, text_field=args.text_field, max_length=args.max_length, image_size=args.image_size,
+    )
 
 
 def _render_report(report: Any) -> str:
@@ -166,7 +171,7 @@ def _render_report(report: Any) -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    report, _ = _evaluate_run(args)
+    report = _evaluate_run(args)[0]
     _write(args, report.to_dict(), _render_report(report))
     return 0
 
@@ -174,11 +179,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from ptqkit.eval.report import write_report
 
-    report, calibration = _evaluate_run(args)
+    report, calibration, loaded, qmodel, data = _evaluate_run(args)
+    sensitivities = None
+    if args.sensitivity:
+        from ptqkit.eval.sensitivity import sensitivity
+
+        sensitivities = sensitivity(loaded.model, qmodel, data, max_samples=args.samples)
     out = Path(args.out) if args.out else Path(args.run) / "report"
     bench_file = Path(args.run) / "bench.json"  # written by `ptqkit bench`: the report's speed claim
     bench = json.loads(bench_file.read_text(encoding="utf-8")) if bench_file.is_file() else None
-    paths = write_report(report, out, title=f"ptqkit report: {Path(args.run).name}", calibration=calibration, bench=bench)
+    paths = write_report(
+        report, out, title=f"ptqkit report: {Path(args.run).name}", calibration=calibration, bench=bench, sensitivities=sensitivities
+    )
     _write(args, {k: str(v) for k, v in paths.items()}, f"{_render_report(report)}\n\nwrote {paths['html']} and {paths['json']}")
     return 0
 
@@ -287,6 +299,7 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--image-size", type=int, default=224, help="centre-crop size of images (default 224)")
         if name == "report":
             command.add_argument("--out", default=None, help="report folder (default: RUN/report)")
+            command.add_argument("--sensitivity", action="store_true", help="also rank layers by sensitivity (one evaluation per layer)")
         command.add_argument("--quiet", action="store_true", help="no progress output")
         command.add_argument("--json", action="store_true", help="machine-readable result on stdout")
         command.set_defaults(handler=handler)

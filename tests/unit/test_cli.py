@@ -170,11 +170,13 @@ def test_eval_and_report_on_a_run(digits_files, tmp_path: Path, capsys) -> None:
     report = json.loads(capsys.readouterr().out)
     assert report["samples"] == 40 and [layer["name"] for layer in report["layers"]] == ["stem.0", "block.0", "block.3", "block.6", "classifier"]
     assert 0 <= report["metrics"]["top1_agreement"] <= 1 and report["metrics"]["output_sqnr_db"] > 10
-    assert main(["report", str(digits_files["out"]), "--quiet"]) == 0  # default data: the run's example batch
+    assert main(["report", str(digits_files["out"]), "--quiet", "--sensitivity"]) == 0  # default data: the run's example batch
     out = capsys.readouterr().out
     assert "report.html" in out and (digits_files["out"] / "report/report.html").is_file()
     saved = json.loads((digits_files["out"] / "report/report.json").read_text())
     assert saved["samples"] == 8 and saved["provenance"]["calibration"]["description"].startswith("the run's example batch")
+    assert saved["sensitivity"]["metric"] == "top1_agreement" and len(saved["sensitivity"]["degradation"]) == 5
+    assert "<th>sensitivity</th>" in (digits_files["out"] / "report/report.html").read_text()
 
 
 def test_doctor_lists_findings_with_fixes(digits_files, tmp_path: Path, capsys) -> None:

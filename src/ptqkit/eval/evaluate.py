@@ -250,11 +250,13 @@ def evaluate(
     *,
     max_samples: int = 256,
     labels: torch.Tensor | None = None,
+    per_layer: bool = True,
 ) -> QuantReport:
     """Measure `qmodel` (from `ptqkit.quantize`) against the float `reference` on `data` (a
     CalibrationData or an iterable of batches: tensors, tuples or dicts). `labels` [N] (class
     ids, in sample order) add accuracy for classifiers; a CalibrationData with labels that are
-    class names is not used for accuracy."""
+    class names is not used for accuracy. `per_layer=False` measures the model-wide metrics only
+    (the report's `layers` is then empty)."""
     import ptqkit as pq
 
     info = getattr(qmodel, "ptqkit_info", None)
@@ -266,7 +268,7 @@ def evaluate(
     rescaled = [type(c).__name__ for c in stages.block_transforms]
     float_model = float_equivalent(reference, info.recipe)
     q_modules, f_modules = dict(qmodel.named_modules()), dict(float_model.named_modules())
-    plans = [layer for layer in info.plan.layers if layer.name in q_modules and layer.name in f_modules]
+    plans = [layer for layer in info.plan.layers if layer.name in q_modules and layer.name in f_modules] if per_layer else []
     isolated = {layer.name: _Energy() for layer in plans}
     accumulated = {layer.name: _Energy() for layer in plans}
     inputs: dict[str, _InputStats] = {}

@@ -159,18 +159,24 @@ _LAYER_COLUMNS = (
 )
 
 
-def _layer_table(report: QuantReport) -> str:
-    head = "".join(f"<th>{html.escape(title)}</th>" for _, title, _ in _LAYER_COLUMNS)
+def _layer_table(report: QuantReport, sensitivity: Mapping[str, float]) -> str:
+    titles = [title for _, title, _ in _LAYER_COLUMNS] + (["sensitivity"] if sensitivity else [])
+    head = "".join(f"<th>{html.escape(title)}</th>" for title in titles)
     rows = []
     for layer in report.layers:
         cells = []
+        if sensitivity:
+            value = sensitivity.get(layer.name)
+            cells_extra = f'<td data-value="{"" if value is None else value}">{_number(value, 4)}</td>'
+        else:
+            cells_extra = ""
         for key, _, digits in _LAYER_COLUMNS:
             value = getattr(layer, key)
             sort_value = "" if value is None else (str(value) if not isinstance(value, float) or math.isfinite(value) else ("1e308" if value > 0 else "-1e308"))
             shown = _number(value, digits) if digits is not None else html.escape(str(value if value is not None else "—"))
             cells.append(f'<td data-value="{html.escape(sort_value)}">{shown}</td>')
         title = f' title="{html.escape(layer.note)}"' if layer.note else ""
-        rows.append(f"<tr{title}>{''.join(cells)}</tr>")
+        rows.append(f"<tr{title}>{''.join(cells)}{cells_extra}</tr>")
     return f'<table id="layers" class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
@@ -198,8 +204,9 @@ def _render_html(data: dict[str, Any], report: QuantReport, title: str) -> str:
 <h2>Per layer</h2>
 {_chart(report)}
 <p>Click a column title to sort. Output SQNR: the quantized layer against the float layer on the same inputs;
-accumulated: each model on its own activations; clipped: share of inputs beyond the calibrated range.</p>
-{_layer_table(report)}
+accumulated: each model on its own activations; clipped: share of inputs beyond the calibrated range;
+sensitivity (when measured): how much the task metric degrades with only that layer quantized.</p>
+{_layer_table(report, (data.get("sensitivity") or {}).get("degradation", {}))}
 <h2>Recipe</h2><pre id="recipe">{html.escape(json.dumps(data["recipe"], indent=2))}</pre>
 <h2>Provenance</h2><pre id="provenance">{html.escape(json.dumps(data["provenance"], indent=2))}</pre>
 <script>{_SORT_SCRIPT}</script>
@@ -237,8 +244,11 @@ def write_report(
     bench: Mapping[str, Any] | None = None,
     findings: list[dict[str, Any]] | None = None,
     calibration: Mapping[str, Any] | None = None,
+    sensitivities: list[Any] | None = None,
 ) -> dict[str, Path]:
-    """Write report.json and report.html into `out_dir`; returns their paths."""
+    """Write report.json and report.html into `out_dir`; returns their paths. `bench`: a
+    `BenchResult.to_dict()` (the headline states the speed), `findings`: the doctor's,
+    `sensitivities`: `eval.sensitivity`'s ranking (a sortable column)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = report.to_dict()
@@ -248,6 +258,9 @@ def write_report(
         generated=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         bench=dict(bench) if bench else None,
         findings=list(findings or []),
+        sensitivity=(
+            {"metric": sensitivities[0].metric, "degradation": {r.name: r.degradation for r in sensitivities}} if sensitivities else None
+        ),
         provenance={"machine": machine(), "calibration": dict(calibration or {})},
     )
     json_text = json.dumps(_plain(data), indent=2, default=str, allow_nan=False) + "\n"
