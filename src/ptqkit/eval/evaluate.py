@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -72,6 +72,7 @@ class QuantReport:
     size: dict[str, float]
     samples: int
     recipe: dict[str, Any] = field(default_factory=dict)
+    histograms: dict[str, dict[str, Any]] = field(default_factory=dict)  # worst layers' input histograms
 
     def worst_layers(self, count: int = 5) -> list[LayerReport]:
         """The layers with the lowest isolated output SQNR (accumulated where isolated is absent)."""
@@ -86,6 +87,7 @@ class QuantReport:
             "size": dict(self.size),
             "recipe": dict(self.recipe),
             "layers": [asdict(layer) for layer in self.layers],
+            "histograms": dict(self.histograms),
         }
 
 
@@ -251,12 +253,14 @@ def evaluate(
     max_samples: int = 256,
     labels: torch.Tensor | None = None,
     per_layer: bool = True,
+    histogram_layers: int = 5,
 ) -> QuantReport:
     """Measure `qmodel` (from `ptqkit.quantize`) against the float `reference` on `data` (a
     CalibrationData or an iterable of batches: tensors, tuples or dicts). `labels` [N] (class
     ids, in sample order) add accuracy for classifiers; a CalibrationData with labels that are
     class names is not used for accuracy. `per_layer=False` measures the model-wide metrics only
-    (the report's `layers` is then empty)."""
+    (the report's `layers` is then empty). The `histogram_layers` worst layers also get input
+    histograms (one more pass)."""
     import ptqkit as pq
 
     info = getattr(qmodel, "ptqkit_info", None)
@@ -264,6 +268,8 @@ def evaluate(
         raise ConfigError("evaluate: qmodel has no ptqkit_info; pass the model returned by ptqkit.quantize(...)")
     from ptqkit.algorithms.pipeline import split_algorithms
 
+    if not hasattr(data, "batches") and not isinstance(data, (list, tuple)):
+        data = list(data)  # read twice (the worst layers' histograms)
     stages = split_algorithms(info.recipe.algorithms)
     rescaled = [type(c).__name__ for c in stages.block_transforms]
     float_model = float_equivalent(reference, info.recipe)
@@ -344,7 +350,7 @@ def evaluate(
             note=f"{', '.join(rescaled)} rescaled weights and inputs: compared end to end only" if rescaled else None,
         ))
     size = pq.model_size(qmodel)
-    return QuantReport(
+    report = QuantReport(
         metrics=model_metrics.result(),
         layers=tuple(layers),
         size={
@@ -352,7 +358,56 @@ def evaluate(
             "quantized_bytes": size.total_quantized_bytes,
             "quantized_layers": size.quantized_layers,
             "layer_weight_ratio": size.ratio,
+            "bytes_by_dtype": _bytes_by_dtype(qmodel),
         },
         samples=samples,
         recipe=info.recipe.to_dict(),
     )
+    worst = [layer for layer in report.worst_layers(histogram_layers) if layer.input_min is not None and layer.input_max is not None]
+    if worst:
+        report = replace(report, histograms=_histograms(qmodel, worst, data, max_samples))
+    return report
+
+
+def _bytes_by_dtype(model: nn.Module) -> dict[str, int]:
+    """Stored bytes of the model's parameters and persistent buffers, per dtype (the dequantized
+    weight caches of quantized modules are not stored and not counted)."""
+    totals: dict[str, int] = {}
+    for tensor in (*model.parameters(), *(b for name, b in model.named_buffers() if not name.endswith("._weight"))):
+        key = str(tensor.dtype).removeprefix("torch.")
+        totals[key] = totals.get(key, 0) + tensor.numel() * tensor.element_size()
+    return totals
+
+
+@torch.no_grad()
+def _histograms(qmodel: nn.Module, layers: list[LayerReport], data: Any, max_samples: int, bins: int = 64) -> dict[str, dict[str, Any]]:
+    """Input histograms of `layers` over their observed range (one more pass of the quantized
+    model), with the static quantizer's clipping thresholds where there is one."""
+    modules = dict(qmodel.named_modules())
+    counts = {layer.name: torch.zeros(bins, dtype=torch.float64) for layer in layers}
+    ranges = {layer.name: (layer.input_min, layer.input_max if layer.input_max > layer.input_min else layer.input_min + 1e-6) for layer in layers}
+
+    def hook(name: str) -> Any:
+        def record(module: nn.Module, args: tuple) -> None:
+            low, high = ranges[name]
+            counts[name] += torch.histc(args[0].detach().double(), bins=bins, min=low, max=high)
+        return record
+
+    handles = [modules[layer.name].register_forward_pre_hook(hook(layer.name)) for layer in layers]
+    try:
+        for batch, _ in limited_batches(data.batches() if hasattr(data, "batches") else data, max_samples):
+            call_model(qmodel, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    result = {}
+    for layer in layers:
+        low, high = ranges[layer.name]
+        quantizer = getattr(modules[layer.name], "input_quantizer", None)
+        qparams = quantizer.qparams if quantizer is not None else None
+        clip = None
+        if qparams is not None and qparams.qtype.is_integer and qparams.scale.numel() == 1:
+            scale, zero = float(qparams.scale), float(qparams.zero_point)
+            clip = [(qparams.qtype.qmin - zero) * scale, (qparams.qtype.qmax - zero) * scale]
+        result[layer.name] = {"low": low, "high": high, "counts": [int(c) for c in counts[layer.name]], "clip": clip}
+    return result

@@ -126,11 +126,41 @@ def _chart(report: QuantReport) -> str:
     )
 
 
+def _histogram_svg(name: str, histogram: Mapping[str, Any]) -> str:
+    """Inline SVG of one layer's input histogram (log counts) with the clipping thresholds."""
+    counts, low, high = histogram["counts"], float(histogram["low"]), float(histogram["high"])
+    width, height, bins = 320, 110, max(1, len(counts))
+    top = max(math.log1p(c) for c in counts) or 1.0
+    step = width / bins
+    bars = "".join(
+        f'<rect x="{i * step:.1f}" y="{height - 15 - (math.log1p(c) / top) * (height - 25):.1f}" width="{max(step - 0.5, 0.5):.1f}" '
+        f'height="{(math.log1p(c) / top) * (height - 25):.1f}" fill="#5d6d7e"/>'
+        for i, c in enumerate(counts)
+    )
+    lines = ""
+    for value in histogram.get("clip") or []:
+        x = (min(max(value, low), high) - low) / (high - low) * width
+        lines += f'<line class="clip" x1="{x:.1f}" x2="{x:.1f}" y1="0" y2="{height - 15}" stroke="#c0392b" stroke-width="2"><title>clip at {value:.4g}</title></line>'
+    label = f'<text x="0" y="{height - 2}" font-size="10">{low:.3g}</text><text x="{width - 40}" y="{height - 2}" font-size="10">{high:.3g}</text>'
+    return (
+        f'<figure class="histogram"><svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+        f'xmlns="http://www.w3.org/2000/svg" role="img" aria-label="input histogram of {html.escape(name)}">{bars}{lines}{label}</svg>'
+        f"<figcaption>{html.escape(name)}: input values (log counts); red: calibrated clipping range</figcaption></figure>"
+    )
+
+
+def _histograms_html(report: QuantReport) -> str:
+    if not report.histograms:
+        return ""
+    figures = "".join(_histogram_svg(name, h) for name, h in report.histograms.items())
+    return f'<h2>Inputs of the worst layers</h2><div id="histograms">{figures}</div>'
+
+
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 h1{font-size:1.4em} .headline{font-size:1.15em;padding:.6em;background:#f4f6f7;border-left:4px solid #2e86c1}
 table{border-collapse:collapse;font-size:.85em} th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}
-th{background:#eee;cursor:pointer} td:first-child,th:first-child{text-align:left} pre{background:#f8f8f8;padding:.5em;overflow:auto}
+th{background:#eee;cursor:pointer} figure.histogram{display:inline-block;margin:.5em} td:first-child,th:first-child{text-align:left} pre{background:#f8f8f8;padding:.5em;overflow:auto}
 """
 
 _SORT_SCRIPT = """
@@ -186,7 +216,8 @@ def _render_html(data: dict[str, Any], report: QuantReport, title: str) -> str:
     )
     findings = data.get("findings") or []
     finding_html = "".join(
-        f"<li><b>{html.escape(str(f.get('severity', '')))}</b> {html.escape(str(f.get('id', '')))}: {html.escape(str(f.get('message', '')))}</li>"
+        f"<li><b>{html.escape(str(f.get('severity', '')))}</b> {html.escape(str(f.get('id', '')))}: {html.escape(str(f.get('message', '')))}"
+        f"<br><i>fix:</i> {html.escape(str(f.get('fix', '')))}</li>"
         for f in findings
     )
     size = data["size"]
@@ -207,6 +238,7 @@ def _render_html(data: dict[str, Any], report: QuantReport, title: str) -> str:
 accumulated: each model on its own activations; clipped: share of inputs beyond the calibrated range;
 sensitivity (when measured): how much the task metric degrades with only that layer quantized.</p>
 {_layer_table(report, (data.get("sensitivity") or {}).get("degradation", {}))}
+{_histograms_html(report)}
 <h2>Recipe</h2><pre id="recipe">{html.escape(json.dumps(data["recipe"], indent=2))}</pre>
 <h2>Provenance</h2><pre id="provenance">{html.escape(json.dumps(data["provenance"], indent=2))}</pre>
 <script>{_SORT_SCRIPT}</script>

@@ -94,8 +94,15 @@ def run(
         "model_quantized_mb": size.total_quantized_bytes / 1e6,
     }
     if run_summary is not None:
+        eval_data = pq.CalibrationData.from_text(texts, tokenizer, max_length=128, batch_size=16)
+        report = pq.evaluate(qmodel, model, eval_data, max_samples=len(texts))
+        paths = pq.report(
+            report, Path(out_dir) / "report", title="all-MiniLM-L6-v2, W8A8 (bundled example)",
+            calibration={"description": calib.description, "fingerprint": calib.fingerprint},
+        )
         result["run_directory"] = str(out_dir)
         result["onnx"] = run_summary["onnx"]
+        result["report"] = str(paths["html"])
     return result
 
 
@@ -116,7 +123,7 @@ def render(result: dict[str, Any]) -> str:
         onnx = result["onnx"]
         lines.append(
             f"run directory {result['run_directory']}: artifact (model.safetensors, quantization.json), recipe.yaml, "
-            f"summary.json, {onnx['file']} ({onnx['integer_layers']} layers on integer kernels in ONNX Runtime)"
+            f"summary.json, {onnx['file']} ({onnx['integer_layers']} layers on integer kernels in ONNX Runtime), {result['report']}"
         )
     return "\n".join(lines)
 

@@ -109,6 +109,18 @@ def test_classifier_metrics_equal_the_metric_functions(cnn_case) -> None:
     assert as_dict["schema_version"] == 1 and len(as_dict["layers"]) == 3
 
 
+def test_histograms_of_the_worst_layers_count_every_input(cnn_case) -> None:
+    _, qmodel, data, _, report = cnn_case
+    assert set(report.histograms) == {layer.name for layer in report.layers}  # 3 layers <= 5 worst
+    first = report.histograms["0"]
+    assert sum(first["counts"]) == data.numel()  # layer 0 reads the data itself
+    expected = torch.histc(data.double(), bins=64, min=first["low"], max=first["high"])
+    assert first["counts"] == [int(c) for c in expected]
+    scale, zero = float(qmodel[0].input_quantizer.scale), float(qmodel[0].input_quantizer.zero_point)
+    assert first["clip"] == pytest.approx([-zero * scale, (255 - zero) * scale])
+    assert report.size["bytes_by_dtype"]["int8"] == sum(qmodel.get_submodule(n).weight_codes.numel() for n in ("0", "3", "7"))
+
+
 def test_outlier_input_channel_shows_in_the_ratio() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)).eval()

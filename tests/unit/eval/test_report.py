@@ -72,6 +72,6 @@ def test_report_renders_in_headless_chromium_without_console_errors(small_report
     dom = subprocess.run([*base, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
     worst = min(small_report.layers, key=lambda layer: layer.output_sqnr_db).name
     assert f"<title>first:{worst}</title>" in dom.stdout, dom.stderr[-2000:]
-    for element in ('id="headline"', 'id="metrics"', 'id="layers"', 'id="sqnr-chart"', 'id="recipe"', 'id="provenance"'):
+    for element in ('id="headline"', 'id="metrics"', 'id="layers"', 'id="sqnr-chart"', 'id="histograms"', 'class="clip"', 'id="recipe"', 'id="provenance"'):
         assert element in dom.stdout, element
     assert "CONSOLE" not in dom.stderr and "Uncaught" not in dom.stderr, dom.stderr[-2000:]
