@@ -148,12 +148,12 @@ def test_help_lists_the_options(command: str, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0
-    proc = capsys.readouterr()
+    out = capsys.readouterr().out
     expected = {"quantize": ["--model", "--recipe", "--preset", "--set", "--calib", "--out", "--format", "--quiet", "--json"],
                 "export": ["--format", "--strict", "--json"], "eval": ["--data", "--samples", "--json"],
                 "report": ["--data", "--out", "--json"], "doctor": ["--model", "--recipe", "--calib", "--data", "--json"],
                 "bench": ["--runtime", "--threads", "--reps"], "inspect": ["--json"]}[command]
-    assert all(option in proc.stdout for option in expected), proc.stdout
+    assert all(option in out for option in expected), out
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
