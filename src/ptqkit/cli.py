@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +186,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
         from ptqkit.eval.sensitivity import sensitivity
 
         sensitivities = sensitivity(loaded.model, qmodel, data, max_samples=args.samples)
+    artifact = Path(args.run) / "model.safetensors"
+    report = replace(report, size={**report.size, "artifact_bytes": artifact.stat().st_size})  # on disk, vs float_bytes
     out = Path(args.out) if args.out else Path(args.run) / "report"
     bench_file = Path(args.run) / "bench.json"  # written by `ptqkit bench`: the report's speed claim
     bench = json.loads(bench_file.read_text(encoding="utf-8")) if bench_file.is_file() else None

@@ -41,6 +41,14 @@ def test_minilm_from_its_directory_with_a_text_file_then_export(minilm, shakespe
     assert (out / "onnx/model.onnx").is_file()
     info = _ptqkit("inspect", str(out))
     assert info["source"]["kind"] == "hf" and "onnx/model.onnx" in info["files"] and "model.safetensors" in info["files"]
+    evaluation = _ptqkit("eval", str(out), "--data", str(calib), "--samples", "32")
+    assert evaluation["samples"] == 32 and evaluation["metrics"]["embedding_cosine_mean"] > 0.95
+    timing = _ptqkit("bench", str(out), "--reps", "5", "--threads", "2")
+    assert timing["runtime"] == "onnxruntime" and timing["kernels"] and timing["float"]["median_ms"] > 0
+    _ptqkit("report", str(out))
+    saved = json.loads((out / "report/report.json").read_text())
+    assert saved["bench"]["speedup"] == timing["speedup"] and saved["size"]["artifact_bytes"] > 0
+    assert ("Slower than float" in saved["headline"]) == (timing["speedup"] < 1)
 
 
 def test_mobilenet_v2_factory_weights_and_photo_folder(mobilenet_v2, photo_crops_eval, tmp_path: Path) -> None:
@@ -63,6 +71,11 @@ def test_mobilenet_v2_factory_weights_and_photo_folder(mobilenet_v2, photo_crops
     )
     assert summary["quantized_layers"] == 53 and summary["calibration_samples"] == 8
     assert summary["onnx"]["integer_layers"] >= 48  # of 53 quantized layers; measured 52 on integer kernels
+    found = _ptqkit(
+        "doctor", "--model", "ptqkit.models.mobilenet_v2:MobileNetV2", "--weights", str(zoo.mobilenet_v2_weights()),
+        "--preset", "w8a8", "--set", "scheme.weights.granularity={kind: per_tensor}", "--calib", str(folder), "--quiet",
+    )
+    assert "depthwise-per-tensor" in [f["id"] for f in found["findings"]]
     _, qmodel, _ = open_run(out)
     crops = photo_crops_eval[:128]
     agreement = top1_agreement(logits_of(mobilenet_v2, crops), logits_of(qmodel, crops))

@@ -230,6 +230,7 @@ def _render_html(data: dict[str, Any], report: QuantReport, title: str) -> str:
 <table id="metrics"><tbody>{metrics}
 <tr><td>weights and buffers, float (bytes)</td><td>{size["float_bytes"]}</td></tr>
 <tr><td>weights and buffers, quantized (bytes)</td><td>{size["quantized_bytes"]}</td></tr>
+{f'<tr><td>artifact on disk (bytes)</td><td>{size["artifact_bytes"]}</td></tr>' if "artifact_bytes" in size else ""}
 <tr><td>samples evaluated</td><td>{data["samples"]}</td></tr></tbody></table>
 {f'<h2>Findings</h2><ul id="findings">{finding_html}</ul>' if findings else ''}
 <h2>Per layer</h2>
