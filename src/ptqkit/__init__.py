@@ -47,6 +47,7 @@ from ptqkit.eval.size import model_size
 from ptqkit.eval.evaluate import QuantReport, evaluate
 from ptqkit.eval.report import write_report as report
 from ptqkit.eval.doctor import doctor
+from ptqkit.eval.bench import bench
 from ptqkit.eval.sensitivity import sensitivity, suggest
 from ptqkit.export import export
 from ptqkit.export.artifact import save_artifact as save
@@ -99,6 +100,7 @@ __all__ = [
     "evaluate",
     "report",
     "doctor",
+    "bench",
     "sensitivity",
     "suggest",
     "export",
