@@ -256,6 +256,32 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_output_flags(command: argparse.ArgumentParser, quiet: str = "no progress output") -> None:
+    command.add_argument("--quiet", action="store_true", help=quiet)
+    command.add_argument("--json", action="store_true", help="machine-readable result on stdout")
+
+
+def _add_model_and_recipe(command: argparse.ArgumentParser, *, required: bool) -> None:
+    command.add_argument("--model", required=required, default=None, help="a local Hugging Face directory, or package.module:function returning an nn.Module")
+    command.add_argument("--weights", default=None, help="state dict (.safetensors, .pt) for a package.module:function model")
+    command.add_argument("--recipe", default=None, help="recipe file (.yaml/.json; see recipes/)")
+    command.add_argument("--preset", default=None, help="preset recipe: w8a8, w8a8_dynamic, w8a16, w4a16, fp8")
+    command.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field, e.g. scheme.weights.group_size=64 (repeatable)")
+
+
+def _add_data_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--text-field", default="text", help="the JSON field holding the text in a .jsonl file (default: text)")
+    command.add_argument("--max-length", type=int, default=128, help="tokens per text (default 128)")
+    command.add_argument("--image-size", type=int, default=224, help="centre-crop size of images (default 224)")
+
+
+def _add_run(command: argparse.ArgumentParser) -> None:
+    command.add_argument("run", help="run directory written by `ptqkit quantize`")
+
+
+DATA_FORMATS = "an image folder, .txt/.jsonl text, or a .safetensors/.pt tensor [N, ...]"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptqkit", description="Post-training quantization for PyTorch models.")
     parser.add_argument("--verbose", action="store_true", help="log progress details")
@@ -265,28 +291,20 @@ def _parser() -> argparse.ArgumentParser:
     quantize = sub.add_parser(
         "quantize", help=f"quantize a model into a run directory; no arguments: the bundled MiniLM example into {EXAMPLE_RUN}/"
     )
-    quantize.add_argument("--model", default=None, help="a local Hugging Face directory, or package.module:function returning an nn.Module")
-    quantize.add_argument("--weights", default=None, help="state dict (.safetensors, .pt) for a package.module:function model")
-    quantize.add_argument("--recipe", default=None, help="recipe file (.yaml/.json; see recipes/)")
-    quantize.add_argument("--preset", default=None, help="preset recipe: w8a8, w8a8_dynamic, w8a16, w4a16, fp8")
-    quantize.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field, e.g. scheme.weights.group_size=64 (repeatable)")
-    quantize.add_argument("--calib", default=None, help="calibration data: an image folder, .txt/.jsonl text, or a .safetensors/.pt tensor [N, ...]")
-    quantize.add_argument("--text-field", default="text", help="the JSON field holding the text in a .jsonl file (default: text)")
-    quantize.add_argument("--max-length", type=int, default=128, help="tokens per calibration text (default 128)")
-    quantize.add_argument("--image-size", type=int, default=224, help="centre-crop size of calibration images (default 224)")
+    _add_model_and_recipe(quantize, required=False)
+    quantize.add_argument("--calib", default=None, help=f"calibration data: {DATA_FORMATS}")
+    _add_data_options(quantize)
     quantize.add_argument("--tensor-name", default=None, help="which tensor of a calibration tensor file holds the inputs")
     quantize.add_argument("--out", default=None, help="run directory to write (artifact, recipe, summary)")
     quantize.add_argument("--format", default="safetensors", help="comma-separated: safetensors (always written), onnx")
-    quantize.add_argument("--quiet", action="store_true", help="no plan or progress output")
-    quantize.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
+    _add_output_flags(quantize, quiet="no plan or progress output")
     quantize.set_defaults(handler=_cmd_quantize)
 
     export = sub.add_parser("export", help="export a run directory to ONNX (DIR/onnx/model.onnx, export_report.json)")
-    export.add_argument("run", help="run directory written by `ptqkit quantize`")
+    _add_run(export)
     export.add_argument("--format", default="onnx", help="onnx")
     export.add_argument("--strict", action="store_true", help="fail if a quantized layer does not run on an integer kernel")
-    export.add_argument("--quiet", action="store_true", help="no progress output")
-    export.add_argument("--json", action="store_true", help="machine-readable result on stdout")
+    _add_output_flags(export)
     export.set_defaults(handler=_cmd_export)
 
     for name, helptext, handler in (
@@ -294,42 +312,31 @@ def _parser() -> argparse.ArgumentParser:
         ("report", "evaluate a run and write report.json + a self-contained report.html", _cmd_report),
     ):
         command = sub.add_parser(name, help=helptext)
-        command.add_argument("run", help="run directory written by `ptqkit quantize`")
-        command.add_argument("--data", default=None, help="evaluation data (same formats as --calib); default: the run's example batch")
+        _add_run(command)
+        command.add_argument("--data", default=None, help=f"evaluation data ({DATA_FORMATS}); default: the run's example batch")
         command.add_argument("--samples", type=int, default=256, help="most samples to evaluate (default 256)")
-        command.add_argument("--text-field", default="text", help="the JSON field holding the text in a .jsonl file")
-        command.add_argument("--max-length", type=int, default=128, help="tokens per text (default 128)")
-        command.add_argument("--image-size", type=int, default=224, help="centre-crop size of images (default 224)")
+        _add_data_options(command)
         if name == "report":
             command.add_argument("--out", default=None, help="report folder (default: RUN/report)")
             command.add_argument("--sensitivity", action="store_true", help="also rank layers by sensitivity (one evaluation per layer)")
-        command.add_argument("--quiet", action="store_true", help="no progress output")
-        command.add_argument("--json", action="store_true", help="machine-readable result on stdout")
+        _add_output_flags(command)
         command.set_defaults(handler=handler)
 
     bench = sub.add_parser("bench", help="latency, throughput and memory of a run vs its float model, side by side (writes RUN/bench.json)")
-    bench.add_argument("run", help="run directory written by `ptqkit quantize`")
+    _add_run(bench)
     bench.add_argument("--runtime", default="onnxruntime", choices=("onnxruntime", "torch"), help="onnxruntime (default) or torch (packed kernels)")
     bench.add_argument("--threads", type=int, default=None, help="intra-op threads for both models (default: ORT 1, torch its current)")
     bench.add_argument("--warmup", type=int, default=3, help="warm-up calls per model")
     bench.add_argument("--reps", type=int, default=20, help="timed calls per model, alternating")
-    bench.add_argument("--quiet", action="store_true", help="no progress output")
-    bench.add_argument("--json", action="store_true", help="machine-readable result on stdout")
+    _add_output_flags(bench)
     bench.set_defaults(handler=_cmd_bench)
 
     doctor = sub.add_parser("doctor", help="run the PTQ checklist: quantize, evaluate, and list findings with evidence and fixes")
-    doctor.add_argument("--model", required=True, help="a local Hugging Face directory, or package.module:function")
-    doctor.add_argument("--weights", default=None, help="state dict for a package.module:function model")
-    doctor.add_argument("--recipe", default=None, help="recipe file")
-    doctor.add_argument("--preset", default=None, help="preset recipe")
-    doctor.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field (repeatable)")
-    doctor.add_argument("--calib", required=True, help="calibration data (image folder, .txt/.jsonl, .safetensors/.pt)")
+    _add_model_and_recipe(doctor, required=True)
+    doctor.add_argument("--calib", required=True, help=f"calibration data: {DATA_FORMATS}")
     doctor.add_argument("--data", default=None, help="evaluation data in the same formats (default: the calibration data)")
-    doctor.add_argument("--text-field", default="text")
-    doctor.add_argument("--max-length", type=int, default=128)
-    doctor.add_argument("--image-size", type=int, default=224)
-    doctor.add_argument("--quiet", action="store_true", help="no progress output")
-    doctor.add_argument("--json", action="store_true", help="machine-readable findings on stdout")
+    _add_data_options(doctor)
+    _add_output_flags(doctor)
     doctor.set_defaults(handler=_cmd_doctor)
 
     inspect = sub.add_parser("inspect", help="validate and print a recipe (file or preset), or describe a run directory")

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ptqkit.algorithms.cle_graph import join_links
 from ptqkit.calibration.sequential import run_batch
 from ptqkit.mappings import CLEChain
 
@@ -136,15 +137,6 @@ def captured_cle_chains(model: nn.Module, example: Any) -> list[CLEChain]:
             else:
                 break
             current = sole_reader(current.output)
-    order = [c.name for c in calls]
-    starts = [name for name in links if name not in {nxt for _, nxt in links.values()}]
-    chains = []
-    for start in sorted(starts, key=order.index):
-        layers, activations = [start], []
-        while layers[-1] in links and len(layers) <= len(links):
-            activation, nxt = links[layers[-1]]
-            activations.append(activation)
-            layers.append(nxt)
-        chains.append(CLEChain(layers=tuple(layers), activations=tuple(activations)))
+    chains = join_links(links, [c.name for c in calls])
     logger.info("cle: %d chain(s) captured from one forward with hooks", len(chains))
     return chains

@@ -23,7 +23,7 @@ from torch import nn
 from ptqkit.calibration.graph_pass import trace
 from ptqkit.mappings import CLEChain
 
-__all__ = ["graph_cle_chains"]
+__all__ = ["graph_cle_chains", "join_links"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +76,15 @@ def graph_cle_chains(model: nn.Module) -> list[CLEChain] | None:
             found = _follow(modules, node)
             if found is not None:
                 links[node.target] = (found[0], found[1].target)
+    return join_links(links, list(modules))
+
+
+def join_links(links: dict[str, tuple[str | None, str]], order: list[str]) -> list[CLEChain]:
+    """Chains from links layer -> (activation, next layer): each chain starts at a layer no link
+    leads to, follows the links, and chains come in `order` (module or call order)."""
     starts = set(links) - {nxt for _, nxt in links.values()}
     chains = []
-    for start in sorted(starts, key=list(modules).index):
+    for start in sorted(starts, key=order.index):
         layers, activations = [start], []
         while layers[-1] in links and len(layers) <= len(links):
             activation, nxt = links[layers[-1]]

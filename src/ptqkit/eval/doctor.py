@@ -129,11 +129,17 @@ def _depthwise_per_tensor(qmodel: nn.Module, report: QuantReport) -> Finding | N
     )
 
 
+def _flagged(report: QuantReport, attribute: str, threshold: float, *, above: bool = True) -> list[Any]:
+    """Layers whose measured `attribute` is beyond `threshold` (above, or below), worst first."""
+    sign = 1.0 if above else -1.0
+    hits = [l for l in report.layers if getattr(l, attribute) is not None and sign * (getattr(l, attribute) - threshold) > 0]
+    return sorted(hits, key=lambda l: -sign * getattr(l, attribute))
+
+
 def _outliers(report: QuantReport, config: DoctorConfig) -> Finding | None:
-    hits = [l for l in report.layers if l.inputs is not None and l.outlier_ratio is not None and l.outlier_ratio > config.outlier_ratio]
+    hits = [l for l in _flagged(report, "outlier_ratio", config.outlier_ratio) if l.inputs is not None]
     if not hits:
         return None
-    hits.sort(key=lambda l: -l.outlier_ratio)
     return Finding(
         id="activation-outliers",
         severity="warning",
@@ -148,10 +154,9 @@ def _outliers(report: QuantReport, config: DoctorConfig) -> Finding | None:
 
 
 def _low_sqnr(report: QuantReport, config: DoctorConfig) -> Finding | None:
-    low = [l for l in report.layers if l.output_sqnr_db is not None and l.output_sqnr_db < config.min_layer_sqnr_db]
+    low = _flagged(report, "output_sqnr_db", config.min_layer_sqnr_db, above=False)
     if not low:
         return None
-    low.sort(key=lambda l: l.output_sqnr_db)
     names = [l.name for l in low]
     return Finding(
         id="low-sqnr-layers",
@@ -196,10 +201,9 @@ def _stability(qmodel: nn.Module, config: DoctorConfig) -> list[Finding]:
 
 
 def _clipping(report: QuantReport, config: DoctorConfig) -> Finding | None:
-    hits = [l for l in report.layers if l.clip_rate is not None and l.clip_rate > config.max_clip_rate]
+    hits = _flagged(report, "clip_rate", config.max_clip_rate)
     if not hits:
         return None
-    hits.sort(key=lambda l: -l.clip_rate)
     return Finding(
         id="input-clipping",
         severity="warning",
