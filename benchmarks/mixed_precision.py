@@ -1,0 +1,105 @@
+"""Mixed precision (issue 11), first part: is the per-layer latency table a good model of the
+whole model's latency? For uniform and mixed per-layer formats on MiniLM (batch x 128 tokens),
+the predicted latency (float model - its Linears in fp32 + the assigned layers, each measured
+alone and cached) against the latency measured end to end, in one run, same thread count.
+
+    .venv/bin/python benchmarks/mixed_precision.py [--threads 2] [--batch 8] [--search] [--max-degradation 0.01]
+        [--time-limit S] [--out results/mixed_precision.json]
+
+With --search, the per-layer search (`ptqkit.search.mixed`) on MiniLM: embedding cosine on stdlib
+docstrings, every point measured end to end, the chosen point against the best uniform one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results" / "mixed_precision.json"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--search", action="store_true", help="also run the per-layer search on MiniLM")
+    parser.add_argument("--max-degradation", type=float, default=0.01, help="search budget: 1 - embedding cosine")
+    parser.add_argument("--eval-texts", type=int, default=64)
+    parser.add_argument("--stride", type=int, default=4)
+    parser.add_argument("--time-limit", type=float, default=None, help="search wall-time limit in seconds")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    from ptqkit.models.zoo import load_minilm
+    from ptqkit.search.formats import apply_assignment, format_module
+    from ptqkit.search.latency import LatencyTable, measure_ms
+
+    model, tokenizer = load_minilm()
+    example = dict(tokenizer(["calibration text " * 60] * args.batch, truncation=True, max_length=args.tokens, padding="max_length", return_tensors="pt"))
+    tokens = args.batch * args.tokens
+    linears = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    ffn = [n for n in linears if "intermediate" in n or ("output.dense" in n and "attention" not in n)]
+    configs = {
+        "all int8_wo": {n: "int8_wo" for n in linears},
+        "all int4_g128": {n: "int4_g128" for n in linears if not isinstance(format_module(model.get_submodule(n), "int4_g128"), str)},
+        "FFN int4_g128, attention int8_wo": {n: ("int4_g128" if n in ffn else "int8_wo") for n in linears},
+        "FFN int8_wo, rest fp32": {n: "int8_wo" for n in ffn},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        table = LatencyTable(Path(tmp) / "latency.json", threads=args.threads, reps=args.reps)
+        float_ms = measure_ms(model, example, threads=args.threads, reps=args.reps)
+        rows = {"fp32": {"predicted_ms": float_ms, "measured_ms": float_ms}}
+        for name, assignment in configs.items():
+            predicted = table.predict_ms(model, assignment, example, tokens, float_ms=float_ms)
+            measured = measure_ms(apply_assignment(model, assignment), example, threads=args.threads, reps=args.reps)
+            rows[name] = {"predicted_ms": predicted, "measured_ms": measured, "layers": len(assignment)}
+    print(f"MiniLM, batch {args.batch} x {args.tokens} tokens, {args.threads} threads ({table.measured} layer micro-benchmarks)")
+    print(f"{'config':36} {'predicted ms':>13} {'measured ms':>12} {'error':>7} {'vs fp32':>8}")
+    for name, row in rows.items():
+        row["error"] = row["predicted_ms"] / row["measured_ms"] - 1
+        row["speedup_vs_fp32"] = float_ms / row["measured_ms"]
+        print(f"{name:36} {row['predicted_ms']:13.1f} {row['measured_ms']:12.1f} {row['error']:+7.1%} {row['speedup_vs_fp32']:7.2f}x")
+    results = {"threads": args.threads, "batch": args.batch, "tokens": args.tokens, "rows": rows}
+    if args.search:
+        results["search"] = run_search(model, tokenizer, example, tokens, args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+
+
+def run_search(model: torch.nn.Module, tokenizer, example, tokens: int, args) -> dict:
+    """The search on MiniLM: embedding cosine on stdlib docstrings, budget `--max-degradation`."""
+    import ptqkit as pq
+    from ptqkit.examples.minilm import stdlib_doc_texts
+    from ptqkit.search.mixed import search
+
+    texts = stdlib_doc_texts(args.eval_texts)
+    data = pq.CalibrationData.from_text(texts, tokenizer, max_length=128, batch_size=16)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = search(
+            model, data, example=example, tokens=tokens, max_degradation=args.max_degradation, table_path=Path(tmp) / "latency.json",
+            formats=("int8_wo", "int4_g128"), threads=args.threads, stride=args.stride, max_samples=len(texts),
+            time_limit_s=args.time_limit, progress=False,
+        )
+    print(f"\nsearch: {result.metric}, budget degradation <= {args.max_degradation} (float {result.float_ms:.1f} ms, "
+          f"{result.float_bytes / 1e6:.1f} MB of Linear weights); {len(result.points)} points measured end to end")
+    print(f"{'point':22} {'cosine':>8} {'ms':>8} {'pred ms':>8} {'MB':>7} {'front':>6}")
+    front = {p.name for p in result.front}
+    for p in sorted(result.points, key=lambda p: p.measured_ms):
+        print(f"{p.name:22} {p.metric:8.4f} {p.measured_ms:8.1f} {p.predicted_ms:8.1f} {p.weight_bytes / 1e6:7.2f} {'*' if p.name in front else '':>6}")
+    uniform = [p for p in result.points if p.name.startswith("uniform") and p.degradation <= args.max_degradation]
+    best_uniform = min(uniform, key=lambda p: p.measured_ms) if uniform else None
+    print(f"chosen: {result.chosen.name if result.chosen else None} {result.why_none}")
+    print(f"best uniform within budget: {best_uniform.name if best_uniform else None}")
+    return {**result.to_dict(), "best_uniform": best_uniform.name if best_uniform else None}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Per-layer latency measured on this machine, cached on disk, and the model latency it predicts.
+
+`LatencyTable.layer_ms(linear, fmt, tokens)` times one Linear in one format (`search.formats`)
+on a [tokens, in_features] input: warm-up calls, then the median of `reps` calls, at a fixed
+thread count. Results are cached in a JSON file keyed by everything that changes them: runtime
+and torch version, CPU model, threads, format, shape, bias and tokens. A key from another machine
+or thread count never matches, so a cache copied elsewhere is simply re-measured.
+
+`predict_ms(model, assignment, tokens)`: the model's latency with each Linear in its assigned
+format = (measured float model - sum of its Linears measured in fp32: the cost of everything that
+is not a Linear) + sum of the assigned layers' measured latencies. `measure_ms` times a whole model
+the same way, so predictions can be checked against measurements.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ptqkit.calibration.samples import call_model
+from ptqkit.errors import ConfigError
+from ptqkit.search.formats import format_module
+
+__all__ = ["LatencyTable", "cpu_name", "measure_ms"]
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (platform's processor string elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _median_ms(call: Callable[[], Any], warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        call()
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def measure_ms(model: nn.Module, example: Any, *, threads: int, warmup: int = 3, reps: int = 10) -> float:
+    """Median latency (ms) of one call of `model` on `example` at `threads` threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _median_ms(lambda: call_model(model, example), warmup, reps)
+    finally:
+        torch.set_num_threads(previous)
+
+
+class LatencyTable:
+    """Measured per-layer latencies for one machine and thread count, cached in `path`."""
+
+    def __init__(self, path: str | Path, *, threads: int = 1, warmup: int = 3, reps: int = 15) -> None:
+        for name, value, low in (("threads", threads, 1), ("warmup", warmup, 0), ("reps", reps, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"LatencyTable: {name}={value!r} must be an integer >= {low}")
+        self.path = Path(path)
+        self.threads, self.warmup, self.reps = threads, warmup, reps
+        self.measured = 0  # micro-benchmarks run by this table (cache misses)
+        self._entries: dict[str, float] = self._read()
+
+    def _read(self) -> dict[str, float]:
+        if not self.path.is_file():
+            return {}
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            logger.warning("latency cache %s is unreadable (%s); measuring again", self.path, exc)
+            return {}
+        if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("entries"), dict):
+            logger.warning("latency cache %s has another format; measuring again", self.path)
+            return {}
+        return {str(k): float(v) for k, v in data["entries"].items()}
+
+    def _write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as out:
+                json.dump({"version": CACHE_VERSION, "entries": self._entries}, out, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def key(self, linear: nn.Linear, fmt: str, tokens: int) -> str:
+        return (
+            f"torch {torch.__version__}|{cpu_name()}|threads {self.threads}|{fmt}|"
+            f"{linear.in_features}x{linear.out_features}|bias {linear.bias is not None}|tokens {tokens}"
+        )
+
+    def layer_ms(self, linear: nn.Linear, fmt: str, tokens: int) -> float | None:
+        """Median latency of `linear` in `fmt` on `tokens` input rows; None if no kernel takes it."""
+        key = self.key(linear, fmt, tokens)
+        if key in self._entries:
+            return self._entries[key]
+        module = format_module(linear, fmt)
+        if isinstance(module, str):
+            return None
+        x = torch.randn(tokens, linear.in_features, generator=torch.Generator().manual_seed(0))
+        value = measure_ms(module, x, threads=self.threads, warmup=self.warmup, reps=self.reps)
+        self._entries[key] = value
+        self.measured += 1
+        self._write()
+        return value
+
+    def predict_ms(self, model: nn.Module, assignment: Mapping[str, str], example: Any, tokens: int, *, float_ms: float | None = None) -> float:
+        """Predicted latency of `model` with the Linears of `assignment` (name -> format) in those
+        formats and every other Linear in fp32; `float_ms` (measured on `example` if None) is the
+        float model's latency."""
+        linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+        unknown = sorted(set(assignment) - set(linears))
+        if unknown:
+            raise ConfigError(f"predict_ms: {unknown} are not nn.Linear modules of {type(model).__name__}")
+        if float_ms is None:
+            float_ms = measure_ms(model, example, threads=self.threads, warmup=self.warmup, reps=self.reps)
+        fp32 = {name: self.layer_ms(m, "fp32", tokens) for name, m in linears.items()}
+        rest = float_ms - sum(v for v in fp32.values() if v is not None)
+        total = rest
+        for name, linear in linears.items():
+            fmt = assignment.get(name, "fp32")
+            value = self.layer_ms(linear, fmt, tokens)
+            if value is None:
+                raise ConfigError(f"predict_ms: {name} has no {fmt} kernel ({format_module(linear, fmt)})")
+            total += value
+        return total

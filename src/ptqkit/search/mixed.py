@@ -1,0 +1,198 @@
+"""`search`: per-layer formats chosen from measured accuracy, latency and size.
+
+1. Candidates: each Linear in each format with a kernel here (`search.formats`).
+2. Per layer and format, measured: the task-metric degradation with only that layer in that
+   format (`eval.sensitivity.model_metrics` against the float model), its latency alone on this
+   machine (`search.latency.LatencyTable`, cached on disk) and its weight bytes.
+3. A greedy path from all-fp32: each step moves the one layer whose next cheaper format saves
+   the most predicted time per unit of added degradation (ties: bytes). Every `stride`-th
+   configuration on the path, and the uniform ones, are measured end to end: metric on the
+   evaluation data and latency of the whole model. Nothing on the front is only predicted.
+4. The Pareto front over (degradation, latency, bytes) of the measured points, and the chosen
+   point: the fastest within the degradation budget (and the bytes budget, if any) that is not
+   slower than float. If none qualifies the result says why.
+Deterministic: the same inputs give the same path (ties broken by layer order).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ptqkit.errors import ConfigError
+from ptqkit.eval.sensitivity import degradation, model_metrics, task_metric
+from ptqkit.progress import progress_bar
+from ptqkit.search.formats import apply_assignment, format_module, weight_bytes
+from ptqkit.search.latency import LatencyTable, measure_ms
+
+__all__ = ["SearchPoint", "SearchResult", "search", "pareto_front"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SearchPoint:
+    """One configuration, measured end to end (`predicted_ms` is the table's estimate)."""
+
+    name: str
+    assignment: dict[str, str]
+    metric: float
+    degradation: float
+    measured_ms: float
+    predicted_ms: float
+    weight_bytes: int
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The measured points, their Pareto front, the chosen point (or why none) and the float
+    reference's numbers."""
+
+    metric: str
+    float_metric: float
+    float_ms: float
+    float_bytes: int
+    points: tuple[SearchPoint, ...]
+    front: tuple[SearchPoint, ...]
+    chosen: SearchPoint | None
+    why_none: str = ""
+    layer_costs: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
+    stopped_early: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric, "float_metric": self.float_metric, "float_ms": self.float_ms, "float_bytes": self.float_bytes,
+            "points": [asdict(p) for p in self.points], "front": [p.name for p in self.front],
+            "chosen": asdict(self.chosen) if self.chosen else None, "why_none": self.why_none,
+            "layer_costs": self.layer_costs, "stopped_early": self.stopped_early,
+        }
+
+
+def pareto_front(points: Sequence[SearchPoint]) -> list[SearchPoint]:
+    """Points no other point beats or equals on all of degradation, latency and bytes (and beats
+    on one), sorted by latency."""
+    def dominated(p: SearchPoint) -> bool:
+        return any(
+            q is not p and q.degradation <= p.degradation and q.measured_ms <= p.measured_ms and q.weight_bytes <= p.weight_bytes
+            and (q.degradation < p.degradation or q.measured_ms < p.measured_ms or q.weight_bytes < p.weight_bytes)
+            for q in points
+        )
+    return sorted((p for p in points if not dominated(p)), key=lambda p: p.measured_ms)
+
+
+def search(
+    model: nn.Module,
+    eval_data: Any,
+    *,
+    example: Any,
+    tokens: int,
+    max_degradation: float,
+    max_bytes: int | None = None,
+    formats: Sequence[str] = ("int8_wo", "int4_g128", "int4_g64"),
+    table_path: str | Path,
+    threads: int = 1,
+    stride: int = 4,
+    max_samples: int = 64,
+    time_limit_s: float | None = None,
+    progress: bool = True,
+) -> SearchResult:
+    """Search per-Linear formats of `model` (see the module docstring). `example` is the batch
+    latency is measured on (`tokens` rows reach each Linear); `eval_data` gives the task metric."""
+    if not isinstance(stride, int) or stride < 1:
+        raise ConfigError(f"search: stride={stride!r} must be an integer >= 1")
+    started = time.monotonic()
+    out_of_time = lambda: time_limit_s is not None and time.monotonic() - started > time_limit_s  # noqa: E731
+    model = model.eval()
+    table = LatencyTable(table_path, threads=threads)
+    base = model_metrics(model, model, eval_data, max_samples=max_samples)
+    metric = task_metric(base)
+    float_metric = base[metric]
+    float_ms = measure_ms(model, example, threads=threads)
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    ladder = {name: [f for f in formats if not isinstance(format_module(m, f), str)] for name, m in linears.items()}
+    costs: dict[str, dict[str, dict[str, float | None]]] = {}
+    stopped = False
+    with progress_bar(f"measuring {len(linears)} layer(s) x {len(formats)} format(s)", len(linears), progress) as advance:
+        for name, linear in linears.items():
+            if out_of_time():
+                stopped = True
+                break
+            costs[name] = {"fp32": {"degradation": 0.0, "ms": table.layer_ms(linear, "fp32", tokens), "bytes": weight_bytes(linear, "fp32")}}
+            for fmt in ladder[name]:
+                hybrid = apply_assignment(model, {name: fmt})
+                metrics = model_metrics(model, hybrid, eval_data, max_samples=max_samples)
+                costs[name][fmt] = {"degradation": degradation(metrics, metric), "ms": table.layer_ms(linear, fmt, tokens), "bytes": weight_bytes(linear, fmt)}
+            advance(1, current=name)
+    path = _greedy_path(costs)
+    candidates: dict[str, dict[str, str]] = {}
+    for fmt in formats:
+        uniform = {n: fmt for n in costs if fmt in costs[n]}
+        if uniform:
+            candidates[f"uniform {fmt}"] = uniform
+    for step in range(stride, len(path) + 1, stride):
+        candidates[f"greedy step {step}"] = dict(path[step - 1])
+    if path and f"greedy step {len(path)}" not in candidates:
+        candidates[f"greedy step {len(path)}"] = dict(path[-1])
+    points = []
+    float_bytes = sum(weight_bytes(m, "fp32") for m in linears.values())
+    with progress_bar(f"measuring {len(candidates)} configuration(s) end to end", len(candidates), progress) as advance:
+        for name, assignment in candidates.items():
+            if out_of_time():
+                stopped = True
+                break
+            candidate = apply_assignment(model, assignment)
+            metrics = model_metrics(model, candidate, eval_data, max_samples=max_samples)
+            points.append(SearchPoint(
+                name=name, assignment=assignment, metric=metrics[metric], degradation=degradation(metrics, metric),
+                measured_ms=measure_ms(candidate, example, threads=threads),
+                predicted_ms=table.predict_ms(model, assignment, example, tokens, float_ms=float_ms),
+                weight_bytes=float_bytes + sum(weight_bytes(linears[n], f) - weight_bytes(linears[n], "fp32") for n, f in assignment.items()),
+            ))
+            advance(1, current=name)
+    chosen, why = _choose(points, max_degradation, max_bytes, float_ms)
+    if stopped:
+        logger.warning("search stopped at the time limit (%.0f s): %d point(s) measured", time_limit_s or 0, len(points))
+    return SearchResult(metric, float_metric, float_ms, float_bytes, tuple(points), tuple(pareto_front(points)), chosen, why, costs, stopped)
+
+
+def _greedy_path(costs: dict[str, dict[str, dict[str, float | None]]]) -> list[dict[str, str]]:
+    """Assignments after each greedy move (see the module docstring)."""
+    current = {name: "fp32" for name in costs}
+    order = list(costs)
+    path = []
+    while True:
+        best, best_score = None, None
+        for name in order:
+            options = [f for f in costs[name] if f != current[name]]
+            now = costs[name][current[name]]
+            for fmt in options:
+                new = costs[name][fmt]
+                if new["ms"] is None or now["ms"] is None or new["bytes"] >= now["bytes"]:
+                    continue  # only moves to fewer bytes: the path goes one way
+                saved = (now["ms"] - new["ms"], now["bytes"] - new["bytes"])
+                added = max(new["degradation"] - now["degradation"], 1e-9)
+                score = (saved[0] / added, saved[1] / added)
+                if best_score is None or score > best_score:
+                    best, best_score = (name, fmt), score
+        if best is None:
+            return path
+        current[best[0]] = best[1]
+        path.append({n: f for n, f in current.items() if f != "fp32"})
+
+
+def _choose(points: list[SearchPoint], max_degradation: float, max_bytes: int | None, float_ms: float) -> tuple[SearchPoint | None, str]:
+    fits = [p for p in points if p.degradation <= max_degradation and (max_bytes is None or p.weight_bytes <= max_bytes)]
+    if not fits:
+        return None, f"no measured configuration stays within the budget (degradation <= {max_degradation:g}{'' if max_bytes is None else f', bytes <= {max_bytes}'})"
+    faster = [p for p in fits if p.measured_ms < float_ms]
+    if not faster:
+        return None, (
+            f"{len(fits)} configuration(s) meet the budget but none is faster than float here "
+            f"(best {min(p.measured_ms for p in fits):.1f} ms vs float {float_ms:.1f} ms); ptqkit never recommends a slower model"
+        )
+    return min(faster, key=lambda p: (p.measured_ms, p.weight_bytes)), ""

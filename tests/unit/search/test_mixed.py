@@ -1,0 +1,69 @@
+"""The mixed-precision search: greedy path, Pareto front, budgets, and every point re-measured."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ptqkit.eval.sensitivity import model_metrics
+from ptqkit.search.formats import apply_assignment
+from ptqkit.search.mixed import SearchPoint, _greedy_path, pareto_front, search
+
+
+def _point(name: str, degradation: float, ms: float, size: int) -> SearchPoint:
+    return SearchPoint(name, {}, 1 - degradation, degradation, ms, ms, size)
+
+
+def test_pareto_front_keeps_exactly_the_undominated_points() -> None:
+    a, b, c, d = _point("a", 0.0, 10, 100), _point("b", 0.1, 5, 50), _point("c", 0.2, 6, 60), _point("d", 0.05, 8, 100)
+    front = pareto_front([a, b, c, d])
+    assert [p.name for p in front] == ["b", "d", "a"]  # c is beaten by b on everything; sorted by latency
+
+
+def test_greedy_moves_the_cheapest_degradation_per_saving_first() -> None:
+    costs = {
+        "x": {"fp32": {"degradation": 0.0, "ms": 4.0, "bytes": 400}, "int8_wo": {"degradation": 0.01, "ms": 2.0, "bytes": 100}},
+        "y": {"fp32": {"degradation": 0.0, "ms": 4.0, "bytes": 400}, "int8_wo": {"degradation": 0.10, "ms": 2.0, "bytes": 100},
+              "int4_g128": {"degradation": 0.30, "ms": 1.5, "bytes": 50}},
+    }
+    path = _greedy_path(costs)
+    assert path == [{"x": "int8_wo"}, {"x": "int8_wo", "y": "int8_wo"}, {"x": "int8_wo", "y": "int4_g128"}]
+
+
+def _model_and_data():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 10)).eval()
+    data = [torch.randn(32, 128, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    return model, data
+
+
+def test_search_measures_every_point_and_respects_the_budget(tmp_path: Path) -> None:
+    model, data = _model_and_data()
+    result = search(
+        model, data, example=data[0], tokens=32, max_degradation=0.05, table_path=tmp_path / "lat.json",
+        formats=("int8_wo", "int4_g128"), stride=2, progress=False,
+    )
+    assert result.metric == "top1_agreement" and result.float_metric == 1.0
+    names = [p.name for p in result.points]
+    assert "uniform int8_wo" in names and "uniform int4_g128" in names and any(n.startswith("greedy") for n in names)
+    some = result.points[-1]
+    remeasured = model_metrics(model, apply_assignment(model, some.assignment), data)["top1_agreement"]
+    assert some.metric == pytest.approx(remeasured)  # the point's accuracy is a measurement of that configuration
+    assert set(result.layer_costs) == {"0", "2", "4"} and result.layer_costs["0"]["int8_wo"]["ms"] > 0
+    front = set(p.name for p in result.front)
+    for point in result.points:  # everything off the front is dominated by a front point
+        if point.name not in front:
+            assert any(q.degradation <= point.degradation and q.measured_ms <= point.measured_ms and q.weight_bytes <= point.weight_bytes for q in result.front)
+    if result.chosen is not None:
+        assert result.chosen.degradation <= 0.05 and result.chosen.measured_ms < result.float_ms
+    else:
+        assert "budget" in result.why_none or "never recommends a slower model" in result.why_none
+    assert result.to_dict()["front"] == [p.name for p in result.front]
+
+
+def test_time_limit_stops_and_says_so(tmp_path: Path) -> None:
+    model, data = _model_and_data()
+    result = search(model, data, example=data[0], tokens=32, max_degradation=0.05, table_path=tmp_path / "l.json", time_limit_s=0.0, progress=False)
+    assert result.stopped_early and result.points == () and result.chosen is None
