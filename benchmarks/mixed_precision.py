@@ -39,11 +39,11 @@ def main() -> None:
 
     from ptqkit.models.zoo import load_minilm
     from ptqkit.search.formats import apply_assignment, format_module
-    from ptqkit.search.latency import LatencyTable, measure_ms
+    from ptqkit.search.latency import LatencyTable, linear_rows, measure_ms
 
     model, tokenizer = load_minilm()
     example = dict(tokenizer(["calibration text " * 60] * args.batch, truncation=True, max_length=args.tokens, padding="max_length", return_tensors="pt"))
-    tokens = args.batch * args.tokens
+    rows_seen = linear_rows(model, example)
     linears = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     ffn = [n for n in linears if "intermediate" in n or ("output.dense" in n and "attention" not in n)]
     configs = {
@@ -57,7 +57,7 @@ def main() -> None:
         float_ms = measure_ms(model, example, threads=args.threads, reps=args.reps)
         rows = {"fp32": {"predicted_ms": float_ms, "measured_ms": float_ms}}
         for name, assignment in configs.items():
-            predicted = table.predict_ms(model, assignment, example, tokens, float_ms=float_ms)
+            predicted = table.predict_ms(model, assignment, example, rows_seen, float_ms=float_ms)
             measured = measure_ms(apply_assignment(model, assignment), example, threads=args.threads, reps=args.reps)
             rows[name] = {"predicted_ms": predicted, "measured_ms": measured, "layers": len(assignment)}
     print(f"MiniLM, batch {args.batch} x {args.tokens} tokens, {args.threads} threads ({table.measured} layer micro-benchmarks)")
@@ -68,13 +68,13 @@ def main() -> None:
         print(f"{name:36} {row['predicted_ms']:13.1f} {row['measured_ms']:12.1f} {row['error']:+7.1%} {row['speedup_vs_fp32']:7.2f}x")
     results = {"threads": args.threads, "batch": args.batch, "tokens": args.tokens, "rows": rows}
     if args.search:
-        results["search"] = run_search(model, tokenizer, example, tokens, args)
+        results["search"] = run_search(model, tokenizer, example, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")
 
 
-def run_search(model: torch.nn.Module, tokenizer, example, tokens: int, args) -> dict:
+def run_search(model: torch.nn.Module, tokenizer, example, args) -> dict:
     """The search on MiniLM: embedding cosine on stdlib docstrings, budget `--max-degradation`."""
     import ptqkit as pq
     from ptqkit.examples.minilm import stdlib_doc_texts
@@ -84,16 +84,17 @@ def run_search(model: torch.nn.Module, tokenizer, example, tokens: int, args) ->
     data = pq.CalibrationData.from_text(texts, tokenizer, max_length=128, batch_size=16)
     with tempfile.TemporaryDirectory() as tmp:
         result = search(
-            model, data, example=example, tokens=tokens, max_degradation=args.max_degradation, table_path=Path(tmp) / "latency.json",
+            model, data, example=example, max_degradation=args.max_degradation, table_path=Path(tmp) / "latency.json",
             formats=("int8_wo", "int4_g128"), threads=args.threads, stride=args.stride, max_samples=len(texts),
             time_limit_s=args.time_limit, progress=False,
         )
     print(f"\nsearch: {result.metric}, budget degradation <= {args.max_degradation} (float {result.float_ms:.1f} ms, "
           f"{result.float_bytes / 1e6:.1f} MB of Linear weights); {len(result.points)} points measured end to end")
-    print(f"{'point':22} {'cosine':>8} {'ms':>8} {'pred ms':>8} {'MB':>7} {'front':>6}")
+    print(f"{'point':22} {'cosine':>8} {'ms':>8} {'pred ms':>8} {'float ms':>9} {'speedup':>8} {'MB':>7} {'front':>6}")
     front = {p.name for p in result.front}
     for p in sorted(result.points, key=lambda p: p.measured_ms):
-        print(f"{p.name:22} {p.metric:8.4f} {p.measured_ms:8.1f} {p.predicted_ms:8.1f} {p.weight_bytes / 1e6:7.2f} {'*' if p.name in front else '':>6}")
+        print(f"{p.name:22} {p.metric:8.4f} {p.measured_ms:8.1f} {p.predicted_ms:8.1f} {p.float_ms:9.1f} {p.speedup:7.2f}x "
+              f"{p.weight_bytes / 1e6:7.2f} {'*' if p.name in front else '':>6}")
     uniform = [p for p in result.points if p.name.startswith("uniform") and p.degradation <= args.max_degradation]
     best_uniform = min(uniform, key=lambda p: p.measured_ms) if uniform else None
     print(f"chosen: {result.chosen.name if result.chosen else None} {result.why_none}")

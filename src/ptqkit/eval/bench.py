@@ -29,7 +29,7 @@ from ptqkit.calibration.hooks import batch_length
 from ptqkit.calibration.samples import call_model
 from ptqkit.errors import ConfigError
 
-__all__ = ["BenchResult", "Timing", "bench", "bench_onnx", "current_rss_bytes"]
+__all__ = ["BenchResult", "Timing", "bench", "bench_onnx", "current_rss_bytes", "time_alternating"]
 
 RUNTIMES = ("torch", "onnxruntime")
 
@@ -96,7 +96,7 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def _alternate(float_call: Callable[[], Any], quant_call: Callable[[], Any], warmup: int, reps: int, batch: int) -> tuple[Timing, Timing]:
+def time_alternating(float_call: Callable[[], Any], quant_call: Callable[[], Any], warmup: int, reps: int, batch: int) -> tuple[Timing, Timing]:
     for _ in range(warmup):
         float_call()
         quant_call()
@@ -142,7 +142,7 @@ def bench(model: nn.Module, qmodel: nn.Module, example: Any, *, threads: int | N
             "for integer kernels" if simulated else "every quantized layer runs on a packed torch kernel"
         )
         with torch.inference_mode():
-            float_timing, quant_timing = _alternate(
+            float_timing, quant_timing = time_alternating(
                 lambda: call_model(model, example), lambda: call_model(packed, example), warmup, reps, batch_length(example)
             )
     finally:
@@ -159,7 +159,7 @@ def bench_onnx(
     _check(warmup, reps, threads)
     float_session = make_session(float_onnx, threads=threads)
     quant_session = make_session(quant_onnx, threads=threads)
-    float_timing, quant_timing = _alternate(
+    float_timing, quant_timing = time_alternating(
         lambda: run_session(float_session, example), lambda: run_session(quant_session, example), warmup, reps, batch_length(example)
     )
     return BenchResult("onnxruntime", float_timing, quant_timing, batch_length(example), threads, dict(kernels or {}), "")

@@ -19,7 +19,13 @@ from torch import nn
 
 from ptqkit.errors import ConfigError
 from ptqkit.nn.modules import QuantLinear
-from ptqkit.nn.packed import CastLinear, Int4WeightOnlyLinear, Int8WeightOnlyLinear, int4_refusal, int8_refusal
+from ptqkit.nn.packed import (
+    CastLinear,
+    Int4WeightOnlyLinear,
+    Int8WeightOnlyLinear,
+    int4_refusal,
+    int8_refusal,
+)
 from ptqkit.primitives import qparams_from_tensor
 from ptqkit.qtypes import PerChannel, PerGroup
 from ptqkit.spec import QuantSpec

@@ -6,9 +6,10 @@ thread count. Results are cached in a JSON file keyed by everything that changes
 and torch version, CPU model, threads, format, shape, bias and tokens. A key from another machine
 or thread count never matches, so a cache copied elsewhere is simply re-measured.
 
-`predict_ms(model, assignment, tokens)`: the model's latency with each Linear in its assigned
-format = (measured float model - sum of its Linears measured in fp32: the cost of everything that
-is not a Linear) + sum of the assigned layers' measured latencies. `measure_ms` times a whole model
+`predict_ms(model, assignment, rows)`: the model's latency with each Linear in its assigned
+format = measured float model + for each assigned Linear (its latency in the format - in fp32),
+each measured alone on as many input rows as it sees in the model (`linear_rows`: an encoder's
+pooler sees one row per sequence, its other Linears one per token). `measure_ms` times a whole model
 the same way, so predictions can be checked against measurements.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ from ptqkit.calibration.samples import call_model
 from ptqkit.errors import ConfigError
 from ptqkit.search.formats import format_module
 
-__all__ = ["LatencyTable", "cpu_name", "measure_ms"]
+__all__ = ["LatencyTable", "cpu_name", "linear_rows", "measure_ms"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,25 @@ def measure_ms(model: nn.Module, example: Any, *, threads: int, warmup: int = 3,
         return _median_ms(lambda: call_model(model, example), warmup, reps)
     finally:
         torch.set_num_threads(previous)
+
+
+@torch.inference_mode()
+def linear_rows(model: nn.Module, example: Any) -> dict[str, int]:
+    """Input rows (all dimensions but the last) each nn.Linear of `model` sees in one call on
+    `example` (summed over calls; Linears never called are absent)."""
+    rows: dict[str, int] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            def hook(mod: nn.Module, args: tuple, name: str = name) -> None:
+                rows[name] = rows.get(name, 0) + args[0].numel() // args[0].shape[-1]
+            handles.append(module.register_forward_pre_hook(hook))
+    try:
+        call_model(model, example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return rows
 
 
 class LatencyTable:
@@ -128,23 +148,25 @@ class LatencyTable:
         self._write()
         return value
 
-    def predict_ms(self, model: nn.Module, assignment: Mapping[str, str], example: Any, tokens: int, *, float_ms: float | None = None) -> float:
+    def predict_ms(
+        self, model: nn.Module, assignment: Mapping[str, str], example: Any, rows: Mapping[str, int], *, float_ms: float | None = None
+    ) -> float:
         """Predicted latency of `model` with the Linears of `assignment` (name -> format) in those
-        formats and every other Linear in fp32; `float_ms` (measured on `example` if None) is the
-        float model's latency."""
+        formats and every other Linear in fp32; `rows[name]` is how many input rows each Linear
+        sees per call (`linear_rows`); `float_ms` (measured on `example` if None) is the float
+        model's latency."""
         linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
         unknown = sorted(set(assignment) - set(linears))
         if unknown:
             raise ConfigError(f"predict_ms: {unknown} are not nn.Linear modules of {type(model).__name__}")
         if float_ms is None:
             float_ms = measure_ms(model, example, threads=self.threads, warmup=self.warmup, reps=self.reps)
-        fp32 = {name: self.layer_ms(m, "fp32", tokens) for name, m in linears.items()}
-        rest = float_ms - sum(v for v in fp32.values() if v is not None)
-        total = rest
-        for name, linear in linears.items():
-            fmt = assignment.get(name, "fp32")
-            value = self.layer_ms(linear, fmt, tokens)
-            if value is None:
-                raise ConfigError(f"predict_ms: {name} has no {fmt} kernel ({format_module(linear, fmt)})")
-            total += value
+        total = float_ms
+        for name, fmt in assignment.items():
+            if name not in rows:
+                continue  # never called on the example: costs nothing there
+            new, old = self.layer_ms(linears[name], fmt, rows[name]), self.layer_ms(linears[name], "fp32", rows[name])
+            if new is None:
+                raise ConfigError(f"predict_ms: {name} has no {fmt} kernel ({format_module(linears[name], fmt)})")
+            total += new - (old or 0.0)
         return total

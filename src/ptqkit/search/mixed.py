@@ -3,32 +3,37 @@
 1. Candidates: each Linear in each format with a kernel here (`search.formats`).
 2. Per layer and format, measured: the task-metric degradation with only that layer in that
    format (`eval.sensitivity.model_metrics` against the float model), its latency alone on this
-   machine (`search.latency.LatencyTable`, cached on disk) and its weight bytes.
-3. A greedy path from all-fp32: each step moves the one layer whose next cheaper format saves
-   the most predicted time per unit of added degradation (ties: bytes). Every `stride`-th
-   configuration on the path, and the uniform ones, are measured end to end: metric on the
-   evaluation data and latency of the whole model. Nothing on the front is only predicted.
+   machine on the rows it sees in the model (`search.latency`, cached on disk) and its bytes.
+3. Two greedy paths from all-fp32, one move (one layer to a cheaper format) at a time:
+   - latency: only moves the table predicts to be faster, most time saved per unit of added
+     degradation first;
+   - size: moves to fewer bytes, most bytes saved per unit of added degradation first.
+   Every `stride`-th configuration on each path, the last one, and the uniform configurations are
+   measured end to end: the metric on the evaluation data, and latency alternating with the float
+   model (same thread count), so "faster than float" compares like with like.
 4. The Pareto front over (degradation, latency, bytes) of the measured points, and the chosen
-   point: the fastest within the degradation budget (and the bytes budget, if any) that is not
-   slower than float. If none qualifies the result says why.
-Deterministic: the same inputs give the same path (ties broken by layer order).
+   point: the fastest within the degradation budget (and the bytes budget, if any) that is
+   faster than float. If none qualifies the result says why.
+Deterministic: the same measurements give the same paths (ties broken by layer order).
 """
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ptqkit.errors import ConfigError
 from ptqkit.eval.sensitivity import degradation, model_metrics, task_metric
 from ptqkit.progress import progress_bar
 from ptqkit.search.formats import apply_assignment, format_module, weight_bytes
-from ptqkit.search.latency import LatencyTable, measure_ms
+from ptqkit.search.latency import LatencyTable, linear_rows
 
 __all__ = ["SearchPoint", "SearchResult", "search", "pareto_front"]
 
@@ -37,7 +42,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SearchPoint:
-    """One configuration, measured end to end (`predicted_ms` is the table's estimate)."""
+    """One configuration, measured end to end (`predicted_ms` is the table's estimate;
+    `float_ms` the float model timed alternately with it)."""
 
     name: str
     assignment: dict[str, str]
@@ -46,6 +52,11 @@ class SearchPoint:
     measured_ms: float
     predicted_ms: float
     weight_bytes: int
+    float_ms: float = 0.0
+
+    @property
+    def speedup(self) -> float:
+        return self.float_ms / self.measured_ms if self.measured_ms else 0.0
 
 
 @dataclass(frozen=True)
@@ -90,7 +101,6 @@ def search(
     eval_data: Any,
     *,
     example: Any,
-    tokens: int,
     max_degradation: float,
     max_bytes: int | None = None,
     formats: Sequence[str] = ("int8_wo", "int4_g128", "int4_g64"),
@@ -102,7 +112,9 @@ def search(
     progress: bool = True,
 ) -> SearchResult:
     """Search per-Linear formats of `model` (see the module docstring). `example` is the batch
-    latency is measured on (`tokens` rows reach each Linear); `eval_data` gives the task metric."""
+    latency is measured on; `eval_data` gives the task metric."""
+    from ptqkit.calibration.samples import call_model
+    from ptqkit.eval.bench import time_alternating
     if not isinstance(stride, int) or stride < 1:
         raise ConfigError(f"search: stride={stride!r} must be an integer >= 1")
     started = time.monotonic()
@@ -112,8 +124,10 @@ def search(
     base = model_metrics(model, model, eval_data, max_samples=max_samples)
     metric = task_metric(base)
     float_metric = base[metric]
-    float_ms = measure_ms(model, example, threads=threads)
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    rows = linear_rows(model, example)
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name in rows}
     ladder = {name: [f for f in formats if not isinstance(format_module(m, f), str)] for name, m in linears.items()}
     costs: dict[str, dict[str, dict[str, float | None]]] = {}
     stopped = False
@@ -122,23 +136,24 @@ def search(
             if out_of_time():
                 stopped = True
                 break
-            costs[name] = {"fp32": {"degradation": 0.0, "ms": table.layer_ms(linear, "fp32", tokens), "bytes": weight_bytes(linear, "fp32")}}
+            costs[name] = {"fp32": {"degradation": 0.0, "ms": table.layer_ms(linear, "fp32", rows[name]), "bytes": weight_bytes(linear, "fp32")}}
             for fmt in ladder[name]:
                 hybrid = apply_assignment(model, {name: fmt})
                 metrics = model_metrics(model, hybrid, eval_data, max_samples=max_samples)
-                costs[name][fmt] = {"degradation": degradation(metrics, metric), "ms": table.layer_ms(linear, fmt, tokens), "bytes": weight_bytes(linear, fmt)}
+                costs[name][fmt] = {"degradation": degradation(metrics, metric), "ms": table.layer_ms(linear, fmt, rows[name]), "bytes": weight_bytes(linear, fmt)}
             advance(1, current=name)
-    path = _greedy_path(costs)
     candidates: dict[str, dict[str, str]] = {}
     for fmt in formats:
         uniform = {n: fmt for n in costs if fmt in costs[n]}
         if uniform:
             candidates[f"uniform {fmt}"] = uniform
-    for step in range(stride, len(path) + 1, stride):
-        candidates[f"greedy step {step}"] = dict(path[step - 1])
-    if path and f"greedy step {len(path)}" not in candidates:
-        candidates[f"greedy step {len(path)}"] = dict(path[-1])
-    points = []
+    for objective in ("latency", "size"):
+        path = _greedy_path(costs, objective)
+        for step in sorted({*range(stride, len(path) + 1, stride), len(path)} - {0}):
+            if path[step - 1] not in candidates.values():
+                candidates[f"{objective} step {step}"] = dict(path[step - 1])
+    points: list[SearchPoint] = []
+    float_runs: list[float] = []
     float_bytes = sum(weight_bytes(m, "fp32") for m in linears.values())
     with progress_bar(f"measuring {len(candidates)} configuration(s) end to end", len(candidates), progress) as advance:
         for name, assignment in candidates.items():
@@ -147,36 +162,41 @@ def search(
                 break
             candidate = apply_assignment(model, assignment)
             metrics = model_metrics(model, candidate, eval_data, max_samples=max_samples)
+            with torch.inference_mode():
+                float_timing, timing = time_alternating(lambda: call_model(model, example), lambda: call_model(candidate, example), 2, 8, 1)
+            float_runs.append(float_timing.median_ms)
             points.append(SearchPoint(
                 name=name, assignment=assignment, metric=metrics[metric], degradation=degradation(metrics, metric),
-                measured_ms=measure_ms(candidate, example, threads=threads),
-                predicted_ms=table.predict_ms(model, assignment, example, tokens, float_ms=float_ms),
+                measured_ms=timing.median_ms,
+                predicted_ms=table.predict_ms(model, assignment, example, rows, float_ms=float_timing.median_ms),
                 weight_bytes=float_bytes + sum(weight_bytes(linears[n], f) - weight_bytes(linears[n], "fp32") for n, f in assignment.items()),
+                float_ms=float_timing.median_ms,
             ))
             advance(1, current=name)
-    chosen, why = _choose(points, max_degradation, max_bytes, float_ms)
+    torch.set_num_threads(previous_threads)
+    float_ms = statistics.median(float_runs) if float_runs else float("nan")
+    chosen, why = _choose(points, max_degradation, max_bytes)
     if stopped:
         logger.warning("search stopped at the time limit (%.0f s): %d point(s) measured", time_limit_s or 0, len(points))
     return SearchResult(metric, float_metric, float_ms, float_bytes, tuple(points), tuple(pareto_front(points)), chosen, why, costs, stopped)
 
 
-def _greedy_path(costs: dict[str, dict[str, dict[str, float | None]]]) -> list[dict[str, str]]:
-    """Assignments after each greedy move (see the module docstring)."""
+def _greedy_path(costs: dict[str, dict[str, dict[str, float | None]]], objective: str) -> list[dict[str, str]]:
+    """Assignments after each greedy move toward less latency ("latency": only moves predicted
+    faster) or fewer bytes ("size"); see the module docstring."""
     current = {name: "fp32" for name in costs}
-    order = list(costs)
     path = []
     while True:
         best, best_score = None, None
-        for name in order:
-            options = [f for f in costs[name] if f != current[name]]
+        for name in costs:
             now = costs[name][current[name]]
-            for fmt in options:
-                new = costs[name][fmt]
-                if new["ms"] is None or now["ms"] is None or new["bytes"] >= now["bytes"]:
-                    continue  # only moves to fewer bytes: the path goes one way
-                saved = (now["ms"] - new["ms"], now["bytes"] - new["bytes"])
-                added = max(new["degradation"] - now["degradation"], 1e-9)
-                score = (saved[0] / added, saved[1] / added)
+            for fmt, new in costs[name].items():
+                if fmt == current[name] or new["ms"] is None or now["ms"] is None or new["bytes"] >= now["bytes"]:
+                    continue  # only moves to fewer bytes: each path goes one way
+                saved = now["ms"] - new["ms"] if objective == "latency" else now["bytes"] - new["bytes"]
+                if saved <= 0:
+                    continue
+                score = saved / max(new["degradation"] - now["degradation"], 1e-9)
                 if best_score is None or score > best_score:
                     best, best_score = (name, fmt), score
         if best is None:
@@ -185,14 +205,15 @@ def _greedy_path(costs: dict[str, dict[str, dict[str, float | None]]]) -> list[d
         path.append({n: f for n, f in current.items() if f != "fp32"})
 
 
-def _choose(points: list[SearchPoint], max_degradation: float, max_bytes: int | None, float_ms: float) -> tuple[SearchPoint | None, str]:
+def _choose(points: list[SearchPoint], max_degradation: float, max_bytes: int | None) -> tuple[SearchPoint | None, str]:
     fits = [p for p in points if p.degradation <= max_degradation and (max_bytes is None or p.weight_bytes <= max_bytes)]
     if not fits:
         return None, f"no measured configuration stays within the budget (degradation <= {max_degradation:g}{'' if max_bytes is None else f', bytes <= {max_bytes}'})"
-    faster = [p for p in fits if p.measured_ms < float_ms]
+    faster = [p for p in fits if p.speedup > 1]
     if not faster:
+        best = max(fits, key=lambda p: p.speedup)
         return None, (
-            f"{len(fits)} configuration(s) meet the budget but none is faster than float here "
-            f"(best {min(p.measured_ms for p in fits):.1f} ms vs float {float_ms:.1f} ms); ptqkit never recommends a slower model"
+            f"{len(fits)} configuration(s) meet the budget but none is faster than float here (best {best.name}: "
+            f"{best.measured_ms:.1f} ms vs float {best.float_ms:.1f} ms, timed alternately); ptqkit never recommends a slower model"
         )
-    return min(faster, key=lambda p: (p.measured_ms, p.weight_bytes)), ""
+    return min(faster, key=lambda p: (-p.speedup, p.weight_bytes)), ""

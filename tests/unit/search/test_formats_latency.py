@@ -12,7 +12,7 @@ from torch import nn
 from ptqkit.errors import ConfigError
 from ptqkit.nn.packed import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 from ptqkit.search.formats import FORMATS, format_module, weight_bytes
-from ptqkit.search.latency import LatencyTable
+from ptqkit.search.latency import LatencyTable, linear_rows
 
 
 def _linear(k: int = 256, n: int = 128) -> nn.Linear:
@@ -75,14 +75,27 @@ def test_latency_table_caches_by_machine_and_threads(tmp_path: Path, caplog) -> 
     assert "unreadable" in caplog.text
 
 
-def test_prediction_adds_measured_layers_to_the_rest(tmp_path: Path, monkeypatch) -> None:
+def test_prediction_swaps_measured_layer_costs_into_the_float_latency(tmp_path: Path, monkeypatch) -> None:
     model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 32)).eval()
+    rows = linear_rows(model, torch.randn(2, 3, 64))
+    assert rows == {"0": 6, "2": 6}  # every dimension but the last
     table = LatencyTable(tmp_path / "t.json", threads=1)
     costs = {("0", "fp32"): 1.0, ("2", "fp32"): 2.0, ("0", "int8_wo"): 0.4, ("2", "int8_wo"): 0.5}
     names = {id(model[0]): "0", id(model[2]): "2"}
-    monkeypatch.setattr(table, "layer_ms", lambda linear, fmt, tokens: costs[(names[id(linear)], fmt)])
-    # float model measured at 3.5 ms: 0.5 ms is everything but the Linears
-    assert table.predict_ms(model, {"0": "int8_wo"}, None, 4, float_ms=3.5) == pytest.approx(0.5 + 0.4 + 2.0)
-    assert table.predict_ms(model, {"0": "int8_wo", "2": "int8_wo"}, None, 4, float_ms=3.5) == pytest.approx(0.5 + 0.4 + 0.5)
+    monkeypatch.setattr(table, "layer_ms", lambda linear, fmt, rows: costs[(names[id(linear)], fmt)])
+    assert table.predict_ms(model, {"0": "int8_wo"}, None, rows, float_ms=3.5) == pytest.approx(3.5 - 1.0 + 0.4)
+    assert table.predict_ms(model, {"0": "int8_wo", "2": "int8_wo"}, None, rows, float_ms=3.5) == pytest.approx(3.5 - 3.0 + 0.9)
     with pytest.raises(ConfigError, match=r"\['1'\] are not nn.Linear modules"):
-        table.predict_ms(model, {"1": "int8_wo"}, None, 4, float_ms=3.5)
+        table.predict_ms(model, {"1": "int8_wo"}, None, rows, float_ms=3.5)
+
+
+def test_rows_follow_the_calls() -> None:
+    class Pooled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.token, self.pooler = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.pooler(self.token(x)[:, 0])  # the pooler sees one row per sequence
+
+    assert linear_rows(Pooled(), torch.randn(4, 16, 8)) == {"token": 64, "pooler": 4}

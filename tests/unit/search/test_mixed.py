@@ -9,11 +9,11 @@ from torch import nn
 
 from ptqkit.eval.sensitivity import model_metrics
 from ptqkit.search.formats import apply_assignment
-from ptqkit.search.mixed import SearchPoint, _greedy_path, pareto_front, search
+from ptqkit.search.mixed import SearchPoint, _choose, _greedy_path, pareto_front, search
 
 
-def _point(name: str, degradation: float, ms: float, size: int) -> SearchPoint:
-    return SearchPoint(name, {}, 1 - degradation, degradation, ms, ms, size)
+def _point(name: str, degradation: float, ms: float, size: int, float_ms: float = 10.0) -> SearchPoint:
+    return SearchPoint(name, {}, 1 - degradation, degradation, ms, ms, size, float_ms)
 
 
 def test_pareto_front_keeps_exactly_the_undominated_points() -> None:
@@ -22,14 +22,29 @@ def test_pareto_front_keeps_exactly_the_undominated_points() -> None:
     assert [p.name for p in front] == ["b", "d", "a"]  # c is beaten by b on everything; sorted by latency
 
 
-def test_greedy_moves_the_cheapest_degradation_per_saving_first() -> None:
-    costs = {
-        "x": {"fp32": {"degradation": 0.0, "ms": 4.0, "bytes": 400}, "int8_wo": {"degradation": 0.01, "ms": 2.0, "bytes": 100}},
-        "y": {"fp32": {"degradation": 0.0, "ms": 4.0, "bytes": 400}, "int8_wo": {"degradation": 0.10, "ms": 2.0, "bytes": 100},
-              "int4_g128": {"degradation": 0.30, "ms": 1.5, "bytes": 50}},
-    }
-    path = _greedy_path(costs)
-    assert path == [{"x": "int8_wo"}, {"x": "int8_wo", "y": "int8_wo"}, {"x": "int8_wo", "y": "int4_g128"}]
+COSTS = {
+    "x": {"fp32": {"degradation": 0.0, "ms": 4.0, "bytes": 400}, "int8_wo": {"degradation": 0.01, "ms": 2.0, "bytes": 100}},
+    "y": {"fp32": {"degradation": 0.0, "ms": 4.0, "bytes": 400}, "int8_wo": {"degradation": 0.10, "ms": 2.0, "bytes": 100},
+          "int4_g128": {"degradation": 0.30, "ms": 5.0, "bytes": 50}},  # int4 is slower here than fp32
+}
+
+
+def test_latency_path_takes_only_faster_moves_cheapest_degradation_first() -> None:
+    assert _greedy_path(COSTS, "latency") == [{"x": "int8_wo"}, {"x": "int8_wo", "y": "int8_wo"}]
+
+
+def test_size_path_takes_byte_savings_even_when_slower() -> None:
+    # x: 300 bytes / 0.01; y int8: 300 / 0.10; y int4: 350 / 0.30; then y int8 -> int4: 50 / 0.20
+    assert _greedy_path(COSTS, "size") == [{"x": "int8_wo"}, {"x": "int8_wo", "y": "int8_wo"}, {"x": "int8_wo", "y": "int4_g128"}]
+
+
+def test_choice_needs_the_budget_and_a_real_speedup() -> None:
+    fast_but_bad, slow_but_good, good = _point("a", 0.2, 5, 10), _point("b", 0.0, 12, 80), _point("c", 0.01, 8, 60)
+    assert _choose([fast_but_bad, slow_but_good, good], 0.05, None) == (good, "")
+    chosen, why = _choose([fast_but_bad, slow_but_good], 0.05, None)
+    assert chosen is None and "never recommends a slower model" in why
+    chosen, why = _choose([good], 0.05, 50)
+    assert chosen is None and "bytes <= 50" in why
 
 
 def _model_and_data():
@@ -42,12 +57,12 @@ def _model_and_data():
 def test_search_measures_every_point_and_respects_the_budget(tmp_path: Path) -> None:
     model, data = _model_and_data()
     result = search(
-        model, data, example=data[0], tokens=32, max_degradation=0.05, table_path=tmp_path / "lat.json",
+        model, data, example=data[0], max_degradation=0.05, table_path=tmp_path / "lat.json",
         formats=("int8_wo", "int4_g128"), stride=2, progress=False,
     )
     assert result.metric == "top1_agreement" and result.float_metric == 1.0
     names = [p.name for p in result.points]
-    assert "uniform int8_wo" in names and "uniform int4_g128" in names and any(n.startswith("greedy") for n in names)
+    assert "uniform int8_wo" in names and "uniform int4_g128" in names and any(n.startswith("size step") for n in names)
     some = result.points[-1]
     remeasured = model_metrics(model, apply_assignment(model, some.assignment), data)["top1_agreement"]
     assert some.metric == pytest.approx(remeasured)  # the point's accuracy is a measurement of that configuration
@@ -56,8 +71,9 @@ def test_search_measures_every_point_and_respects_the_budget(tmp_path: Path) -> 
     for point in result.points:  # everything off the front is dominated by a front point
         if point.name not in front:
             assert any(q.degradation <= point.degradation and q.measured_ms <= point.measured_ms and q.weight_bytes <= point.weight_bytes for q in result.front)
+    assert all(p.float_ms > 0 for p in result.points)  # float timed alternately with every point
     if result.chosen is not None:
-        assert result.chosen.degradation <= 0.05 and result.chosen.measured_ms < result.float_ms
+        assert result.chosen.degradation <= 0.05 and result.chosen.speedup > 1
     else:
         assert "budget" in result.why_none or "never recommends a slower model" in result.why_none
     assert result.to_dict()["front"] == [p.name for p in result.front]
@@ -65,5 +81,5 @@ def test_search_measures_every_point_and_respects_the_budget(tmp_path: Path) -> 
 
 def test_time_limit_stops_and_says_so(tmp_path: Path) -> None:
     model, data = _model_and_data()
-    result = search(model, data, example=data[0], tokens=32, max_degradation=0.05, table_path=tmp_path / "l.json", time_limit_s=0.0, progress=False)
+    result = search(model, data, example=data[0], max_degradation=0.05, table_path=tmp_path / "l.json", time_limit_s=0.0, progress=False)
     assert result.stopped_early and result.points == () and result.chosen is None
