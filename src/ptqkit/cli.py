@@ -17,7 +17,7 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -180,7 +180,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from ptqkit.eval.report import write_report
 
-    report, calibration, loaded, qmodel, data = _evaluate_run(args)
+    from ptqkit.eval.doctor import findings_from
+
+    report, evaluation, loaded, qmodel, data = _evaluate_run(args)
     sensitivities = None
     if args.sensitivity:
         from ptqkit.eval.sensitivity import sensitivity
@@ -192,7 +194,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     bench_file = Path(args.run) / "bench.json"  # written by `ptqkit bench`: the report's speed claim
     bench = json.loads(bench_file.read_text(encoding="utf-8")) if bench_file.is_file() else None
     paths = write_report(
-        report, out, title=f"ptqkit report: {Path(args.run).name}", calibration=calibration, bench=bench, sensitivities=sensitivities
+        report, out, title=f"ptqkit report: {Path(args.run).name}", calibration=qmodel.ptqkit_info.calibration,
+        evaluation=evaluation, bench=bench, sensitivities=sensitivities, findings=[asdict(f) for f in findings_from(qmodel, report)],
     )
     _write(args, {k: str(v) for k, v in paths.items()}, f"{_render_report(report)}\n\nwrote {paths['html']} and {paths['json']}")
     return 0

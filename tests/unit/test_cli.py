@@ -177,7 +177,9 @@ def test_eval_and_report_on_a_run(digits_files, tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "report.html" in out and (digits_files["out"] / "report/report.html").is_file()
     saved = json.loads((digits_files["out"] / "report/report.json").read_text())
-    assert saved["samples"] == 8 and saved["provenance"]["calibration"]["description"].startswith("the run's example batch")
+    assert saved["samples"] == 8 and saved["provenance"]["evaluation"]["description"].startswith("the run's example batch")
+    assert saved["provenance"]["calibration"]["fingerprint"]  # the quantization's calibration data
+    assert "too-few-samples" in [f["id"] for f in saved["findings"]]  # the doctor's data-free checks run too (48 samples)
     assert saved["sensitivity"]["metric"] == "top1_agreement" and len(saved["sensitivity"]["degradation"]) == 5
     assert "<th>sensitivity</th>" in (digits_files["out"] / "report/report.html").read_text()
 

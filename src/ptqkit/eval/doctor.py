@@ -178,7 +178,8 @@ def _stability(qmodel: nn.Module, config: DoctorConfig) -> list[Finding]:
     count = int(description.get("count", 0)) if isinstance(description, dict) else 0
     samples = min(count, info.recipe.calibration.samples)  # what quantize used
     batches = max((len(h) for h in histories.values()), default=0)
-    if histories and samples and samples < config.min_samples:
+    static = any(layer.inputs is not None and not layer.inputs.dynamic for layer in info.plan.layers)
+    if static and samples and samples < config.min_samples:
         findings.append(Finding(
             id="too-few-samples",
             severity="warning",

@@ -277,11 +277,13 @@ def write_report(
     bench: Mapping[str, Any] | None = None,
     findings: list[dict[str, Any]] | None = None,
     calibration: Mapping[str, Any] | None = None,
+    evaluation: Mapping[str, Any] | None = None,
     sensitivities: list[Any] | None = None,
 ) -> dict[str, Path]:
     """Write report.json and report.html into `out_dir`; returns their paths. `bench`: a
     `BenchResult.to_dict()` (the headline states the speed), `findings`: the doctor's,
-    `sensitivities`: `eval.sensitivity`'s ranking (a sortable column)."""
+    `sensitivities`: `eval.sensitivity`'s ranking (a sortable column); `calibration` and
+    `evaluation`: descriptions/fingerprints of the data that calibrated and that evaluated."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = report.to_dict()
@@ -294,7 +296,7 @@ def write_report(
         sensitivity=(
             {"metric": sensitivities[0].metric, "degradation": {r.name: r.degradation for r in sensitivities}} if sensitivities else None
         ),
-        provenance={"machine": machine(), "calibration": dict(calibration or {})},
+        provenance={"machine": machine(), "calibration": dict(calibration or {}), "evaluation": dict(evaluation or {})},
     )
     json_text = json.dumps(_plain(data), indent=2, default=str, allow_nan=False) + "\n"
     paths = {"json": out / "report.json", "html": out / "report.html"}

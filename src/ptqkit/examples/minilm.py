@@ -99,6 +99,7 @@ def run(
         paths = pq.report(
             report, Path(out_dir) / "report", title="all-MiniLM-L6-v2, W8A8 (bundled example)",
             calibration={"description": calib.description, "fingerprint": calib.fingerprint},
+            evaluation={"description": eval_data.description, "fingerprint": eval_data.fingerprint},
         )
         result["run_directory"] = str(out_dir)
         result["onnx"] = run_summary["onnx"]
