@@ -178,9 +178,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from ptqkit.eval.report import write_report
-
     from ptqkit.eval.doctor import findings_from
+    from ptqkit.eval.report import write_report
 
     report, evaluation, loaded, qmodel, data = _evaluate_run(args)
     sensitivities = None
