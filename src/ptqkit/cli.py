@@ -1,4 +1,4 @@
-"""The `ptqkit` command: `quantize`, `export`, `eval`, `report`, `bench`, `doctor`, `inspect`.
+"""The `ptqkit` command: `quantize`, `export`, `eval`, `report`, `bench`, `doctor`, `search`, `inspect`.
 
 `ptqkit quantize --model M (--recipe FILE | --preset NAME) [--set key=value ...] --calib DATA
 --out DIR [--format onnx]` writes a run directory (`ptqkit.runs`); `ptqkit quantize` with no
@@ -6,7 +6,8 @@ arguments runs the bundled MiniLM example. `ptqkit export DIR` exports a run to 
 `ptqkit eval DIR [--data DATA]` measures it against the float model (`eval.evaluate`);
 `ptqkit report DIR` also writes report.json and report.html; `ptqkit bench DIR` times it against
 the float model in ONNX Runtime or torch (`eval.bench`). `ptqkit doctor --model M --calib
-DATA ...` runs the PTQ checklist (`eval.doctor`). `ptqkit inspect RECIPE|PRESET|DIR`
+DATA ...` runs the PTQ checklist (`eval.doctor`); `ptqkit search` the mixed-precision search
+(`search.mixed`). `ptqkit inspect RECIPE|PRESET|DIR`
 validates and prints a recipe or describes an artifact without loading a model. User errors print one line and exit with a typed code, without a traceback
 (`--debug` shows it): 0 ok, 2 usage/config error, 3 data error, 4 unsupported model, 1 anything
 else. Progress bars go to stderr only when it is a terminal and `--quiet` is not given.
@@ -195,6 +196,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     paths = write_report(
         report, out, title=f"ptqkit report: {Path(args.run).name}", calibration=qmodel.ptqkit_info.calibration,
         evaluation=evaluation, bench=bench, sensitivities=sensitivities, findings=[asdict(f) for f in findings_from(qmodel, report)],
+        search=json.loads(Path(args.search).read_text(encoding="utf-8")) if args.search else None,
     )
     _write(args, {k: str(v) for k, v in paths.items()}, f"{_render_report(report)}\n\nwrote {paths['html']} and {paths['json']}")
     return 0
@@ -234,6 +236,32 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     lines = [f"{f.severity.upper():8} {f.id}: {f.message}\n         fix: {f.fix}" for f in result.findings]
     text = "\n".join(lines) if lines else "no findings: the checklist passed"
     _write(args, {"findings": result.to_dicts(), "metrics": result.report.metrics}, text)
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from ptqkit.models.zoo import cache_dir
+    from ptqkit.search.mixed import search
+    from ptqkit.sources import load_calibration, load_model
+
+    loaded = load_model(args.model, args.weights)
+    data = load_calibration(
+        args.data, tokenizer=loaded.tokenizer, samples=args.samples, batch_size=args.batch_size, text_field=args.text_field,
+        max_length=args.max_length, image_size=args.image_size,
+    )
+    example = next(iter(data.batches()))
+    formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
+    result = search(
+        loaded.model, data, example=example, max_degradation=args.max_degradation, formats=formats,
+        table_path=Path(args.latency_cache) if args.latency_cache else cache_dir() / "latency.json",
+        threads=args.threads, stride=args.stride, max_samples=args.samples, time_limit_s=args.time_limit, progress=_show_progress(args),
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "search.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    front = ", ".join(f"{p.name} ({p.degradation:.4f}, {p.measured_ms:.1f} ms, {p.weight_bytes / 1e6:.2f} MB)" for p in result.front)
+    chosen = f"chosen: {result.chosen.name} ({result.chosen.speedup:.2f}x float)" if result.chosen else f"chosen: none: {result.why_none}"
+    _write(args, result.to_dict(), f"{len(result.points)} configurations measured; Pareto front: {front}\n{chosen}\nwrote {out / 'search.json'}")
     return 0
 
 
@@ -321,6 +349,7 @@ def _parser() -> argparse.ArgumentParser:
         if name == "report":
             command.add_argument("--out", default=None, help="report folder (default: RUN/report)")
             command.add_argument("--sensitivity", action="store_true", help="also rank layers by sensitivity (one evaluation per layer)")
+            command.add_argument("--search", default=None, help="a search.json from `ptqkit search`, plotted as a Pareto front")
         _add_output_flags(command)
         command.set_defaults(handler=handler)
 
@@ -340,6 +369,23 @@ def _parser() -> argparse.ArgumentParser:
     _add_data_options(doctor)
     _add_output_flags(doctor)
     doctor.set_defaults(handler=_cmd_doctor)
+
+    searching = sub.add_parser("search", help="per-layer formats from measured accuracy, latency and size (mixed precision)")
+    searching.add_argument("--model", required=True, help="a local Hugging Face directory, or package.module:function")
+    searching.add_argument("--weights", default=None, help="state dict for a package.module:function model")
+    searching.add_argument("--data", required=True, help=f"evaluation data: {DATA_FORMATS}")
+    searching.add_argument("--max-degradation", type=float, required=True, help="budget: largest task-metric degradation accepted")
+    searching.add_argument("--formats", default="int8_wo,int4_g128,int4_g64", help="candidate formats (comma-separated)")
+    searching.add_argument("--threads", type=int, default=1, help="threads for every latency measurement")
+    searching.add_argument("--stride", type=int, default=4, help="measure every n-th configuration of each greedy path")
+    searching.add_argument("--samples", type=int, default=64, help="evaluation samples")
+    searching.add_argument("--batch-size", type=int, default=8, help="evaluation batch size (the first batch is timed)")
+    searching.add_argument("--time-limit", type=float, default=None, help="wall-time limit in seconds")
+    searching.add_argument("--latency-cache", default=None, help="latency cache file (default: the ptqkit cache directory)")
+    searching.add_argument("--out", required=True, help="folder for search.json")
+    _add_data_options(searching)
+    _add_output_flags(searching)
+    searching.set_defaults(handler=_cmd_search)
 
     inspect = sub.add_parser("inspect", help="validate and print a recipe (file or preset), or describe a run directory")
     inspect.add_argument("target", help="recipe file, preset name (w8a8, w8a8_dynamic, w8a16, w4a16, fp8) or run directory")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from ptqkit.cli import main
 from ptqkit.eval.metrics import output_sqnr_db
@@ -143,7 +144,7 @@ def test_quiet_and_non_tty_output_have_no_progress(digits_files) -> None:
     assert "━" not in loud.stderr and "\r" not in loud.stderr  # ... but no progress bar: stderr is not a terminal
 
 
-@pytest.mark.parametrize("command", ["quantize", "export", "eval", "report", "bench", "doctor", "inspect"])
+@pytest.mark.parametrize("command", ["quantize", "export", "eval", "report", "bench", "doctor", "search", "inspect"])
 def test_help_lists_the_options(command: str, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -152,7 +153,8 @@ def test_help_lists_the_options(command: str, capsys) -> None:
     expected = {"quantize": ["--model", "--recipe", "--preset", "--set", "--calib", "--out", "--format", "--quiet", "--json"],
                 "export": ["--format", "--strict", "--json"], "eval": ["--data", "--samples", "--json"],
                 "report": ["--data", "--out", "--json"], "doctor": ["--model", "--recipe", "--calib", "--data", "--json"],
-                "bench": ["--runtime", "--threads", "--reps"], "inspect": ["--json"]}[command]
+                "bench": ["--runtime", "--threads", "--reps"], "search": ["--max-degradation", "--formats", "--time-limit"],
+                "inspect": ["--json"]}[command]
     assert all(option in out for option in expected), out
 
 
@@ -208,3 +210,22 @@ def test_bench_in_onnx_runtime_then_report_states_the_speed(digits_files, capsys
     assert saved["bench"]["speedup"] == pytest.approx(result["speedup"])
     expected = "Slower than float on this machine" if result["speedup"] < 1 else "faster than float"
     assert expected in saved["headline"]
+
+
+def test_search_writes_measured_points(tmp_path: Path, capsys) -> None:
+    data = tmp_path / "eval.pt"
+    torch.save(torch.randn(32, 128), data)
+    out = tmp_path / "search"
+    args = ["search", "--model", "tests.unit.test_cli:_wide_mlp", "--data", str(data), "--max-degradation", "0.1",
+            "--formats", "int8_wo", "--latency-cache", str(tmp_path / "lat.json"), "--out", str(out), "--quiet", "--json"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["metric"] == "top1_agreement" and (out / "search.json").is_file()
+    assert "uniform int8_wo" in [p["name"] for p in result["points"]]  # the size path ends there too (deduplicated)
+    assert result["chosen"] is not None or "budget" in result["why_none"] or "slower" in result["why_none"]
+    assert json.loads((tmp_path / "lat.json").read_text())["entries"]
+
+
+def _wide_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 10)).eval()

@@ -156,6 +156,45 @@ def _histograms_html(report: QuantReport) -> str:
     return f'<h2>Inputs of the worst layers</h2><div id="histograms">{figures}</div>'
 
 
+def _pareto_svg(search: Mapping[str, Any]) -> str:
+    """Inline SVG scatter of the search's measured points: latency (x) vs degradation (y); the
+    Pareto front in red, float as a cross, the chosen point circled."""
+    points = [p for p in search.get("points", []) if p.get("measured_ms")]
+    if not points:
+        return ""
+    width, height, pad = 460, 260, 40
+    xs = [p["measured_ms"] for p in points] + [search["float_ms"]]
+    ys = [p["degradation"] for p in points] + [0.0]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    sx = lambda v: pad + (v - x0) / ((x1 - x0) or 1) * (width - 2 * pad)  # noqa: E731
+    sy = lambda v: height - pad - (v - y0) / ((y1 - y0) or 1) * (height - 2 * pad)  # noqa: E731
+    front = set(search.get("front", []))
+    chosen = (search.get("chosen") or {}).get("name")
+    marks = []
+    for p in points:
+        colour = "#c0392b" if p["name"] in front else "#7f8c8d"
+        ring = f'<circle cx="{sx(p["measured_ms"]):.1f}" cy="{sy(p["degradation"]):.1f}" r="8" fill="none" stroke="#27ae60" stroke-width="2"/>' if p["name"] == chosen else ""
+        marks.append(
+            f'<circle class="point" cx="{sx(p["measured_ms"]):.1f}" cy="{sy(p["degradation"]):.1f}" r="4" fill="{colour}">'
+            f'<title>{html.escape(p["name"])}: {p["measured_ms"]:.1f} ms, degradation {p["degradation"]:.4g}, {p["weight_bytes"]} bytes</title></circle>{ring}'
+        )
+    fx, fy = sx(search["float_ms"]), sy(0.0)
+    marks.append(f'<path d="M{fx - 5:.1f},{fy - 5:.1f} L{fx + 5:.1f},{fy + 5:.1f} M{fx - 5:.1f},{fy + 5:.1f} L{fx + 5:.1f},{fy - 5:.1f}" stroke="#000" stroke-width="2"><title>float: {search["float_ms"]:.1f} ms</title></path>')
+    axes = (
+        f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#444"/>'
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#444"/>'
+        f'<text x="{width / 2 - 40:.0f}" y="{height - 8}" font-size="11">latency (ms, measured)</text>'
+        f'<text x="4" y="{pad - 10}" font-size="11">{html.escape(str(search.get("metric", "")))} degradation</text>'
+        f'<text x="{pad - 4}" y="{height - pad + 14}" font-size="10">{x0:.0f}</text><text x="{width - pad - 20}" y="{height - pad + 14}" font-size="10">{x1:.0f}</text>'
+    )
+    why = f"<p>{html.escape(search['why_none'])}</p>" if search.get("why_none") else ""
+    return (
+        f'<h2>Mixed-precision search</h2><svg id="pareto" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+        f'xmlns="http://www.w3.org/2000/svg" role="img" aria-label="Pareto front">{axes}{"".join(marks)}</svg>'
+        f"<p>Every point measured end to end; red: Pareto front (degradation, latency, bytes); cross: float; green ring: chosen.</p>{why}"
+    )
+
+
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 h1{font-size:1.4em} .headline{font-size:1.15em;padding:.6em;background:#f4f6f7;border-left:4px solid #2e86c1}
@@ -240,6 +279,7 @@ accumulated: each model on its own activations; clipped: share of inputs beyond 
 sensitivity (when measured): how much the task metric degrades with only that layer quantized.</p>
 {_layer_table(report, (data.get("sensitivity") or {}).get("degradation", {}))}
 {_histograms_html(report)}
+{_pareto_svg(data["search"]) if data.get("search") else ""}
 <h2>Recipe</h2><pre id="recipe">{html.escape(json.dumps(data["recipe"], indent=2))}</pre>
 <h2>Provenance</h2><pre id="provenance">{html.escape(json.dumps(data["provenance"], indent=2))}</pre>
 <script>{_SORT_SCRIPT}</script>
@@ -279,11 +319,13 @@ def write_report(
     calibration: Mapping[str, Any] | None = None,
     evaluation: Mapping[str, Any] | None = None,
     sensitivities: list[Any] | None = None,
+    search: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write report.json and report.html into `out_dir`; returns their paths. `bench`: a
     `BenchResult.to_dict()` (the headline states the speed), `findings`: the doctor's,
     `sensitivities`: `eval.sensitivity`'s ranking (a sortable column); `calibration` and
-    `evaluation`: descriptions/fingerprints of the data that calibrated and that evaluated."""
+    `evaluation`: descriptions/fingerprints of the data that calibrated and that evaluated;
+    `search`: a `search.mixed.SearchResult.to_dict()` (a Pareto plot)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = report.to_dict()
@@ -293,6 +335,7 @@ def write_report(
         generated=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         bench=dict(bench) if bench else None,
         findings=list(findings or []),
+        search=dict(search) if search else None,
         sensitivity=(
             {"metric": sensitivities[0].metric, "degradation": {r.name: r.degradation for r in sensitivities}} if sensitivities else None
         ),

@@ -45,6 +45,17 @@ def test_headline_says_when_quantized_is_slower(small_report) -> None:
     assert faster.startswith("Accuracy ") and "points vs float" in faster and faster.endswith("1.70x faster than float.")
 
 
+def test_pareto_plot_from_a_search(small_report, tmp_path: Path) -> None:
+    search = {
+        "metric": "top1_agreement", "float_ms": 10.0, "front": ["a"], "chosen": {"name": "a"}, "why_none": "",
+        "points": [{"name": "a", "measured_ms": 8.0, "degradation": 0.01, "weight_bytes": 100},
+                   {"name": "b", "measured_ms": 12.0, "degradation": 0.02, "weight_bytes": 200}],
+    }
+    page = write_report(small_report, tmp_path, search=search)["html"].read_text()
+    assert 'id="pareto"' in page and page.count('class="point"') == 2 and 'stroke="#27ae60"' in page
+    assert json.loads((tmp_path / "report.json").read_text())["search"]["front"] == ["a"]
+
+
 def test_non_finite_numbers_become_strings(small_report, tmp_path: Path) -> None:
     from dataclasses import replace
 
