@@ -54,7 +54,7 @@ def quantize_(model: nn.Module, recipe: Recipe, calib: Any = None, *, progress: 
     `calib` is a CalibrationData (or anything CalibrationData.from_iterable accepts); it is
     required when the recipe has static (calibrated) input activations.
     """
-    from ptqkit.algorithms.pipeline import TransformContext, split_algorithms
+    from ptqkit.algorithms.pipeline import TransformContext, apply_pre_transforms, split_algorithms
 
     the_plan = resolve_plan(model, recipe)
     logger.info("quantization plan:\n%s", the_plan.render())
@@ -84,8 +84,7 @@ def quantize_(model: nn.Module, recipe: Recipe, calib: Any = None, *, progress: 
     try:
         data = _as_calibration_data(calib, recipe) if calib is not None else None
         context = TransformContext(example=_first_batch(data, recipe) if stages.pre_transforms else None)
-        for config in stages.pre_transforms:
-            _run_pre_transform(model, config, context)
+        apply_pre_transforms(model, stages.pre_transforms, context)
         if needs_data:
             weight_results = _run_weight_algorithms(model, the_plan, stages, data, recipe, progress)
         if stages.analytic_correction is not None:
@@ -174,14 +173,6 @@ def _first_batch(data: Any, recipe: Recipe) -> Any:
     if data is None:
         return None
     return next(iter(data.batches(recipe.calibration.batch_size)), None)
-
-
-def _run_pre_transform(model: nn.Module, config: Any, context: Any) -> None:
-    from ptqkit.algorithms.pipeline import PRE_TRANSFORMS
-
-    with torch.no_grad():
-        PRE_TRANSFORMS[type(config)](model, config, context)
-    logger.info("pre-transform %s applied", type(config).__name__)
 
 
 def _run_analytic_correction(model: nn.Module, the_plan: Plan, stages: Any, context: Any) -> None:

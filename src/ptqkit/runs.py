@@ -139,11 +139,9 @@ def _float_model(files: RunFiles, recipe: Recipe) -> LoadedModel:
     if source.get("kind") == "hf":
         return load_model(source["path"])
     loaded = load_model(source["factory"], source.get("weights"))
-    from ptqkit.algorithms.pipeline import TransformContext, split_algorithms
-    from ptqkit.quantize import _run_pre_transform
+    from ptqkit.algorithms.pipeline import apply_pre_transforms, split_algorithms
 
-    for config in split_algorithms(recipe.algorithms).pre_transforms:  # the artifact's module structure
-        _run_pre_transform(loaded.model, config, TransformContext())
+    apply_pre_transforms(loaded.model, split_algorithms(recipe.algorithms).pre_transforms)  # the artifact's module structure
     return loaded
 
 

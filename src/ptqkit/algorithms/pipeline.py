@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -39,12 +40,15 @@ from ptqkit.algorithms.weight_quant import WeightQuantResult
 from ptqkit.errors import ConfigError
 from ptqkit.spec import QParams, QuantSpec
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "PRE_TRANSFORMS",
     "BLOCK_TRANSFORMS",
     "WEIGHT_QUANTIZERS",
     "Stages",
     "TransformContext",
+    "apply_pre_transforms",
     "split_algorithms",
     "quantize_weight_params",
     "quantize_weight",
@@ -74,6 +78,17 @@ PRE_TRANSFORMS: dict[type, Callable[[nn.Module, Any, TransformContext], None]] =
     BNFoldConfig: _fold,
     CLEConfig: _equalize,
 }
+def apply_pre_transforms(model: nn.Module, configs: Sequence[Any], context: TransformContext | None = None) -> None:
+    """Run the pre-transforms `configs` on `model` in order, in place (no autograd). Replaying
+    them on a fresh copy of the float model gives the quantized model's module structure and
+    its float equivalent: they are deterministic (an example batch only finds CLE chains)."""
+    context = context if context is not None else TransformContext()
+    with torch.no_grad():
+        for config in configs:
+            PRE_TRANSFORMS[type(config)](model, config, context)
+            logger.info("pre-transform %s applied", type(config).__name__)
+
+
 BLOCK_TRANSFORMS: tuple[type, ...] = (SmoothQuantConfig, AWQConfig)  # run by algorithms.blockwise
 WEIGHT_QUANTIZERS: dict[type, Callable[[torch.Tensor, QuantSpec, Any], QParams]] = {
     RTNConfig: lambda weight, spec, config: rtn_qparams(weight, spec, config),

@@ -93,12 +93,10 @@ class QuantReport:
 
 def float_equivalent(reference: nn.Module, recipe: Any) -> nn.Module:
     """A copy of `reference` with the recipe's data-free pre-transforms replayed (eval mode)."""
-    from ptqkit.algorithms.pipeline import TransformContext, split_algorithms
-    from ptqkit.quantize import _run_pre_transform
+    from ptqkit.algorithms.pipeline import apply_pre_transforms, split_algorithms
 
     model = copy.deepcopy(reference).eval()
-    for config in split_algorithms(recipe.algorithms).pre_transforms:
-        _run_pre_transform(model, config, TransformContext())
+    apply_pre_transforms(model, split_algorithms(recipe.algorithms).pre_transforms)
     return model
 
 
