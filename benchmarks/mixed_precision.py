@@ -97,6 +97,7 @@ def run_search(model: torch.nn.Module, tokenizer, example, args) -> dict:
               f"{p.weight_bytes / 1e6:7.2f} {'*' if p.name in front else '':>6}")
     uniform = [p for p in result.points if p.name.startswith("uniform") and p.degradation <= args.max_degradation]
     best_uniform = min(uniform, key=lambda p: p.measured_ms) if uniform else None
+    print(f"data-free proxy (weight SQNR) vs measured per-layer degradation, Spearman: {result.proxy_rank_correlation}")
     print(f"chosen: {result.chosen.name if result.chosen else None} {result.why_none}")
     print(f"best uniform within budget: {best_uniform.name if best_uniform else None}")
     return {**result.to_dict(), "best_uniform": best_uniform.name if best_uniform else None}

@@ -261,7 +261,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
     (out / "search.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
     front = ", ".join(f"{p.name} ({p.degradation:.4f}, {p.measured_ms:.1f} ms, {p.weight_bytes / 1e6:.2f} MB)" for p in result.front)
     chosen = f"chosen: {result.chosen.name} ({result.chosen.speedup:.2f}x float)" if result.chosen else f"chosen: none: {result.why_none}"
-    _write(args, result.to_dict(), f"{len(result.points)} configurations measured; Pareto front: {front}\n{chosen}\nwrote {out / 'search.json'}")
+    proxy = result.proxy_rank_correlation
+    proxy_text = f"weight-SQNR proxy vs measured degradation, Spearman {proxy:.2f}" if proxy is not None else "proxy: too few pairs"
+    _write(args, result.to_dict(), f"{len(result.points)} configurations measured; Pareto front: {front}\n{chosen}\n{proxy_text}\nwrote {out / 'search.json'}")
     return 0
 
 

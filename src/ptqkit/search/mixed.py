@@ -35,7 +35,7 @@ from ptqkit.progress import progress_bar
 from ptqkit.search.formats import apply_assignment, format_module, weight_bytes
 from ptqkit.search.latency import LatencyTable, linear_rows
 
-__all__ = ["SearchPoint", "SearchResult", "search", "pareto_front"]
+__all__ = ["SearchPoint", "SearchResult", "pareto_front", "proxy_rank_correlation", "search", "weight_sqnr_db"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class SearchResult:
     why_none: str = ""
     layer_costs: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
     stopped_early: bool = False
+    proxy_rank_correlation: float | None = None  # Spearman: -weight SQNR vs measured degradation
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -81,6 +82,7 @@ class SearchResult:
             "points": [asdict(p) for p in self.points], "front": [p.name for p in self.front],
             "chosen": asdict(self.chosen) if self.chosen else None, "why_none": self.why_none,
             "layer_costs": self.layer_costs, "stopped_early": self.stopped_early,
+            "proxy_rank_correlation": self.proxy_rank_correlation,
         }
 
 
@@ -140,7 +142,10 @@ def search(
             for fmt in ladder[name]:
                 hybrid = apply_assignment(model, {name: fmt})
                 metrics = model_metrics(model, hybrid, eval_data, max_samples=max_samples)
-                costs[name][fmt] = {"degradation": degradation(metrics, metric), "ms": table.layer_ms(linear, fmt, rows[name]), "bytes": weight_bytes(linear, fmt)}
+                costs[name][fmt] = {
+                    "degradation": degradation(metrics, metric), "ms": table.layer_ms(linear, fmt, rows[name]),
+                    "bytes": weight_bytes(linear, fmt), "weight_sqnr_db": weight_sqnr_db(linear, fmt),
+                }
             advance(1, current=name)
     candidates: dict[str, dict[str, str]] = {}
     for fmt in formats:
@@ -178,7 +183,55 @@ def search(
     chosen, why = _choose(points, max_degradation, max_bytes)
     if stopped:
         logger.warning("search stopped at the time limit (%.0f s): %d point(s) measured", time_limit_s or 0, len(points))
-    return SearchResult(metric, float_metric, float_ms, float_bytes, tuple(points), tuple(pareto_front(points)), chosen, why, costs, stopped)
+    return SearchResult(
+        metric, float_metric, float_ms, float_bytes, tuple(points), tuple(pareto_front(points)), chosen, why, costs, stopped,
+        proxy_rank_correlation(costs),
+    )
+
+
+def weight_sqnr_db(linear: nn.Linear, fmt: str) -> float:
+    """SQNR (dB) of the layer's weight in `fmt` against its float weight: the data-free proxy."""
+    from ptqkit.primitives import sqnr_db
+
+    module = format_module(linear, fmt)
+    if isinstance(module, str):
+        return float("nan")
+    eye = torch.eye(linear.in_features)
+    with torch.no_grad():
+        dense = module(eye).t() - (0.0 if linear.bias is None else linear.bias.detach().reshape(-1, 1))  # [out, in]
+    return float(sqnr_db(linear.weight.detach().float(), dense.float()))
+
+
+def _ranks(values: list[float]) -> list[float]:
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):  # average ranks over ties
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2
+        i = j + 1
+    return ranks
+
+
+def proxy_rank_correlation(costs: dict[str, dict[str, dict[str, float | None]]]) -> float | None:
+    """Spearman correlation, over every (layer, non-float format), between the proxy's damage
+    (-weight SQNR) and the measured degradation; None with fewer than 3 pairs or no spread.
+    Near 1: the data-free proxy ranks layers as the measurement does."""
+    pairs = [
+        (-float(c["weight_sqnr_db"]), float(c["degradation"]))
+        for per_layer in costs.values() for fmt, c in per_layer.items()
+        if fmt != "fp32" and c.get("weight_sqnr_db") is not None and c["weight_sqnr_db"] == c["weight_sqnr_db"]
+    ]
+    if len(pairs) < 3:
+        return None
+    a, b = _ranks([p[0] for p in pairs]), _ranks([p[1] for p in pairs])
+    mean_a, mean_b = sum(a) / len(a), sum(b) / len(b)
+    cov = sum((x - mean_a) * (y - mean_b) for x, y in zip(a, b))
+    var = (sum((x - mean_a) ** 2 for x in a) * sum((y - mean_b) ** 2 for y in b)) ** 0.5
+    return cov / var if var > 0 else None
 
 
 def _greedy_path(costs: dict[str, dict[str, dict[str, float | None]]], objective: str) -> list[dict[str, str]]:

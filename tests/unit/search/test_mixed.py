@@ -83,3 +83,22 @@ def test_time_limit_stops_and_says_so(tmp_path: Path) -> None:
     model, data = _model_and_data()
     result = search(model, data, example=data[0], max_degradation=0.05, table_path=tmp_path / "l.json", time_limit_s=0.0, progress=False)
     assert result.stopped_early and result.points == () and result.chosen is None
+
+
+def test_weight_sqnr_proxy_and_its_rank_correlation() -> None:
+    from scipy.stats import spearmanr
+
+    from ptqkit.search.mixed import proxy_rank_correlation, weight_sqnr_db
+
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 64)
+    assert weight_sqnr_db(linear, "int8_wo") > weight_sqnr_db(linear, "int4_g128") + 15  # ~6 dB per bit
+    costs = {
+        f"l{i}": {"fp32": {"degradation": 0.0, "weight_sqnr_db": float("inf")},
+                  "int8_wo": {"degradation": d8, "weight_sqnr_db": s8}, "int4_g128": {"degradation": d4, "weight_sqnr_db": s4}}
+        for i, (d8, s8, d4, s4) in enumerate([(0.001, 40.0, 0.03, 20.0), (0.002, 38.0, 0.02, 21.0), (0.0, 42.0, 0.05, 18.0)])
+    }
+    pairs = [(-c["weight_sqnr_db"], c["degradation"]) for layer in costs.values() for f, c in layer.items() if f != "fp32"]
+    expected = spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic
+    assert proxy_rank_correlation(costs) == pytest.approx(expected)
+    assert proxy_rank_correlation({"x": costs["l0"]}) is None  # two pairs: too few
