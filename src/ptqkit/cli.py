@@ -254,7 +254,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     result = search(
         loaded.model, data, example=example, max_degradation=args.max_degradation, formats=formats,
         table_path=Path(args.latency_cache) if args.latency_cache else cache_dir() / "latency.json",
-        threads=args.threads, stride=args.stride, max_samples=args.samples, time_limit_s=args.time_limit, progress=_show_progress(args),
+        threads=args.threads, stride=args.stride, max_samples=args.samples, time_limit_s=args.time_limit,
+        min_speedup=args.min_speedup, progress=_show_progress(args),
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -383,6 +384,7 @@ def _parser() -> argparse.ArgumentParser:
     searching.add_argument("--samples", type=int, default=64, help="evaluation samples")
     searching.add_argument("--batch-size", type=int, default=8, help="evaluation batch size (the first batch is timed)")
     searching.add_argument("--time-limit", type=float, default=None, help="wall-time limit in seconds")
+    searching.add_argument("--min-speedup", type=float, default=1.05, help="a point is chosen only this much faster than float (default 1.05)")
     searching.add_argument("--latency-cache", default=None, help="latency cache file (default: the ptqkit cache directory)")
     searching.add_argument("--out", required=True, help="folder for search.json")
     _add_data_options(searching)

@@ -12,8 +12,8 @@
    measured end to end: the metric on the evaluation data, and latency alternating with the float
    model (same thread count), so "faster than float" compares like with like.
 4. The Pareto front over (degradation, latency, bytes) of the measured points, and the chosen
-   point: the fastest within the degradation budget (and the bytes budget, if any) that is
-   faster than float. If none qualifies the result says why.
+   point: the fastest within the degradation budget (and the bytes budget, if any) that is at
+   least `min_speedup` (1.05) times faster than float. If none qualifies the result says why.
 Deterministic: the same measurements give the same paths (ties broken by layer order).
 """
 from __future__ import annotations
@@ -111,10 +111,13 @@ def search(
     stride: int = 4,
     max_samples: int = 64,
     time_limit_s: float | None = None,
+    min_speedup: float = 1.05,
     progress: bool = True,
 ) -> SearchResult:
     """Search per-Linear formats of `model` (see the module docstring). `example` is the batch
-    latency is measured on; `eval_data` gives the task metric."""
+    latency is measured on; `eval_data` gives the task metric. A point is only chosen when it is
+    at least `min_speedup` times faster than float (timed alternately): smaller gains are within
+    the noise of timing here, and a config slower than float is never recommended."""
     from ptqkit.calibration.samples import call_model
     from ptqkit.eval.bench import time_alternating
     if not isinstance(stride, int) or stride < 1:
@@ -180,7 +183,7 @@ def search(
             advance(1, current=name)
     torch.set_num_threads(previous_threads)
     float_ms = statistics.median(float_runs) if float_runs else float("nan")
-    chosen, why = _choose(points, max_degradation, max_bytes)
+    chosen, why = _choose(points, max_degradation, max_bytes, min_speedup)
     if stopped:
         logger.warning("search stopped at the time limit (%.0f s): %d point(s) measured", time_limit_s or 0, len(points))
     return SearchResult(
@@ -258,15 +261,16 @@ def _greedy_path(costs: dict[str, dict[str, dict[str, float | None]]], objective
         path.append({n: f for n, f in current.items() if f != "fp32"})
 
 
-def _choose(points: list[SearchPoint], max_degradation: float, max_bytes: int | None) -> tuple[SearchPoint | None, str]:
+def _choose(points: list[SearchPoint], max_degradation: float, max_bytes: int | None, min_speedup: float = 1.05) -> tuple[SearchPoint | None, str]:
     fits = [p for p in points if p.degradation <= max_degradation and (max_bytes is None or p.weight_bytes <= max_bytes)]
     if not fits:
         return None, f"no measured configuration stays within the budget (degradation <= {max_degradation:g}{'' if max_bytes is None else f', bytes <= {max_bytes}'})"
-    faster = [p for p in fits if p.speedup > 1]
+    faster = [p for p in fits if p.speedup >= min_speedup]
     if not faster:
         best = max(fits, key=lambda p: p.speedup)
         return None, (
-            f"{len(fits)} configuration(s) meet the budget but none is faster than float here (best {best.name}: "
-            f"{best.measured_ms:.1f} ms vs float {best.float_ms:.1f} ms, timed alternately); ptqkit never recommends a slower model"
+            f"{len(fits)} configuration(s) meet the budget but none is at least {min_speedup:g}x faster than float here "
+            f"(best {best.name}: {best.measured_ms:.1f} ms vs float {best.float_ms:.1f} ms, timed alternately); "
+            "ptqkit never recommends a slower model, nor a gain within timing noise"
         )
     return min(faster, key=lambda p: (-p.speedup, p.weight_bytes)), ""
