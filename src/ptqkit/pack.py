@@ -25,6 +25,7 @@ from ptqkit.nn.packed import (
     int4_refusal,
     int8_refusal,
 )
+from ptqkit.targets import replace_module
 
 __all__ = ["BACKENDS", "PackedLayer", "PackReport", "pack"]
 
@@ -75,12 +76,6 @@ class PackReport:
             "activation_dtype": self.activation_dtype,
             "layers": [{"name": l.name, "kernel": l.kernel, "reason": l.reason} for l in self.layers],
         }
-
-
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def _choose(module: QuantizedModule, activation_dtype: torch.dtype) -> tuple[nn.Module | None, str]:
@@ -149,7 +144,7 @@ def pack(
         for layer in report.simulated:
             logger.warning("pack: %s stays on the simulated path: %s", layer.name, layer.reason)
     for name, module in replacements.items():
-        _set(model, name, module)
+        replace_module(model, name, module)
     logger.info("pack report:\n%s", report.render())
     model.ptqkit_pack_report = report
     return model

@@ -21,7 +21,7 @@ from ptqkit.nn.modules import QuantConv, QuantEmbedding, QuantizedModule, QuantL
 from ptqkit.primitives import qparams_from_tensor
 from ptqkit.recipe import Recipe
 from ptqkit.spec import QParams, QuantSpec
-from ptqkit.targets import LayerPlan, Plan, resolve_plan
+from ptqkit.targets import LayerPlan, Plan, replace_module, resolve_plan
 
 __all__ = ["QuantizationInfo", "plan", "quantize", "quantize_", "dequantize_model", "weight_qparams"]
 
@@ -105,7 +105,7 @@ def quantize_(model: nn.Module, recipe: Recipe, calib: Any = None, *, progress: 
             model.__dict__.update(backup)
         raise
     for name, module in replacements.items():
-        _set_submodule(model, name, module)
+        replace_module(model, name, module)
     model.ptqkit_info = QuantizationInfo(
         recipe=recipe,
         plan=the_plan,
@@ -245,20 +245,14 @@ class _InputOnly(nn.Module):
         return self.module(self.input_quantizer(x) if self.input_quantizer is not None else x, *args, **kwargs)
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def dequantize_model(qmodel: nn.Module) -> nn.Module:
     """A float copy of a quantized model: dequantized weights, no input quantization."""
     model = copy.deepcopy(qmodel)
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantizedModule):
-            _set_submodule(model, name, module.to_float())
+            replace_module(model, name, module.to_float())
         elif isinstance(module, _InputOnly):
-            _set_submodule(model, name, module.module)
+            replace_module(model, name, module.module)
     if hasattr(model, "ptqkit_info"):
         del model.ptqkit_info
     return model

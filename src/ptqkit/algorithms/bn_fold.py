@@ -21,6 +21,7 @@ from torch import nn
 from ptqkit.errors import ConfigError
 from ptqkit.mappings import resolve_fold_pairs
 from ptqkit.primitives import check_finite
+from ptqkit.targets import replace_module
 
 __all__ = ["BNFoldConfig", "FoldedPair", "fold_batchnorm", "fold_batchnorm_", "find_fold_pairs"]
 
@@ -171,9 +172,7 @@ def fold_batchnorm_(model: nn.Module, pairs: list[FoldedPair] | None = None) -> 
                 layer.bias = nn.Parameter(b, requires_grad=layer.weight.requires_grad)
             else:
                 layer.bias.copy_(b)
-        parent_name, _, child = pair.bn.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, nn.Identity())
+        replace_module(model, pair.bn, nn.Identity())
         folded.append(pair)
         logger.debug("folded %s into %s", pair.bn, pair.layer)
     logger.info("folded %d BatchNorm layer(s)", len(folded))

@@ -34,6 +34,7 @@ from torch import nn
 from ptqkit.errors import ConfigError
 from ptqkit.mappings import CLEChain, resolve_cle_chains
 from ptqkit.primitives import check_finite
+from ptqkit.targets import replace_module
 
 __all__ = [
     "CLEConfig",
@@ -221,11 +222,6 @@ def _chain_problem(model: nn.Module, chain: CLEChain) -> str | None:
     return None
 
 
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_name, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def _prepare_activations(model: nn.Module, chain: CLEChain, relu6: str) -> None:
     for i, path in enumerate(chain.activations):
         if path is None:
@@ -236,10 +232,10 @@ def _prepare_activations(model: nn.Module, chain: CLEChain, relu6: str) -> None:
             channels = layer.weight.shape[0]
             if relu6 == "clip":
                 dim = -1 if isinstance(layer, nn.Linear) else 1
-                _set_module(model, path, ChannelClippedReLU(torch.full((channels,), 6.0), channel_dim=dim))
+                replace_module(model, path, ChannelClippedReLU(torch.full((channels,), 6.0), channel_dim=dim))
             else:
                 logger.warning("cle: replacing ReLU6 %r by ReLU (DFQ); the FP model changes where activations exceed 6", path)
-                _set_module(model, path, nn.ReLU())
+                replace_module(model, path, nn.ReLU())
 
 
 def _equalize_pair(model: nn.Module, chain: CLEChain, i: int) -> torch.Tensor:

@@ -29,6 +29,7 @@ from ptqkit.calibration.hooks import batch_length, limited_batches
 from ptqkit.calibration.samples import call_model
 from ptqkit.errors import CalibrationDataError, ConfigError
 from ptqkit.eval.evaluate import _Model, float_equivalent
+from ptqkit.targets import replace_module
 
 __all__ = ["LayerSensitivity", "Suggestion", "degradation", "model_metrics", "sensitivity", "suggest", "task_metric"]
 
@@ -76,14 +77,6 @@ def model_metrics(
     return accumulator.result()
 
 
-def _swap(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    previous = getattr(parent, child)
-    setattr(parent, child, module)
-    return previous
-
-
 @dataclass(frozen=True)
 class LayerSensitivity:
     """One layer quantized alone: the task metric's value and its degradation from float."""
@@ -109,11 +102,11 @@ def sensitivity(
     metric = None
     results = []
     for name in names:
-        previous = _swap(hybrid, name, qmodel.get_submodule(name))
+        previous = replace_module(hybrid, name, qmodel.get_submodule(name))
         try:
             metrics = model_metrics(reference, hybrid, data, max_samples=max_samples, labels=labels)
         finally:
-            _swap(hybrid, name, previous)
+            replace_module(hybrid, name, previous)
         metric = metric or task_metric(metrics)
         results.append(LayerSensitivity(name, metric, metrics[metric], degradation(metrics, metric)))
         logger.info("sensitivity: %s alone -> %s %.4f", name, metric, metrics[metric])
@@ -172,11 +165,11 @@ def suggest(
     baseline = model_metrics(reference, qmodel, eval_data, max_samples=max_samples, labels=labels)[metric]
     gains: dict[str, float] = {}
     for layer in ranked[:candidates]:
-        previous = _swap(qmodel, layer.name, reference.get_submodule(layer.name))
+        previous = replace_module(qmodel, layer.name, reference.get_submodule(layer.name))
         try:
             value = model_metrics(reference, qmodel, eval_data, max_samples=max_samples, labels=labels)[metric]
         finally:
-            _swap(qmodel, layer.name, previous)
+            replace_module(qmodel, layer.name, previous)
         gains[layer.name] = sign * (value - baseline)
         logger.info("suggest: excluding %s alone: %s %.4f -> %.4f", layer.name, metric, baseline, value)
     chosen = tuple(name for name, gain in sorted(gains.items(), key=lambda kv: -kv[1]) if gain > min_gain)[:max_exclude]

@@ -22,6 +22,7 @@ from ptqkit.nn.act_quant import InputQuantizer, OutlierKeepingQuantizer
 from ptqkit.nn.modules import QuantConv, QuantEmbedding, QuantLinear
 from ptqkit.primitives import unpack_lowbit
 from ptqkit.spec import QParams, QuantSpec
+from ptqkit.targets import replace_module
 
 __all__ = ["load_artifact", "read_manifest"]
 
@@ -248,7 +249,7 @@ def load_artifact(out_dir: str | Path, model_skeleton_or_hf_dir: nn.Module | str
     or None to use the artifact's own `config.json`. The result has the same QuantLinear/QuantConv/
     QuantEmbedding modules with bit-identical codes and QParams, and `ptqkit_info` restored.
     """
-    from ptqkit.quantize import QuantizationInfo, _set_submodule
+    from ptqkit.quantize import QuantizationInfo
     from ptqkit.recipe import Recipe
     from ptqkit.targets import LayerPlan, Plan
 
@@ -281,7 +282,7 @@ def load_artifact(out_dir: str | Path, model_skeleton_or_hf_dir: nn.Module | str
             raise ArtifactError(f"{quant_path}: layers[{name!r}] is malformed: {exc!r}") from None
         plans.append(LayerPlan(name=name, module_type=layer["plan_type"], weights=weights, inputs=inputs, reason=layer["reason"]))
     for name, module in replacements.items():
-        _set_submodule(model, name, module)
+        replace_module(model, name, module)
     built = {f"{name}.{suffix}" for name in replacements for suffix in _BUILT_SUFFIXES}
     _load_rest(model, tensors, manifest["aliases"], path, built)
     model.ptqkit_info = QuantizationInfo(

@@ -29,6 +29,7 @@ from ptqkit.nn.packed import (
 from ptqkit.primitives import qparams_from_tensor
 from ptqkit.qtypes import PerChannel, PerGroup
 from ptqkit.spec import QuantSpec
+from ptqkit.targets import replace_module
 
 __all__ = ["FORMATS", "WEIGHT_BITS", "apply_assignment", "format_module", "weight_bytes"]
 
@@ -79,6 +80,5 @@ def apply_assignment(model: nn.Module, assignment: dict[str, str]) -> nn.Module:
         module = format_module(result.get_submodule(name), fmt)
         if isinstance(module, str):
             raise ConfigError(f"layer {name!r} cannot be {fmt}: {module}")
-        parent_name, _, child = name.rpartition(".")
-        setattr(result.get_submodule(parent_name) if parent_name else result, child, module)
+        replace_module(result, name, module)
     return result
