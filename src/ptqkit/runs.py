@@ -59,25 +59,15 @@ class RunFiles:
         return self.root / "onnx"
 
 
-def _first_tensor(output: Any) -> torch.Tensor:
-    """The main tensor of a model output: itself, a ModelOutput's/dict's first tensor, a tuple's first."""
-    if isinstance(output, torch.Tensor):
-        return output
-    values = output.values() if isinstance(output, dict) else output
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            return value
-    raise ArtifactError(f"the model's output ({type(output).__name__}) holds no tensor to compare")
-
-
 @torch.no_grad()
 def output_sqnr_on(model: nn.Module, qmodel: nn.Module, example: Any) -> float:
     """SQNR (dB) of the quantized model's main output against the float model's, on `example`."""
     from ptqkit.calibration.samples import call_model
+    from ptqkit.eval.evaluate import main_tensor
     from ptqkit.primitives import sqnr_db
 
-    reference = _first_tensor(call_model(model, example)).float()
-    candidate = _first_tensor(call_model(qmodel, example)).float()
+    reference = main_tensor(call_model(model, example)).float()
+    candidate = main_tensor(call_model(qmodel, example)).float()
     return float(sqnr_db(reference, candidate))
 
 

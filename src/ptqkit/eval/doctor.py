@@ -35,7 +35,7 @@ from torch import nn
 from ptqkit.calibration.hooks import limited_batches
 from ptqkit.calibration.samples import call_model
 from ptqkit.errors import ConfigError
-from ptqkit.eval.evaluate import QuantReport, evaluate
+from ptqkit.eval.evaluate import QuantReport, batches_of, evaluate
 from ptqkit.qtypes import PerTensor
 
 __all__ = ["DoctorConfig", "DoctorResult", "Finding", "FINDING_IDS", "doctor", "findings_from"]
@@ -259,8 +259,8 @@ def _mismatch(model: nn.Module, qmodel: nn.Module, calib: Any, eval_data: Any, c
     if first is None or eval_data is None:
         return None
     try:
-        cal = _first_layer_inputs(model, first.name, _batches(calib), max_samples)
-        ev = _first_layer_inputs(model, first.name, _batches(eval_data), max_samples)
+        cal = _first_layer_inputs(model, first.name, batches_of(calib), max_samples)
+        ev = _first_layer_inputs(model, first.name, batches_of(eval_data), max_samples)
     except (TypeError, AttributeError, IndexError):  # integer inputs (token ids) have no float statistics here
         return None
     if not cal.dtype.is_floating_point:
@@ -277,10 +277,6 @@ def _mismatch(model: nn.Module, qmodel: nn.Module, calib: Any, eval_data: Any, c
         fix="preprocess calibration data exactly as deployment data (same normalization, resizing, tokenizer settings)",
         evidence={"layer": first.name, "shift_sigma": [float(v) for v in shift], "threshold_sigma": config.mismatch_sigma},
     )
-
-
-def _batches(data: Any) -> Iterable[Any]:
-    return data.batches() if hasattr(data, "batches") else data
 
 
 def findings_from(qmodel: nn.Module, report: QuantReport, config: DoctorConfig | None = None) -> list[Finding]:
@@ -309,7 +305,7 @@ def doctor(
 
     config = config or DoctorConfig()
     qmodel = pq.quantize(model, recipe, calib, progress=progress)
-    report = evaluate(qmodel, model, _batches(eval_data if eval_data is not None else calib), max_samples=max_samples)
+    report = evaluate(qmodel, model, batches_of(eval_data if eval_data is not None else calib), max_samples=max_samples)
     found = findings_from(qmodel, report, config)
     mismatch = _mismatch(model, qmodel, calib, eval_data, config, max_samples)
     if mismatch is not None:

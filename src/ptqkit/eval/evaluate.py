@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -38,9 +38,12 @@ from torch import nn
 from ptqkit.calibration.hooks import batch_length, limited_batches
 from ptqkit.calibration.samples import call_model
 from ptqkit.errors import CalibrationDataError, ConfigError
+from ptqkit.eval.metrics import mean_softmax_kl, top1_agreement, topk_agreement
 from ptqkit.nn.modules import QuantizedModule
 
-__all__ = ["REPORT_SCHEMA_VERSION", "LayerReport", "QuantReport", "evaluate", "float_equivalent"]
+__all__ = [
+    "REPORT_SCHEMA_VERSION", "LayerReport", "QuantReport", "batches_of", "evaluate", "float_equivalent", "main_tensor", "model_metrics",
+]
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -180,7 +183,7 @@ class _Model:
         self.counts[key] = self.counts.get(key, 0) + count
 
     def add(self, ref_out: Any, q_out: Any, batch: Any, labels: torch.Tensor | None) -> None:
-        ref, cand = _main_tensor(ref_out).float(), _main_tensor(q_out).float()
+        ref, cand = main_tensor(ref_out).float(), main_tensor(q_out).float()
         self.energy.add(ref, cand)
         logits = getattr(ref_out, "logits", None)
         if ref.ndim == 2:  # [N, classes]
@@ -196,13 +199,11 @@ class _Model:
             self.minimum["embedding_cosine_min"] = min(self.minimum.get("embedding_cosine_min", 1.0), float(cosine.min()))
 
     def _classification(self, ref: torch.Tensor, cand: torch.Tensor, labels: torch.Tensor | None) -> None:
-        n = ref.shape[0]
-        self.mean("top1_agreement", float((ref.argmax(-1) == cand.argmax(-1)).sum()), n)
+        n = ref.shape[0]  # the metric functions give means over rows; sums accumulate across batches
+        self.mean("top1_agreement", top1_agreement(ref, cand) * n, n)
         if ref.shape[1] >= 5:
-            top5 = (cand.topk(5, dim=-1).indices == ref.argmax(-1, keepdim=True)).any(-1)
-            self.mean("top5_agreement", float(top5.sum()), n)
-        log_p, log_q = F.log_softmax(ref.double(), -1), F.log_softmax(cand.double(), -1)
-        self.mean("softmax_kl", float((log_p.exp() * (log_p - log_q)).sum()), n)
+            self.mean("top5_agreement", topk_agreement(ref, cand, 5) * n, n)
+        self.mean("softmax_kl", mean_softmax_kl(ref, cand) * n, n)
         if labels is not None:
             self.mean("accuracy_float", float((ref.argmax(-1) == labels).sum()), n)
             self.mean("accuracy_quantized", float((cand.argmax(-1) == labels).sum()), n)
@@ -212,14 +213,14 @@ class _Model:
         mask = batch.get("attention_mask")
         keep = (mask[:, 1:] > 0) if mask is not None else torch.ones_like(targets, dtype=torch.bool)
         tokens = int(keep.sum())
+        if tokens == 0:
+            return
         for key, logits in (("float", ref), ("quantized", cand)):
             nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).double(), targets.reshape(-1), reduction="none")
             self.mean(f"nll_{key}", float(nll[keep.reshape(-1)].sum()), tokens)
-        agree = (ref[:, :-1].argmax(-1) == cand[:, :-1].argmax(-1)) & keep
-        self.mean("next_token_agreement", float(agree.sum()), tokens)
-        log_p, log_q = F.log_softmax(ref[:, :-1].double(), -1), F.log_softmax(cand[:, :-1].double(), -1)
-        kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [N, T-1]
-        self.mean("softmax_kl", float(kl[keep].sum()), tokens)
+        kept_ref, kept_cand = ref[:, :-1][keep], cand[:, :-1][keep]  # [tokens, vocab]: predictions of real next tokens
+        self.mean("next_token_agreement", top1_agreement(kept_ref, kept_cand) * tokens, tokens)
+        self.mean("softmax_kl", mean_softmax_kl(kept_ref, kept_cand) * tokens, tokens)
 
     def result(self) -> dict[str, float]:
         metrics = {key: self.sums[key] / self.counts[key] for key in self.sums if self.counts[key]}
@@ -233,13 +234,46 @@ class _Model:
         return metrics
 
 
-def _main_tensor(output: Any) -> torch.Tensor:
+def main_tensor(output: Any) -> torch.Tensor:
+    """The main tensor of a model output: itself, a ModelOutput's/dict's first tensor, a tuple's first."""
     if isinstance(output, torch.Tensor):
         return output
     for value in (output.values() if isinstance(output, dict) else output):
         if isinstance(value, torch.Tensor):
             return value
-    raise ConfigError(f"evaluate: the model's output ({type(output).__name__}) holds no tensor")
+    raise ConfigError(f"the model's output ({type(output).__name__}) holds no tensor to compare")
+
+
+def batches_of(data: Any) -> Iterable[Any]:
+    """The batches of a CalibrationData, or `data` itself (an iterable of batches)."""
+    return data.batches() if hasattr(data, "batches") else data
+
+
+@torch.no_grad()
+def _compare_outputs(
+    float_model: nn.Module, candidate: nn.Module, data: Any, max_samples: int, labels: torch.Tensor | None,
+    after_batch: Callable[[], None] | None = None,
+) -> tuple[dict[str, float], int]:
+    """Model-wide metrics of `candidate` against `float_model` on `data` and the samples seen;
+    `after_batch` runs after each batch (evaluate's per-layer hooks clear their state there)."""
+    accumulator, samples = _Model(), 0
+    for batch, first in limited_batches(batches_of(data), max_samples):
+        n = batch_length(batch)
+        batch_labels = labels[first : first + n] if labels is not None else None
+        accumulator.add(call_model(float_model, batch), call_model(candidate, batch), batch, batch_labels)
+        samples += n
+        if after_batch is not None:
+            after_batch()
+    if samples == 0:
+        raise CalibrationDataError("the evaluation data holds no samples")
+    return accumulator.result(), samples
+
+
+def model_metrics(
+    float_model: nn.Module, candidate: nn.Module, data: Any, *, max_samples: int = 256, labels: torch.Tensor | None = None
+) -> dict[str, float]:
+    """Model-wide metrics of `candidate` against `float_model` on `data` (those of `evaluate`)."""
+    return _compare_outputs(float_model, candidate, data, max_samples, labels)[0]
 
 
 @torch.no_grad()
@@ -294,8 +328,8 @@ def evaluate(
                         isolated[name].add(f_modules[name](x), output)
                     finally:
                         comparing[0] = False
-                channel_dim = 1 if module_type in ("Conv1d", "Conv2d") else -1
-                stats = inputs.setdefault(name, _InputStats(channel_dim if channel_dim == 1 else x.ndim - 1))
+                channel_dim = 1 if module_type in ("Conv1d", "Conv2d") else x.ndim - 1  # [N, C, ...] or [..., C]
+                stats = inputs.setdefault(name, _InputStats(channel_dim))
                 stats.add(x, getattr(module, "input_quantizer", None))
         return hook
 
@@ -308,23 +342,11 @@ def evaluate(
     for layer in plans:
         handles.append(q_modules[layer.name].register_forward_hook(q_hook(layer.name, layer.module_type)))
         handles.append(f_modules[layer.name].register_forward_hook(f_hook(layer.name)))
-    model_metrics = _Model()
-    samples = 0
-    batches = data.batches() if hasattr(data, "batches") else data
-    try:
-        for batch, first in limited_batches(batches, max_samples):
-            ref_out = call_model(float_model, batch)  # the float outputs of this batch, per layer
-            q_out = call_model(qmodel, batch)
-            n = batch_length(batch)
-            batch_labels = labels[first : first + n] if labels is not None else None
-            model_metrics.add(ref_out, q_out, batch, batch_labels)
-            samples += n
-            float_outputs.clear()
+    try:  # the float model runs first on each batch, so its layer outputs wait for the quantized ones
+        metrics, samples = _compare_outputs(float_model, qmodel, data, max_samples, labels, after_batch=float_outputs.clear)
     finally:
         for handle in handles:
             handle.remove()
-    if samples == 0:
-        raise CalibrationDataError("evaluate: the data holds no samples")
     layers = []
     for layer in plans:
         qmod, fmod = q_modules[layer.name], f_modules[layer.name]
@@ -349,7 +371,7 @@ def evaluate(
         ))
     size = pq.model_size(qmodel)
     report = QuantReport(
-        metrics=model_metrics.result(),
+        metrics=metrics,
         layers=tuple(layers),
         size={
             "float_bytes": size.total_float_bytes,
@@ -393,7 +415,7 @@ def _histograms(qmodel: nn.Module, layers: list[LayerReport], data: Any, max_sam
 
     handles = [modules[layer.name].register_forward_pre_hook(hook(layer.name)) for layer in layers]
     try:
-        for batch, _ in limited_batches(data.batches() if hasattr(data, "batches") else data, max_samples):
+        for batch, _ in limited_batches(batches_of(data), max_samples):
             call_model(qmodel, batch)
     finally:
         for handle in handles:

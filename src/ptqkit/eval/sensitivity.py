@@ -25,10 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ptqkit.calibration.hooks import batch_length, limited_batches
-from ptqkit.calibration.samples import call_model
-from ptqkit.errors import CalibrationDataError, ConfigError
-from ptqkit.eval.evaluate import _Model, float_equivalent
+from ptqkit.errors import ConfigError
+from ptqkit.eval.evaluate import float_equivalent, model_metrics
 from ptqkit.targets import replace_module
 
 __all__ = ["LayerSensitivity", "Suggestion", "degradation", "model_metrics", "sensitivity", "suggest", "task_metric"]
@@ -56,25 +54,6 @@ def degradation(metrics: dict[str, float], name: str) -> float:
     if name in ("top1_agreement", "embedding_cosine_mean"):
         return 1.0 - value
     return -value
-
-
-def _batches(data: Any) -> Iterable[Any]:
-    return data.batches() if hasattr(data, "batches") else data
-
-
-@torch.no_grad()
-def model_metrics(
-    float_model: nn.Module, candidate: nn.Module, data: Any, *, max_samples: int = 256, labels: torch.Tensor | None = None
-) -> dict[str, float]:
-    """Model-wide metrics of `candidate` against `float_model` on `data` (as in `evaluate`)."""
-    accumulator, samples = _Model(), 0
-    for batch, first in limited_batches(_batches(data), max_samples):
-        n = batch_length(batch)
-        accumulator.add(call_model(float_model, batch), call_model(candidate, batch), batch, labels[first : first + n] if labels is not None else None)
-        samples += n
-    if samples == 0:
-        raise CalibrationDataError("sensitivity: the data holds no samples")
-    return accumulator.result()
 
 
 @dataclass(frozen=True)
