@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,12 +169,9 @@ def export_run(out_dir: str | Path, *, qmodel: nn.Module | None = None, strict: 
         example = _load_example(files.example)
     result = pq.export(qmodel, files.onnx_dir, ("onnx",), example_inputs=example, strict=strict, keep_float=keep_float)
     integer = sum(layer.integer for layer in result.layers)
-    kernels: dict[str, int] = {}
-    for layer in result.layers:
-        kernels[layer.kernel or "none"] = kernels.get(layer.kernel or "none", 0) + 1
     return {
         "file": str(result.files["onnx"]), "integer_layers": integer, "float_layers": list(result.float_layers),
-        "kernels": kernels, "checks": result.checks,
+        "kernels": dict(Counter(layer.kernel or "none" for layer in result.layers)), "checks": result.checks,
     }
 
 
@@ -192,10 +190,8 @@ def bench_run(out_dir: str | Path, *, runtime: str = "onnxruntime", threads: int
     float_onnx, report = files.onnx_dir / "model.fp32.onnx", files.onnx_dir / "export_report.json"
     if not float_onnx.is_file() or not report.is_file():
         export_run(files.root, qmodel=qmodel, keep_float=True)
-    kernels: dict[str, int] = {}
-    for layer in json.loads(report.read_text(encoding="utf-8"))["layers"]:
-        kernels[layer["kernel"] or "none"] = kernels.get(layer["kernel"] or "none", 0) + 1
-    return bench_onnx(float_onnx, files.onnx_dir / "model.onnx", example, threads=threads or 1, warmup=warmup, reps=reps, kernels=kernels)
+    kernels = Counter(layer["kernel"] or "none" for layer in json.loads(report.read_text(encoding="utf-8"))["layers"])
+    return bench_onnx(float_onnx, files.onnx_dir / "model.onnx", example, threads=threads or 1, warmup=warmup, reps=reps, kernels=dict(kernels))
 
 
 def describe_run(out_dir: str | Path) -> dict[str, Any]:
@@ -204,17 +200,13 @@ def describe_run(out_dir: str | Path) -> dict[str, Any]:
     manifest = _read_manifest(root)
     files = RunFiles(root)
     layers = manifest["layers"]
-    kinds: dict[str, int] = {}
-    for layer in layers:
-        weights = layer.get("weights") or {}
-        key = f"{layer.get('plan_type')} {weights.get('qtype', 'float')}"
-        kinds[key] = kinds.get(key, 0) + 1
+    kinds = Counter(f"{layer.get('plan_type')} {(layer.get('weights') or {}).get('qtype', 'float')}" for layer in layers)
     return {
         "artifact": str(root),
         "recipe": manifest["recipe"].get("name"),
         "model_class": manifest["model"]["class"],
         "quantized_layers": len(layers),
-        "layers_by_kind": kinds,
+        "layers_by_kind": dict(kinds),
         "skipped_modules": len(manifest["skipped"]),
         "calibration": manifest.get("calibration"),
         "versions": manifest.get("versions"),

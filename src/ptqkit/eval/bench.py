@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -132,9 +133,7 @@ def bench(model: nn.Module, qmodel: nn.Module, example: Any, *, threads: int | N
     try:
         packed = pack(qmodel)
         report = packed.ptqkit_pack_report
-        kernels: dict[str, int] = {}
-        for layer in report.layers:
-            kernels[layer.kernel] = kernels.get(layer.kernel, 0) + 1
+        kernels = dict(Counter(layer.kernel for layer in report.layers))
         simulated = len(report.simulated)
         note = (
             f"{simulated} of {len(report.layers)} quantized layer(s) have no torch kernel and run simulated "
