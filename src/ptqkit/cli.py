@@ -7,10 +7,10 @@ arguments runs the bundled MiniLM example. `ptqkit export DIR` exports a run to 
 `ptqkit report DIR` also writes report.json and report.html; `ptqkit bench DIR` times it against
 the float model in ONNX Runtime or torch (`eval.bench`). `ptqkit doctor --model M --calib
 DATA ...` runs the PTQ checklist (`eval.doctor`); `ptqkit search` the mixed-precision search
-(`search.mixed`). `ptqkit inspect RECIPE|PRESET|DIR`
-validates and prints a recipe or describes an artifact without loading a model. User errors print one line and exit with a typed code, without a traceback
-(`--debug` shows it): 0 ok, 2 usage/config error, 3 data error, 4 unsupported model, 1 anything
-else. Progress bars go to stderr only when it is a terminal and `--quiet` is not given.
+(`search.mixed`). `ptqkit inspect RECIPE|PRESET|DIR` validates and prints a recipe or describes
+an artifact without loading a model. User errors print one line and exit with a typed code,
+without a traceback (`--debug` shows it): 0 ok, 2 usage/config error, 3 data error, 4
+unsupported model, 1 anything else. Progress bars go to stderr only when it is a terminal and `--quiet` is not given.
 """
 from __future__ import annotations
 
@@ -54,6 +54,16 @@ def _recipe(args: argparse.Namespace) -> Any:
         return Recipe.from_dict(data)
     except ConfigError as exc:
         raise ConfigError(f"--set {' '.join(args.set)}: {exc}") from None
+
+
+def _data(args: argparse.Namespace, path: str, tokenizer: Any, *, samples: int, batch_size: int, seed: int = 0) -> Any:
+    """CalibrationData from `path` with the command's --text-field/--max-length/--image-size/--tensor-name."""
+    from ptqkit.sources import load_calibration
+
+    return load_calibration(
+        path, tokenizer=tokenizer, samples=samples, batch_size=batch_size, seed=seed, text_field=args.text_field,
+        max_length=args.max_length, image_size=args.image_size, tensor_name=args.tensor_name,
+    )
 
 
 def _formats(text: str) -> tuple[str, ...]:
@@ -101,18 +111,15 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if args.out is None:
         raise ConfigError("quantize: --out DIR is required (the run directory to write)")
     from ptqkit.runs import quantize_run
-    from ptqkit.sources import load_calibration, load_model
+    from ptqkit.sources import load_model
 
     recipe = _recipe(args)
     formats = _formats(args.format)
     loaded = load_model(args.model, args.weights)
     calib = None
     if args.calib is not None:
-        calib = load_calibration(
-            args.calib, tokenizer=loaded.tokenizer, samples=recipe.calibration.samples, batch_size=recipe.calibration.batch_size,
-            seed=recipe.calibration.seed, text_field=args.text_field, max_length=args.max_length, image_size=args.image_size,
-            tensor_name=args.tensor_name,
-        )
+        settings = recipe.calibration
+        calib = _data(args, args.calib, loaded.tokenizer, samples=settings.samples, batch_size=settings.batch_size, seed=settings.seed)
     if not args.quiet and not args.json:
         import ptqkit as pq
 
@@ -144,19 +151,10 @@ def _evaluate_run(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, Any]:
     if args.data is None:
         data, described = [example], {"description": "the run's example batch (example_inputs.safetensors)"}
     else:
-        data = _eval_data(args, loaded, qmodel)
+        settings = qmodel.ptqkit_info.recipe.calibration
+        data = _data(args, args.data, loaded.tokenizer, samples=args.samples, batch_size=settings.batch_size, seed=settings.seed)
         described = {"description": data.description, "fingerprint": data.fingerprint}
     return evaluate(qmodel, loaded.model, data, max_samples=args.samples), described, loaded, qmodel, data
-
-
-def _eval_data(args: argparse.Namespace, loaded: Any, qmodel: Any) -> Any:
-    from ptqkit.sources import load_calibration
-
-    recipe = qmodel.ptqkit_info.recipe
-    return load_calibration(
-        args.data, tokenizer=loaded.tokenizer, samples=args.samples, batch_size=recipe.calibration.batch_size,
-        seed=recipe.calibration.seed, text_field=args.text_field, max_length=args.max_length, image_size=args.image_size,
-    )
 
 
 def _render_report(report: Any) -> str:
@@ -221,16 +219,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from ptqkit.eval.doctor import doctor
-    from ptqkit.sources import load_calibration, load_model
+    from ptqkit.sources import load_model
 
     recipe = _recipe(args)
     loaded = load_model(args.model, args.weights)
+    settings = recipe.calibration
 
     def data(path: str) -> Any:
-        return load_calibration(
-            path, tokenizer=loaded.tokenizer, samples=recipe.calibration.samples, batch_size=recipe.calibration.batch_size,
-            seed=recipe.calibration.seed, text_field=args.text_field, max_length=args.max_length, image_size=args.image_size,
-        )
+        return _data(args, path, loaded.tokenizer, samples=settings.samples, batch_size=settings.batch_size, seed=settings.seed)
 
     result = doctor(loaded.model, data(args.calib), recipe, eval_data=data(args.data) if args.data else None, progress=_show_progress(args))
     lines = [f"{f.severity.upper():8} {f.id}: {f.message}\n         fix: {f.fix}" for f in result.findings]
@@ -242,13 +238,10 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 def _cmd_search(args: argparse.Namespace) -> int:
     from ptqkit.models.zoo import cache_dir
     from ptqkit.search.mixed import search
-    from ptqkit.sources import load_calibration, load_model
+    from ptqkit.sources import load_model
 
     loaded = load_model(args.model, args.weights)
-    data = load_calibration(
-        args.data, tokenizer=loaded.tokenizer, samples=args.samples, batch_size=args.batch_size, text_field=args.text_field,
-        max_length=args.max_length, image_size=args.image_size,
-    )
+    data = _data(args, args.data, loaded.tokenizer, samples=args.samples, batch_size=args.batch_size)
     example = next(iter(data.batches()))
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
     result = search(
@@ -306,6 +299,7 @@ def _add_data_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--text-field", default="text", help="the JSON field holding the text in a .jsonl file (default: text)")
     command.add_argument("--max-length", type=int, default=128, help="tokens per text (default 128)")
     command.add_argument("--image-size", type=int, default=224, help="centre-crop size of images (default 224)")
+    command.add_argument("--tensor-name", default=None, help="which tensor of a .safetensors/.pt data file holds the inputs")
 
 
 def _add_run(command: argparse.ArgumentParser) -> None:
@@ -327,7 +321,6 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_and_recipe(quantize, required=False)
     quantize.add_argument("--calib", default=None, help=f"calibration data: {DATA_FORMATS}")
     _add_data_options(quantize)
-    quantize.add_argument("--tensor-name", default=None, help="which tensor of a calibration tensor file holds the inputs")
     quantize.add_argument("--out", default=None, help="run directory to write (artifact, recipe, summary)")
     quantize.add_argument("--format", default="safetensors", help="comma-separated: safetensors (always written), onnx")
     _add_output_flags(quantize, quiet="no plan or progress output")
