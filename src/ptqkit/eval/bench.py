@@ -82,12 +82,12 @@ class BenchResult:
         return f"{self.runtime}, batch {self.batch}, {self.threads} thread(s): {verdict}"
 
     def to_dict(self) -> dict[str, Any]:
-        from ptqkit.eval.report import machine
+        from ptqkit.machine import describe
 
         return {
             "runtime": self.runtime, "batch": self.batch, "threads": self.threads, "speedup": self.speedup,
             "float": asdict(self.float), "quantized": asdict(self.quantized), "kernels": self.kernels,
-            "note": self.note, "headline": self.headline(), "machine": machine(),
+            "note": self.note, "headline": self.headline(), "machine": describe(),
         }
 
 

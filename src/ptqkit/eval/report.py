@@ -9,15 +9,15 @@ import html
 import json
 import math
 import os
-import platform
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ptqkit.eval.evaluate import QuantReport
+from ptqkit.machine import describe as describe_machine
 
-__all__ = ["headline", "machine", "write_report"]
+__all__ = ["headline", "write_report"]
 
 _METRIC_NAMES = {
     "output_sqnr_db": "output SQNR (dB)",
@@ -32,30 +32,6 @@ _METRIC_NAMES = {
     "embedding_cosine_mean": "embedding cosine to float, mean",
     "embedding_cosine_min": "embedding cosine to float, worst",
 }
-
-
-def machine() -> dict[str, Any]:
-    """CPU model, core count, integer-dot-product ISA flags and versions of this process."""
-    import torch
-
-    import ptqkit
-
-    cpu, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu in ("", platform.machine(), platform.processor()):
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "isa": {name: name in flags for name in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16")},
-        "torch_threads": torch.get_num_threads(),
-        "versions": {"ptqkit": ptqkit.__version__, "torch": torch.__version__, "python": platform.python_version()},
-    }
 
 
 def headline(report: QuantReport, bench: Mapping[str, Any] | None = None) -> str:
@@ -339,7 +315,7 @@ def write_report(
         sensitivity=(
             {"metric": sensitivities[0].metric, "degradation": {r.name: r.degradation for r in sensitivities}} if sensitivities else None
         ),
-        provenance={"machine": machine(), "calibration": dict(calibration or {}), "evaluation": dict(evaluation or {})},
+        provenance={"machine": describe_machine(), "calibration": dict(calibration or {}), "evaluation": dict(evaluation or {})},
     )
     json_text = json.dumps(_plain(data), indent=2, default=str, allow_nan=False) + "\n"
     paths = {"json": out / "report.json", "html": out / "report.html"}

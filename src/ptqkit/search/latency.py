@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -30,24 +29,14 @@ from torch import nn
 
 from ptqkit.calibration.samples import call_model
 from ptqkit.errors import ConfigError
+from ptqkit.machine import cpu_name
 from ptqkit.search.formats import format_module
 
-__all__ = ["LatencyTable", "cpu_name", "linear_rows", "measure_ms"]
+__all__ = ["LatencyTable", "linear_rows", "measure_ms"]
 
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (platform's processor string elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _median_ms(call: Callable[[], Any], warmup: int, reps: int) -> float:
