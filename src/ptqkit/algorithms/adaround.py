@@ -32,6 +32,7 @@ from torch import nn
 
 from ptqkit.algorithms.weight_quant import WeightQuantResult
 from ptqkit.errors import CalibrationDataError, ConfigError
+from ptqkit.optim import adam_step_
 from ptqkit.primitives import check_finite
 from ptqkit.spec import QParams
 
@@ -40,7 +41,6 @@ __all__ = ["AdaRoundConfig", "ConvGeometry", "ACTIVATIONS", "rectified_sigmoid",
 logger = logging.getLogger(__name__)
 
 ZETA, GAMMA = 1.1, -0.1
-_BETA1, _BETA2, _ADAM_EPS = 0.9, 0.999, 1e-8
 ACTIVATIONS = ("identity", "relu", "relu6")
 
 
@@ -279,12 +279,7 @@ def adaround_weight(
             beta = beta_end + (beta_start - beta_end) * (1.0 - progress)
             loss = loss + config.reg_weight * (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
         (grad,) = torch.autograd.grad(loss, v)
-        with torch.no_grad():  # Adam, written out: torch.optim imports torch._dynamo (seconds)
-            adam_m.mul_(_BETA1).add_(grad, alpha=1.0 - _BETA1)
-            adam_v.mul_(_BETA2).addcmul_(grad, grad, value=1.0 - _BETA2)
-            m_hat = adam_m / (1.0 - _BETA1 ** (it + 1))
-            v_hat = adam_v / (1.0 - _BETA2 ** (it + 1))
-            v.sub_(config.lr * m_hat / (v_hat.sqrt() + _ADAM_EPS))
+        adam_step_(v, grad, adam_m, adam_v, step=it + 1, lr=config.lr)
 
     with torch.no_grad():
         up = (v >= 0).to(torch.float32)

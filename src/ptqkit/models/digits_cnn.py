@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptqkit.errors import ConfigError
+from ptqkit.optim import adam_step_
 
 __all__ = ["DigitsCNN", "TrainedDigits", "accuracy", "train_digits_cnn"]
 
@@ -84,11 +85,8 @@ def train_digits_cnn(*, seed: int = 0, epochs: int = 20, batch_size: int = 64, l
                 step += 1
                 loss = F.cross_entropy(model(x_train[batch]), y_train[batch])
                 grads = torch.autograd.grad(loss, parameters)
-                with torch.no_grad():  # Adam written out: torch.optim imports torch._dynamo (seconds)
-                    for p, g, (m, v) in zip(parameters, grads, state):
-                        m.mul_(0.9).add_(g, alpha=0.1)
-                        v.mul_(0.999).addcmul_(g, g, value=0.001)
-                        p.sub_(lr * (1 - (step - 1) / total) * (m / (1 - 0.9**step)) / ((v / (1 - 0.999**step)).sqrt() + 1e-8))
+                for p, g, (m, v) in zip(parameters, grads, state):
+                    adam_step_(p, g, m, v, step=step, lr=lr * (1 - (step - 1) / total))
     finally:
         torch.set_num_threads(threads)
     model.eval()
