@@ -28,10 +28,9 @@ from torch import nn
 from ptqkit.algorithms.bias_correction import clipped_normal_mean, empirical_bias_correction
 from ptqkit.algorithms.bn_fold import FoldedPair
 from ptqkit.algorithms.cle import ChannelClippedReLU, EqualizationResult
+from ptqkit.algorithms.rtn import round_to_grid
 from ptqkit.calibration.graph_pass import trace
 from ptqkit.errors import ConfigError
-from ptqkit.nn.modules import quantized_weight
-from ptqkit.primitives import dequantize
 from ptqkit.spec import QParams, QuantSpec
 
 __all__ = [
@@ -167,7 +166,7 @@ def analytic_bias_correct_(
         module = model.get_submodule(name)
         weight = module.weight.detach()
         qparams = grids(weight, spec)
-        delta = dequantize(quantized_weight(weight, qparams, spec), qparams, dtype=torch.float64) - weight.to(torch.float64)
+        delta = round_to_grid(weight, qparams, spec).dequantized.to(torch.float64) - weight.to(torch.float64)
         correction = empirical_bias_correction(delta, expected, groups=_groups(module))  # [out]
         if module.bias is None:
             module.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype), requires_grad=False)

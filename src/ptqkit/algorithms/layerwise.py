@@ -32,12 +32,12 @@ from torch import nn
 from ptqkit.algorithms.adaround import AdaRoundConfig, ConvGeometry, adaround_weight, layer_output
 from ptqkit.algorithms.bias_correction import BiasCorrectionConfig, output_mean_correction
 from ptqkit.algorithms.cle import ChannelClippedReLU
+from ptqkit.algorithms.rtn import round_to_grid
 from ptqkit.algorithms.weight_quant import WeightQuantResult
 from ptqkit.calibration.graph_pass import run_lockstep, trace
 from ptqkit.calibration.hooks import limited_batches
 from ptqkit.calibration.sequential import StopForward, calls_from_batches, run_batch
 from ptqkit.errors import CalibrationDataError, ConfigError
-from ptqkit.primitives import dequantize, quantize
 from ptqkit.progress import progress_bar
 from ptqkit.spec import QParams, QuantSpec
 
@@ -118,11 +118,6 @@ def _channel_means(y: torch.Tensor, conv: ConvGeometry | None) -> torch.Tensor:
     if conv is None:
         return y.reshape(-1, y.shape[-1]).mean(dim=0, dtype=torch.float64)  # [..., out] -> [out]
     return y.transpose(0, 1).reshape(y.shape[1], -1).mean(dim=1, dtype=torch.float64)  # [N, out, H, W] -> [out]
-
-
-def _nearest(weight: torch.Tensor, qparams: QParams, spec: QuantSpec) -> WeightQuantResult:
-    codes = quantize(weight, qparams, spec.rounding)
-    return WeightQuantResult(codes=codes, qparams=qparams, dequantized=dequantize(codes, qparams, dtype=weight.dtype))
 
 
 @torch.no_grad()
@@ -207,7 +202,7 @@ def _quantize_layer(
         detail = dict(result.details)
         detail["activation"] = type(activation).__name__ if activation is not None else "identity"
     else:
-        result, detail = _nearest(weight, qparams, spec), {}
+        result, detail = round_to_grid(weight, qparams, spec), {}
     if correct:
         mean_fp = _channel_means(layer_output(weight, x_fp, None, conv), conv)
         mean_q = _channel_means(layer_output(result.dequantized, x_q, None, conv), conv)

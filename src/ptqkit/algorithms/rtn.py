@@ -29,7 +29,7 @@ from ptqkit.errors import ConfigError
 from ptqkit.primitives import dequantize, quantize
 from ptqkit.spec import QParams, QuantSpec
 
-__all__ = ["RTNConfig", "rtn_candidates", "rtn_qparams", "rtn_quantize_weight"]
+__all__ = ["RTNConfig", "round_to_grid", "rtn_candidates", "rtn_qparams", "rtn_quantize_weight"]
 
 CLIP_SEARCHES = ("none", "mse")
 
@@ -139,7 +139,10 @@ def rtn_quantize_weight(
 ) -> WeightQuantResult:
     """Round-to-nearest quantization of a Linear weight `w` [out, in] under `spec`."""
     config = config or RTNConfig()
-    qparams = rtn_qparams(w, spec, config)
-    codes = quantize(w.detach(), qparams, spec.rounding)  # [out, in]
-    dequantized = dequantize(codes, qparams, dtype=w.dtype)  # [out, in]
-    return WeightQuantResult(codes=codes, qparams=qparams, dequantized=dequantized)
+    return round_to_grid(w, rtn_qparams(w, spec, config), spec)
+
+
+def round_to_grid(w: torch.Tensor, qparams: QParams, spec: QuantSpec) -> WeightQuantResult:
+    """Round-to-nearest codes of `w` on a given grid (`spec.rounding`), and their dequantized values."""
+    codes = quantize(w.detach(), qparams, spec.rounding)  # [out, ...]
+    return WeightQuantResult(codes=codes, qparams=qparams, dequantized=dequantize(codes, qparams, dtype=w.dtype))
