@@ -206,10 +206,6 @@ def apply_settings(data: dict[str, Any], settings: Sequence[str]) -> dict[str, A
         last = parts[-1]
         if last == "group_size" and isinstance(node, dict) and "granularity" in node:
             last, value = "granularity", {"kind": "per_group", "size": value, "axis": -1}
-        if isinstance(node, list):
-            _step(node, last, ".".join(parts))
-            node[int(last)] = value
-        else:
-            _step(node, last, ".".join(parts))
-            node[last] = value
+        _step(node, last, ".".join(parts))  # the key or index must exist: a typo is an error, not a new field
+        node[int(last) if isinstance(node, list) else last] = value
     return data
