@@ -75,9 +75,15 @@ def sensitivity(
     info = getattr(qmodel, "ptqkit_info", None)
     if info is None:
         raise ConfigError("sensitivity: qmodel has no ptqkit_info; pass the model returned by ptqkit.quantize(...)")
-    reference = float_equivalent(model, info.recipe)
-    hybrid = copy.deepcopy(reference)
     names = list(layers) if layers is not None else [layer.name for layer in info.plan.layers]
+    return _rank(float_equivalent(model, info.recipe), qmodel, names, data, max_samples, labels)
+
+
+def _rank(
+    reference: nn.Module, qmodel: nn.Module, names: list[str], data: Any, max_samples: int, labels: torch.Tensor | None
+) -> list[LayerSensitivity]:
+    """`sensitivity` on a float equivalent already built (it is copied once, layers swapped in)."""
+    hybrid = copy.deepcopy(reference)
     metric = None
     results = []
     for name in names:
@@ -138,10 +144,11 @@ def suggest(
             raise ConfigError(f"suggest: {name}={value!r} must be an integer >= {low}")
     qmodel = pq.quantize(model, recipe, calib, progress=progress)
     reference = float_equivalent(model, recipe)
-    ranked = sensitivity(model, qmodel, eval_data, max_samples=max_samples, labels=labels)
-    metric = ranked[0].metric if ranked else task_metric(model_metrics(reference, qmodel, eval_data, max_samples=max_samples, labels=labels))
+    ranked = _rank(reference, qmodel, [layer.name for layer in qmodel.ptqkit_info.plan.layers], eval_data, max_samples, labels)
+    base = model_metrics(reference, qmodel, eval_data, max_samples=max_samples, labels=labels)
+    metric = ranked[0].metric if ranked else task_metric(base)
     sign = -1.0 if metric == "perplexity_quantized" else 1.0  # gains are "better is positive"
-    baseline = model_metrics(reference, qmodel, eval_data, max_samples=max_samples, labels=labels)[metric]
+    baseline = base[metric]
     gains: dict[str, float] = {}
     for layer in ranked[:candidates]:
         previous = replace_module(qmodel, layer.name, reference.get_submodule(layer.name))
