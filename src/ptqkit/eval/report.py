@@ -83,7 +83,8 @@ def _chart(report: QuantReport) -> str:
     top = max(max(finite), 1.0)
     worst = sorted((v, n) for n, v in values if v is not None)[:5]
     worst_names = {n for _, n in worst}
-    width, height, bar = max(300, 8 * len(values)), 180, max(2, 8 * 0.75)
+    step = 8  # px per layer; a bar fills three quarters of its step
+    width, height, bar = max(300, step * len(values)), 180, 0.75 * step
     bars = []
     for i, (name, value) in enumerate(values):
         if value is None:
@@ -91,7 +92,7 @@ def _chart(report: QuantReport) -> str:
         h = max(1.0, (max(value, 0.0) / top) * (height - 20))
         colour = "#c0392b" if name in worst_names else "#2e86c1"
         bars.append(
-            f'<rect x="{i * 8}" y="{height - h:.1f}" width="{bar}" height="{h:.1f}" fill="{colour}">'
+            f'<rect x="{i * step}" y="{height - h:.1f}" width="{bar}" height="{h:.1f}" fill="{colour}">'
             f"<title>{html.escape(name)}: {value:.2f} dB</title></rect>"
         )
     return (
