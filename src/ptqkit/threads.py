@@ -1,4 +1,4 @@
-"""Thread-count control for latency-bound loops of small tensor operations."""
+"""Thread-count control: a fixed intra-op pool for timing and for latency-bound loops."""
 from __future__ import annotations
 
 import contextlib
@@ -6,16 +6,21 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["one_thread"]
+__all__ = ["one_thread", "torch_threads"]
 
 
 @contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run the body with torch's intra-op pool set to one thread, then restore it. For loops
-    of many small ops, where waking the other threads costs more than the work."""
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the body with torch's intra-op pool set to `count` threads, then restore it."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(count)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def one_thread() -> contextlib.AbstractContextManager[None]:
+    """One intra-op thread: for loops of many small ops, where waking the other threads costs
+    more than the work, and for results that must not depend on the machine's core count."""
+    return torch_threads(1)

@@ -29,6 +29,7 @@ from torch import nn
 from ptqkit.calibration.hooks import batch_length
 from ptqkit.calibration.samples import call_model
 from ptqkit.errors import ConfigError
+from ptqkit.threads import torch_threads
 
 __all__ = ["BenchResult", "Timing", "bench", "bench_onnx", "current_rss_bytes", "time_alternating"]
 
@@ -128,9 +129,7 @@ def bench(model: nn.Module, qmodel: nn.Module, example: Any, *, threads: int | N
 
     threads = threads or torch.get_num_threads()
     _check(warmup, reps, threads)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         packed = pack(qmodel)
         report = packed.ptqkit_pack_report
         kernels = dict(Counter(layer.kernel for layer in report.layers))
@@ -144,8 +143,6 @@ def bench(model: nn.Module, qmodel: nn.Module, example: Any, *, threads: int | N
             float_timing, quant_timing = time_alternating(
                 lambda: call_model(model, example), lambda: call_model(packed, example), warmup, reps, batch_length(example)
             )
-    finally:
-        torch.set_num_threads(previous)
     return BenchResult("torch", float_timing, quant_timing, batch_length(example), threads, kernels, note)
 
 

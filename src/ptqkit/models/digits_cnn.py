@@ -18,6 +18,7 @@ from torch import nn
 
 from ptqkit.errors import ConfigError
 from ptqkit.optim import adam_step_
+from ptqkit.threads import one_thread
 
 __all__ = ["DigitsCNN", "TrainedDigits", "accuracy", "train_digits_cnn"]
 
@@ -69,10 +70,8 @@ def train_digits_cnn(*, seed: int = 0, epochs: int = 20, batch_size: int = 64, l
             raise ConfigError(f"train_digits_cnn {name}={value!r} must be a positive integer")
     x_train, y_train = digits("train")
     x_test, y_test = digits("test")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: the same float sums, so the same model, on every machine size
     start = time.perf_counter()
-    try:
+    with one_thread():  # the same float sums, so the same model, on every machine size
         torch.manual_seed(seed)
         model = DigitsCNN()
         parameters = list(model.parameters())
@@ -87,8 +86,6 @@ def train_digits_cnn(*, seed: int = 0, epochs: int = 20, batch_size: int = 64, l
                 grads = torch.autograd.grad(loss, parameters)
                 for p, g, (m, v) in zip(parameters, grads, state):
                     adam_step_(p, g, m, v, step=step, lr=lr * (1 - (step - 1) / total))
-    finally:
-        torch.set_num_threads(threads)
     model.eval()
     seconds = time.perf_counter() - start
     result = TrainedDigits(model, accuracy(model, x_train, y_train), accuracy(model, x_test, y_test), seconds)

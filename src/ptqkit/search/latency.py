@@ -31,6 +31,7 @@ from ptqkit.calibration.samples import call_model
 from ptqkit.errors import ConfigError
 from ptqkit.machine import cpu_name
 from ptqkit.search.formats import format_module
+from ptqkit.threads import torch_threads
 
 __all__ = ["LatencyTable", "linear_rows", "measure_ms"]
 
@@ -53,12 +54,8 @@ def _median_ms(call: Callable[[], Any], warmup: int, reps: int) -> float:
 @torch.inference_mode()
 def measure_ms(model: nn.Module, example: Any, *, threads: int, warmup: int = 3, reps: int = 10) -> float:
     """Median latency (ms) of one call of `model` on `example` at `threads` threads."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         return _median_ms(lambda: call_model(model, example), warmup, reps)
-    finally:
-        torch.set_num_threads(previous)
 
 
 @torch.inference_mode()

@@ -34,6 +34,7 @@ from ptqkit.eval.sensitivity import degradation, model_metrics, task_metric
 from ptqkit.progress import progress_bar
 from ptqkit.search.formats import apply_assignment, format_module, weight_bytes
 from ptqkit.search.latency import LatencyTable, linear_rows
+from ptqkit.threads import torch_threads
 
 __all__ = ["SearchPoint", "SearchResult", "pareto_front", "proxy_rank_correlation", "search", "weight_sqnr_db"]
 
@@ -120,6 +121,7 @@ def search(
     the noise of timing here, and a config slower than float is never recommended."""
     from ptqkit.calibration.samples import call_model
     from ptqkit.eval.bench import time_alternating
+
     if not isinstance(stride, int) or stride < 1:
         raise ConfigError(f"search: stride={stride!r} must be an integer >= 1")
     started = time.monotonic()
@@ -129,67 +131,65 @@ def search(
     base = model_metrics(model, model, eval_data, max_samples=max_samples)
     metric = task_metric(base)
     float_metric = base[metric]
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    rows = linear_rows(model, example)
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name in rows}
-    ladder = {name: [f for f in formats if not isinstance(format_module(m, f), str)] for name, m in linears.items()}
-    costs: dict[str, dict[str, dict[str, float | None]]] = {}
-    stopped = False
-    with progress_bar(f"measuring {len(linears)} layer(s) x {len(formats)} format(s)", len(linears), progress) as advance:
-        for name, linear in linears.items():
-            if out_of_time():
-                stopped = True
-                break
-            costs[name] = {"fp32": {"degradation": 0.0, "ms": table.layer_ms(linear, "fp32", rows[name]), "bytes": weight_bytes(linear, "fp32")}}
-            for fmt in ladder[name]:
-                hybrid = apply_assignment(model, {name: fmt})
-                metrics = model_metrics(model, hybrid, eval_data, max_samples=max_samples)
-                costs[name][fmt] = {
-                    "degradation": degradation(metrics, metric), "ms": table.layer_ms(linear, fmt, rows[name]),
-                    "bytes": weight_bytes(linear, fmt), "weight_sqnr_db": weight_sqnr_db(linear, fmt),
-                }
-            advance(1, current=name)
-    candidates: dict[str, dict[str, str]] = {}
-    for fmt in formats:
-        uniform = {n: fmt for n in costs if fmt in costs[n]}
-        if uniform:
-            candidates[f"uniform {fmt}"] = uniform
-    for objective in ("latency", "size"):
-        path = _greedy_path(costs, objective)
-        for step in sorted({*range(stride, len(path) + 1, stride), len(path)} - {0}):
-            if path[step - 1] not in candidates.values():
-                candidates[f"{objective} step {step}"] = dict(path[step - 1])
-    points: list[SearchPoint] = []
-    float_runs: list[float] = []
-    float_bytes = sum(weight_bytes(m, "fp32") for m in linears.values())
-    with progress_bar(f"measuring {len(candidates)} configuration(s) end to end", len(candidates), progress) as advance:
-        for name, assignment in candidates.items():
-            if out_of_time():
-                stopped = True
-                break
-            candidate = apply_assignment(model, assignment)
-            metrics = model_metrics(model, candidate, eval_data, max_samples=max_samples)
-            with torch.inference_mode():
-                float_timing, timing = time_alternating(lambda: call_model(model, example), lambda: call_model(candidate, example), 2, 8, 1)
-            float_runs.append(float_timing.median_ms)
-            points.append(SearchPoint(
-                name=name, assignment=assignment, metric=metrics[metric], degradation=degradation(metrics, metric),
-                measured_ms=timing.median_ms,
-                predicted_ms=table.predict_ms(model, assignment, example, rows, float_ms=float_timing.median_ms),
-                weight_bytes=float_bytes + sum(weight_bytes(linears[n], f) - weight_bytes(linears[n], "fp32") for n, f in assignment.items()),
-                float_ms=float_timing.median_ms,
-            ))
-            advance(1, current=name)
-    torch.set_num_threads(previous_threads)
-    float_ms = statistics.median(float_runs) if float_runs else float("nan")
-    chosen, why = _choose(points, max_degradation, max_bytes, min_speedup)
-    if stopped:
-        logger.warning("search stopped at the time limit (%.0f s): %d point(s) measured", time_limit_s or 0, len(points))
-    return SearchResult(
-        metric, float_metric, float_ms, float_bytes, tuple(points), tuple(pareto_front(points)), chosen, why, costs, stopped,
-        proxy_rank_correlation(costs),
-    )
+    with torch_threads(threads):  # every measurement at the search's thread count, restored on any exit
+        rows = linear_rows(model, example)
+        linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name in rows}
+        ladder = {name: [f for f in formats if not isinstance(format_module(m, f), str)] for name, m in linears.items()}
+        costs: dict[str, dict[str, dict[str, float | None]]] = {}
+        stopped = False
+        with progress_bar(f"measuring {len(linears)} layer(s) x {len(formats)} format(s)", len(linears), progress) as advance:
+            for name, linear in linears.items():
+                if out_of_time():
+                    stopped = True
+                    break
+                costs[name] = {"fp32": {"degradation": 0.0, "ms": table.layer_ms(linear, "fp32", rows[name]), "bytes": weight_bytes(linear, "fp32")}}
+                for fmt in ladder[name]:
+                    hybrid = apply_assignment(model, {name: fmt})
+                    metrics = model_metrics(model, hybrid, eval_data, max_samples=max_samples)
+                    costs[name][fmt] = {
+                        "degradation": degradation(metrics, metric), "ms": table.layer_ms(linear, fmt, rows[name]),
+                        "bytes": weight_bytes(linear, fmt), "weight_sqnr_db": weight_sqnr_db(linear, fmt),
+                    }
+                advance(1, current=name)
+        candidates: dict[str, dict[str, str]] = {}
+        for fmt in formats:
+            uniform = {n: fmt for n in costs if fmt in costs[n]}
+            if uniform:
+                candidates[f"uniform {fmt}"] = uniform
+        for objective in ("latency", "size"):
+            path = _greedy_path(costs, objective)
+            for step in sorted({*range(stride, len(path) + 1, stride), len(path)} - {0}):
+                if path[step - 1] not in candidates.values():
+                    candidates[f"{objective} step {step}"] = dict(path[step - 1])
+        points: list[SearchPoint] = []
+        float_runs: list[float] = []
+        float_bytes = sum(weight_bytes(m, "fp32") for m in linears.values())
+        with progress_bar(f"measuring {len(candidates)} configuration(s) end to end", len(candidates), progress) as advance:
+            for name, assignment in candidates.items():
+                if out_of_time():
+                    stopped = True
+                    break
+                candidate = apply_assignment(model, assignment)
+                metrics = model_metrics(model, candidate, eval_data, max_samples=max_samples)
+                with torch.inference_mode():
+                    float_timing, timing = time_alternating(lambda: call_model(model, example), lambda: call_model(candidate, example), 2, 8, 1)
+                float_runs.append(float_timing.median_ms)
+                points.append(SearchPoint(
+                    name=name, assignment=assignment, metric=metrics[metric], degradation=degradation(metrics, metric),
+                    measured_ms=timing.median_ms,
+                    predicted_ms=table.predict_ms(model, assignment, example, rows, float_ms=float_timing.median_ms),
+                    weight_bytes=float_bytes + sum(weight_bytes(linears[n], f) - weight_bytes(linears[n], "fp32") for n, f in assignment.items()),
+                    float_ms=float_timing.median_ms,
+                ))
+                advance(1, current=name)
+        float_ms = statistics.median(float_runs) if float_runs else float("nan")
+        chosen, why = _choose(points, max_degradation, max_bytes, min_speedup)
+        if stopped:
+            logger.warning("search stopped at the time limit (%.0f s): %d point(s) measured", time_limit_s or 0, len(points))
+        return SearchResult(
+            metric, float_metric, float_ms, float_bytes, tuple(points), tuple(pareto_front(points)), chosen, why, costs, stopped,
+            proxy_rank_correlation(costs),
+        )
 
 
 def weight_sqnr_db(linear: nn.Linear, fmt: str) -> float:
