@@ -27,7 +27,7 @@ from torch import nn
 
 from ptqkit.algorithms.bias_correction import clipped_normal_mean, empirical_bias_correction
 from ptqkit.algorithms.bn_fold import FoldedPair
-from ptqkit.algorithms.cle import ChannelClippedReLU, EqualizationResult
+from ptqkit.algorithms.cle import ChannelClippedReLU, EqualizationResult, layer_groups
 from ptqkit.algorithms.rtn import round_to_grid
 from ptqkit.calibration.graph_pass import trace
 from ptqkit.errors import ConfigError
@@ -121,10 +121,6 @@ def input_links(graph: object, model: nn.Module) -> dict[str, tuple[str, str | N
     return links
 
 
-def _groups(module: nn.Module) -> int:
-    return module.groups if isinstance(module, nn.Conv2d) else 1
-
-
 @torch.no_grad()
 def analytic_bias_correct_(
     model: nn.Module,
@@ -167,7 +163,7 @@ def analytic_bias_correct_(
         weight = module.weight.detach()
         qparams = grids(weight, spec)
         delta = round_to_grid(weight, qparams, spec).dequantized.to(torch.float64) - weight.to(torch.float64)
-        correction = empirical_bias_correction(delta, expected, groups=_groups(module))  # [out]
+        correction = empirical_bias_correction(delta, expected, groups=layer_groups(module))  # [out]
         if module.bias is None:
             module.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype), requires_grad=False)
         module.bias.add_(correction.to(module.bias.dtype))

@@ -43,6 +43,7 @@ __all__ = [
     "RELU6_MODES",
     "equalization_scales",
     "input_channel_ranges",
+    "layer_groups",
     "apply_equalization",
     "equalize_",
 ]
@@ -178,7 +179,8 @@ def apply_equalization(
 
 
 # ---- module level -------------------------------------------------------------------------
-def _layer_groups(layer: nn.Module) -> int:
+def layer_groups(layer: nn.Module) -> int:
+    """How many groups a Conv2d's weight splits its input channels into (1 for a Linear)."""
     return layer.groups if isinstance(layer, nn.Conv2d) else 1
 
 
@@ -216,7 +218,7 @@ def _chain_problem(model: nn.Module, chain: CLEChain) -> str | None:
         if isinstance(act, ChannelClippedReLU) and act.upper.numel() != layers[i].weight.shape[0]:
             return f"{path!r} has {act.upper.numel()} channel bounds, layer {chain.layers[i]!r} {layers[i].weight.shape[0]} channels"
     for (p1, l1), (p2, l2) in zip(zip(chain.layers, layers), zip(chain.layers[1:], layers[1:])):
-        c_in = l2.weight.shape[1] * _layer_groups(l2)
+        c_in = l2.weight.shape[1] * layer_groups(l2)
         if l1.weight.shape[0] != c_in:
             return f"{p1!r} has {l1.weight.shape[0]} output channels but {p2!r} reads {c_in}"
     return None
@@ -240,7 +242,7 @@ def _prepare_activations(model: nn.Module, chain: CLEChain, relu6: str) -> None:
 
 def _equalize_pair(model: nn.Module, chain: CLEChain, i: int) -> torch.Tensor:
     l1, l2 = model.get_submodule(chain.layers[i]), model.get_submodule(chain.layers[i + 1])
-    groups = _layer_groups(l2)
+    groups = layer_groups(l2)
     with torch.no_grad():
         s = equalization_scales(l1.weight, l2.weight, groups=groups)
         w1, b1, w2 = apply_equalization(l1.weight, l1.bias, l2.weight, s, groups=groups)
