@@ -28,6 +28,7 @@ from torch import nn
 from ptqkit.algorithms.bias_correction import clipped_normal_mean, empirical_bias_correction
 from ptqkit.algorithms.bn_fold import FoldedPair
 from ptqkit.algorithms.cle import ChannelClippedReLU, EqualizationResult, layer_groups
+from ptqkit.algorithms.cle_graph import LAYERS, passes_through
 from ptqkit.algorithms.rtn import round_to_grid
 from ptqkit.calibration.graph_pass import trace
 from ptqkit.errors import ConfigError
@@ -44,7 +45,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_LAYERS = (nn.Conv2d, nn.Linear)
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def equalized_gaussians(
 
 def activation_bounds(module: nn.Module | None) -> tuple[float | torch.Tensor, float | torch.Tensor] | str:
     """(lower, upper) such that the activation is clamp(x, lower, upper), or why it is not one."""
-    if module is None or isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and not module.training):
+    if module is None or passes_through(module):
         return -math.inf, math.inf
     if isinstance(module, nn.ReLU):
         return 0.0, math.inf
@@ -104,15 +104,15 @@ def input_links(graph: object, model: nn.Module) -> dict[str, tuple[str, str | N
     modules = dict(model.named_modules())
     links = {}
     for node in graph.nodes:  # type: ignore[attr-defined]
-        if node.op != "call_module" or not isinstance(modules.get(node.target), _LAYERS) or len(node.all_input_nodes) != 1:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), LAYERS) or len(node.all_input_nodes) != 1:
             continue
         current, activation = node.all_input_nodes[0], None
         while current.op == "call_module" and len(current.all_input_nodes) == 1:
             module = modules[current.target]
-            if isinstance(module, _LAYERS):
+            if isinstance(module, LAYERS):
                 links[node.target] = (current.target, activation)
                 break
-            if isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and not module.training):
+            if passes_through(module):
                 current = current.all_input_nodes[0]
                 continue
             if activation is not None:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ptqkit.algorithms.cle_graph import join_links
+from ptqkit.algorithms.cle_graph import BATCHNORMS, LAYERS, join_links, passes_through
 from ptqkit.calibration.sequential import run_batch
 from ptqkit.mappings import CLEChain
 
@@ -31,8 +31,6 @@ __all__ = ["captured_cle_chains"]
 
 logger = logging.getLogger(__name__)
 
-_LAYERS = (nn.Conv2d, nn.Linear)
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 _OUTSIDE = ""  # the reader name for plain code outside every leaf module
 
 
@@ -119,18 +117,18 @@ def captured_cle_chains(model: nn.Module, example: Any) -> list[CLEChain]:
 
     links: dict[str, tuple[str | None, str]] = {}
     for call in calls:
-        if counts[call.name] != 1 or not isinstance(modules[call.name], _LAYERS):
+        if counts[call.name] != 1 or not isinstance(modules[call.name], LAYERS):
             continue
         activation = batchnorm = None
         current = sole_reader(call.output)
         while current is not None:
             module = modules[current.name]
-            if isinstance(module, _LAYERS):
+            if isinstance(module, LAYERS):
                 links[call.name] = (batchnorm or activation, current.name)
                 break
-            if isinstance(module, nn.Dropout) and not module.training:
+            if passes_through(module):
                 pass  # transparent in eval mode, even where it returns a new tensor
-            elif isinstance(module, _BATCHNORMS) and batchnorm is None and activation is None:
+            elif isinstance(module, BATCHNORMS) and batchnorm is None and activation is None:
                 batchnorm = current.name
             elif activation is None:
                 activation = current.name

@@ -23,13 +23,18 @@ from torch import nn
 from ptqkit.calibration.graph_pass import trace
 from ptqkit.mappings import CLEChain
 
-__all__ = ["graph_cle_chains", "join_links"]
+__all__ = ["BATCHNORMS", "LAYERS", "graph_cle_chains", "join_links", "passes_through"]
 
 logger = logging.getLogger(__name__)
 
-_LAYERS = (nn.Conv2d, nn.Linear)
-_TRANSPARENT = (nn.Identity, nn.Dropout)
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+LAYERS = (nn.Conv2d, nn.Linear)  # the layers a chain links (and bias correction follows)
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def passes_through(module: nn.Module | None) -> bool:
+    """Whether `module` returns its input unchanged: nn.Identity (what BN folding leaves) or an
+    eval-mode Dropout."""
+    return isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and not module.training)
 
 
 def _module(modules: dict[str, nn.Module], node: Any) -> nn.Module | None:
@@ -51,12 +56,12 @@ def _follow(modules: dict[str, nn.Module], node: Any) -> tuple[str | None, Any] 
         module = _module(modules, nxt) if nxt is not None else None
         if module is None or len(nxt.all_input_nodes) != 1:
             return None
-        if isinstance(module, _LAYERS):
+        if isinstance(module, LAYERS):
             return batchnorm or activation, nxt
-        if isinstance(module, _TRANSPARENT) and not (isinstance(module, nn.Dropout) and module.training):
+        if passes_through(module):
             current = nxt
             continue
-        if isinstance(module, _BATCHNORMS) and batchnorm is None:
+        if isinstance(module, BATCHNORMS) and batchnorm is None:
             batchnorm, current = nxt.target, nxt  # the chain is reported, and skipped: fold BNs first
             continue
         if activation is not None:
@@ -72,7 +77,7 @@ def graph_cle_chains(model: nn.Module) -> list[CLEChain] | None:
     modules = dict(model.named_modules())
     links: dict[str, tuple[str | None, str]] = {}  # layer -> (activation, next layer)
     for node in graph.nodes:
-        if isinstance(_module(modules, node), _LAYERS):
+        if isinstance(_module(modules, node), LAYERS):
             found = _follow(modules, node)
             if found is not None:
                 links[node.target] = (found[0], found[1].target)
