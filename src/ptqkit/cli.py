@@ -120,13 +120,26 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if args.calib is not None:
         settings = recipe.calibration
         calib = _data(args, args.calib, loaded.tokenizer, samples=settings.samples, batch_size=settings.batch_size, seed=settings.seed)
-    if not args.quiet and not args.json:
+    writer = _is_writer(args.distributed)
+    if not args.quiet and not args.json and writer:
         import ptqkit as pq
 
         sys.stderr.write(pq.plan(loaded.model, recipe).render() + "\n")
-    summary = quantize_run(loaded, recipe, calib, args.out, formats=formats, progress=_show_progress(args))
-    _write(args, summary, _render_summary(summary, args.out))
+    summary = quantize_run(
+        loaded, recipe, calib, args.out, formats=formats, progress=_show_progress(args), distributed=args.distributed
+    )
+    if writer:
+        _write(args, summary, _render_summary(summary, args.out))
     return 0
+
+
+def _is_writer(distributed: bool) -> bool:
+    """Whether this process prints and writes: always, except on ranks other than 0."""
+    if not distributed:
+        return True
+    from ptqkit.distributed import DataParallel
+
+    return DataParallel.current().is_writer
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -323,6 +336,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_data_options(quantize)
     quantize.add_argument("--out", default=None, help="run directory to write (artifact, recipe, summary)")
     quantize.add_argument("--format", default="safetensors", help="comma-separated: safetensors (always written), onnx")
+    quantize.add_argument(
+        "--distributed", action="store_true",
+        help="data-parallel calibration: run under `torchrun --nproc-per-node N -m ptqkit quantize ...`; rank 0 writes the run",
+    )
     _add_output_flags(quantize, quiet="no plan or progress output")
     quantize.set_defaults(handler=_cmd_quantize)
 

@@ -43,16 +43,24 @@ def plan(model: nn.Module, recipe: Recipe) -> Plan:
     return resolve_plan(model, recipe)
 
 
-def quantize(model: nn.Module, recipe: Recipe, calib: Any = None, *, progress: bool = True) -> nn.Module:
+def quantize(
+    model: nn.Module, recipe: Recipe, calib: Any = None, *, progress: bool = True, distributed: bool = False
+) -> nn.Module:
     """Return a quantized copy of `model` (the original is not modified)."""
-    return quantize_(copy.deepcopy(model), recipe, calib, progress=progress)
+    return quantize_(copy.deepcopy(model), recipe, calib, progress=progress, distributed=distributed)
 
 
-def quantize_(model: nn.Module, recipe: Recipe, calib: Any = None, *, progress: bool = True) -> nn.Module:
+def quantize_(
+    model: nn.Module, recipe: Recipe, calib: Any = None, *, progress: bool = True, distributed: bool = False
+) -> nn.Module:
     """Quantize `model` in place and return it.
 
     `calib` is a CalibrationData (or anything CalibrationData.from_iterable accepts); it is
     required when the recipe has static (calibrated) input activations.
+
+    With `distributed=True` (every rank of a torch.distributed job calls it with the same
+    model, recipe and data; see `ptqkit.distributed`) each rank calibrates on its share of the
+    batches and the statistics are merged, so every rank returns the same model.
     """
     from ptqkit.algorithms.pipeline import TransformContext, apply_pre_transforms, split_algorithms
 
@@ -79,6 +87,8 @@ def quantize_(model: nn.Module, recipe: Recipe, calib: Any = None, *, progress: 
             "or use a data-free recipe such as 'w8a8_dynamic' (or a weight-only one: 'w8a16', 'w4a16') "
             "without gptq/awq/smoothquant/adaround/bias_correction"
         )
+    parallel = _data_parallel(stages) if distributed else None
+    progress = progress and (parallel is None or parallel.is_writer)
     changes_model = stages.pre_transforms or needs_data or stages.analytic_correction is not None
     backup = copy.deepcopy(model.__dict__) if changes_model else None  # restored on failure
     try:
@@ -86,11 +96,11 @@ def quantize_(model: nn.Module, recipe: Recipe, calib: Any = None, *, progress: 
         context = TransformContext(example=_first_batch(data, recipe) if stages.pre_transforms else None)
         apply_pre_transforms(model, stages.pre_transforms, context)
         if needs_data:
-            weight_results = _run_weight_algorithms(model, the_plan, stages, data, recipe, progress)
+            weight_results = _run_weight_algorithms(model, the_plan, stages, data, recipe, progress, parallel)
         if stages.analytic_correction is not None:
             _run_analytic_correction(model, the_plan, stages, context)
         if static_inputs:
-            observers = _calibrate(model, static_inputs, data, recipe, progress)
+            observers = _calibrate(model, static_inputs, data, recipe, progress, parallel)
         if data is not None and (static_inputs or needs_data):
             calibration = {"description": data.description, "fingerprint": data.fingerprint}
         replacements = {
@@ -123,40 +133,57 @@ def _as_calibration_data(calib: Any, recipe: Recipe) -> Any:
     return CalibrationData.from_iterable(calib, limit=recipe.calibration.samples, seed=recipe.calibration.seed, batch_size=recipe.calibration.batch_size)
 
 
-def _calibrate(model: nn.Module, specs: dict[str, QuantSpec], data: Any, recipe: Recipe, progress: bool) -> dict[str, Any]:
-    from ptqkit.calibration.hooks import calibrate_inputs
+def _data_parallel(stages: Any) -> Any:
+    from ptqkit.distributed import DataParallel
 
+    if stages.layerwise:
+        algorithms = [type(c).__name__ for c in (stages.weight_quantizer, *stages.data_corrections) if c is not None]
+        raise ConfigError(
+            f"distributed=True: {algorithms} run layer by layer and are not data-parallel; run them in one process "
+            "(observers, SmoothQuant, AWQ and GPTQ are data-parallel)"
+        )
+    return DataParallel.current()
+
+
+def _calibration_batches(data: Any, recipe: Recipe, parallel: Any) -> tuple[Any, int, int]:
+    """(batches, max_samples, number of batches) this process runs: all of them, or this
+    rank's share of them."""
     if len(data) == 0:
         raise CalibrationDataError("calibration data is empty")
     batch_size = recipe.calibration.batch_size
     samples = min(len(data), recipe.calibration.samples)
-    return calibrate_inputs(
-        model,
-        specs,
-        data.batches(batch_size),
-        max_samples=samples,
-        progress=progress,
-        total_batches=-(-samples // batch_size),
-    )
+    total = -(-samples // batch_size)
+    if parallel is None:
+        return data.batches(batch_size), samples, total
+    return parallel.shard(data.batches(batch_size), samples, total), samples, len(parallel.my_batches(total))
 
 
-def _run_weight_algorithms(model: nn.Module, the_plan: Plan, stages: Any, data: Any, recipe: Recipe, progress: bool) -> dict[str, Any]:
+def _calibrate(model: nn.Module, specs: dict[str, QuantSpec], data: Any, recipe: Recipe, progress: bool, parallel: Any) -> dict[str, Any]:
+    from ptqkit.calibration.hooks import calibrate_inputs
+
+    batches, samples, total = _calibration_batches(data, recipe, parallel)
+    observers = calibrate_inputs(model, specs, batches, max_samples=samples, progress=progress, total_batches=total)
+    return parallel.merge_observers(observers) if parallel is not None else observers
+
+
+def _run_weight_algorithms(
+    model: nn.Module, the_plan: Plan, stages: Any, data: Any, recipe: Recipe, progress: bool, parallel: Any
+) -> dict[str, Any]:
     """Weights by the data-driven engines: block by block (SmoothQuant, AWQ, GPTQ) or layer by
     layer (AdaRound, bias correction)."""
     from ptqkit.algorithms.blockwise import quantize_blocks_
     from ptqkit.algorithms.layerwise import quantize_layers_
 
-    if len(data) == 0:
-        raise CalibrationDataError("calibration data is empty")
+    batches, max_samples, _ = _calibration_batches(data, recipe, parallel)
     targets = {layer.name: (layer.module_type, layer.weights) for layer in the_plan.layers if layer.weights is not None}
     batch_size = recipe.calibration.batch_size
-    max_samples = min(len(data), recipe.calibration.samples)
     was_training = model.training
     model.eval()
     try:
         if stages.blockwise:
             results, _ = quantize_blocks_(
-                model, targets, stages, data.batches(batch_size), max_samples=max_samples, progress=progress
+                model, targets, stages, batches, max_samples=max_samples, progress=progress,
+                reduce=parallel.merge_statistics if parallel is not None else None,
             )
         else:
             results, _ = quantize_layers_(

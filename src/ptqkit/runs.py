@@ -89,16 +89,52 @@ def _load_example(path: Path) -> Any:
 
 
 def quantize_run(
-    loaded: LoadedModel, recipe: Recipe, calib: Any, out_dir: str | Path, *, formats: tuple[str, ...] = (), progress: bool = True
+    loaded: LoadedModel,
+    recipe: Recipe,
+    calib: Any,
+    out_dir: str | Path,
+    *,
+    formats: tuple[str, ...] = (),
+    progress: bool = True,
+    distributed: bool = False,
 ) -> dict[str, Any]:
     """Quantize `loaded.model` with `recipe` on `calib`, write the run directory, and return the
-    summary (also written to summary.json)."""
+    summary (also written to summary.json). With `distributed` every rank calibrates on its
+    share of the data and rank 0 alone writes; the other ranks wait for it and return
+    {"rank": r, "written_by": 0}."""
     import ptqkit as pq
 
     files = RunFiles(Path(out_dir))
     start = time.perf_counter()
-    qmodel = pq.quantize(loaded.model, recipe, calib, progress=progress)
+    qmodel = pq.quantize(loaded.model, recipe, calib, progress=progress, distributed=distributed)
     seconds = time.perf_counter() - start
+    if distributed:
+        from ptqkit.distributed import DataParallel
+
+        parallel = DataParallel.current()
+        if not parallel.is_writer:
+            parallel.barrier()  # rank 0 writes, then meets the others here
+            return {"rank": parallel.rank, "written_by": 0}
+        try:
+            return _write_run(files, loaded, recipe, calib, qmodel, seconds, formats, ranks=parallel.world_size)
+        finally:
+            parallel.barrier()
+    return _write_run(files, loaded, recipe, calib, qmodel, seconds, formats)
+
+
+def _write_run(
+    files: RunFiles,
+    loaded: LoadedModel,
+    recipe: Recipe,
+    calib: Any,
+    qmodel: nn.Module,
+    seconds: float,
+    formats: tuple[str, ...],
+    *,
+    ranks: int = 1,
+) -> dict[str, Any]:
+    import ptqkit as pq
+
     example = next(iter(calib.batches())) if calib is not None and len(calib) else None
     size = pq.model_size(qmodel)
     summary: dict[str, Any] = {
@@ -107,6 +143,7 @@ def quantize_run(
         "quantized_layers": size.quantized_layers,
         "skipped_modules": len(qmodel.ptqkit_info.plan.skipped),
         "calibration_samples": len(calib) if calib is not None else 0,
+        "calibration_ranks": ranks,
         "model_float_bytes": size.total_float_bytes,
         "model_quantized_bytes": size.total_quantized_bytes,
         "output_sqnr_db": output_sqnr_on(loaded.model, qmodel, example) if example is not None else None,

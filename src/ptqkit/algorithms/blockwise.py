@@ -18,7 +18,7 @@ need the scale-group table of a block class and raise UnsupportedModelError).
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -49,6 +49,7 @@ __all__ = ["quantize_blocks_", "transform_blocks_"]
 logger = logging.getLogger(__name__)
 
 _LINEAR_TYPES = ("Linear", "Conv1D")
+Reduce = Callable[[Mapping[str, InputStatistics]], Mapping[str, InputStatistics]]
 
 
 def quantize_blocks_(
@@ -60,15 +61,17 @@ def quantize_blocks_(
     max_samples: int,
     progress: bool = True,
     quantize_weights: bool = True,
+    reduce: Reduce | None = None,
 ) -> tuple[dict[str, WeightQuantResult], dict[str, Any]]:
     """Run the block transforms and the weight quantizer block by block, in place.
 
     `targets` maps module names to (module type, weight spec). Returns the weight results of
     the layers quantized here (their float weights now hold the dequantized values) and the
     algorithms' details per block. With `quantize_weights=False` only the (function-preserving)
-    block transforms run and the model stays float."""
+    block transforms run and the model stays float. `reduce` combines each block's statistics
+    with other processes' (data-parallel calibration: `DataParallel.merge_statistics`)."""
     with fused_attention(model):
-        return _quantize_blocks(model, targets, stages, batches, max_samples, progress, quantize_weights)
+        return _quantize_blocks(model, targets, stages, batches, max_samples, progress, quantize_weights, reduce)
 
 
 def _quantize_blocks(
@@ -79,6 +82,7 @@ def _quantize_blocks(
     max_samples: int,
     progress: bool,
     quantize_weights: bool,
+    reduce: Reduce | None,
 ) -> tuple[dict[str, WeightQuantResult], dict[str, Any]]:
     linear_targets = {name: spec for name, (kind, spec) in targets.items() if kind in _LINEAR_TYPES}
     found = find_block_list(model)
@@ -99,7 +103,7 @@ def _quantize_blocks(
     with progress_bar(f"quantizing {len(stage_list)} block(s)", len(stage_list), progress) as advance:
         for index, (prefix, block) in enumerate(stage_list):
             inside = {n: s for n, s in linear_targets.items() if not prefix or n.startswith(prefix + ".")}
-            block_results, details[prefix or "model"] = _quantize_stage(block, prefix, calls, inside, stages, quantize_weights)
+            block_results, details[prefix or "model"] = _quantize_stage(block, prefix, calls, inside, stages, quantize_weights, reduce)
             results.update(block_results)
             if index + 1 < len(stage_list):
                 calls = next_block_calls(block, calls, prefix)
@@ -163,11 +167,19 @@ def _qualified(prefix: str, name: str) -> str:
 
 @torch.no_grad()
 def _quantize_stage(
-    block: nn.Module, prefix: str, calls: list[BlockCall], targets: Mapping[str, QuantSpec], stages: Stages, quantize_weights: bool
+    block: nn.Module,
+    prefix: str,
+    calls: list[BlockCall],
+    targets: Mapping[str, QuantSpec],
+    stages: Stages,
+    quantize_weights: bool,
+    reduce: Reduce | None,
 ) -> tuple[dict[str, WeightQuantResult], dict[str, Any]]:
     modules = {_qualified(prefix, n): m for n, m in block.named_modules()}
     groups = resolve_scale_groups(block, prefix) if stages.block_transforms else []
     stats = _collect(block, calls, modules, _requests(stages, groups, targets, quantize_weights))
+    if reduce is not None:
+        stats = dict(reduce(stats))
     details: dict[str, Any] = {}
     for config in stages.block_transforms:
         if isinstance(config, SmoothQuantConfig):

@@ -105,6 +105,23 @@ class HessianAccumulator:
         self._n = total
         return self
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """Plain tensors (the running H and N) from which `from_state` rebuilds it."""
+        return {"hessian": self._h.clone(), "samples": torch.tensor(self._n, dtype=torch.int64)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor], *, name: str | None = None) -> HessianAccumulator:
+        hessian = state["hessian"]
+        if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1] or hessian.dtype not in _DTYPES:
+            raise ConfigError(
+                f"Hessian state of layer {name!r}: expected a square float32/float64 matrix, got "
+                f"{tuple(hessian.shape)} {hessian.dtype}"
+            )
+        accumulator = cls(hessian.shape[0], dtype=hessian.dtype, device=hessian.device, name=name)
+        accumulator._h = hessian.clone()
+        accumulator._n = int(state["samples"])
+        return accumulator
+
     def divide_inputs_(self, scales: torch.Tensor) -> HessianAccumulator:
         """Make H what it would be had every input row been divided by `scales` [in]
         (H_ij / (s_i s_j)), as when SmoothQuant or AWQ rescales the layer's input channels."""

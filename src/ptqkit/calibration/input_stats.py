@@ -13,6 +13,7 @@ calibration data through the model again.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -90,6 +91,47 @@ class InputStatistics:
         if len(self._samples) > 1:
             self._samples = [torch.cat(self._samples)]
         return self._samples[0]  # [n, C]
+
+    def state(self) -> dict[str, Any]:
+        """Plain tensors and counts from which `from_state` rebuilds these statistics (sent
+        between processes by data-parallel calibration)."""
+        return {
+            "absmax": self.absmax,
+            "abs_sum": self._abs_sum,
+            "rows": self._rows,
+            "samples": list(self._samples),
+            "hessian": self.hessian.state() if self.hessian is not None else None,
+        }
+
+    @classmethod
+    def from_state(cls, channels: int, request: StatsRequest, name: str, state: dict[str, Any]) -> "InputStatistics":
+        from ptqkit.algorithms.hessian import HessianAccumulator
+
+        stats = cls(channels, request, name)
+        stats.absmax = None if state["absmax"] is None else state["absmax"].clone()
+        stats._abs_sum = None if state["abs_sum"] is None else state["abs_sum"].clone()
+        stats._rows = int(state["rows"])
+        stats._samples = [chunk.clone() for chunk in state["samples"]]
+        stats.hessian = None if state["hessian"] is None else HessianAccumulator.from_state(state["hessian"], name=name)
+        return stats
+
+    def merge_(self, other: "InputStatistics") -> "InputStatistics":
+        """Fold `other` (the same statistics over later, disjoint data) into these, in place:
+        maxima and sums combine exactly, samples are appended, Hessians merge (`merge_`)."""
+        if other.channels != self.channels or other.request != self.request:
+            raise ConfigError(
+                f"layer {self.name!r}: cannot merge statistics of {other.channels} channels ({other.request}) into "
+                f"{self.channels} channels ({self.request})"
+            )
+        if self.absmax is not None and other.absmax is not None:
+            torch.maximum(self.absmax, other.absmax, out=self.absmax)
+        if self._abs_sum is not None and other._abs_sum is not None:
+            self._abs_sum += other._abs_sum
+        self._samples.extend(other._samples)
+        if self.hessian is not None and other.hessian is not None:
+            self.hessian.merge_(other.hessian)
+        self._rows += other._rows
+        return self
 
     def divide_(self, scales: torch.Tensor) -> None:
         """Update every statistic as if each input row had been divided by `scales` [C]."""

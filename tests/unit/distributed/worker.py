@@ -1,0 +1,28 @@
+"""Run under torchrun: quantize every case of `cases.py` data-parallel and save each quantized
+model from rank 0 (`OUT/<case>/`). Usage:
+    torchrun --standalone --nproc-per-node 2 -m tests.unit.distributed.worker OUT [CASE ...]
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+import ptqkit as pq
+
+from .cases import CASES, model_and_data
+
+
+def main(out: Path, names: list[str]) -> None:
+    for name in names or list(CASES):
+        model, data = model_and_data()
+        qmodel = pq.quantize(model, CASES[name](), data, progress=False, distributed=True)
+        if dist.get_rank() == 0:
+            pq.save(qmodel, out / name)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2:])
