@@ -115,10 +115,16 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     recipe = _recipe(args)
     formats = _formats(args.format)
+    settings = recipe.calibration
+    if args.onload:
+        return _quantize_onloaded(args, recipe)
+    if Path(args.model).expanduser().is_dir() and not args.no_memory_check:
+        from ptqkit.memory_plan import preflight
+
+        preflight(args.model, recipe, samples=settings.samples, seq_len=args.max_length, batch_size=settings.batch_size, onload=False)
     loaded = load_model(args.model, args.weights)
     calib = None
     if args.calib is not None:
-        settings = recipe.calibration
         calib = _data(args, args.calib, loaded.tokenizer, samples=settings.samples, batch_size=settings.batch_size, seed=settings.seed)
     writer = _is_writer(args.distributed)
     if not args.quiet and not args.json and writer:
@@ -130,6 +136,27 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     )
     if writer:
         _write(args, summary, _render_summary(summary, args.out))
+    return 0
+
+
+def _quantize_onloaded(args: argparse.Namespace, recipe: Any) -> int:
+    """`quantize --onload`: a Hugging Face model quantized block by block from disk."""
+    from ptqkit.models.hf import load_hf_tokenizer
+    from ptqkit.runs import onload_run
+
+    if args.distributed or args.weights is not None or args.calib is None or not Path(args.model).expanduser().is_dir():
+        raise ConfigError("quantize --onload: needs a Hugging Face model directory and --calib; not with --weights or --distributed")
+    settings = recipe.calibration
+    has_tokenizer = any((Path(args.model).expanduser() / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = load_hf_tokenizer(args.model) if has_tokenizer else None  # token-id tensor files need none
+    calib = _data(args, args.calib, tokenizer, samples=settings.samples, batch_size=settings.batch_size, seed=settings.seed)
+    summary = onload_run(args.model, recipe, calib, args.out, progress=_show_progress(args), memory_check=not args.no_memory_check)
+    text = (
+        f"{summary['quantized_layers']} layers quantized with onloading on {summary['calibration_samples']} samples in "
+        f"{summary['quantize_seconds']:.1f} s; peak resident memory {_human_bytes(summary['peak_rss_bytes'])}; "
+        f"artifact {_human_bytes(summary['artifact_bytes'])}\nrun directory: {args.out}"
+    )
+    _write(args, summary, text)
     return 0
 
 
@@ -336,6 +363,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_data_options(quantize)
     quantize.add_argument("--out", default=None, help="run directory to write (artifact, recipe, summary)")
     quantize.add_argument("--format", default="safetensors", help="comma-separated: safetensors (always written), onnx")
+    quantize.add_argument(
+        "--onload", action="store_true",
+        help="layer onloading for models larger than memory: weights stay on disk, one block is loaded at a time (HF directories)",
+    )
+    quantize.add_argument("--no-memory-check", action="store_true", help="skip the up-front memory plan of a Hugging Face model (its check, not its prediction)")
     quantize.add_argument(
         "--distributed", action="store_true",
         help="data-parallel calibration: run under `torchrun --nproc-per-node N -m ptqkit quantize ...`; rank 0 writes the run",

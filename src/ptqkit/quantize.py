@@ -23,7 +23,7 @@ from ptqkit.recipe import Recipe
 from ptqkit.spec import QParams, QuantSpec
 from ptqkit.targets import LayerPlan, Plan, replace_module, resolve_plan
 
-__all__ = ["QuantizationInfo", "plan", "quantize", "quantize_", "dequantize_model", "weight_qparams"]
+__all__ = ["QuantizationInfo", "plan", "quantize", "quantize_", "dequantize_model", "weight_qparams", "convert_layer"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def quantize_(
         if data is not None and (static_inputs or needs_data):
             calibration = {"description": data.description, "fingerprint": data.fingerprint}
         replacements = {
-            layer.name: _convert(
+            layer.name: convert_layer(
                 model.get_submodule(layer.name), layer, observers.get(layer.name), stages, weight_results.get(layer.name)
             )
             for layer in the_plan.layers
@@ -240,7 +240,7 @@ def _input_quantizer(layer: LayerPlan, observer: Any, decomposition: Any = None)
     return InputQuantizer(layer.inputs, observer.qparams())
 
 
-def _convert(module: nn.Module, layer: LayerPlan, observer: Any, stages: Any, result: Any = None) -> nn.Module:
+def convert_layer(module: nn.Module, layer: LayerPlan, observer: Any, stages: Any, result: Any = None) -> nn.Module:
     """The quantized replacement of one module (weights stay float if the layer has no weight
     spec); `result` holds integer weights an algorithm already computed for it."""
     inputs = _input_quantizer(layer, observer, stages.input_decomposition)

@@ -160,6 +160,39 @@ def _write_run(
     return summary
 
 
+def onload_run(
+    model_dir: str | Path, recipe: Recipe, calib: Any, out_dir: str | Path, *, progress: bool = True, memory_check: bool = True
+) -> dict[str, Any]:
+    """Quantize the Hugging Face model in `model_dir` with layer onloading (its weights stay on
+    disk; `ptqkit.onloading`) and write the run directory; returns the summary."""
+    from ptqkit.export.load import read_manifest
+    from ptqkit.onloading import quantize_onloaded
+    from ptqkit.progress import peak_rss_bytes
+
+    files = RunFiles(Path(out_dir))
+    start = time.perf_counter()
+    quantize_onloaded(model_dir, recipe, calib, files.root, progress=progress, memory_check=memory_check)
+    seconds = time.perf_counter() - start
+    manifest = read_manifest(files.root)
+    recipe.save(files.recipe)
+    files.source.write_text(json.dumps({"kind": "hf", "path": str(Path(model_dir).resolve())}, indent=2) + "\n", encoding="utf-8")
+    _save_example(files.example, next(iter(calib.batches())))
+    summary: dict[str, Any] = {
+        "recipe": recipe.name,
+        "onload": True,
+        "quantize_seconds": round(seconds, 3),
+        "quantized_layers": len(manifest["layers"]),
+        "skipped_modules": len(manifest["skipped"]),
+        "calibration_samples": len(calib),
+        "calibration_ranks": 1,
+        "artifact_bytes": (files.root / "model.safetensors").stat().st_size,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "output_sqnr_db": None,  # the float and quantized models are never both in memory
+    }
+    files.summary.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
 def _float_model(files: RunFiles, recipe: Recipe) -> LoadedModel:
     if not files.source.is_file():
         raise ArtifactError(f"{files.source} is missing: this run directory was not written by `ptqkit quantize`")

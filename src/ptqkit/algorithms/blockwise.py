@@ -18,7 +18,7 @@ need the scale-group table of a block class and raise UnsupportedModelError).
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import torch
 from torch import nn
@@ -52,6 +52,14 @@ _LINEAR_TYPES = ("Linear", "Conv1D")
 Reduce = Callable[[Mapping[str, InputStatistics]], Mapping[str, InputStatistics]]
 
 
+class BlockOnloader(Protocol):
+    """Materialises a block's weights before the engine runs it, releases them after."""
+
+    def load(self, prefix: str, block: nn.Module) -> None: ...
+
+    def release(self, prefix: str, block: nn.Module, results: dict[str, WeightQuantResult]) -> None: ...
+
+
 def quantize_blocks_(
     model: nn.Module,
     targets: Mapping[str, tuple[str, QuantSpec]],
@@ -62,6 +70,7 @@ def quantize_blocks_(
     progress: bool = True,
     quantize_weights: bool = True,
     reduce: Reduce | None = None,
+    onload: BlockOnloader | None = None,
 ) -> tuple[dict[str, WeightQuantResult], dict[str, Any]]:
     """Run the block transforms and the weight quantizer block by block, in place.
 
@@ -69,9 +78,11 @@ def quantize_blocks_(
     the layers quantized here (their float weights now hold the dequantized values) and the
     algorithms' details per block. With `quantize_weights=False` only the (function-preserving)
     block transforms run and the model stays float. `reduce` combines each block's statistics
-    with other processes' (data-parallel calibration: `DataParallel.merge_statistics`)."""
+    with other processes' (data-parallel calibration: `DataParallel.merge_statistics`).
+    `onload` reads each block's weights before it runs and receives its results after (layer
+    onloading: `ptqkit.onloading`); they are then not returned."""
     with fused_attention(model):
-        return _quantize_blocks(model, targets, stages, batches, max_samples, progress, quantize_weights, reduce)
+        return _quantize_blocks(model, targets, stages, batches, max_samples, progress, quantize_weights, reduce, onload)
 
 
 def _quantize_blocks(
@@ -83,6 +94,7 @@ def _quantize_blocks(
     progress: bool,
     quantize_weights: bool,
     reduce: Reduce | None,
+    onload: BlockOnloader | None,
 ) -> tuple[dict[str, WeightQuantResult], dict[str, Any]]:
     linear_targets = {name: spec for name, (kind, spec) in targets.items() if kind in _LINEAR_TYPES}
     found = find_block_list(model)
@@ -103,13 +115,18 @@ def _quantize_blocks(
     with progress_bar(f"quantizing {len(stage_list)} block(s)", len(stage_list), progress) as advance:
         for index, (prefix, block) in enumerate(stage_list):
             inside = {n: s for n, s in linear_targets.items() if not prefix or n.startswith(prefix + ".")}
+            if onload is not None:
+                onload.load(prefix, block)
             block_results, details[prefix or "model"] = _quantize_stage(block, prefix, calls, inside, stages, quantize_weights, reduce)
-            results.update(block_results)
             if index + 1 < len(stage_list):
                 calls = next_block_calls(block, calls, prefix)
+            if onload is not None:  # the onloader keeps what it needs; the float results go with the block
+                onload.release(prefix, block, block_results)
+            else:
+                results.update(block_results)
             advance(1, current=stage_list[index + 1][0] if index + 1 < len(stage_list) else None)
     outside = sorted(set(targets) - set(results))
-    if outside:
+    if outside and onload is None:
         logger.info("%d targeted layer(s) outside the blocks use the data-free quantizer: %s", len(outside), outside)
     return results, details
 

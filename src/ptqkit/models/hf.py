@@ -125,6 +125,15 @@ def load_hf_model(
     return model.eval(), tokenizer
 
 
+def load_hf_tokenizer(path: str | Path) -> Any:
+    """The tokenizer of a local Hugging Face directory (without loading the model)."""
+    transformers = _import_transformers()
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(Path(path).expanduser()), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UnsupportedModelError(f"transformers could not load the tokenizer of {str(path)!r}: {exc}") from exc
+
+
 def _no_init_weights() -> Any:
     """transformers' context manager that skips weight initialisation (moved between versions)."""
     try:

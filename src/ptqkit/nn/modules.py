@@ -43,6 +43,11 @@ class QuantizedModule(nn.Module):
         self.register_buffer("weight_zero_point", qparams.zero_point.detach().clone())
         self.register_buffer("_weight", dequantize(codes, qparams, dtype=weight.dtype), persistent=False)
 
+    def drop_float_weight_(self) -> None:
+        """Free the cached dequantized weight (it moves to the meta device): the module then
+        holds its codes only, can be saved, and no longer runs (layer onloading)."""
+        self._weight = torch.empty(self._weight.shape, dtype=self._weight.dtype, device="meta")
+
     @property
     def weight_qparams(self) -> QParams:
         return QParams(self.weight_scale, self.weight_zero_point, self.weight_spec.qtype, self.weight_spec.granularity)
