@@ -13,9 +13,10 @@ How the work is split and combined:
   from every rank and merged in rank order, so the merge equals one pass over the batches in
   their single-process order, and every rank computes the same bytes.
 - Min-max ranges and histograms (counts of samples in power-of-two bins) merge exactly: the
-  result is byte-identical to one process. Sums (AWQ's mean |x|, GPTQ's Hessians) are added in
-  another order than one process adds them, so they agree to float rounding; a weight whose
-  GPTQ rounding sits on a tie may then round the other way.
+  result is byte-identical to one process. Sums (AWQ's mean |x|, GPTQ's Gram sums) are float64
+  sums of float32 values, added in another order than one process adds them; they are used in
+  float32, so they equal one process's except where a value sits on a float32 rounding
+  boundary (measured: SmolLM2 GPTQ int4 on 2 ranks gave the one-process artifact byte for byte).
 
 The gathered objects are plain tensors and ints, exchanged with `all_gather_object` between the
 ranks of one job (never read from a file).

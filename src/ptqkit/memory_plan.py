@@ -131,7 +131,7 @@ def _hidden_size(model: nn.Module, blocks: nn.ModuleList) -> int:
 
 
 def _statistics_bytes(stages: Any, block: nn.Module, calls: int) -> int:
-    """GPTQ: one [in, in] Hessian per Linear (an upper bound: q/k/v share one) plus five working
+    """GPTQ: one float64 [in, in] Gram sum per Linear (an upper bound: q/k/v share one) plus five working
     copies of the largest (the damped copy, its Cholesky factor, the inverse and its factor, a
     permuted copy); AWQ: the sampled rows of every call."""
     from ptqkit.algorithms.awq import AWQConfig
@@ -140,7 +140,7 @@ def _statistics_bytes(stages: Any, block: nn.Module, calls: int) -> int:
     inputs = [shape[1] for shape in _linear_shapes(block)]
     size = 0
     if isinstance(stages.weight_quantizer, GPTQConfig):
-        size += sum(width * width for width in inputs) * _FLOAT_BYTES + 5 * max(inputs, default=0) ** 2 * _FLOAT_BYTES
+        size += sum(width * width for width in inputs) * 8 + 5 * max(inputs, default=0) ** 2 * _FLOAT_BYTES  # float64 sums
     for config in stages.block_transforms:
         if isinstance(config, AWQConfig):
             size += calls * config.rows_per_call * sum(set(inputs)) * _FLOAT_BYTES

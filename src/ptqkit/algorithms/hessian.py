@@ -1,10 +1,14 @@
 """Streaming layer Hessian H = 2/N · Σ_n x_n x_nᵀ of the squared layer-output error, as GPTQ
 needs it, accumulated from calibration inputs of a Linear layer [..., in].
 
-Memory is one [in, in] matrix whatever N is. The running mean is updated as
-H ← H · N/(N + n) + (2/(N + n)) · XᵀX, so H stays O(1) in magnitude instead of growing with N
-(no overflow or precision loss in float32 over long calibration runs), and two accumulators
-over disjoint data merge exactly into the accumulator over their union (`merge_`).
+Memory is one [in, in] float64 sum whatever N is. Each batch's Gram product XᵀX is computed in
+the accumulator's dtype (float32 by default: the fast path) and added to a float64 sum, and H is
+2/N times that sum, rounded to the dtype when asked for. float64 keeps 29 more bits than the
+float32 products it adds, so the sum barely depends on the order of the additions: two
+accumulators over disjoint data merged (`merge_`, as data-parallel calibration does) give the
+float32 Hessian of one pass over the union, bit for bit except where a value sits on a float32
+rounding boundary. (A running mean in float32 would differ in its last bits with the split, and
+GPTQ's column order, argsort of diag H, can flip on such a difference.)
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ _DTYPES = (torch.float32, torch.float64)
 class HessianAccumulator:
     """Accumulates H = 2/N Σ x xᵀ over rows x of calibration inputs [..., in_features].
 
-    `dtype` (float32 or float64) is the accumulation precision; inputs of any floating dtype
-    are cast to it. `name` (a layer name) appears in error messages.
+    `dtype` (float32 or float64) is the precision of each batch's Gram product and of the
+    Hessian returned; inputs of any floating dtype are cast to it, and the products are summed
+    in float64. `name` (a layer name) appears in error messages.
     """
 
     def __init__(
@@ -43,7 +48,8 @@ class HessianAccumulator:
             )
         self.in_features = in_features
         self.name = name
-        self._h = torch.zeros(in_features, in_features, dtype=dtype, device=device)  # [in, in]
+        self._dtype = dtype
+        self._sum = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)  # Σ x xᵀ [in, in]
         self._n = 0
 
     @property
@@ -53,7 +59,7 @@ class HessianAccumulator:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._h.dtype
+        return self._dtype
 
     def _where(self) -> str:
         return f"layer {self.name!r}" if self.name else "Hessian accumulator"
@@ -70,7 +76,7 @@ class HessianAccumulator:
                 f"{self._where()}: calibration input of shape {tuple(x.shape)} does not end in "
                 f"in_features={self.in_features}"
             )
-        rows = x.detach().reshape(-1, self.in_features).to(self._h.dtype, copy=False)  # [n, in]
+        rows = x.detach().reshape(-1, self.in_features).to(self._dtype, copy=False)  # [n, in]
         n = rows.shape[0]
         if n == 0:
             return
@@ -82,9 +88,8 @@ class HessianAccumulator:
                 f"{self._where()}: calibration input holds NaN/Inf value(s) (or values whose squares "
                 "overflow); inputs must be finite"
             )
-        total = self._n + n
-        self._h.mul_(self._n / total).add_(gram, alpha=2.0 / total)  # H <- H·N/(N+n) + 2/(N+n)·XᵀX
-        self._n = total
+        self._sum += gram  # float32 products added in float64 (exactly, but for extreme ranges)
+        self._n += n
 
     def merge_(self, other: HessianAccumulator) -> HessianAccumulator:
         """Fold `other` (accumulated over disjoint data) into this accumulator, in place."""
@@ -96,29 +101,26 @@ class HessianAccumulator:
                 f"{self._where()}: cannot merge an accumulator with in_features={got} into one with "
                 f"in_features={self.in_features}"
             )
-        total = self._n + other._n
-        if other._n == 0:
-            return self
-        self._h.mul_(self._n / total).add_(
-            other._h.to(self._h.dtype, copy=False), alpha=other._n / total
-        )
-        self._n = total
+        self._sum += other._sum.to(self._sum.device)
+        self._n += other._n
         return self
 
     def state(self) -> dict[str, torch.Tensor]:
-        """Plain tensors (the running H and N) from which `from_state` rebuilds it."""
-        return {"hessian": self._h.clone(), "samples": torch.tensor(self._n, dtype=torch.int64)}
+        """Plain tensors (the float64 Gram sum and N) from which `from_state` rebuilds it."""
+        return {"gram_sum": self._sum.clone(), "samples": torch.tensor(self._n, dtype=torch.int64)}
 
     @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor], *, name: str | None = None) -> HessianAccumulator:
-        hessian = state["hessian"]
-        if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1] or hessian.dtype not in _DTYPES:
+    def from_state(
+        cls, state: dict[str, torch.Tensor], *, dtype: torch.dtype = torch.float32, name: str | None = None
+    ) -> HessianAccumulator:
+        gram_sum = state["gram_sum"]
+        if gram_sum.ndim != 2 or gram_sum.shape[0] != gram_sum.shape[1] or gram_sum.dtype != torch.float64:
             raise ConfigError(
-                f"Hessian state of layer {name!r}: expected a square float32/float64 matrix, got "
-                f"{tuple(hessian.shape)} {hessian.dtype}"
+                f"Hessian state of layer {name!r}: expected a square float64 matrix, got "
+                f"{tuple(gram_sum.shape)} {gram_sum.dtype}"
             )
-        accumulator = cls(hessian.shape[0], dtype=hessian.dtype, device=hessian.device, name=name)
-        accumulator._h = hessian.clone()
+        accumulator = cls(gram_sum.shape[0], dtype=dtype, device=gram_sum.device, name=name)
+        accumulator._sum = gram_sum.clone()
         accumulator._n = int(state["samples"])
         return accumulator
 
@@ -130,8 +132,8 @@ class HessianAccumulator:
                 f"{self._where()}: input scales must be {self.in_features} positive finite values, "
                 f"got shape {tuple(scales.shape)}"
             )
-        inverse = 1.0 / scales.to(self._h.dtype)  # [in]
-        self._h.mul_(inverse[:, None]).mul_(inverse[None, :])
+        inverse = 1.0 / scales.to(torch.float64)  # [in]
+        self._sum.mul_(inverse[:, None]).mul_(inverse[None, :])
         return self
 
     def hessian(self) -> torch.Tensor:
@@ -141,4 +143,4 @@ class HessianAccumulator:
                 f"{self._where()}: no calibration inputs were accumulated, so there is no Hessian; "
                 "feed at least one batch through update()"
             )
-        return self._h.clone()
+        return (self._sum * (2.0 / self._n)).to(self._dtype)

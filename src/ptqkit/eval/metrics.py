@@ -42,15 +42,31 @@ def token_windows(tokenizer: Any, texts: Sequence[str], window: int = 512, max_w
 
 
 @torch.inference_mode()
-def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1) -> float:
-    """exp(mean next-token cross-entropy) over every predicted token of every window."""
-    total_nll, total_tokens = 0.0, 0
-    for start in range(0, len(windows), batch_size):
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, *, distributed: bool = False) -> float:
+    """exp(mean next-token cross-entropy) over every predicted token of every window.
+
+    With `distributed=True` (every rank of a torch.distributed job calls it with the same
+    windows) each rank runs a contiguous share of the batches and the per-batch sums are
+    gathered and added in batch order: the same number as one process."""
+    starts = list(range(0, len(windows), batch_size))
+    parallel = None
+    if distributed:
+        from ptqkit.distributed import DataParallel
+
+        parallel = DataParallel.current()
+        starts = [starts[index] for index in parallel.my_batches(len(starts))]
+    sums: list[tuple[float, int]] = []  # (summed NLL, predicted tokens) per batch
+    for start in starts:
         ids = windows[start : start + batch_size]
         logits = model(input_ids=ids).logits.float()  # [B, T, V]
         nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
-        total_nll += float(nll)
-        total_tokens += ids[:, 1:].numel()
+        sums.append((float(nll), ids[:, 1:].numel()))
+    if parallel is not None:
+        sums = [item for rank_sums in parallel.gather(sums) for item in rank_sums]
+    total_nll, total_tokens = 0.0, 0
+    for nll, tokens in sums:
+        total_nll += nll
+        total_tokens += tokens
     return math.exp(total_nll / total_tokens)
 
 

@@ -49,6 +49,21 @@ def test_batch_split_invariant_and_leading_dims_flattened(sizes: list[int]) -> N
     torch.testing.assert_close(acc.hessian(), 2.0 / 600 * x.T @ x, rtol=1e-12, atol=1e-12)
 
 
+def test_merged_float32_hessian_is_bit_identical_to_one_pass() -> None:
+    """float32 Gram products summed in float64: splitting the batches differently (as ranks do)
+    gives the same float32 Hessian (a float32 running mean differs in its last bits)."""
+    x = _inputs().float()
+    whole = HessianAccumulator(48)
+    for chunk in x.split(50):
+        whole.update(chunk)
+    first, second = HessianAccumulator(48), HessianAccumulator(48)
+    for chunk in x[:300].split(50):
+        first.update(chunk)
+    for chunk in x[300:].split(50):
+        second.update(chunk)
+    assert torch.equal(first.merge_(second).hessian(), whole.hessian())
+
+
 def test_merge_equals_union() -> None:
     x = _inputs()
     a = HessianAccumulator(48, dtype=torch.float64)
@@ -65,8 +80,8 @@ def test_merge_equals_union() -> None:
     )
 
 
-def test_running_mean_stays_bounded_over_many_batches() -> None:
-    """10,000 batches of large inputs: H is a mean (O(1) in N), not a sum, in float32."""
+def test_many_batches_of_large_inputs_stay_exact() -> None:
+    """10,000 batches of large inputs: the float64 sum neither overflows nor loses the mean."""
     acc = HessianAccumulator(4, dtype=torch.float32)
     batch = torch.full((16, 4), 1000.0)
     for _ in range(10_000):

@@ -35,3 +35,7 @@ CASES = {**EXACT, **SUMMED}
 def model_and_data() -> tuple[object, pq.CalibrationData]:
     ids = token_batch(samples=SAMPLES, length=24, seed=3)
     return tiny_llama(), pq.CalibrationData.from_tensors({"input_ids": ids})
+
+
+def eval_windows() -> object:
+    return token_batch(samples=7, length=20, seed=9)  # 4 batches of 2 (the last of 1)

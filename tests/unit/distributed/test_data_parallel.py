@@ -3,6 +3,7 @@ a user would, give the same quantized model as one process on the same data; the
 (sharding, statistics merges, refusals) are checked on their own."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,7 +22,9 @@ from ptqkit.distributed import DataParallel, shard_ranges
 from ptqkit.errors import ConfigError
 from ptqkit.threads import torch_threads
 
-from .cases import CASES, EXACT, SUMMED, model_and_data
+from ptqkit.eval.metrics import perplexity
+
+from .cases import CASES, EXACT, SUMMED, eval_windows, model_and_data
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -64,6 +67,13 @@ def test_two_ranks_match_one_process_to_rounding(two_rank_run: Path, tmp_path: P
         torch.testing.assert_close(parallel[key], single[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_data_parallel_perplexity_equals_one_process(two_rank_run: Path) -> None:
+    model, _ = model_and_data()
+    with torch_threads(1):
+        single = perplexity(model, eval_windows(), batch_size=2)
+    assert json.loads((two_rank_run / "perplexity.json").read_text()) == single
+
+
 def test_shards_are_contiguous_whole_batches_covering_the_limit() -> None:
     assert shard_ranges(7, 3) == [range(0, 3), range(3, 5), range(5, 7)]
     batches = [torch.full((3, 2), float(i)) for i in range(5)]  # 15 samples, limited to 11
@@ -92,7 +102,7 @@ def test_merged_statistics_equal_one_pass_over_both_shards() -> None:
     )
     assert torch.equal(merged.absmax, whole.absmax) and torch.equal(merged.samples, whole.samples)
     torch.testing.assert_close(merged.mean_abs, whole.mean_abs, rtol=1e-12, atol=0)
-    torch.testing.assert_close(merged.hessian.hessian(), whole.hessian.hessian(), rtol=1e-6, atol=1e-6)
+    assert torch.equal(merged.hessian.hessian(), whole.hessian.hessian())  # float64 sums: no rounding here
     assert merged.hessian.num_samples == whole.hessian.num_samples == 63
 
 
@@ -102,7 +112,7 @@ def test_hessian_state_round_trips_and_rejects_a_bad_matrix() -> None:
     restored = HessianAccumulator.from_state(accumulator.state(), name="q")
     assert torch.equal(restored.hessian(), accumulator.hessian()) and restored.num_samples == 10
     with pytest.raises(ConfigError, match="square"):
-        HessianAccumulator.from_state({"hessian": torch.zeros(2, 3), "samples": torch.tensor(1)}, name="q")
+        HessianAccumulator.from_state({"gram_sum": torch.zeros(2, 3, dtype=torch.float64), "samples": torch.tensor(1)}, name="q")
 
 
 def test_distributed_without_a_process_group_is_refused(monkeypatch) -> None:
