@@ -118,10 +118,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     settings = recipe.calibration
     if args.onload:
         return _quantize_onloaded(args, recipe)
-    if Path(args.model).expanduser().is_dir() and not args.no_memory_check:
-        from ptqkit.memory_plan import preflight
-
-        preflight(args.model, recipe, samples=settings.samples, seq_len=args.max_length, batch_size=settings.batch_size, onload=False)
+    if Path(args.model).expanduser().is_dir():
+        _memory_plan(args, recipe, onload=False)
     loaded = load_model(args.model, args.weights)
     calib = None
     if args.calib is not None:
@@ -139,6 +137,23 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _memory_plan(args: argparse.Namespace, recipe: Any, *, onload: bool) -> None:
+    """Predict the run's peak memory from the model's config (printed unless --quiet/--json)
+    and refuse a run that cannot fit, before any weight is loaded (unless --no-memory-check)."""
+    from ptqkit.memory_plan import check_memory, plan_from_config
+
+    settings = recipe.calibration
+    plan = plan_from_config(
+        args.model, recipe, samples=settings.samples, seq_len=args.max_length, batch_size=settings.batch_size, onload=onload
+    )
+    if plan is None:
+        return
+    if not args.quiet and not args.json and _is_writer(args.distributed):
+        sys.stderr.write(plan.render() + "\n")
+    if not args.no_memory_check:
+        check_memory(plan)
+
+
 def _quantize_onloaded(args: argparse.Namespace, recipe: Any) -> int:
     """`quantize --onload`: a Hugging Face model quantized block by block from disk."""
     from ptqkit.models.hf import load_hf_tokenizer
@@ -147,10 +162,11 @@ def _quantize_onloaded(args: argparse.Namespace, recipe: Any) -> int:
     if args.distributed or args.weights is not None or args.calib is None or not Path(args.model).expanduser().is_dir():
         raise ConfigError("quantize --onload: needs a Hugging Face model directory and --calib; not with --weights or --distributed")
     settings = recipe.calibration
+    _memory_plan(args, recipe, onload=True)
     has_tokenizer = any((Path(args.model).expanduser() / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = load_hf_tokenizer(args.model) if has_tokenizer else None  # token-id tensor files need none
     calib = _data(args, args.calib, tokenizer, samples=settings.samples, batch_size=settings.batch_size, seed=settings.seed)
-    summary = onload_run(args.model, recipe, calib, args.out, progress=_show_progress(args), memory_check=not args.no_memory_check)
+    summary = onload_run(args.model, recipe, calib, args.out, progress=_show_progress(args), memory_check=False)  # planned above
     text = (
         f"{summary['quantized_layers']} layers quantized with onloading on {summary['calibration_samples']} samples in "
         f"{summary['quantize_seconds']:.1f} s; peak resident memory {_human_bytes(summary['peak_rss_bytes'])}; "

@@ -32,7 +32,7 @@ from torch import nn
 from ptqkit.errors import ConfigError, UnsupportedModelError
 from ptqkit.recipe import Recipe
 
-__all__ = ["MemoryPlan", "plan_memory", "available_memory", "check_memory", "current_rss_bytes"]
+__all__ = ["MemoryPlan", "plan_memory", "plan_from_config", "available_memory", "check_memory", "current_rss_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -207,18 +207,14 @@ def check_memory(plan: MemoryPlan, available: tuple[int, str] | None = None) -> 
     )
 
 
-def preflight(model_dir: str | Path, recipe: Recipe, *, samples: int, seq_len: int, batch_size: int, onload: bool) -> MemoryPlan | None:
-    """Plan and check a run on the Hugging Face model in `model_dir` before its weights are
-    loaded (from its config, on the meta device). Models without repeated blocks are not
-    planned (None)."""
+def plan_from_config(model_dir: str | Path, recipe: Recipe, *, samples: int, seq_len: int, batch_size: int, onload: bool) -> MemoryPlan | None:
+    """The plan of a run on the Hugging Face model in `model_dir`, from its config alone (the
+    model is built on the meta device: no weight is read). None for a model without repeated
+    blocks."""
     from ptqkit.onloading import build_skeleton
 
-    skeleton = build_skeleton(model_dir)
     try:
-        plan = plan_memory(skeleton, recipe, samples=samples, seq_len=seq_len, batch_size=batch_size, onload=onload)
+        return plan_memory(build_skeleton(model_dir), recipe, samples=samples, seq_len=seq_len, batch_size=batch_size, onload=onload)
     except UnsupportedModelError as exc:
         logger.info("no memory plan: %s", exc)
         return None
-    del skeleton
-    check_memory(plan)
-    return plan

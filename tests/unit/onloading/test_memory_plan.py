@@ -14,7 +14,7 @@ import ptqkit as pq
 from ptqkit.algorithms import GPTQConfig
 from ptqkit.errors import ConfigError
 from ptqkit.mappings import find_block_list
-from ptqkit.memory_plan import MemoryPlan, available_memory, check_memory, plan_memory, preflight
+from ptqkit.memory_plan import MemoryPlan, available_memory, check_memory, plan_from_config, plan_memory
 
 from ..algorithms.tiny_transformers import tiny_llama
 
@@ -55,7 +55,7 @@ def test_a_run_that_cannot_fit_is_refused_with_the_setting_to_change() -> None:
 def test_preflight_reads_only_the_config(tmp_path: Path) -> None:
     tiny_llama().save_pretrained(tmp_path / "hf")
     (tmp_path / "hf/model.safetensors").unlink()  # no weights needed to plan
-    memory = preflight(tmp_path / "hf", RECIPE, samples=8, seq_len=24, batch_size=2, onload=False)
+    memory = plan_from_config(tmp_path / "hf", RECIPE, samples=8, seq_len=24, batch_size=2, onload=False)
     assert memory is not None and memory.parts["float model"] == _bytes(tiny_llama())
 
 
