@@ -8,6 +8,12 @@ alone and cached) against the latency measured end to end, in one run, same thre
 
 With --search, the per-layer search (`ptqkit.search.mixed`) on MiniLM: embedding cosine on stdlib
 docstrings, every point measured end to end, the chosen point against the best uniform one.
+
+With --smollm2, the search on SmolLM2-135M instead: perplexity on Python documentation windows,
+latency of a decode step (one token; `decode_step_input`), per-layer degradations from the
+weight-SQNR proxy (`layer_costs="proxy"`: 211 layers x 3 formats would need 600+ evaluations).
+
+    .venv/bin/python benchmarks/mixed_precision.py --smollm2 [--max-degradation 2.0] [--stride 40] [--windows 6]
 """
 from __future__ import annotations
 
@@ -34,8 +40,16 @@ def main() -> None:
     parser.add_argument("--eval-texts", type=int, default=64)
     parser.add_argument("--stride", type=int, default=4)
     parser.add_argument("--time-limit", type=float, default=None, help="search wall-time limit in seconds")
+    parser.add_argument("--smollm2", action="store_true", help="run the search on SmolLM2 (perplexity, decode-step latency)")
+    parser.add_argument("--windows", type=int, default=6, help="SmolLM2: evaluation windows of 128 tokens")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.smollm2:
+        out = args.out if args.out != RESULTS else RESULTS.with_name("mixed_precision_smollm2.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(run_search_smollm2(args), indent=2))
+        print(f"wrote {out}")
+        return
 
     from ptqkit.models.zoo import load_minilm
     from ptqkit.search.formats import apply_assignment, format_module
@@ -74,6 +88,46 @@ def main() -> None:
     print(f"wrote {args.out}")
 
 
+def run_search_smollm2(args) -> dict:
+    """The search on SmolLM2: perplexity (budget: `--max-degradation` perplexity points), decode-step latency."""
+    import ptqkit as pq
+    from ptqkit.eval.metrics import token_windows
+    from ptqkit.models import corpora
+    from ptqkit.models.zoo import load_smollm2
+    from ptqkit.search.mixed import decode_step_input, search
+
+    model, tokenizer = load_smollm2()
+    windows = token_windows(tokenizer, corpora.python_doc_texts(400, seed=1), window=128, max_windows=args.windows)
+    data = pq.CalibrationData.from_tensors({"input_ids": windows}, batch_size=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = search(
+            model, data, example=decode_step_input(data), max_degradation=args.max_degradation, table_path=Path(tmp) / "latency.json",
+            formats=("int8_wo", "int4_g128", "int4_g64"), threads=args.threads, stride=args.stride, max_samples=len(windows),
+            time_limit_s=args.time_limit, layer_costs="proxy", progress=True,
+        )
+    return _print_search(result, args, "SmolLM2 decode step (1 token)", "ppl")
+
+
+def _print_search(result, args, what: str, label: str) -> dict:
+    """Print the measured points, the front, the choice and the best uniform point; return the JSON."""
+    print(f"\n{what}: {result.metric}, budget degradation <= {args.max_degradation} (float {result.float_metric:.4f}, "
+          f"{result.float_ms:.2f} ms, {result.float_bytes / 1e6:.1f} MB of Linear weights); {len(result.points)} points measured end to end")
+    print(f"{'point':22} {label:>8} {'ms':>8} {'pred ms':>8} {'error':>7} {'float ms':>9} {'speedup':>8} {'MB':>7} {'front':>6}")
+    front = {p.name for p in result.front}
+    for p in sorted(result.points, key=lambda p: p.measured_ms):
+        print(f"{p.name:22} {p.metric:8.4f} {p.measured_ms:8.2f} {p.predicted_ms:8.2f} {p.predicted_ms / p.measured_ms - 1:+7.1%} "
+              f"{p.float_ms:9.2f} {p.speedup:7.2f}x {p.weight_bytes / 1e6:7.2f} {'*' if p.name in front else '':>6}")
+    uniform = [p for p in result.points if p.name.startswith("uniform") and p.degradation <= args.max_degradation]
+    best_uniform = min(uniform, key=lambda p: p.measured_ms) if uniform else None
+    smallest_uniform = min(uniform, key=lambda p: p.weight_bytes) if uniform else None
+    print(f"data-free proxy (weight SQNR) vs measured per-layer degradation, Spearman: {result.proxy_rank_correlation}")
+    print(f"chosen: {result.chosen.name if result.chosen else None} {result.why_none}")
+    print(f"fastest uniform within budget: {best_uniform.name if best_uniform else None}; "
+          f"smallest: {smallest_uniform.name if smallest_uniform else None}")
+    return {**result.to_dict(), "best_uniform": best_uniform.name if best_uniform else None,
+            "smallest_uniform": smallest_uniform.name if smallest_uniform else None}
+
+
 def run_search(model: torch.nn.Module, tokenizer, example, args) -> dict:
     """The search on MiniLM: embedding cosine on stdlib docstrings, budget `--max-degradation`."""
     import ptqkit as pq
@@ -88,19 +142,7 @@ def run_search(model: torch.nn.Module, tokenizer, example, args) -> dict:
             formats=("int8_wo", "int4_g128"), threads=args.threads, stride=args.stride, max_samples=len(texts),
             time_limit_s=args.time_limit, progress=False,
         )
-    print(f"\nsearch: {result.metric}, budget degradation <= {args.max_degradation} (float {result.float_ms:.1f} ms, "
-          f"{result.float_bytes / 1e6:.1f} MB of Linear weights); {len(result.points)} points measured end to end")
-    print(f"{'point':22} {'cosine':>8} {'ms':>8} {'pred ms':>8} {'float ms':>9} {'speedup':>8} {'MB':>7} {'front':>6}")
-    front = {p.name for p in result.front}
-    for p in sorted(result.points, key=lambda p: p.measured_ms):
-        print(f"{p.name:22} {p.metric:8.4f} {p.measured_ms:8.1f} {p.predicted_ms:8.1f} {p.float_ms:9.1f} {p.speedup:7.2f}x "
-              f"{p.weight_bytes / 1e6:7.2f} {'*' if p.name in front else '':>6}")
-    uniform = [p for p in result.points if p.name.startswith("uniform") and p.degradation <= args.max_degradation]
-    best_uniform = min(uniform, key=lambda p: p.measured_ms) if uniform else None
-    print(f"data-free proxy (weight SQNR) vs measured per-layer degradation, Spearman: {result.proxy_rank_correlation}")
-    print(f"chosen: {result.chosen.name if result.chosen else None} {result.why_none}")
-    print(f"best uniform within budget: {best_uniform.name if best_uniform else None}")
-    return {**result.to_dict(), "best_uniform": best_uniform.name if best_uniform else None}
+    return _print_search(result, args, "MiniLM", "cosine")
 
 
 if __name__ == "__main__":

@@ -293,18 +293,18 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 def _cmd_search(args: argparse.Namespace) -> int:
     from ptqkit.models.zoo import cache_dir
-    from ptqkit.search.mixed import search
+    from ptqkit.search.mixed import decode_step_input, search
     from ptqkit.sources import load_model
 
     loaded = load_model(args.model, args.weights)
     data = _data(args, args.data, loaded.tokenizer, samples=args.samples, batch_size=args.batch_size)
-    example = next(iter(data.batches()))
+    example = decode_step_input(data) if args.decode_step else next(iter(data.batches()))
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
     result = search(
         loaded.model, data, example=example, max_degradation=args.max_degradation, formats=formats,
         table_path=Path(args.latency_cache) if args.latency_cache else cache_dir() / "latency.json",
         threads=args.threads, stride=args.stride, max_samples=args.samples, time_limit_s=args.time_limit,
-        min_speedup=args.min_speedup, progress=_show_progress(args),
+        min_speedup=args.min_speedup, layer_costs=args.layer_costs, progress=_show_progress(args),
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -442,6 +442,11 @@ def _parser() -> argparse.ArgumentParser:
     searching.add_argument("--samples", type=int, default=64, help="evaluation samples")
     searching.add_argument("--batch-size", type=int, default=8, help="evaluation batch size (the first batch is timed)")
     searching.add_argument("--time-limit", type=float, default=None, help="wall-time limit in seconds")
+    searching.add_argument(
+        "--layer-costs", choices=("measured", "proxy"), default="measured",
+        help="per-layer degradation: measured (one evaluation per layer and format) or the weight-SQNR proxy (LLMs)",
+    )
+    searching.add_argument("--decode-step", action="store_true", help="time one token of one sequence (an LLM decode step's shapes)")
     searching.add_argument("--min-speedup", type=float, default=1.05, help="a point is chosen only this much faster than float (default 1.05)")
     searching.add_argument("--latency-cache", default=None, help="latency cache file (default: the ptqkit cache directory)")
     searching.add_argument("--out", required=True, help="folder for search.json")

@@ -2,8 +2,9 @@
 
 1. Candidates: each Linear in each format with a kernel here (`search.formats`).
 2. Per layer and format, measured: the task-metric degradation with only that layer in that
-   format (`eval.sensitivity.model_metrics` against the float model), its latency alone on this
-   machine on the rows it sees in the model (`search.latency`, cached on disk) and its bytes.
+   format (`eval.sensitivity.model_metrics` against the float model; or, with
+   `layer_costs="proxy"`, estimated from the weight's SQNR), its latency alone on this machine
+   on the rows it sees in the model (`search.latency`, cached on disk) and its bytes.
 3. Two greedy paths from all-fp32, one move (one layer to a cheaper format) at a time:
    - latency: only moves the table predicts to be faster, most time saved per unit of added
      degradation first;
@@ -36,9 +37,11 @@ from ptqkit.search.formats import apply_assignment, format_module, weight_bytes
 from ptqkit.search.latency import LatencyTable, linear_rows
 from ptqkit.threads import torch_threads
 
-__all__ = ["SearchPoint", "SearchResult", "pareto_front", "proxy_rank_correlation", "search", "weight_sqnr_db"]
+__all__ = ["SearchPoint", "SearchResult", "decode_step_input", "pareto_front", "proxy_rank_correlation", "search", "weight_sqnr_db"]
 
 logger = logging.getLogger(__name__)
+
+LAYER_COSTS = ("measured", "proxy")
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class SearchResult:
     layer_costs: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
     stopped_early: bool = False
     proxy_rank_correlation: float | None = None  # Spearman: -weight SQNR vs measured degradation
+    layer_costs_source: str = "measured"  # or "proxy": per-layer degradations estimated, not measured
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -83,7 +87,7 @@ class SearchResult:
             "points": [asdict(p) for p in self.points], "front": [p.name for p in self.front],
             "chosen": asdict(self.chosen) if self.chosen else None, "why_none": self.why_none,
             "layer_costs": self.layer_costs, "stopped_early": self.stopped_early,
-            "proxy_rank_correlation": self.proxy_rank_correlation,
+            "proxy_rank_correlation": self.proxy_rank_correlation, "layer_costs_source": self.layer_costs_source,
         }
 
 
@@ -113,17 +117,25 @@ def search(
     max_samples: int = 64,
     time_limit_s: float | None = None,
     min_speedup: float = 1.05,
+    layer_costs: str = "measured",
     progress: bool = True,
 ) -> SearchResult:
     """Search per-Linear formats of `model` (see the module docstring). `example` is the batch
     latency is measured on; `eval_data` gives the task metric. A point is only chosen when it is
     at least `min_speedup` times faster than float (timed alternately): smaller gains are within
-    the noise of timing here, and a config slower than float is never recommended."""
+    the noise of timing here, and a config slower than float is never recommended.
+
+    `layer_costs="proxy"` skips the per-layer accuracy measurements (one evaluation per layer
+    and format: hours on an LLM's hundreds of layers): each layer's degradation is estimated by
+    the data-free proxy, the relative noise power 10^(-SQNR/10) of its quantized weight, which
+    only orders the greedy moves; every point is still measured end to end."""
     from ptqkit.calibration.samples import call_model
     from ptqkit.eval.bench import time_alternating
 
     if not isinstance(stride, int) or stride < 1:
         raise ConfigError(f"search: stride={stride!r} must be an integer >= 1")
+    if layer_costs not in LAYER_COSTS:
+        raise ConfigError(f"search: layer_costs={layer_costs!r}; valid: {', '.join(LAYER_COSTS)}")
     started = time.monotonic()
     out_of_time = lambda: time_limit_s is not None and time.monotonic() - started > time_limit_s  # noqa: E731
     model = model.eval()
@@ -144,11 +156,15 @@ def search(
                     break
                 costs[name] = {"fp32": {"degradation": 0.0, "ms": table.layer_ms(linear, "fp32", rows[name]), "bytes": weight_bytes(linear, "fp32")}}
                 for fmt in ladder[name]:
-                    hybrid = apply_assignment(model, {name: fmt})
-                    metrics = model_metrics(model, hybrid, eval_data, max_samples=max_samples)
+                    sqnr = weight_sqnr_db(linear, fmt)
+                    if layer_costs == "measured":
+                        metrics = model_metrics(model, apply_assignment(model, {name: fmt}), eval_data, max_samples=max_samples)
+                        damage = degradation(metrics, metric)
+                    else:
+                        damage = 10.0 ** (-sqnr / 10.0)  # relative noise power of the quantized weight
                     costs[name][fmt] = {
-                        "degradation": degradation(metrics, metric), "ms": table.layer_ms(linear, fmt, rows[name]),
-                        "bytes": weight_bytes(linear, fmt), "weight_sqnr_db": weight_sqnr_db(linear, fmt),
+                        "degradation": damage, "ms": table.layer_ms(linear, fmt, rows[name]),
+                        "bytes": weight_bytes(linear, fmt), "weight_sqnr_db": sqnr,
                     }
                 advance(1, current=name)
         candidates: dict[str, dict[str, str]] = {}
@@ -188,8 +204,18 @@ def search(
             logger.warning("search stopped at the time limit (%.0f s): %d point(s) measured", time_limit_s or 0, len(points))
         return SearchResult(
             metric, float_metric, float_ms, float_bytes, tuple(points), tuple(pareto_front(points)), chosen, why, costs, stopped,
-            proxy_rank_correlation(costs),
+            proxy_rank_correlation(costs) if layer_costs == "measured" else None, layer_costs,
         )
+
+
+def decode_step_input(data: Any) -> dict[str, torch.Tensor]:
+    """One token of the first sample of token data ({"input_ids": [1, 1]}, with its attention
+    mask if the data has one): the Linear shapes of an LLM decode step, where weight-only
+    kernels pay off (attention reads no cache here, so the step's other work is a lower bound)."""
+    batch = next(iter(data.batches(1)))
+    if not isinstance(batch, dict) or "input_ids" not in batch:
+        raise ConfigError("decode-step timing needs token data (batches with 'input_ids'), e.g. a text file for a causal LM")
+    return {key: value[:1, :1] for key, value in batch.items() if isinstance(value, torch.Tensor)}
 
 
 def weight_sqnr_db(linear: nn.Linear, fmt: str) -> float:

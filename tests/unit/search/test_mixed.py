@@ -103,3 +103,33 @@ def test_weight_sqnr_proxy_and_its_rank_correlation() -> None:
     expected = spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic
     assert proxy_rank_correlation(costs) == pytest.approx(expected)
     assert proxy_rank_correlation({"x": costs["l0"]}) is None  # two pairs: too few
+
+
+def test_proxy_layer_costs_skip_per_layer_evaluations_but_points_are_measured(tmp_path: Path, monkeypatch) -> None:
+    import ptqkit.search.mixed as mixed
+
+    model, data = _model_and_data()
+    calls = []
+    measured = mixed.model_metrics
+    monkeypatch.setattr(mixed, "model_metrics", lambda *a, **k: calls.append(1) or measured(*a, **k))
+    result = search(
+        model, data, example=data[0], max_degradation=0.05, table_path=tmp_path / "lat.json",
+        formats=("int8_wo", "int4_g128"), stride=2, layer_costs="proxy", progress=False,
+    )
+    assert len(calls) == 1 + len(result.points)  # the float baseline and the end-to-end points only
+    cost = result.layer_costs["0"]["int4_g128"]
+    assert cost["degradation"] == pytest.approx(10 ** (-cost["weight_sqnr_db"] / 10))
+    assert result.proxy_rank_correlation is None and result.layer_costs_source == "proxy"  # a proxy is not checked against itself
+    with pytest.raises(Exception, match="layer_costs='guess'"):
+        search(model, data, example=data[0], max_degradation=0.05, table_path=tmp_path / "l.json", layer_costs="guess", progress=False)
+
+
+def test_decode_step_input_is_one_token_of_the_first_sample() -> None:
+    import ptqkit as pq
+    from ptqkit.search.mixed import decode_step_input
+
+    ids = torch.arange(12).reshape(3, 4)
+    step = decode_step_input(pq.CalibrationData.from_tensors({"input_ids": ids, "attention_mask": torch.ones_like(ids)}))
+    assert step["input_ids"].tolist() == [[0]] and step["attention_mask"].shape == (1, 1)
+    with pytest.raises(Exception, match="token data"):
+        decode_step_input(pq.CalibrationData.from_tensors(torch.randn(3, 4)))
