@@ -32,7 +32,7 @@ from torch import nn
 from ptqkit.errors import ConfigError, UnsupportedModelError
 from ptqkit.recipe import Recipe
 
-__all__ = ["MemoryPlan", "plan_memory", "plan_from_config", "available_memory", "check_memory", "current_rss_bytes"]
+__all__ = ["MemoryPlan", "plan_memory", "plan_from_config", "available_memory", "check_memory", "current_rss_bytes", "proc_status"]
 
 logger = logging.getLogger(__name__)
 
@@ -152,14 +152,14 @@ def available_memory() -> tuple[int, str]:
     MemAvailable, the cgroup's memory.max minus its usage, and the soft RLIMIT_AS / RLIMIT_DATA
     minus what this process already maps."""
     bounds: list[tuple[int, str]] = []
-    meminfo = _meminfo()
+    meminfo = _kib_fields("/proc/meminfo")
     if "MemAvailable" in meminfo:
         bounds.append((meminfo["MemAvailable"], "MemAvailable in /proc/meminfo"))
     cgroup = Path("/sys/fs/cgroup")
     limit, usage = cgroup / "memory.max", cgroup / "memory.current"
     if limit.is_file() and usage.is_file() and limit.read_text().strip() != "max":
         bounds.append((int(limit.read_text()) - int(usage.read_text()), "cgroup memory.max"))
-    status = _proc_status()
+    status = proc_status()
     for which, name, used in ((resource.RLIMIT_AS, "RLIMIT_AS", "VmSize"), (resource.RLIMIT_DATA, "RLIMIT_DATA", "VmData")):
         soft, _ = resource.getrlimit(which)
         if soft != resource.RLIM_INFINITY and used in status:
@@ -169,20 +169,18 @@ def available_memory() -> tuple[int, str]:
     return min(bounds)
 
 
-def _meminfo() -> dict[str, int]:
+def _kib_fields(path: str) -> dict[str, int]:
+    """The "Name: N kB" lines of a /proc file, in bytes ({} where /proc is missing)."""
     try:
-        lines = Path("/proc/meminfo").read_text().splitlines()
+        lines = Path(path).read_text().splitlines()
     except OSError:
         return {}
     return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in lines if line.endswith("kB")}
 
 
-def _proc_status() -> dict[str, int]:
-    try:
-        lines = Path("/proc/self/status").read_text().splitlines()
-    except OSError:
-        return {}
-    return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in lines if line.endswith("kB")}
+def proc_status() -> dict[str, int]:
+    """This process's memory counters (VmRSS, VmData, VmSize...) in bytes."""
+    return _kib_fields("/proc/self/status")
 
 
 def check_memory(plan: MemoryPlan, available: tuple[int, str] | None = None) -> None:

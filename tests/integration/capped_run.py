@@ -19,11 +19,11 @@ from transformers.models.llama import modeling_llama  # noqa: F401
 import ptqkit.algorithms.blockwise  # noqa: F401
 import ptqkit.cli  # noqa: F401
 import ptqkit.onloading  # noqa: F401
-from ptqkit.memory_plan import _proc_status
+from ptqkit.memory_plan import proc_status
 
 if __name__ == "__main__":
     torch.ones(256, 256) @ torch.ones(256, 256)  # start the thread pool
     room = int(sys.argv[1]) << 20
-    resource.setrlimit(resource.RLIMIT_DATA, (_proc_status()["VmData"] + room, resource.RLIM_INFINITY))
+    resource.setrlimit(resource.RLIMIT_DATA, (proc_status()["VmData"] + room, resource.RLIM_INFINITY))
     sys.argv = ["ptqkit", *sys.argv[2:]]
     runpy.run_module("ptqkit", run_name="__main__")

@@ -11,7 +11,9 @@
    - size: moves to fewer bytes, most bytes saved per unit of added degradation first.
    Every `stride`-th configuration on each path, the last one, and the uniform configurations are
    measured end to end: the metric on the evaluation data, and latency alternating with the float
-   model (same thread count), so "faster than float" compares like with like.
+   model (same thread count), so "faster than float" compares like with like. Then each path is
+   bisected between its last measured step within the degradation budget and the first beyond
+   it, so the configuration at the budget is found to the step (log2(stride) more points).
 4. The Pareto front over (degradation, latency, bytes) of the measured points, and the chosen
    point: the fastest within the degradation budget (and the bytes budget, if any) that is at
    least `min_speedup` (1.05) times faster than float. If none qualifies the result says why.
@@ -172,32 +174,45 @@ def search(
             uniform = {n: fmt for n in costs if fmt in costs[n]}
             if uniform:
                 candidates[f"uniform {fmt}"] = uniform
-        for objective in ("latency", "size"):
-            path = _greedy_path(costs, objective)
+        paths = {objective: _greedy_path(costs, objective) for objective in ("latency", "size")}
+        for objective, path in paths.items():
             for step in sorted({*range(stride, len(path) + 1, stride), len(path)} - {0}):
                 if path[step - 1] not in candidates.values():
                     candidates[f"{objective} step {step}"] = dict(path[step - 1])
-        points: list[SearchPoint] = []
+        points: dict[str, SearchPoint] = {}
         float_runs: list[float] = []
         float_bytes = sum(weight_bytes(m, "fp32") for m in linears.values())
+
+        def measure(name: str, assignment: dict[str, str]) -> None:
+            candidate = apply_assignment(model, assignment)
+            metrics = model_metrics(model, candidate, eval_data, max_samples=max_samples)
+            with torch.inference_mode():
+                float_timing, timing = time_alternating(lambda: call_model(model, example), lambda: call_model(candidate, example), 2, 8, 1)
+            float_runs.append(float_timing.median_ms)
+            points[name] = SearchPoint(
+                name=name, assignment=assignment, metric=metrics[metric], degradation=degradation(metrics, metric),
+                measured_ms=timing.median_ms,
+                predicted_ms=table.predict_ms(model, assignment, example, rows, float_ms=float_timing.median_ms),
+                weight_bytes=float_bytes + sum(weight_bytes(linears[n], f) - weight_bytes(linears[n], "fp32") for n, f in assignment.items()),
+                float_ms=float_timing.median_ms,
+            )
+
         with progress_bar(f"measuring {len(candidates)} configuration(s) end to end", len(candidates), progress) as advance:
             for name, assignment in candidates.items():
                 if out_of_time():
                     stopped = True
                     break
-                candidate = apply_assignment(model, assignment)
-                metrics = model_metrics(model, candidate, eval_data, max_samples=max_samples)
-                with torch.inference_mode():
-                    float_timing, timing = time_alternating(lambda: call_model(model, example), lambda: call_model(candidate, example), 2, 8, 1)
-                float_runs.append(float_timing.median_ms)
-                points.append(SearchPoint(
-                    name=name, assignment=assignment, metric=metrics[metric], degradation=degradation(metrics, metric),
-                    measured_ms=timing.median_ms,
-                    predicted_ms=table.predict_ms(model, assignment, example, rows, float_ms=float_timing.median_ms),
-                    weight_bytes=float_bytes + sum(weight_bytes(linears[n], f) - weight_bytes(linears[n], "fp32") for n, f in assignment.items()),
-                    float_ms=float_timing.median_ms,
-                ))
+                measure(name, assignment)
                 advance(1, current=name)
+        with progress_bar("refining each path at the budget", None, progress) as advance:
+            for objective, path in paths.items():
+                for step in _budget_bisection(objective, path, points, max_degradation):
+                    if out_of_time():
+                        stopped = True
+                        break
+                    measure(f"{objective} step {step}", dict(path[step - 1]))
+                    advance(1, current=f"{objective} step {step}")
+        points = list(points.values())
         float_ms = statistics.median(float_runs) if float_runs else float("nan")
         chosen, why = _choose(points, max_degradation, max_bytes, min_speedup)
         if stopped:
@@ -261,6 +276,26 @@ def proxy_rank_correlation(costs: dict[str, dict[str, dict[str, float | None]]])
     cov = sum((x - mean_a) * (y - mean_b) for x, y in zip(a, b))
     var = (sum((x - mean_a) ** 2 for x in a) * sum((y - mean_b) ** 2 for y in b)) ** 0.5
     return cov / var if var > 0 else None
+
+
+def _budget_bisection(objective: str, path: list[dict[str, str]], points: dict[str, SearchPoint], max_degradation: float) -> Any:
+    """Steps of `path` to measure next, one at a time (a generator that reads `points` as they
+    are measured): a bisection between the last measured step within the degradation budget
+    and the first measured step beyond it, so each path's point at the budget is found to the
+    step instead of to the stride."""
+    def measured() -> dict[int, float]:
+        prefix = f"{objective} step "
+        return {int(name[len(prefix):]): p.degradation for name, p in points.items() if name.startswith(prefix)}
+
+    while True:
+        steps = measured()
+        within = [step for step, degradation in steps.items() if degradation <= max_degradation]
+        beyond = [step for step, degradation in steps.items() if degradation > max_degradation]
+        low = max(within, default=0)
+        high = min((step for step in beyond if step > low), default=None)
+        if high is None or high - low <= 1:
+            return
+        yield (low + high) // 2
 
 
 def _greedy_path(costs: dict[str, dict[str, dict[str, float | None]]], objective: str) -> list[dict[str, str]]:

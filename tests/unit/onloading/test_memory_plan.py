@@ -61,8 +61,8 @@ def test_preflight_reads_only_the_config(tmp_path: Path) -> None:
 
 def test_available_memory_honours_rlimit_data() -> None:
     script = (
-        "import json, resource; from ptqkit.memory_plan import _proc_status, available_memory\n"
-        "used = _proc_status()['VmData']\n"
+        "import json, resource; from ptqkit.memory_plan import proc_status, available_memory\n"
+        "used = proc_status()['VmData']\n"
         "resource.setrlimit(resource.RLIMIT_DATA, (used + (300 << 20), resource.RLIM_INFINITY))\n"
         "print(json.dumps(available_memory()))\n"
     )

@@ -133,3 +133,16 @@ def test_decode_step_input_is_one_token_of_the_first_sample() -> None:
     assert step["input_ids"].tolist() == [[0]] and step["attention_mask"].shape == (1, 1)
     with pytest.raises(Exception, match="token data"):
         decode_step_input(pq.CalibrationData.from_tensors(torch.randn(3, 4)))
+
+
+def test_budget_bisection_finds_the_last_step_within_budget() -> None:
+    from ptqkit.search.mixed import _budget_bisection
+
+    path = [{"l": "x"}] * 20
+    points = {f"size step {s}": _point(f"size step {s}", 0.1 * s, 1.0, 1) for s in (8, 16, 20)}
+    asked = []
+    for step in _budget_bisection("size", path, points, max_degradation=1.05):
+        asked.append(step)
+        points[f"size step {step}"] = _point("", 0.1 * step, 1.0, 1)  # degradation grows along the path
+    assert asked == [12, 10, 11]  # 10 (1.0) is within the budget, 11 (1.1) is not
+    assert list(_budget_bisection("latency", path, points, max_degradation=1.05)) == []  # nothing measured there
