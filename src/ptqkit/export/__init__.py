@@ -79,6 +79,7 @@ def export(
     fp32_tolerance: float = 1e-4,
     onnx_weight_dtype: str = "auto",
     matmul_nbits: NBitsOptions | None = None,
+    kv_cache: bool = False,
 ) -> ExportResult:
     """Export `qmodel` (from `ptqkit.quantize`) to `out_dir` in the given formats.
 
@@ -95,7 +96,14 @@ def export(
       `com.microsoft.MatMulNBits` nodes (`ptqkit.export.onnx_nbits`); `matmul_nbits`
       (`NBitsOptions`, default accuracy_level 0: ORT equals the simulated model to float
       rounding) sets how. Such layers without a MatMulNBits form stay float, reported per layer
-      (ExportError under `strict`). HF decoders are exported without their KV cache (logits only).
+      (ExportError under `strict`). HF decoders are exported without their KV cache (logits
+      only) unless `kv_cache=True`: then a Hugging Face causal LM becomes one graph for the
+      prefill and the one-token decode steps, batch 1, with inputs `input_ids`,
+      `attention_mask`, `past_key_values.{i}.key` / `.value` and outputs `logits`,
+      `present.{i}.key` / `.value` (`ptqkit.export.onnx_decoder`; run it with its
+      `OrtDecoder`). `example_inputs` is then one prompt, input_ids [1, T] (a tensor or a
+      mapping with input_ids); the checks run it as a prefill and then one decode step. A model
+      that is not a causal LM with a KV cache raises ExportError naming what it lacks.
     - "safetensors": the ptqkit artifact (`ptqkit.export.artifact.save_artifact`).
     """
     formats = _check_formats(formats)
@@ -103,6 +111,8 @@ def export(
         raise ExportError(
             f"export: {type(qmodel).__name__} has no ptqkit_info; pass the model returned by ptqkit.quantize(...)"
         )
+    if kv_cache and "onnx" not in formats:
+        raise ExportError(f"export: kv_cache=True applies to the 'onnx' format only; formats are {list(formats)}")
     if "onnx" in formats and example_inputs is None:
         raise ExportError("export: formats include 'onnx' but example_inputs is None; pass the inputs of one forward call")
     out_dir = Path(out_dir)
@@ -118,7 +128,7 @@ def export(
             layers, checks = export_onnx(
                 qmodel, tmp, example_inputs, strict=strict, opset=opset, dynamic=dynamic_shapes,
                 keep_float=keep_float, fp32_tolerance=fp32_tolerance, weight_dtype=onnx_weight_dtype,
-                nbits=matmul_nbits,
+                nbits=matmul_nbits, kv_cache=kv_cache,
             )
             files["onnx"] = out_dir / ONNX_FILE
             files["report"] = out_dir / REPORT_FILE

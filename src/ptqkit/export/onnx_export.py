@@ -1,6 +1,7 @@
 """The ONNX export driver: float graph -> check vs torch -> integer rewrite -> check in ONNX Runtime.
 
-Thin on purpose: graph capture and the module map live in `onnx_graph`, the rewrite in
+Thin on purpose: graph capture and the module map live in `onnx_graph` (or, for a Hugging Face
+causal LM with its KV cache as graph inputs/outputs, `onnx_decoder`), the rewrite in
 `onnx_qdq` / `onnx_pertoken` (int8 QDQ) and `onnx_nbits` (weight-only low-bit Linear layers ->
 MatMulNBits), the ORT checks in `ort_check`.
 """
@@ -9,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -27,6 +29,59 @@ def _torch_outputs(model: nn.Module, example_inputs: Any) -> list[torch.Tensor]:
 
     with _no_kv_cache(model):
         return simulated_outputs(model, example_inputs)
+
+
+@dataclass(frozen=True)
+class _GraphPlan:
+    """Which graph is captured and how it is checked: the logits-only forward on the example
+    inputs, or the KV-cached decoder step (`onnx_decoder`) on a prefill and one decode step."""
+
+    capture: Callable[[Path], Any]  # float graph -> ModelProto (saved at the path)
+    cases: list[Any]  # inputs the torch and ORT outputs are compared on
+    wrap: Callable[[nn.Module], nn.Module]  # the module whose outputs the graph reproduces
+    prefix: str  # module "a.b" has name scope prefix + "a.b" in the graph
+
+
+def _plan(float_model: nn.Module, example_inputs: Any, *, kv_cache: bool, opset: int, dynamic: bool) -> _GraphPlan:
+    if not kv_cache:
+        from ptqkit.export.onnx_graph import export_float_onnx
+
+        def capture(path: Path) -> Any:
+            with _no_kv_cache(float_model):
+                return export_float_onnx(float_model, example_inputs, path, opset=opset, dynamic=dynamic)
+
+        return _GraphPlan(capture, [example_inputs], lambda model: model, "")
+    from ptqkit.export.onnx_decoder import (
+        SCOPE_PREFIX,
+        CachedDecoderStep,
+        check_inputs,
+        export_cached_decoder,
+    )
+
+    if not dynamic:
+        raise ExportError("export: kv_cache=True needs dynamic_shapes=True (one graph for any prompt and cache length)")
+    cases = check_inputs(float_model, example_inputs)  # validates the model and the prompt before the capture
+    return _GraphPlan(lambda path: export_cached_decoder(float_model, path, opset=opset), cases, CachedDecoderStep, SCOPE_PREFIX)
+
+
+def _outputs(plan: _GraphPlan, model: nn.Module) -> list[torch.Tensor]:
+    wrapped = plan.wrap(model)
+    return [t for case in plan.cases for t in _torch_outputs(wrapped, case)]
+
+
+def _ort_outputs(plan: _GraphPlan, session: Any) -> list[Any]:
+    from ptqkit.export.ort_check import run_session
+
+    return [t for case in plan.cases for t in run_session(session, case)]
+
+
+def _find_modules(proto: Any, names: list[str], prefix: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """`find_layer_nodes` for module names that sit under `prefix` in the graph, keyed without it."""
+    from ptqkit.export.onnx_graph import find_layer_nodes
+
+    found, missing = find_layer_nodes(proto, [prefix + name for name in names])
+    n = len(prefix)
+    return {k[n:]: replace(ln, module=k[n:]) for k, ln in found.items()}, {k[n:]: why for k, why in missing.items()}
 
 
 @contextlib.contextmanager
@@ -57,20 +112,28 @@ def export_onnx(
     fp32_tolerance: float = 1e-4,
     weight_dtype: str = "auto",
     nbits: Any = None,
+    kv_cache: bool = False,
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Write `model.onnx` (and optionally `model.fp32.onnx`) into `out_dir`; return (layers, checks).
 
     `weight_dtype`: "int8", "uint8" (int8 codes + 128, zero point + 128: the same values) or
     "auto" (uint8 on x86 CPUs without VNNI, where ORT's u8s8 kernels saturate; else int8).
     `nbits`: `onnx_nbits.NBitsOptions` for weight-only low-bit Linear layers (None: defaults).
+    `kv_cache`: capture a Hugging Face causal LM as the KV-cached decoder step of
+    `onnx_decoder` (checked on a prefill of the example prompt and one decode step).
     """
     import onnx
 
     from ptqkit.export import FLOAT_ONNX_FILE, ONNX_FILE, LayerExport
-    from ptqkit.export.onnx_graph import export_float_onnx, find_layer_nodes
-    from ptqkit.export.onnx_nbits import NBitsOptions, insert_matmul_nbits, nbits_layout, nbits_refusal, routes_to_nbits
+    from ptqkit.export.onnx_nbits import (
+        NBitsOptions,
+        insert_matmul_nbits,
+        nbits_layout,
+        nbits_refusal,
+        routes_to_nbits,
+    )
     from ptqkit.export.onnx_qdq import check_exportable, insert_qdq, quantized_modules
-    from ptqkit.export.ort_check import compare_outputs, cpu_has_vnni, layer_kernels, make_session, run_session
+    from ptqkit.export.ort_check import compare_outputs, cpu_has_vnni, layer_kernels, make_session
     from ptqkit.quantize import dequantize_model
 
     if weight_dtype not in ("auto", "int8", "uint8"):
@@ -79,6 +142,12 @@ def export_onnx(
         nbits = NBitsOptions()
     if not isinstance(nbits, NBitsOptions):
         raise ExportError(f"export: matmul_nbits must be a ptqkit.export.onnx_nbits.NBitsOptions or None, got {type(nbits).__name__}")
+    if not isinstance(kv_cache, bool):
+        raise ExportError(f"export: kv_cache must be True or False, got {kv_cache!r}")
+    if kv_cache:
+        from ptqkit.export.onnx_decoder import decoder_shape
+
+        decoder_shape(qmodel)  # not a causal LM with a cache: fail before anything is copied
     uint8_weights = weight_dtype == "uint8" or (weight_dtype == "auto" and not cpu_has_vnni())
     modules = quantized_modules(qmodel)
     if not modules:
@@ -92,12 +161,17 @@ def export_onnx(
         raise ExportError(f"export (strict): {len(refused)} weight-only module(s) have no MatMulNBits form: {refused}")
     float_model = dequantize_model(qmodel).eval()
     float_path = out_dir / FLOAT_ONNX_FILE
-    with _no_kv_cache(float_model):
-        proto = export_float_onnx(float_model, example_inputs, float_path, opset=opset, dynamic=dynamic)
+    plan = _plan(float_model, example_inputs, kv_cache=kv_cache, opset=opset, dynamic=dynamic)
+    proto = plan.capture(float_path)
 
     checks: dict[str, Any] = {}
-    reference = _torch_outputs(float_model, example_inputs)
-    fp32 = compare_outputs(reference, run_session(make_session(float_path), example_inputs))
+    if kv_cache:
+        layers = (len(proto.graph.input) - 2) // 2
+        checks["kv_cache"] = {
+            "layers": layers, "inputs": [i.name for i in proto.graph.input][:4], "outputs": [o.name for o in proto.graph.output][:3],
+            "checked_on": "prefill of the example prompt (empty cache) + one decode step",
+        }
+    fp32 = compare_outputs(_outputs(plan, float_model), _ort_outputs(plan, make_session(float_path)))
     checks["fp32_ort_vs_torch"] = fp32
     if fp32["max_abs"] > fp32_tolerance * max(1.0, fp32["ref_absmax"]):
         raise ExportError(
@@ -107,14 +181,14 @@ def export_onnx(
     if not keep_float:
         float_path.unlink()
 
-    found, missing = find_layer_nodes(proto, list(modules))
+    found, missing = _find_modules(proto, list(modules), plan.prefix)
     if missing and strict:
         raise ExportError(f"export (strict): {len(missing)} quantized module(s) not found in the ONNX graph: {missing}")
     kept_float = {name: found[name] for name in refused if name in found}  # float MatMul with the dequantized weight
     to_nbits = {name: ln for name, ln in found.items() if name in nbits_modules and name not in refused}
     proto, nbits_rewrites = insert_matmul_nbits(proto, to_nbits, nbits_modules, nbits)
     if to_nbits:  # node indices moved: map the QDQ modules again
-        found, _ = find_layer_nodes(proto, [name for name in found if name in qdq_modules])
+        found, _ = _find_modules(proto, [name for name in found if name in qdq_modules], plan.prefix)
     proto, rewrites = insert_qdq(proto, {n: ln for n, ln in found.items() if n in qdq_modules}, qdq_modules, uint8_weights=uint8_weights)
     rewrites = nbits_rewrites + rewrites
     checks["weight_dtype"] = "uint8" if uint8_weights else "int8"
@@ -128,7 +202,7 @@ def export_onnx(
         session = make_session(onnx_path, optimized_path=optimized)
         weights = {r.module: r.weight_initializer for r in rewrites} | {n: ln.weight_name for n, ln in kept_float.items()}
         kernels = {k.module: k for k in layer_kernels(optimized, weights)}
-        quantized = compare_outputs(_torch_outputs(qmodel, example_inputs), run_session(session, example_inputs))
+        quantized = compare_outputs(_outputs(plan, qmodel), _ort_outputs(plan, session))
     checks["quantized_ort_vs_simulated"] = quantized
     checks["int8_ort_vs_simulated"] = quantized  # the name before MatMulNBits (same numbers)
 
