@@ -1,11 +1,12 @@
 """LLM decode in ONNX Runtime: SmolLM2-135M, batch 1, greedy, ORT FP32 vs ptqkit W4A16 on MatMulNBits.
 
 The decoder is exported with its KV cache as graph inputs/outputs (one graph for prefill, with an
-empty cache, and for decode steps): a wrapper builds a transformers `DynamicCache` from the past
-key/value tensors and returns the logits and the updated keys/values; torch.onnx (dynamo) exports
-it. The int4 graphs are the same export of `dequantize_model(qmodel)` with every Linear of the
-decoder layers rewritten by `ptqkit.export.onnx_nbits.insert_matmul_nbits` (the lm_head, tied to
-the embeddings, stays FP32: the w4a16 preset keeps the output head float).
+empty cache, and for decode steps) by the library: `ptqkit.export.onnx_decoder.export_cached_decoder`
+for FP32, and `pq.export(qmodel, ..., kv_cache=True, matmul_nbits=NBitsOptions(accuracy_level=L),
+strict=True)` for int4, which rewrites every Linear of the decoder layers to MatMulNBits (the
+lm_head, tied to the embeddings, stays FP32: the w4a16 preset keeps the output head float) and
+checks the graph in ONNX Runtime (prefill + one decode step vs torch). Greedy decoding in ORT is
+`ptqkit.export.onnx_decoder.OrtDecoder`.
 
 For each configuration: decode tokens/s (prefill excluded), prefill latency of the prompt, greedy
 agreement with torch FP32 (first diverging position; teacher-forced top-1 on FP32's own
@@ -28,7 +29,6 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,97 +39,28 @@ sys.path.insert(0, str(Path(__file__).parent))
 from llm_decode import PROMPT, greedy, load_model, teacher_forced_agreement  # noqa: E402
 
 import ptqkit as pq  # noqa: E402
-from ptqkit.export.onnx_graph import find_layer_nodes  # noqa: E402
-from ptqkit.export.onnx_nbits import NBitsOptions, insert_matmul_nbits  # noqa: E402
-from ptqkit.export.onnx_qdq import quantized_modules  # noqa: E402
-from ptqkit.export.ort_check import layer_kernels, make_session  # noqa: E402
-from ptqkit.quantize import dequantize_model  # noqa: E402
+from ptqkit.export import REPORT_FILE, NBitsOptions  # noqa: E402
+from ptqkit.export.onnx_decoder import OrtDecoder, export_cached_decoder  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "llm_decode_ort.json"
-PREFIX = "m."  # the wrapper's attribute: module "model.layers.0.mlp.up_proj" is "m.model.layers.0.mlp.up_proj" in the graph
 
 
-@dataclass(frozen=True)
-class _Rewrite:
-    module: str
-    weight_initializer: str
+def export_int4(qmodel: nn.Module, out: Path, ids: torch.Tensor, level: int) -> dict[str, int]:
+    """The KV-cached int4 graph at `out`/model.onnx (kept from a previous run if there); ORT kernel counts."""
+    if not (out / "model.onnx").exists():
+        pq.export(qmodel, out, example_inputs=ids, kv_cache=True, matmul_nbits=NBitsOptions(accuracy_level=level), strict=True)
+    kernels: dict[str, int] = {}
+    for layer in json.loads((out / REPORT_FILE).read_text())["layers"]:
+        kernels[layer["kernel"]] = kernels.get(layer["kernel"], 0) + 1
+    return kernels
 
 
-class CachedStep(nn.Module):
-    """logits, *present = step(input_ids [1, T], attention_mask [1, P + T], *past ([1, kv_heads, P, head_dim] x 2L))."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.m = model
-        self.layers = model.config.num_hidden_layers
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        from transformers import DynamicCache
-
-        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)])
-        out = self.m(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
-        present: list[torch.Tensor] = []
-        for layer in out.past_key_values.layers:
-            present += [layer.keys, layer.values]
-        return (out.logits, *present)
-
-
-def kv_shape(model: nn.Module) -> tuple[int, int, int]:
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim
-
-
-def export_cached(model: nn.Module) -> object:
-    """The KV-cached decoder as an onnx.ModelProto (dynamic sequence and past lengths, batch 1)."""
-    from torch.export import Dim
-
-    layers, kv_heads, head_dim = kv_shape(model)
-    past = [torch.randn(1, kv_heads, 5, head_dim) for _ in range(2 * layers)]
-    ids, mask = torch.tensor([[1, 2, 3]]), torch.ones(1, 8, dtype=torch.long)
-    with torch.no_grad():
-        program = torch.onnx.export(
-            CachedStep(model).eval(), (ids, mask, *past), dynamo=True, opset_version=18, external_data=False, verbose=False,
-            dynamic_shapes=({1: Dim.AUTO}, {1: Dim.AUTO}, tuple({2: Dim.AUTO} for _ in past)),
-        )
-    return program.model_proto
-
-
-class OrtDecoder:
-    """Greedy decoding with an ORT session of a `CachedStep` graph."""
-
-    def __init__(self, path: Path, model: nn.Module, threads: int) -> None:
-        self.session = make_session(path, threads=threads)
-        self.names = [i.name for i in self.session.get_inputs()]
-        self.layers, self.kv_heads, self.head_dim = kv_shape(model)
-
-    def run(self, ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        mask = np.ones((1, past[0].shape[2] + ids.shape[1]), np.int64)
-        out = self.session.run(None, dict(zip(self.names, [ids, mask, *past])))
-        return out[0], out[1:]
-
-    def empty(self) -> list[np.ndarray]:
-        return [np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32) for _ in range(2 * self.layers)]
-
-    def greedy(self, ids: torch.Tensor, new_tokens: int) -> tuple[list[int], float, float]:
-        """(tokens, decode seconds for new_tokens - 1 steps, prefill seconds)."""
-        start = time.perf_counter()
-        logits, past = self.run(ids.numpy(), self.empty())
-        prefill = time.perf_counter() - start
-        token = int(logits[0, -1].argmax())
-        tokens = [token]
-        start = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            logits, past = self.run(np.array([[token]], np.int64), past)
-            token = int(logits[0, -1].argmax())
-            tokens.append(token)
-        return tokens, time.perf_counter() - start, prefill
-
-    def teacher_forced(self, ids: torch.Tensor, reference: list[int]) -> float:
-        full = torch.cat([ids, torch.tensor([reference[:-1]])], dim=1).numpy()  # [1, P + T - 1]
-        logits, _ = self.run(full, self.empty())
-        top1 = logits[0, ids.shape[1] - 1 :].argmax(-1)  # [T]
-        return float((top1 == np.array(reference)).mean())
+def teacher_forced(decoder: OrtDecoder, ids: torch.Tensor, reference: list[int]) -> float:
+    """Top-1 agreement with `reference` when the graph reads FP32's own continuation (one prefill)."""
+    full = torch.cat([ids, torch.tensor([reference[:-1]])], dim=1).numpy()  # [1, P + T - 1]
+    logits, _ = decoder.step(full, decoder.empty_past())
+    top1 = logits[0, ids.shape[1] - 1 :].argmax(-1)  # [T]
+    return float((top1 == np.array(reference)).mean())
 
 
 def first_divergence(tokens: list[int], reference: list[int]) -> int:
@@ -163,40 +94,20 @@ def main() -> None:
     ort_runs: dict[str, tuple[OrtDecoder, dict]] = {}
     start = time.perf_counter()
     path = work / f"{tag}_fp32.onnx"
-    import onnx
-
     if not path.exists():
-        onnx.save_model(export_cached(model), str(path))
-    ort_runs["ORT fp32"] = (OrtDecoder(path, model, args.threads), {"onnx_mb": path.stat().st_size / 1e6, "kernels": {}})
+        export_cached_decoder(model, path)
+    ort_runs["ORT fp32"] = (OrtDecoder(path, threads=args.threads), {"onnx_mb": path.stat().st_size / 1e6, "kernels": {}})
     print(f"exported fp32 in {time.perf_counter() - start:.0f} s", flush=True)
     for group in args.groups:
         start = time.perf_counter()
         qmodel = pq.quantize(model, pq.Recipe.from_preset("w4a16", group_size=group), progress=False)
         torch_runs[f"torch ptqkit int4 g{group} (simulated)"] = qmodel
-        modules = {PREFIX + name: m for name, m in quantized_modules(qmodel).items()}
-        base = None
         for level in args.levels:
-            path = work / f"{tag}_int4_g{group}_acc{level}.onnx"
-            if path.exists():  # a previous run's graph: the rewrite's weight names are deterministic
-                rewrites = [_Rewrite(name, f"{name}.weight_nbits") for name in modules]
-            else:
-                if base is None:
-                    base = export_cached(dequantize_model(qmodel))
-                    found, missing = find_layer_nodes(base, list(modules))
-                    if missing:
-                        raise SystemExit(f"modules not found in the cached graph: {missing}")
-                proto = onnx.ModelProto()
-                proto.CopyFrom(base)
-                proto, rewrites = insert_matmul_nbits(proto, found, modules, NBitsOptions(accuracy_level=level))
-                onnx.save_model(proto, str(path))
-            optimized = work / "optimized.onnx"
-            make_session(path, threads=1, optimized_path=optimized)
-            kernels: dict[str, int] = {}
-            for k in layer_kernels(optimized, {r.module: r.weight_initializer for r in rewrites}):
-                kernels[k.op_type] = kernels.get(k.op_type, 0) + 1
-            optimized.unlink()
+            out = work / f"{tag}_int4_g{group}_acc{level}"
+            kernels = export_int4(qmodel, out, ids, level)
+            path = out / "model.onnx"
             label = f"ORT int4 g{group} MatMulNBits acc{level}"
-            ort_runs[label] = (OrtDecoder(path, model, args.threads), {"onnx_mb": path.stat().st_size / 1e6, "kernels": kernels})
+            ort_runs[label] = (OrtDecoder(path, threads=args.threads), {"onnx_mb": path.stat().st_size / 1e6, "kernels": kernels})
         print(f"exported int4 g{group} in {time.perf_counter() - start:.0f} s: {kernels}", flush=True)
 
     # warm-up, then round-robin best-of-rounds
@@ -214,9 +125,10 @@ def main() -> None:
             generated[label] = tokens
             print(f"round {round_}: {label:40s} {(args.tokens - 1) / seconds:7.1f} tok/s", flush=True)
         for label, (decoder, _) in ort_runs.items():
-            tokens, seconds, pre = decoder.greedy(ids, args.tokens)
+            run = decoder.greedy(ids, args.tokens)
+            tokens, seconds = list(run.tokens), run.decode_s
             best[label] = max(best.get(label, 0.0), (args.tokens - 1) / seconds)
-            prefill[label] = min(prefill.get(label, float("inf")), pre)
+            prefill[label] = min(prefill.get(label, float("inf")), run.prefill_s)
             generated[label] = tokens
             print(f"round {round_}: {label:40s} {(args.tokens - 1) / seconds:7.1f} tok/s", flush=True)
 
@@ -228,7 +140,7 @@ def main() -> None:
         simulated = generated.get(f"torch ptqkit int4 g{group} (simulated)") if group else None
         if label in ort_runs:
             decoder, info = ort_runs[label]
-            tf = decoder.teacher_forced(ids, reference)
+            tf = teacher_forced(decoder, ids, reference)
         else:
             tf, info = teacher_forced_agreement(torch_runs[label], ids, reference), {}
         results.append({
@@ -262,7 +174,8 @@ def main() -> None:
     RESULTS.write_text(json.dumps({
         "benchmark": "llm_decode_ort",
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to FP32); lm_head (tied) FP32 in every config",
-        "graph": "KV-cached decoder (DynamicCache built from past tensors), torch.onnx dynamo opset 18, batch 1",
+        "graph": "KV-cached decoder (DynamicCache built from past tensors), torch.onnx dynamo opset 18, batch 1: "
+                 "ptqkit.export.onnx_decoder (pq.export(kv_cache=True) for int4)",
         "prompt_tokens": int(ids.shape[1]),
         "new_tokens": args.tokens,
         "threads": args.threads,
