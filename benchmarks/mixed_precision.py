@@ -122,6 +122,7 @@ def _print_search(result, args, what: str, label: str) -> dict:
     smallest_uniform = min(uniform, key=lambda p: p.weight_bytes) if uniform else None
     print(f"data-free proxy (weight SQNR) vs measured per-layer degradation, Spearman: {result.proxy_rank_correlation}")
     print(f"chosen: {result.chosen.name if result.chosen else None} {result.why_none}")
+    print(f"against uniform: {result.versus_uniform}")
     print(f"fastest uniform within budget: {best_uniform.name if best_uniform else None}; "
           f"smallest: {smallest_uniform.name if smallest_uniform else None}")
     return {**result.to_dict(), "best_uniform": best_uniform.name if best_uniform else None,

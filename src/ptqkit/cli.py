@@ -313,7 +313,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     chosen = f"chosen: {result.chosen.name} ({result.chosen.speedup:.2f}x float)" if result.chosen else f"chosen: none: {result.why_none}"
     proxy = result.proxy_rank_correlation
     proxy_text = f"weight-SQNR proxy vs measured degradation, Spearman {proxy:.2f}" if proxy is not None else "proxy: too few pairs"
-    _write(args, result.to_dict(), f"{len(result.points)} configurations measured; Pareto front: {front}\n{chosen}\n{proxy_text}\nwrote {out / 'search.json'}")
+    _write(args, result.to_dict(), f"{len(result.points)} configurations measured; Pareto front: {front}\n{chosen}\n{result.versus_uniform}\n{proxy_text}\nwrote {out / 'search.json'}")
     return 0
 
 

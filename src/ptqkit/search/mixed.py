@@ -36,10 +36,10 @@ from ptqkit.errors import ConfigError
 from ptqkit.eval.sensitivity import degradation, model_metrics, task_metric
 from ptqkit.progress import progress_bar
 from ptqkit.search.formats import apply_assignment, format_module, weight_bytes
-from ptqkit.search.latency import LatencyTable, linear_rows
+from ptqkit.search.latency import LatencyTable, linear_ms_inside, linear_rows
 from ptqkit.threads import torch_threads
 
-__all__ = ["SearchPoint", "SearchResult", "decode_step_input", "pareto_front", "proxy_rank_correlation", "search", "weight_sqnr_db"]
+__all__ = ["SearchPoint", "SearchResult", "decode_step_input", "versus_uniform", "pareto_front", "proxy_rank_correlation", "search", "weight_sqnr_db"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ class SearchResult:
     stopped_early: bool = False
     proxy_rank_correlation: float | None = None  # Spearman: -weight SQNR vs measured degradation
     layer_costs_source: str = "measured"  # or "proxy": per-layer degradations estimated, not measured
+    versus_uniform: str = ""  # the chosen point against the best uniform one within the budget
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -90,6 +91,7 @@ class SearchResult:
             "chosen": asdict(self.chosen) if self.chosen else None, "why_none": self.why_none,
             "layer_costs": self.layer_costs, "stopped_early": self.stopped_early,
             "proxy_rank_correlation": self.proxy_rank_correlation, "layer_costs_source": self.layer_costs_source,
+            "versus_uniform": self.versus_uniform,
         }
 
 
@@ -147,6 +149,7 @@ def search(
     float_metric = base[metric]
     with torch_threads(threads):  # every measurement at the search's thread count, restored on any exit
         rows = linear_rows(model, example)
+        inside = linear_ms_inside(model, example, threads=threads)
         linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name in rows}
         ladder = {name: [f for f in formats if not isinstance(format_module(m, f), str)] for name, m in linears.items()}
         costs: dict[str, dict[str, dict[str, float | None]]] = {}
@@ -192,7 +195,7 @@ def search(
             points[name] = SearchPoint(
                 name=name, assignment=assignment, metric=metrics[metric], degradation=degradation(metrics, metric),
                 measured_ms=timing.median_ms,
-                predicted_ms=table.predict_ms(model, assignment, example, rows, float_ms=float_timing.median_ms),
+                predicted_ms=table.predict_ms(model, assignment, example, rows, float_ms=float_timing.median_ms, inside=inside),
                 weight_bytes=float_bytes + sum(weight_bytes(linears[n], f) - weight_bytes(linears[n], "fp32") for n, f in assignment.items()),
                 float_ms=float_timing.median_ms,
             )
@@ -220,7 +223,31 @@ def search(
         return SearchResult(
             metric, float_metric, float_ms, float_bytes, tuple(points), tuple(pareto_front(points)), chosen, why, costs, stopped,
             proxy_rank_correlation(costs) if layer_costs == "measured" else None, layer_costs,
+            versus_uniform(points, chosen, max_degradation),
         )
+
+
+def versus_uniform(points: Sequence[SearchPoint], chosen: SearchPoint | None, max_degradation: float) -> str:
+    """Whether the chosen mixed configuration is faster or smaller than the best uniform one
+    within the budget (by speed-up over float timed alternately, then bytes), and if not, why:
+    the first measured step past it on each greedy path and its degradation."""
+    uniform = [p for p in points if p.name.startswith("uniform ") and p.degradation <= max_degradation]
+    if not uniform:
+        return "no uniform configuration stays within the budget"
+    best = max(uniform, key=lambda p: (p.speedup, -p.weight_bytes))
+    if chosen is None or chosen.name.startswith("uniform "):
+        return f"best uniform within the budget: {best.name} ({best.speedup:.2f}x, {best.weight_bytes / 1e6:.1f} MB)"
+    faster, smaller = chosen.speedup > best.speedup, chosen.weight_bytes < best.weight_bytes
+    if faster or smaller:
+        return (
+            f"{chosen.name} is {'faster' if faster else 'not faster'} ({chosen.speedup:.2f}x vs {best.speedup:.2f}x) and "
+            f"{'smaller' if smaller else 'not smaller'} ({chosen.weight_bytes / 1e6:.1f} vs {best.weight_bytes / 1e6:.1f} MB) "
+            f"than {best.name}"
+        )
+    over = [p for p in points if not p.name.startswith("uniform ") and p.degradation > max_degradation and p.weight_bytes < best.weight_bytes]
+    first = min(over, key=lambda p: best.weight_bytes - p.weight_bytes, default=None)
+    reason = f"; the nearest smaller configuration measured, {first.name}, degrades by {first.degradation:.4g}" if first else ""
+    return f"{chosen.name} is neither faster nor smaller than {best.name} ({best.speedup:.2f}x, {best.weight_bytes / 1e6:.1f} MB){reason}"
 
 
 def decode_step_input(data: Any) -> dict[str, torch.Tensor]:

@@ -85,6 +85,8 @@ def test_prediction_swaps_measured_layer_costs_into_the_float_latency(tmp_path: 
     monkeypatch.setattr(table, "layer_ms", lambda linear, fmt, rows: costs[(names[id(linear)], fmt)])
     assert table.predict_ms(model, {"0": "int8_wo"}, None, rows, float_ms=3.5) == pytest.approx(3.5 - 1.0 + 0.4)
     assert table.predict_ms(model, {"0": "int8_wo", "2": "int8_wo"}, None, rows, float_ms=3.5) == pytest.approx(3.5 - 3.0 + 0.9)
+    inside = {"0": 1.7}  # the float layer's time inside the model replaces its time alone
+    assert table.predict_ms(model, {"0": "int8_wo"}, None, rows, float_ms=3.5, inside=inside) == pytest.approx(3.5 - 1.7 + 0.4)
     with pytest.raises(ConfigError, match=r"\['1'\] are not nn.Linear modules"):
         table.predict_ms(model, {"1": "int8_wo"}, None, rows, float_ms=3.5)
 
@@ -99,3 +101,11 @@ def test_rows_follow_the_calls() -> None:
             return self.pooler(self.token(x)[:, 0])  # the pooler sees one row per sequence
 
     assert linear_rows(Pooled(), torch.randn(4, 16, 8)) == {"token": 64, "pooler": 4}
+
+
+def test_linear_times_inside_the_model_cover_every_called_linear() -> None:
+    from ptqkit.search.latency import linear_ms_inside
+
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.Linear(64, 8))
+    inside = linear_ms_inside(model, torch.randn(4, 64), threads=1, reps=3)
+    assert set(inside) == {"0", "2", "3"} and all(v > 0 for v in inside.values())

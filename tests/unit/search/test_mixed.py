@@ -146,3 +146,16 @@ def test_budget_bisection_finds_the_last_step_within_budget() -> None:
         points[f"size step {step}"] = _point("", 0.1 * step, 1.0, 1)  # degradation grows along the path
     assert asked == [12, 10, 11]  # 10 (1.0) is within the budget, 11 (1.1) is not
     assert list(_budget_bisection("latency", path, points, max_degradation=1.05)) == []  # nothing measured there
+
+
+def test_versus_uniform_says_which_is_faster_or_smaller_or_why_not() -> None:
+    from ptqkit.search.mixed import versus_uniform
+
+    uniform = _point("uniform int8_wo", 0.01, 5.0, 100)
+    faster = _point("size step 9", 0.015, 4.0, 110)
+    neither = _point("size step 8", 0.01, 6.0, 120)
+    beyond = _point("size step 12", 0.3, 3.0, 80)
+    assert "is faster" in versus_uniform([uniform, faster], faster, 0.02) and "not smaller" in versus_uniform([uniform, faster], faster, 0.02)
+    text = versus_uniform([uniform, neither, beyond], neither, 0.02)
+    assert "neither faster nor smaller than uniform int8_wo" in text and "size step 12, degrades by 0.3" in text
+    assert versus_uniform([beyond], None, 0.02) == "no uniform configuration stays within the budget"
