@@ -118,11 +118,13 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     settings = recipe.calibration
     if args.onload:
         return _quantize_onloaded(args, recipe)
-    if Path(args.model).expanduser().is_dir():
-        _memory_plan(args, recipe, onload=False)
-    loaded = load_model(args.model, args.weights)
     calib = None
-    if args.calib is not None:
+    if Path(args.model).expanduser().is_dir():  # plan from the config and the data before loading the weights
+        if args.calib is not None:
+            calib = _data(args, args.calib, _hf_tokenizer(args.model), samples=settings.samples, batch_size=settings.batch_size, seed=settings.seed)
+        _memory_plan(args, recipe, onload=False, calib=calib)
+    loaded = load_model(args.model, args.weights)
+    if args.calib is not None and calib is None:
         calib = _data(args, args.calib, loaded.tokenizer, samples=settings.samples, batch_size=settings.batch_size, seed=settings.seed)
     writer = _is_writer(args.distributed)
     if not args.quiet and not args.json and writer:
@@ -137,15 +139,26 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _memory_plan(args: argparse.Namespace, recipe: Any, *, onload: bool) -> None:
-    """Predict the run's peak memory from the model's config (printed unless --quiet/--json)
-    and refuse a run that cannot fit, before any weight is loaded (unless --no-memory-check)."""
+def _hf_tokenizer(model_dir: str) -> Any:
+    """The tokenizer of a Hugging Face directory, or None if it has none (token-id tensor data)."""
+    from ptqkit.models.hf import load_hf_tokenizer
+
+    has_tokenizer = any((Path(model_dir).expanduser() / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    return load_hf_tokenizer(model_dir) if has_tokenizer else None
+
+
+def _memory_plan(args: argparse.Namespace, recipe: Any, *, onload: bool, calib: Any = None) -> None:
+    """Predict the run's peak memory from the model's config and the calibration data's size
+    (printed unless --quiet/--json) and refuse a run that cannot fit, before any weight is
+    loaded (unless --no-memory-check)."""
     from ptqkit.memory_plan import check_memory, plan_from_config
+    from ptqkit.onloading import tokens_per_sample
 
     settings = recipe.calibration
-    plan = plan_from_config(
-        args.model, recipe, samples=settings.samples, seq_len=args.max_length, batch_size=settings.batch_size, onload=onload
-    )
+    samples, seq_len = settings.samples, args.max_length
+    if calib is not None and len(calib):
+        samples, seq_len = min(len(calib), settings.samples), tokens_per_sample(calib)
+    plan = plan_from_config(args.model, recipe, samples=samples, seq_len=seq_len, batch_size=settings.batch_size, onload=onload)
     if plan is None:
         return
     if not args.quiet and not args.json and _is_writer(args.distributed):
@@ -156,16 +169,13 @@ def _memory_plan(args: argparse.Namespace, recipe: Any, *, onload: bool) -> None
 
 def _quantize_onloaded(args: argparse.Namespace, recipe: Any) -> int:
     """`quantize --onload`: a Hugging Face model quantized block by block from disk."""
-    from ptqkit.models.hf import load_hf_tokenizer
     from ptqkit.runs import onload_run
 
     if args.distributed or args.weights is not None or args.calib is None or not Path(args.model).expanduser().is_dir():
         raise ConfigError("quantize --onload: needs a Hugging Face model directory and --calib; not with --weights or --distributed")
     settings = recipe.calibration
-    _memory_plan(args, recipe, onload=True)
-    has_tokenizer = any((Path(args.model).expanduser() / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
-    tokenizer = load_hf_tokenizer(args.model) if has_tokenizer else None  # token-id tensor files need none
-    calib = _data(args, args.calib, tokenizer, samples=settings.samples, batch_size=settings.batch_size, seed=settings.seed)
+    calib = _data(args, args.calib, _hf_tokenizer(args.model), samples=settings.samples, batch_size=settings.batch_size, seed=settings.seed)
+    _memory_plan(args, recipe, onload=True, calib=calib)
     summary = onload_run(args.model, recipe, calib, args.out, progress=_show_progress(args), memory_check=False)  # planned above
     text = (
         f"{summary['quantized_layers']} layers quantized with onloading on {summary['calibration_samples']} samples in "

@@ -44,6 +44,7 @@ __all__ = ["SearchPoint", "SearchResult", "decode_step_input", "versus_uniform",
 logger = logging.getLogger(__name__)
 
 LAYER_COSTS = ("measured", "proxy")
+TIE = 1.05  # speed-ups within 5% of each other are timing noise here (see _choose's min_speedup)
 
 
 @dataclass(frozen=True)
@@ -228,8 +229,8 @@ def search(
 
 
 def versus_uniform(points: Sequence[SearchPoint], chosen: SearchPoint | None, max_degradation: float) -> str:
-    """Whether the chosen mixed configuration is faster or smaller than the best uniform one
-    within the budget (by speed-up over float timed alternately, then bytes), and if not, why:
+    """Whether the chosen mixed configuration is faster (by 5% at least: speed-up over float timed
+    alternately) or smaller than the best uniform one within the budget, and if not, why:
     the first measured step past it on each greedy path and its degradation."""
     uniform = [p for p in points if p.name.startswith("uniform ") and p.degradation <= max_degradation]
     if not uniform:
@@ -237,17 +238,17 @@ def versus_uniform(points: Sequence[SearchPoint], chosen: SearchPoint | None, ma
     best = max(uniform, key=lambda p: (p.speedup, -p.weight_bytes))
     if chosen is None or chosen.name.startswith("uniform "):
         return f"best uniform within the budget: {best.name} ({best.speedup:.2f}x, {best.weight_bytes / 1e6:.1f} MB)"
-    faster, smaller = chosen.speedup > best.speedup, chosen.weight_bytes < best.weight_bytes
+    faster, smaller = chosen.speedup >= TIE * best.speedup, chosen.weight_bytes < best.weight_bytes
     if faster or smaller:
         return (
-            f"{chosen.name} is {'faster' if faster else 'not faster'} ({chosen.speedup:.2f}x vs {best.speedup:.2f}x) and "
+            f"{chosen.name} is {'faster' if faster else 'not faster (a gain under 5% is a tie)'} ({chosen.speedup:.2f}x vs {best.speedup:.2f}x) and "
             f"{'smaller' if smaller else 'not smaller'} ({chosen.weight_bytes / 1e6:.1f} vs {best.weight_bytes / 1e6:.1f} MB) "
             f"than {best.name}"
         )
     over = [p for p in points if not p.name.startswith("uniform ") and p.degradation > max_degradation and p.weight_bytes < best.weight_bytes]
     first = min(over, key=lambda p: best.weight_bytes - p.weight_bytes, default=None)
     reason = f"; the nearest smaller configuration measured, {first.name}, degrades by {first.degradation:.4g}" if first else ""
-    return f"{chosen.name} is neither faster nor smaller than {best.name} ({best.speedup:.2f}x, {best.weight_bytes / 1e6:.1f} MB){reason}"
+    return f"{chosen.name} is neither faster (a gain under 5% is a tie) nor smaller than {best.name} ({best.speedup:.2f}x, {best.weight_bytes / 1e6:.1f} MB){reason}"
 
 
 def decode_step_input(data: Any) -> dict[str, torch.Tensor]:

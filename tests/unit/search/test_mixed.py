@@ -157,5 +157,7 @@ def test_versus_uniform_says_which_is_faster_or_smaller_or_why_not() -> None:
     beyond = _point("size step 12", 0.3, 3.0, 80)
     assert "is faster" in versus_uniform([uniform, faster], faster, 0.02) and "not smaller" in versus_uniform([uniform, faster], faster, 0.02)
     text = versus_uniform([uniform, neither, beyond], neither, 0.02)
-    assert "neither faster nor smaller than uniform int8_wo" in text and "size step 12, degrades by 0.3" in text
+    assert "nor smaller than uniform int8_wo" in text and "size step 12, degrades by 0.3" in text
     assert versus_uniform([beyond], None, 0.02) == "no uniform configuration stays within the budget"
+    tie = _point("size step 7", 0.01, 4.9, 100)  # 2% faster than the uniform point: a tie
+    assert "neither faster (a gain under 5% is a tie) nor smaller" in versus_uniform([uniform, tie], tie, 0.02)
