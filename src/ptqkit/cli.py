@@ -56,6 +56,12 @@ def _recipe(args: argparse.Namespace) -> Any:
         raise ConfigError(f"--set {' '.join(args.set)}: {exc}") from None
 
 
+def _recipe_data(args: argparse.Namespace, path: str, tokenizer: Any, recipe: Any) -> Any:
+    """`_data` with the recipe's calibration samples, batch size and seed."""
+    settings = recipe.calibration
+    return _data(args, path, tokenizer, samples=settings.samples, batch_size=settings.batch_size, seed=settings.seed)
+
+
 def _data(args: argparse.Namespace, path: str, tokenizer: Any, *, samples: int, batch_size: int, seed: int = 0) -> Any:
     """CalibrationData from `path` with the command's --text-field/--max-length/--image-size/--tensor-name."""
     from ptqkit.sources import load_calibration
@@ -115,17 +121,16 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     recipe = _recipe(args)
     formats = _formats(args.format)
-    settings = recipe.calibration
     if args.onload:
         return _quantize_onloaded(args, recipe)
     calib = None
     if Path(args.model).expanduser().is_dir():  # plan from the config and the data before loading the weights
         if args.calib is not None:
-            calib = _data(args, args.calib, _hf_tokenizer(args.model), samples=settings.samples, batch_size=settings.batch_size, seed=settings.seed)
+            calib = _recipe_data(args, args.calib, _hf_tokenizer(args.model), recipe)
         _memory_plan(args, recipe, onload=False, calib=calib)
     loaded = load_model(args.model, args.weights)
     if args.calib is not None and calib is None:
-        calib = _data(args, args.calib, loaded.tokenizer, samples=settings.samples, batch_size=settings.batch_size, seed=settings.seed)
+        calib = _recipe_data(args, args.calib, loaded.tokenizer, recipe)
     writer = _is_writer(args.distributed)
     if not args.quiet and not args.json and writer:
         import ptqkit as pq
@@ -173,8 +178,7 @@ def _quantize_onloaded(args: argparse.Namespace, recipe: Any) -> int:
 
     if args.distributed or args.weights is not None or args.calib is None or not Path(args.model).expanduser().is_dir():
         raise ConfigError("quantize --onload: needs a Hugging Face model directory and --calib; not with --weights or --distributed")
-    settings = recipe.calibration
-    calib = _data(args, args.calib, _hf_tokenizer(args.model), samples=settings.samples, batch_size=settings.batch_size, seed=settings.seed)
+    calib = _recipe_data(args, args.calib, _hf_tokenizer(args.model), recipe)
     _memory_plan(args, recipe, onload=True, calib=calib)
     summary = onload_run(args.model, recipe, calib, args.out, progress=_show_progress(args), memory_check=False)  # planned above
     text = (
@@ -289,12 +293,10 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
     recipe = _recipe(args)
     loaded = load_model(args.model, args.weights)
-    settings = recipe.calibration
-
-    def data(path: str) -> Any:
-        return _data(args, path, loaded.tokenizer, samples=settings.samples, batch_size=settings.batch_size, seed=settings.seed)
-
-    result = doctor(loaded.model, data(args.calib), recipe, eval_data=data(args.data) if args.data else None, progress=_show_progress(args))
+    result = doctor(
+        loaded.model, _recipe_data(args, args.calib, loaded.tokenizer, recipe), recipe,
+        eval_data=_recipe_data(args, args.data, loaded.tokenizer, recipe) if args.data else None, progress=_show_progress(args),
+    )
     lines = [f"{f.severity.upper():8} {f.id}: {f.message}\n         fix: {f.fix}" for f in result.findings]
     text = "\n".join(lines) if lines else "no findings: the checklist passed"
     _write(args, {"findings": result.to_dicts(), "metrics": result.report.metrics}, text)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -131,13 +131,7 @@ class DataParallel:
         from ptqkit.observers import observer_from_state
 
         states = self.gather({name: observer.state() for name, observer in observers.items()})
-        merged = {}
-        for name in observers:
-            combined = observer_from_state(*states[0][name])
-            for rank_states in states[1:]:
-                combined.merge_(observer_from_state(*rank_states[name]))
-            merged[name] = combined
-        return merged
+        return {name: _merged([rank_states[name] for rank_states in states], lambda state: observer_from_state(*state)) for name in observers}
 
     def merge_statistics(self, stats: Mapping[str, Any]) -> dict[str, Any]:
         """Block statistics (`InputStatistics`) of every rank merged in rank order. Names that
@@ -154,10 +148,20 @@ class DataParallel:
                     f"rank {rank} and rank 0 saw different layers called on their calibration batches: {differ}; "
                     "every rank's batches must reach the same layers"
                 )
-        merged = {}
-        for name, own in local.items():
-            combined = InputStatistics.from_state(own.channels, own.request, own.name, states[0][name])
-            for rank_states in states[1:]:
-                combined.merge_(InputStatistics.from_state(own.channels, own.request, own.name, rank_states[name]))
-            merged[name] = combined
+        merged = {
+            name: _merged(
+                [rank_states[name] for rank_states in states],
+                lambda state, own=own: InputStatistics.from_state(own.channels, own.request, own.name, state),
+            )
+            for name, own in local.items()
+        }
         return {name: merged[leaders[id(s)]] for name, s in stats.items()}
+
+
+def _merged(states: list[Any], rebuild: Callable[[Any], Any]) -> Any:
+    """The object rebuilt from rank 0's state with every later rank's merged in (`merge_`), in
+    rank order: the same bytes on every rank."""
+    combined = rebuild(states[0])
+    for state in states[1:]:
+        combined.merge_(rebuild(state))
+    return combined

@@ -45,6 +45,7 @@ __all__ = [
     "resolve_cle_chains",
     "resolve_scale_groups",
     "find_block_list",
+    "require_block_list",
 ]
 
 
@@ -337,3 +338,13 @@ def find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
         if size > 0 and (best is None or size > best[0]):
             best = (size, name, module)
     return None if best is None else (best[1], best[2])
+
+
+def require_block_list(model: nn.Module, needed_for: str) -> tuple[str, nn.ModuleList]:
+    """`find_block_list`, or UnsupportedModelError saying what (`needed_for`) needs one."""
+    found = find_block_list(model)
+    if found is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no repeated block list (an nn.ModuleList of same-class blocks): {needed_for}"
+        )
+    return found

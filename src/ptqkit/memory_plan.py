@@ -21,7 +21,6 @@ plus, in bytes:
 from __future__ import annotations
 
 import logging
-import os
 import resource
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,20 +29,15 @@ from typing import Any
 from torch import nn
 
 from ptqkit.errors import ConfigError, UnsupportedModelError
+from ptqkit.progress import current_rss_bytes
 from ptqkit.recipe import Recipe
 
-__all__ = ["MemoryPlan", "plan_memory", "plan_from_config", "available_memory", "check_memory", "current_rss_bytes", "proc_status"]
+__all__ = ["MemoryPlan", "plan_memory", "plan_from_config", "available_memory", "check_memory", "proc_status"]
 
 logger = logging.getLogger(__name__)
 
 _FLOAT_BYTES = 4  # the engine runs in float32
 SAFETY_MARGIN = 1.15  # measured predictions: -10%..+9% of the peak growth (benchmarks/onloading.py, the capped test)
-
-
-def current_rss_bytes() -> int:
-    """Resident memory of this process now (Linux /proc/self/statm)."""
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass(frozen=True)
@@ -65,15 +59,6 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def _block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    from ptqkit.mappings import find_block_list
-
-    found = find_block_list(model)
-    if found is None:
-        raise UnsupportedModelError(f"{type(model).__name__} has no repeated block list; the memory plan models block-by-block runs")
-    return found
-
-
 def _param_bytes(module: nn.Module) -> int:
     return sum(p.numel() * _FLOAT_BYTES for p in module.parameters())
 
@@ -88,9 +73,11 @@ def plan_memory(
     """The memory plan of quantizing `model` (a skeleton on the meta device is enough: only
     shapes are read) with `recipe` on `samples` sequences of `seq_len` tokens."""
     from ptqkit.algorithms.pipeline import split_algorithms
+    from ptqkit.mappings import require_block_list
     from ptqkit.targets import resolve_plan
 
-    list_name, blocks = _block_list(model)
+    list_name, blocks = require_block_list(model, "the memory plan models block-by-block runs")
+    stages = split_algorithms(recipe.algorithms)
     total = _param_bytes(model)  # tied weights are counted once by parameters()
     block_bytes = max(_param_bytes(block) for block in blocks)
     outside = total - sum(_param_bytes(block) for block in blocks)
@@ -111,13 +98,13 @@ def plan_memory(
         parts["weight file pages mapped while loading"] = total
         parts["float model"] = total
         parts["copy quantized by pq.quantize"] = total
-        if split_algorithms(recipe.algorithms).blockwise:
+        if stages.blockwise:
             parts["weight results (codes + dequantized floats)"] = codes * (1 + _FLOAT_BYTES)
         parts["quantized layers (codes + float cache)"] = codes * (1 + _FLOAT_BYTES)
     tokens = samples * seq_len
     parts["block inputs and outputs (all samples)"] = 2 * tokens * hidden * _FLOAT_BYTES
     parts["one batch inside a block"] = 4 * batch_size * seq_len * widest * _FLOAT_BYTES
-    parts["one block's statistics"] = _statistics_bytes(split_algorithms(recipe.algorithms), blocks[0], tokens // max(1, batch_size))
+    parts["one block's statistics"] = _statistics_bytes(stages, blocks[0], tokens // max(1, batch_size))
     logger.info("memory plan for %s (%s): %s", type(model).__name__, list_name, parts)
     return MemoryPlan(onload=onload, baseline=current_rss_bytes(), parts=parts)
 

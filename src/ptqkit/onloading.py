@@ -7,7 +7,7 @@ disk:
 1. the model is built as a skeleton whose parameters live on the `meta` device (no memory;
    buffers such as rotary frequencies are real);
 2. the weights outside the repeated blocks (embeddings, final norm, output head) are read from
-   the safetensors file(s), which are memory-mapped;
+   the safetensors file(s) (plain reads, no memory map: see `WeightStore`);
 3. each block is materialised from disk just before the engine runs it, its targeted Linears
    are quantized, and right after its outputs are computed they are replaced by quantized
    modules that hold integer codes only: the block's float weights are released;
@@ -155,6 +155,10 @@ def _tensors_of(module: nn.Module) -> Iterator[tuple[str, nn.Module, str, bool]]
                 yield (f"{owner_name}.{attr}" if owner_name else attr), owner, attr, False
 
 
+def _tensor(owner: nn.Module, attr: str, is_param: bool) -> torch.Tensor:
+    return owner._parameters[attr] if is_param else owner._buffers[attr]
+
+
 def materialize_(module: nn.Module, prefix: str, store: WeightStore, *, skip: str | None = None) -> int:
     """Read every meta parameter/buffer of `module` (named `prefix.…` in the model) from
     `store`, except those under the submodule named `skip`; returns the bytes read. Shapes are
@@ -163,7 +167,7 @@ def materialize_(module: nn.Module, prefix: str, store: WeightStore, *, skip: st
     for name, owner, attr, is_param in list(_tensors_of(module)):
         if skip is not None and name.startswith(skip + "."):
             continue
-        current = owner._parameters[attr] if is_param else owner._buffers[attr]
+        current = _tensor(owner, attr, is_param)
         if current.device.type != "meta":
             continue
         full = f"{prefix}.{name}" if prefix else name
@@ -225,24 +229,21 @@ def quantize_onloaded(
         raise ConfigError("quantize_onloaded: calib must be a non-empty CalibrationData (the block engine runs on it)")
     store = WeightStore(model_dir)
     model = build_skeleton(model_dir)
-    settings = recipe.calibration
-    memory = plan_memory(
-        model, recipe, samples=min(len(calib), settings.samples), seq_len=tokens_per_sample(calib),
-        batch_size=settings.batch_size, onload=True,
-    )
-    if memory_check:
-        check_memory(memory)
-    outside = _materialize_outside(model, store)
-    the_plan = resolve_plan(model, recipe)
+    the_plan = resolve_plan(model, recipe)  # refusals first: nothing is read before them
     static = [layer.name for layer in the_plan.layers if layer.inputs is not None and not layer.inputs.dynamic]
     if static:
         raise ConfigError(
             f"recipe {recipe.name!r} quantizes the inputs of {len(static)} layer(s) statically (e.g. {static[0]!r}); "
             "onloading runs weight-only and dynamic-activation recipes (w4a16, w8a16, w8a8_dynamic)"
         )
+    samples = min(len(calib), recipe.calibration.samples)
+    if memory_check:
+        check_memory(plan_memory(
+            model, recipe, samples=samples, seq_len=tokens_per_sample(calib), batch_size=recipe.calibration.batch_size, onload=True,
+        ))
+    outside = _materialize_outside(model, store)
     onloader = _BlockOnloader(model, the_plan, stages, store)
     targets = {layer.name: (layer.module_type, layer.weights) for layer in the_plan.layers if layer.weights is not None}
-    samples = min(len(calib), recipe.calibration.samples)
     quantize_blocks_(
         model, targets, stages, calib.batches(recipe.calibration.batch_size), max_samples=samples, progress=progress,
         onload=onloader,
@@ -267,29 +268,19 @@ def _check_recipe(recipe: Recipe, stages: Any) -> None:
 
 def _materialize_outside(model: nn.Module, store: WeightStore) -> int:
     """Read every weight outside the repeated blocks, then re-tie tied embeddings."""
-    from ptqkit.mappings import find_block_list
+    from ptqkit.mappings import require_block_list
 
-    found = find_block_list(model)
-    if found is None:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} has no repeated block list (an nn.ModuleList of same-class blocks): "
-            "onloading materialises one block at a time"
-        )
-    list_name = found[0]
+    list_name, _ = require_block_list(model, "onloading materialises one block at a time")
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     if tied and "lm_head.weight" not in store and hasattr(model, "lm_head"):
         model.lm_head.weight = nn.Parameter(torch.empty(0), requires_grad=False)  # re-tied below
     loaded = materialize_(model, "", store, skip=list_name)
     if tied:
         model.tie_weights()
-    meta = [name for name, *_ in _tensors_of(model) if not name.startswith(list_name + ".") and _on_meta(model, name)]
+    meta = [
+        name for name, owner, attr, is_param in _tensors_of(model)
+        if not name.startswith(list_name + ".") and _tensor(owner, attr, is_param).device.type == "meta"
+    ]
     if meta:
         raise ArtifactError(f"{store.root}: no weights for {meta}")
     return loaded
-
-
-def _on_meta(model: nn.Module, name: str) -> bool:
-    module_name, _, attr = name.rpartition(".")
-    owner = model.get_submodule(module_name)
-    tensor = owner._parameters.get(attr) if attr in owner._parameters else owner._buffers.get(attr)
-    return tensor is not None and tensor.device.type == "meta"

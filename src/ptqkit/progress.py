@@ -6,11 +6,13 @@ layer the caller names) and the process's peak resident memory so far."""
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
-__all__ = ["Advance", "peak_rss_bytes", "progress_bar"]
+__all__ = ["Advance", "current_rss_bytes", "peak_rss_bytes", "progress_bar"]
 
 Advance = Callable[..., None]  # advance(n=1, current=None)
 
@@ -19,6 +21,15 @@ def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def current_rss_bytes() -> int:
+    """This process's resident set now (Linux /proc; 0 where unavailable)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def _status(current: str | None) -> str:

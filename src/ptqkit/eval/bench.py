@@ -29,22 +29,12 @@ from torch import nn
 from ptqkit.calibration.hooks import batch_length
 from ptqkit.calibration.samples import call_model
 from ptqkit.errors import ConfigError
+from ptqkit.progress import current_rss_bytes
 from ptqkit.threads import torch_threads
 
 __all__ = ["BenchResult", "Timing", "bench", "bench_onnx", "current_rss_bytes", "time_alternating"]
 
 RUNTIMES = ("torch", "onnxruntime")
-
-
-def current_rss_bytes() -> int:
-    """This process's resident set now (Linux /proc; 0 where unavailable)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
-    import os
-
-    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import logging
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -183,17 +183,19 @@ def search(
             for step in sorted({*range(stride, len(path) + 1, stride), len(path)} - {0}):
                 if path[step - 1] not in candidates.values():
                     candidates[f"{objective} step {step}"] = dict(path[step - 1])
-        points: dict[str, SearchPoint] = {}
-        float_runs: list[float] = []
+        by_name: dict[str, SearchPoint] = {}
         float_bytes = sum(weight_bytes(m, "fp32") for m in linears.values())
 
         def measure(name: str, assignment: dict[str, str]) -> None:
+            same = next((p for p in by_name.values() if p.assignment == assignment), None)
+            if same is not None:  # a bisection step can equal a configuration already measured
+                by_name[name] = replace(same, name=name)
+                return
             candidate = apply_assignment(model, assignment)
             metrics = model_metrics(model, candidate, eval_data, max_samples=max_samples)
             with torch.inference_mode():
                 float_timing, timing = time_alternating(lambda: call_model(model, example), lambda: call_model(candidate, example), 2, 8, 1)
-            float_runs.append(float_timing.median_ms)
-            points[name] = SearchPoint(
+            by_name[name] = SearchPoint(
                 name=name, assignment=assignment, metric=metrics[metric], degradation=degradation(metrics, metric),
                 measured_ms=timing.median_ms,
                 predicted_ms=table.predict_ms(model, assignment, example, rows, float_ms=float_timing.median_ms, inside=inside),
@@ -210,14 +212,14 @@ def search(
                 advance(1, current=name)
         with progress_bar("refining each path at the budget", None, progress) as advance:
             for objective, path in paths.items():
-                for step in _budget_bisection(objective, path, points, max_degradation):
+                for step in _budget_bisection(objective, path, by_name, max_degradation):
                     if out_of_time():
                         stopped = True
                         break
                     measure(f"{objective} step {step}", dict(path[step - 1]))
                     advance(1, current=f"{objective} step {step}")
-        points = list(points.values())
-        float_ms = statistics.median(float_runs) if float_runs else float("nan")
+        points = list(by_name.values())
+        float_ms = statistics.median(p.float_ms for p in points) if points else float("nan")
         chosen, why = _choose(points, max_degradation, max_bytes, min_speedup)
         if stopped:
             logger.warning("search stopped at the time limit (%.0f s): %d point(s) measured", time_limit_s or 0, len(points))
