@@ -20,9 +20,8 @@ from ptqkit.calibration.hooks import limited_batches
 from ptqkit.calibration.input_stats import InputStatistics, StatsRequest
 from ptqkit.distributed import DataParallel, shard_ranges
 from ptqkit.errors import ConfigError
-from ptqkit.threads import torch_threads
-
 from ptqkit.eval.metrics import perplexity
+from ptqkit.threads import torch_threads
 
 from .cases import CASES, EXACT, SUMMED, eval_windows, model_and_data
 
@@ -128,3 +127,20 @@ def test_layer_by_layer_algorithms_are_not_data_parallel() -> None:
     recipe = pq.Recipe.from_preset("w4a16", group_size=16, algorithms=(AdaRoundConfig(iterations=2),))
     with pytest.raises(ConfigError, match="AdaRoundConfig.*layer by layer"):
         pq.quantize(model, recipe, data, progress=False, distributed=True)
+
+
+def test_statistics_of_different_layers_across_ranks_are_refused() -> None:
+    class OtherRankSawNothing(DataParallel):
+        def gather(self, value):
+            return [value, {}]
+
+    stats = InputStatistics(4, StatsRequest(absmax=True), "layer")
+    stats.update(torch.ones(2, 4))
+    with pytest.raises(ConfigError, match="rank 1 and rank 0 saw different layers.*'layer'"):
+        OtherRankSawNothing(0, 2).merge_statistics({"layer": stats})
+
+
+def test_statistics_with_other_requests_do_not_merge() -> None:
+    mine, theirs = InputStatistics(4, StatsRequest(absmax=True), "q"), InputStatistics(4, StatsRequest(hessian=True), "q")
+    with pytest.raises(ConfigError, match="layer 'q': cannot merge statistics of 4 channels"):
+        mine.merge_(theirs)

@@ -12,7 +12,6 @@ from pathlib import Path
 import torch.distributed as dist
 
 import ptqkit as pq
-
 from ptqkit.eval.metrics import perplexity
 
 from .cases import CASES, eval_windows, model_and_data

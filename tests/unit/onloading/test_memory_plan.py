@@ -14,7 +14,13 @@ import ptqkit as pq
 from ptqkit.algorithms import GPTQConfig
 from ptqkit.errors import ConfigError
 from ptqkit.mappings import find_block_list
-from ptqkit.memory_plan import MemoryPlan, available_memory, check_memory, plan_from_config, plan_memory
+from ptqkit.memory_plan import (
+    MemoryPlan,
+    available_memory,
+    check_memory,
+    plan_from_config,
+    plan_memory,
+)
 
 from ..algorithms.tiny_transformers import tiny_llama
 

@@ -94,3 +94,25 @@ def test_missing_and_mismatched_weights_name_the_file_and_tensor(tmp_path: Path,
     with pytest.raises(ArtifactError, match="'model.layers.1.mlp.up_proj.weight' is not in"):
         quantize_onloaded(source, _gptq(), data, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_safetensors_files_and_calibration_are_refused_by_name(tmp_path: Path, data) -> None:
+    (tmp_path / "model.safetensors").write_bytes(b"\x05\x00")
+    with pytest.raises(ArtifactError, match="too short for a safetensors file"):
+        WeightStore(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes((4).to_bytes(8, "little") + b"{oops")
+    with pytest.raises(ArtifactError, match="header is not JSON"):
+        WeightStore(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text('{"no_map": 1}')
+    with pytest.raises(ArtifactError, match="not a safetensors index"):
+        WeightStore(tmp_path)
+    source = _saved(tiny_llama(), tmp_path / "hf")
+    with pytest.raises(ConfigError, match="non-empty CalibrationData"):
+        quantize_onloaded(source, _gptq(), [torch.zeros(2, 3)], tmp_path / "out", progress=False)
+
+
+def test_cli_onload_needs_a_model_directory_and_calibration(tmp_path: Path, capsys) -> None:
+    from ptqkit.cli import main
+
+    assert main(["quantize", "--model", "ptqkit.models.digits_cnn:DigitCNN", "--preset", "w4a16", "--out", str(tmp_path / "o"), "--onload"]) == 2
+    assert "quantize --onload: needs a Hugging Face model directory and --calib" in capsys.readouterr().err
