@@ -6,7 +6,7 @@ alone and cached) against the latency measured end to end, in one run, same thre
     .venv/bin/python benchmarks/mixed_precision.py [--threads 2] [--batch 8] [--search] [--max-degradation 0.01]
         [--time-limit S] [--out results/mixed_precision.json]
 
-With --search, the per-layer search (`ptqkit.search.mixed`) on MiniLM: embedding cosine on stdlib
+With --search, the per-layer search (`ptqkit.mixed_precision.search`) on MiniLM: embedding cosine on stdlib
 docstrings, every point measured end to end, the chosen point against the best uniform one.
 
 With --smollm2, the search on SmolLM2-135M instead: perplexity on Python documentation windows,
@@ -52,8 +52,8 @@ def main() -> None:
         return
 
     from ptqkit.models.zoo import load_minilm
-    from ptqkit.search.formats import apply_assignment, format_module
-    from ptqkit.search.latency import LatencyTable, linear_rows, measure_ms
+    from ptqkit.mixed_precision.formats import apply_assignment, format_module
+    from ptqkit.mixed_precision.latency import LatencyTable, linear_rows, measure_ms
 
     model, tokenizer = load_minilm()
     example = dict(tokenizer(["calibration text " * 60] * args.batch, truncation=True, max_length=args.tokens, padding="max_length", return_tensors="pt"))
@@ -62,6 +62,8 @@ def main() -> None:
     ffn = [n for n in linears if "intermediate" in n or ("output.dense" in n and "attention" not in n)]
     configs = {
         "all int8_wo": {n: "int8_wo" for n in linears},
+        "all int8_dyn": {n: "int8_dyn" for n in linears},
+        "FFN int8_dyn, rest fp32": {n: "int8_dyn" for n in ffn},
         "all int4_g128": {n: "int4_g128" for n in linears if not isinstance(format_module(model.get_submodule(n), "int4_g128"), str)},
         "FFN int4_g128, attention int8_wo": {n: ("int4_g128" if n in ffn else "int8_wo") for n in linears},
         "FFN int8_wo, rest fp32": {n: "int8_wo" for n in ffn},
@@ -94,7 +96,7 @@ def run_search_smollm2(args) -> dict:
     from ptqkit.eval.metrics import token_windows
     from ptqkit.models import corpora
     from ptqkit.models.zoo import load_smollm2
-    from ptqkit.search.mixed import decode_step_input, search
+    from ptqkit.mixed_precision.search import decode_step_input, search
 
     model, tokenizer = load_smollm2()
     windows = token_windows(tokenizer, corpora.python_doc_texts(400, seed=1), window=128, max_windows=args.windows)
@@ -133,14 +135,14 @@ def run_search(model: torch.nn.Module, tokenizer, example, args) -> dict:
     """The search on MiniLM: embedding cosine on stdlib docstrings, budget `--max-degradation`."""
     import ptqkit as pq
     from ptqkit.examples.minilm import stdlib_doc_texts
-    from ptqkit.search.mixed import search
+    from ptqkit.mixed_precision.search import search
 
     texts = stdlib_doc_texts(args.eval_texts)
     data = pq.CalibrationData.from_text(texts, tokenizer, max_length=128, batch_size=16)
     with tempfile.TemporaryDirectory() as tmp:
         result = search(
             model, data, example=example, max_degradation=args.max_degradation, table_path=Path(tmp) / "latency.json",
-            formats=("int8_wo", "int4_g128"), threads=args.threads, stride=args.stride, max_samples=len(texts),
+            formats=("int8_dyn", "int8_wo", "int4_g128"), threads=args.threads, stride=args.stride, max_samples=len(texts),
             time_limit_s=args.time_limit, progress=False,
         )
     return _print_search(result, args, "MiniLM", "cosine")

@@ -53,6 +53,7 @@ from ptqkit.export import export
 from ptqkit.export.artifact import save_artifact as save
 from ptqkit.export.load import load_artifact as load
 from ptqkit.pack import pack
+from ptqkit.mixed_precision.search import search
 
 __version__ = "0.1.0"
 
@@ -107,4 +108,5 @@ __all__ = [
     "save",
     "load",
     "pack",
+    "search",
 ]

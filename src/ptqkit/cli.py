@@ -7,7 +7,7 @@ arguments runs the bundled MiniLM example. `ptqkit export DIR` exports a run to 
 `ptqkit report DIR` also writes report.json and report.html; `ptqkit bench DIR` times it against
 the float model in ONNX Runtime or torch (`eval.bench`). `ptqkit doctor --model M --calib
 DATA ...` runs the PTQ checklist (`eval.doctor`); `ptqkit search` the mixed-precision search
-(`search.mixed`). `ptqkit inspect RECIPE|PRESET|DIR` validates and prints a recipe or describes
+(`mixed_precision.search`). `ptqkit inspect RECIPE|PRESET|DIR` validates and prints a recipe or describes
 an artifact without loading a model. User errors print one line and exit with a typed code,
 without a traceback (`--debug` shows it): 0 ok, 2 usage/config error, 3 data error, 4
 unsupported model, 1 anything else. Progress bars go to stderr only when it is a terminal and `--quiet` is not given.
@@ -304,17 +304,16 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from ptqkit.models.zoo import cache_dir
-    from ptqkit.search.mixed import decode_step_input, search
+    from ptqkit.mixed_precision.search import decode_step_input, search
     from ptqkit.sources import load_model
 
     loaded = load_model(args.model, args.weights)
     data = _data(args, args.data, loaded.tokenizer, samples=args.samples, batch_size=args.batch_size)
-    example = decode_step_input(data) if args.decode_step else next(iter(data.batches()))
+    example = decode_step_input(data) if args.decode_step else None  # None: the first batch
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
     result = search(
         loaded.model, data, example=example, max_degradation=args.max_degradation, formats=formats,
-        table_path=Path(args.latency_cache) if args.latency_cache else cache_dir() / "latency.json",
+        table_path=args.latency_cache,
         threads=args.threads, stride=args.stride, max_samples=args.samples, time_limit_s=args.time_limit,
         min_speedup=args.min_speedup, layer_costs=args.layer_costs, progress=_show_progress(args),
     )
@@ -448,7 +447,7 @@ def _parser() -> argparse.ArgumentParser:
     searching.add_argument("--weights", default=None, help="state dict for a package.module:function model")
     searching.add_argument("--data", required=True, help=f"evaluation data: {DATA_FORMATS}")
     searching.add_argument("--max-degradation", type=float, required=True, help="budget: largest task-metric degradation accepted")
-    searching.add_argument("--formats", default="int8_wo,int4_g128,int4_g64", help="candidate formats (comma-separated)")
+    searching.add_argument("--formats", default="int8_dyn,int8_wo,int4_g128,int4_g64", help="candidate formats (comma-separated)")
     searching.add_argument("--threads", type=int, default=1, help="threads for every latency measurement")
     searching.add_argument("--stride", type=int, default=4, help="measure every n-th configuration of each greedy path")
     searching.add_argument("--samples", type=int, default=64, help="evaluation samples")

@@ -302,7 +302,7 @@ def write_report(
     `BenchResult.to_dict()` (the headline states the speed), `findings`: the doctor's,
     `sensitivities`: `eval.sensitivity`'s ranking (a sortable column); `calibration` and
     `evaluation`: descriptions/fingerprints of the data that calibrated and that evaluated;
-    `search`: a `search.mixed.SearchResult.to_dict()` (a Pareto plot)."""
+    `search`: a `mixed_precision.search.SearchResult.to_dict()` (a Pareto plot)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = report.to_dict()

@@ -3,6 +3,8 @@
     fp32        the float nn.Linear (the reference)
     bf16        the float weights in bfloat16 (`CastLinear`)
     int8_wo     int8 symmetric per-channel weights on `torch._weight_int8pack_mm`
+    int8_dyn    the same weights, activations quantized per tensor at run time (7 bits), on
+                `torch.ops.quantized.linear_dynamic`: w8a8 dynamic, for many-row inputs (encoders)
     int4_g128   4-bit weights in groups of 128 on `torch._weight_int4pack_mm_for_cpu`
     int4_g64    the same in groups of 64 (for input widths that 128 does not divide)
 
@@ -22,8 +24,10 @@ from ptqkit.nn.modules import QuantLinear
 from ptqkit.nn.packed import (
     CastLinear,
     Int4WeightOnlyLinear,
+    Int8DynamicLinear,
     Int8WeightOnlyLinear,
     int4_refusal,
+    int8_dynamic_refusal,
     int8_refusal,
 )
 from ptqkit.primitives import qparams_from_tensor
@@ -35,12 +39,19 @@ __all__ = ["FORMATS", "WEIGHT_BITS", "apply_assignment", "format_module", "weigh
 
 _SPECS: dict[str, QuantSpec] = {
     "int8_wo": QuantSpec(qtype="int8", granularity=PerChannel(0), symmetric=True),
+    "int8_dyn": QuantSpec(qtype="int8", granularity=PerChannel(0), symmetric=True),
     "int4_g128": QuantSpec(qtype="int4", granularity=PerGroup(128), symmetric=True),
     "int4_g64": QuantSpec(qtype="int4", granularity=PerGroup(64), symmetric=True),
 }
+_KERNELS: dict[str, tuple[Callable[[QuantLinear], str | None], Callable[[QuantLinear], nn.Module]]] = {
+    "int8_wo": (int8_refusal, Int8WeightOnlyLinear),
+    "int8_dyn": (int8_dynamic_refusal, Int8DynamicLinear),
+    "int4_g128": (int4_refusal, Int4WeightOnlyLinear),
+    "int4_g64": (int4_refusal, Int4WeightOnlyLinear),
+}
 FORMATS = ("fp32", "bf16", *_SPECS)
-WEIGHT_BITS = {"fp32": 32, "bf16": 16, "int8_wo": 8, "int4_g128": 4, "int4_g64": 4}
-_SCALE_BYTES = {"int8_wo": lambda n, k: 4 * n, "int4_g128": lambda n, k: 4 * n * (k // 128), "int4_g64": lambda n, k: 4 * n * (k // 64)}
+WEIGHT_BITS = {"fp32": 32, "bf16": 16, "int8_wo": 8, "int8_dyn": 8, "int4_g128": 4, "int4_g64": 4}
+_SCALE_BYTES = {"int8_wo": lambda n, k: 4 * n, "int8_dyn": lambda n, k: 4 * n, "int4_g128": lambda n, k: 4 * n * (k // 128), "int4_g64": lambda n, k: 4 * n * (k // 64)}
 
 
 def weight_bytes(linear: nn.Linear, fmt: str) -> int:
@@ -64,10 +75,9 @@ def format_module(linear: nn.Linear, fmt: str) -> nn.Module | str:
     spec = _SPECS[fmt]
     weight = linear.weight.detach()
     quantized = QuantLinear(weight, linear.bias, qparams_from_tensor(weight, spec), spec)
-    refusal = int8_refusal(quantized) if fmt == "int8_wo" else int4_refusal(quantized)
-    if refusal is not None:
-        return refusal
-    return Int8WeightOnlyLinear(quantized) if fmt == "int8_wo" else Int4WeightOnlyLinear(quantized)
+    refusal_of, kernel = _KERNELS[fmt]
+    refusal = refusal_of(quantized)
+    return refusal if refusal is not None else kernel(quantized)
 
 
 def apply_assignment(model: nn.Module, assignment: dict[str, str]) -> nn.Module:

@@ -1,10 +1,10 @@
 """`search`: per-layer formats chosen from measured accuracy, latency and size.
 
-1. Candidates: each Linear in each format with a kernel here (`search.formats`).
+1. Candidates: each Linear in each format with a kernel here (`mixed_precision.formats`).
 2. Per layer and format, measured: the task-metric degradation with only that layer in that
    format (`eval.sensitivity.model_metrics` against the float model; or, with
    `layer_costs="proxy"`, estimated from the weight's SQNR), its latency alone on this machine
-   on the rows it sees in the model (`search.latency`, cached on disk) and its bytes.
+   on the rows it sees in the model (`mixed_precision.latency`, cached on disk) and its bytes.
 3. Two greedy paths from all-fp32, one move (one layer to a cheaper format) at a time:
    - latency: only moves the table predicts to be faster, most time saved per unit of added
      degradation first;
@@ -35,8 +35,8 @@ from torch import nn
 from ptqkit.errors import ConfigError
 from ptqkit.eval.sensitivity import degradation, model_metrics, task_metric
 from ptqkit.progress import progress_bar
-from ptqkit.search.formats import apply_assignment, format_module, weight_bytes
-from ptqkit.search.latency import LatencyTable, linear_ms_inside, linear_rows
+from ptqkit.mixed_precision.formats import apply_assignment, format_module, weight_bytes
+from ptqkit.mixed_precision.latency import LatencyTable, linear_ms_inside, linear_rows
 from ptqkit.threads import torch_threads
 
 __all__ = ["SearchPoint", "SearchResult", "decode_step_input", "versus_uniform", "pareto_front", "proxy_rank_correlation", "search", "weight_sqnr_db"]
@@ -112,11 +112,11 @@ def search(
     model: nn.Module,
     eval_data: Any,
     *,
-    example: Any,
     max_degradation: float,
+    example: Any = None,
     max_bytes: int | None = None,
-    formats: Sequence[str] = ("int8_wo", "int4_g128", "int4_g64"),
-    table_path: str | Path,
+    formats: Sequence[str] = ("int8_dyn", "int8_wo", "int4_g128", "int4_g64"),
+    table_path: str | Path | None = None,
     threads: int = 1,
     stride: int = 4,
     max_samples: int = 64,
@@ -125,8 +125,11 @@ def search(
     layer_costs: str = "measured",
     progress: bool = True,
 ) -> SearchResult:
-    """Search per-Linear formats of `model` (see the module docstring). `example` is the batch
-    latency is measured on; `eval_data` gives the task metric. A point is only chosen when it is
+    """Search per-Linear formats of `model` (see the module docstring). `eval_data`
+    (`CalibrationData`) gives the task metric; `example` is the input latency is measured on
+    (default: the first batch of `eval_data`; `decode_step_input(eval_data)` for an LLM decode
+    step); `table_path` the latency cache (default: `latency.json` in the ptqkit cache
+    directory). Also `pq.search`. A point is only chosen when it is
     at least `min_speedup` times faster than float (timed alternately): smaller gains are within
     the noise of timing here, and a config slower than float is never recommended.
 
@@ -144,6 +147,12 @@ def search(
     started = time.monotonic()
     out_of_time = lambda: time_limit_s is not None and time.monotonic() - started > time_limit_s  # noqa: E731
     model = model.eval()
+    if example is None:
+        example = next(iter(eval_data.batches()))
+    if table_path is None:
+        from ptqkit.models.zoo import cache_dir
+
+        table_path = cache_dir() / "latency.json"
     table = LatencyTable(table_path, threads=threads)
     base = model_metrics(model, model, eval_data, max_samples=max_samples)
     metric = task_metric(base)

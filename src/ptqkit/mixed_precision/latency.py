@@ -1,6 +1,6 @@
 """Per-layer latency measured on this machine, cached on disk, and the model latency it predicts.
 
-`LatencyTable.layer_ms(linear, fmt, tokens)` times one Linear in one format (`search.formats`)
+`LatencyTable.layer_ms(linear, fmt, tokens)` times one Linear in one format (`mixed_precision.formats`)
 on a [tokens, in_features] input: warm-up calls, then the median of `reps` calls, at a fixed
 thread count. Successive calls go to different copies of the layer (64 MiB of them at least), so
 its weights come from memory as they do inside a model. (With its weights in cache, a decode
@@ -34,7 +34,7 @@ from torch import nn
 from ptqkit.calibration.samples import call_model
 from ptqkit.errors import ConfigError
 from ptqkit.machine import cpu_name
-from ptqkit.search.formats import format_module
+from ptqkit.mixed_precision.formats import format_module
 from ptqkit.threads import torch_threads
 
 __all__ = ["LatencyTable", "linear_ms_inside", "linear_rows", "measure_ms"]

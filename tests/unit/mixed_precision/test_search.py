@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from ptqkit.eval.sensitivity import model_metrics
-from ptqkit.search.formats import apply_assignment
-from ptqkit.search.mixed import SearchPoint, _choose, _greedy_path, pareto_front, search
+from ptqkit.mixed_precision.formats import apply_assignment
+from ptqkit.mixed_precision.search import SearchPoint, _choose, _greedy_path, pareto_front, search
 
 
 def _point(name: str, degradation: float, ms: float, size: int, float_ms: float = 10.0) -> SearchPoint:
@@ -89,7 +89,7 @@ def test_time_limit_stops_and_says_so(tmp_path: Path) -> None:
 def test_weight_sqnr_proxy_and_its_rank_correlation() -> None:
     from scipy.stats import spearmanr
 
-    from ptqkit.search.mixed import proxy_rank_correlation, weight_sqnr_db
+    from ptqkit.mixed_precision.search import proxy_rank_correlation, weight_sqnr_db
 
     torch.manual_seed(0)
     linear = nn.Linear(128, 64)
@@ -106,7 +106,7 @@ def test_weight_sqnr_proxy_and_its_rank_correlation() -> None:
 
 
 def test_proxy_layer_costs_skip_per_layer_evaluations_but_points_are_measured(tmp_path: Path, monkeypatch) -> None:
-    import ptqkit.search.mixed as mixed
+    import ptqkit.mixed_precision.search as mixed
 
     model, data = _model_and_data()
     calls = []
@@ -126,7 +126,7 @@ def test_proxy_layer_costs_skip_per_layer_evaluations_but_points_are_measured(tm
 
 def test_decode_step_input_is_one_token_of_the_first_sample() -> None:
     import ptqkit as pq
-    from ptqkit.search.mixed import decode_step_input
+    from ptqkit.mixed_precision.search import decode_step_input
 
     ids = torch.arange(12).reshape(3, 4)
     step = decode_step_input(pq.CalibrationData.from_tensors({"input_ids": ids, "attention_mask": torch.ones_like(ids)}))
@@ -136,7 +136,7 @@ def test_decode_step_input_is_one_token_of_the_first_sample() -> None:
 
 
 def test_budget_bisection_finds_the_last_step_within_budget() -> None:
-    from ptqkit.search.mixed import _budget_bisection
+    from ptqkit.mixed_precision.search import _budget_bisection
 
     path = [{"l": "x"}] * 20
     points = {f"size step {s}": _point(f"size step {s}", 0.1 * s, 1.0, 1) for s in (8, 16, 20)}
@@ -149,7 +149,7 @@ def test_budget_bisection_finds_the_last_step_within_budget() -> None:
 
 
 def test_versus_uniform_says_which_is_faster_or_smaller_or_why_not() -> None:
-    from ptqkit.search.mixed import versus_uniform
+    from ptqkit.mixed_precision.search import versus_uniform
 
     uniform = _point("uniform int8_wo", 0.01, 5.0, 100)
     faster = _point("size step 9", 0.015, 4.0, 110)
