@@ -316,6 +316,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         table_path=args.latency_cache,
         threads=args.threads, stride=args.stride, max_samples=args.samples, time_limit_s=args.time_limit,
         min_speedup=args.min_speedup, layer_costs=args.layer_costs, progress=_show_progress(args),
+        layers=[p.strip() for p in args.layers.split(",") if p.strip()] if args.layers else None,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -323,7 +324,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
     front = ", ".join(f"{p.name} ({p.degradation:.4f}, {p.measured_ms:.1f} ms, {p.weight_bytes / 1e6:.2f} MB)" for p in result.front)
     chosen = f"chosen: {result.chosen.name} ({result.chosen.speedup:.2f}x float)" if result.chosen else f"chosen: none: {result.why_none}"
     proxy = result.proxy_rank_correlation
-    proxy_text = f"weight-SQNR proxy vs measured degradation, Spearman {proxy:.2f}" if proxy is not None else "proxy: too few pairs"
+    if result.layer_costs_source == "proxy":
+        proxy_text = "per-layer degradations: the weight-SQNR proxy (not measured); every point above was measured"
+    else:
+        proxy_text = f"weight-SQNR proxy vs measured degradation, Spearman {proxy:.2f}" if proxy is not None else "proxy: too few pairs to rank"
     _write(args, result.to_dict(), f"{len(result.points)} configurations measured; Pareto front: {front}\n{chosen}\n{result.versus_uniform}\n{proxy_text}\nwrote {out / 'search.json'}")
     return 0
 
@@ -457,6 +461,7 @@ def _parser() -> argparse.ArgumentParser:
         "--layer-costs", choices=("measured", "proxy"), default="measured",
         help="per-layer degradation: measured (one evaluation per layer and format) or the weight-SQNR proxy (LLMs)",
     )
+    searching.add_argument("--layers", default=None, help="only these Linears may change format (comma-separated globs or re: patterns; default all)")
     searching.add_argument("--decode-step", action="store_true", help="time one token of one sequence (an LLM decode step's shapes)")
     searching.add_argument("--min-speedup", type=float, default=1.05, help="a point is chosen only this much faster than float (default 1.05)")
     searching.add_argument("--latency-cache", default=None, help="latency cache file (default: the ptqkit cache directory)")

@@ -18,7 +18,7 @@ from ptqkit.errors import ConfigError, UnsupportedModelError
 from ptqkit.recipe import SUPPORTED_MODULE_TYPES, Recipe, Scheme
 from ptqkit.spec import QuantSpec
 
-__all__ = ["LayerPlan", "Plan", "resolve_plan", "module_kind", "pattern_matches", "replace_module"]
+__all__ = ["LayerPlan", "Plan", "resolve_plan", "module_kind", "no_match_error", "pattern_matches", "replace_module"]
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def _output_head(model: nn.Module) -> nn.Module | None:
     return getattr(model, "lm_head", None) if isinstance(getattr(model, "lm_head", None), nn.Module) else None
 
 
-def _no_match_error(field: str, pattern: str, names: list[str], what: str = "no module") -> ConfigError:
+def no_match_error(field: str, pattern: str, names: list[str], what: str = "no module") -> ConfigError:
     close = difflib.get_close_matches(pattern.removeprefix("re:"), names, n=5, cutoff=0.3)
     hint = f"; closest module names: {close}" if close else f"; module names look like: {names[:5]}"
     return ConfigError(f"{field}: pattern {pattern!r} matches {what}{hint}")
@@ -177,11 +177,11 @@ def resolve_plan(model: nn.Module, recipe: Recipe) -> Plan:
         for entry in entries:  # type names are filters; only name patterns must match something
             if entry not in SUPPORTED_MODULE_TYPES and not used.get((field, entry)):
                 what = "no quantizable module" if field == "targets" else "no module"
-                raise _no_match_error(field, entry, names, what)
+                raise no_match_error(field, entry, names, what)
     for i, override in enumerate(recipe.overrides):
         for pattern in override.match:
             if not used.get(("overrides", pattern)):
-                raise _no_match_error(f"overrides[{i}].match", pattern, names, "no quantizable module")
+                raise no_match_error(f"overrides[{i}].match", pattern, names, "no quantizable module")
     if not layers:
         raise UnsupportedModelError(
             f"nothing to quantize in {type(model).__name__}: no module of the supported types "

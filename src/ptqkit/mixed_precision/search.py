@@ -35,6 +35,7 @@ from torch import nn
 from ptqkit.errors import ConfigError
 from ptqkit.eval.sensitivity import degradation, model_metrics, task_metric
 from ptqkit.progress import progress_bar
+from ptqkit.targets import no_match_error, pattern_matches
 from ptqkit.mixed_precision.formats import apply_assignment, format_module, weight_bytes
 from ptqkit.mixed_precision.latency import LatencyTable, linear_ms_inside, linear_rows
 from ptqkit.threads import torch_threads
@@ -123,6 +124,7 @@ def search(
     time_limit_s: float | None = None,
     min_speedup: float = 1.05,
     layer_costs: str = "measured",
+    layers: Sequence[str] | None = None,
     progress: bool = True,
 ) -> SearchResult:
     """Search per-Linear formats of `model` (see the module docstring). `eval_data`
@@ -136,7 +138,10 @@ def search(
     `layer_costs="proxy"` skips the per-layer accuracy measurements (one evaluation per layer
     and format: hours on an LLM's hundreds of layers): each layer's degradation is estimated by
     the data-free proxy, the relative noise power 10^(-SQNR/10) of its quantized weight, which
-    only orders the greedy moves; every point is still measured end to end."""
+    only orders the greedy moves; every point is still measured end to end.
+
+    `layers`: patterns (as in a recipe's targets: globs, or "re:" regular expressions) of the
+    Linears the search may move; the others stay float. Default: every Linear the example calls."""
     from ptqkit.calibration.samples import call_model
     from ptqkit.eval.bench import time_alternating
 
@@ -148,7 +153,7 @@ def search(
     out_of_time = lambda: time_limit_s is not None and time.monotonic() - started > time_limit_s  # noqa: E731
     model = model.eval()
     if example is None:
-        example = next(iter(eval_data.batches()))
+        example = next(iter(eval_data.batches() if hasattr(eval_data, "batches") else eval_data))
     if table_path is None:
         from ptqkit.models.zoo import cache_dir
 
@@ -160,7 +165,7 @@ def search(
     with torch_threads(threads):  # every measurement at the search's thread count, restored on any exit
         rows = linear_rows(model, example)
         inside = linear_ms_inside(model, example, threads=threads)
-        linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name in rows}
+        linears = _searched_linears(model, rows, layers)
         ladder = {name: [f for f in formats if not isinstance(format_module(m, f), str)] for name, m in linears.items()}
         costs: dict[str, dict[str, dict[str, float | None]]] = {}
         stopped = False
@@ -237,6 +242,18 @@ def search(
             proxy_rank_correlation(costs) if layer_costs == "measured" else None, layer_costs,
             versus_uniform(points, chosen, max_degradation),
         )
+
+
+def _searched_linears(model: nn.Module, rows: dict[str, int], layers: Sequence[str] | None) -> dict[str, nn.Linear]:
+    """The Linears the example calls, narrowed to those `layers` patterns match; a pattern that
+    matches none of them is a ConfigError."""
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name in rows}
+    if layers is None:
+        return linears
+    for pattern in layers:
+        if not any(pattern_matches(pattern, name) for name in linears):
+            raise no_match_error("search layers", pattern, list(linears), "no Linear the example calls")
+    return {name: m for name, m in linears.items() if any(pattern_matches(pattern, name) for pattern in layers)}
 
 
 def versus_uniform(points: Sequence[SearchPoint], chosen: SearchPoint | None, max_degradation: float) -> str:

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from ptqkit.errors import ConfigError
 from ptqkit.eval.sensitivity import model_metrics
 from ptqkit.mixed_precision.formats import apply_assignment
 from ptqkit.mixed_precision.search import SearchPoint, _choose, _greedy_path, pareto_front, search
@@ -161,3 +162,12 @@ def test_versus_uniform_says_which_is_faster_or_smaller_or_why_not() -> None:
     assert versus_uniform([beyond], None, 0.02) == "no uniform configuration stays within the budget"
     tie = _point("size step 7", 0.01, 4.9, 100)  # 2% faster than the uniform point: a tie
     assert "neither faster (a gain under 5% is a tie) nor smaller" in versus_uniform([uniform, tie], tie, 0.02)
+
+
+def test_layers_narrow_the_search_and_the_example_defaults_to_the_first_batch(tmp_path: Path) -> None:
+    model, data = _model_and_data()
+    result = search(model, data, max_degradation=0.05, layers=["2", "re:4"], table_path=tmp_path / "l.json", stride=1, progress=False)
+    assert set(result.layer_costs) == {"2", "4"}
+    assert all(set(p.assignment) <= {"2", "4"} for p in result.points) and result.points
+    with pytest.raises(ConfigError, match=r"search layers: pattern 'mlp\.\*' matches no Linear the example calls"):
+        search(model, data, max_degradation=0.05, layers=["mlp.*"], table_path=tmp_path / "l.json", progress=False)
