@@ -11,9 +11,11 @@ docstrings, every point measured end to end, the chosen point against the best u
 
 With --smollm2, the search on SmolLM2-135M instead: perplexity on Python documentation windows,
 latency of a decode step (one token; `decode_step_input`), per-layer degradations from the
-weight-SQNR proxy (`layer_costs="proxy"`: 211 layers x 3 formats would need 600+ evaluations).
+weight-SQNR proxy (`layer_costs="proxy"`), or measured (`--layer-costs measured`: one evaluation
+per layer and format, 211 x 2 with `--formats int8_wo,int4_g64`).
 
     .venv/bin/python benchmarks/mixed_precision.py --smollm2 [--max-degradation 2.0] [--stride 40] [--windows 6]
+        [--layer-costs proxy|measured] [--formats int8_wo,int4_g128,int4_g64]
 """
 from __future__ import annotations
 
@@ -42,6 +44,9 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=None, help="search wall-time limit in seconds")
     parser.add_argument("--smollm2", action="store_true", help="run the search on SmolLM2 (perplexity, decode-step latency)")
     parser.add_argument("--windows", type=int, default=6, help="SmolLM2: evaluation windows of 128 tokens")
+    parser.add_argument("--layer-costs", choices=("proxy", "measured"), default="proxy",
+                        help="SmolLM2: per-layer degradations from the weight-SQNR proxy, or measured (one evaluation per layer and format)")
+    parser.add_argument("--formats", default="int8_wo,int4_g128,int4_g64", help="SmolLM2: candidate formats")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.smollm2:
@@ -104,8 +109,8 @@ def run_search_smollm2(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result = search(
             model, data, example=decode_step_input(data), max_degradation=args.max_degradation, table_path=Path(tmp) / "latency.json",
-            formats=("int8_wo", "int4_g128", "int4_g64"), threads=args.threads, stride=args.stride, max_samples=len(windows),
-            time_limit_s=args.time_limit, layer_costs="proxy", progress=True,
+            formats=tuple(args.formats.split(",")), threads=args.threads, stride=args.stride, max_samples=len(windows),
+            time_limit_s=args.time_limit, layer_costs=args.layer_costs, progress=True,
         )
     return _print_search(result, args, "SmolLM2 decode step (1 token)", "ppl")
 
