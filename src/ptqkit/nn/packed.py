@@ -60,40 +60,35 @@ def _common_refusal(module: QuantLinear) -> str | None:
     return None
 
 
-def int8_refusal(module: QuantLinear) -> str | None:
-    """Why `module` cannot run on `_weight_int8pack_mm` (None if it can)."""
+def _symmetric_int8_refusal(module: QuantLinear, kernel: str) -> str | None:
+    """Why `module`'s weights are not signed int8, symmetric, per channel or per tensor."""
     common = _common_refusal(module)
     if common:
         return common
     spec = module.weight_spec
     if spec.qtype.bits != 8 or not spec.qtype.signed:
-        return f"weights are {spec.qtype.name}; the int8 kernel takes signed 8-bit codes"
+        return f"weights are {spec.qtype.name}; the {kernel} kernel takes signed 8-bit codes"
     g = spec.granularity
     if not (isinstance(g, PerTensor) or (isinstance(g, PerChannel) and g.axis in (0, -2))):
-        return f"granularity {g.kind} {g.to_dict()}; the int8 kernel takes per-channel (axis 0) or per-tensor scales"
+        return f"granularity {g.kind} {g.to_dict()}; the {kernel} kernel takes per-channel (axis 0) or per-tensor scales"
     if bool((module.weight_zero_point != 0).any()):
-        return "asymmetric weights (non-zero zero points); the int8 kernel has scales only"
-    if module.in_features % 8:
-        return f"in_features={module.in_features} is not a multiple of 8 (the int8 kernel crashes on it)"
+        return f"asymmetric weights (non-zero zero points); the {kernel} kernel has scales only"
     return None
+
+
+def int8_refusal(module: QuantLinear) -> str | None:
+    """Why `module` cannot run on `_weight_int8pack_mm` (None if it can)."""
+    reason = _symmetric_int8_refusal(module, "int8")
+    if reason is None and module.in_features % 8:
+        return f"in_features={module.in_features} is not a multiple of 8 (the int8 kernel crashes on it)"
+    return reason
 
 
 def int8_dynamic_refusal(module: QuantLinear) -> str | None:
     """Why `module`'s weights cannot run on `torch.ops.quantized.linear_dynamic` (None if they can)."""
     if not hasattr(torch.ops.quantized, "linear_dynamic"):
         return f"torch {torch.__version__} has no torch.ops.quantized.linear_dynamic"
-    common = _common_refusal(module)
-    if common:
-        return common
-    spec = module.weight_spec
-    if spec.qtype.bits != 8 or not spec.qtype.signed:
-        return f"weights are {spec.qtype.name}; the dynamic int8 kernel takes signed 8-bit codes"
-    g = spec.granularity
-    if not (isinstance(g, PerTensor) or (isinstance(g, PerChannel) and g.axis in (0, -2))):
-        return f"granularity {g.kind} {g.to_dict()}; the dynamic int8 kernel takes per-channel (axis 0) or per-tensor scales"
-    if bool((module.weight_zero_point != 0).any()):
-        return "asymmetric weights (non-zero zero points); the dynamic int8 kernel takes symmetric ones"
-    return None
+    return _symmetric_int8_refusal(module, "dynamic int8")
 
 
 def int4_refusal(module: QuantLinear) -> str | None:
