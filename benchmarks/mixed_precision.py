@@ -56,9 +56,9 @@ def main() -> None:
         print(f"wrote {out}")
         return
 
-    from ptqkit.models.zoo import load_minilm
     from ptqkit.mixed_precision.formats import apply_assignment, format_module
     from ptqkit.mixed_precision.latency import LatencyTable, linear_rows, measure_ms
+    from ptqkit.models.zoo import load_minilm
 
     model, tokenizer = load_minilm()
     example = dict(tokenizer(["calibration text " * 60] * args.batch, truncation=True, max_length=args.tokens, padding="max_length", return_tensors="pt"))
@@ -99,9 +99,9 @@ def run_search_smollm2(args) -> dict:
     """The search on SmolLM2: perplexity (budget: `--max-degradation` perplexity points), decode-step latency."""
     import ptqkit as pq
     from ptqkit.eval.metrics import token_windows
+    from ptqkit.mixed_precision.search import decode_step_input, search
     from ptqkit.models import corpora
     from ptqkit.models.zoo import load_smollm2
-    from ptqkit.mixed_precision.search import decode_step_input, search
 
     model, tokenizer = load_smollm2()
     windows = token_windows(tokenizer, corpora.python_doc_texts(400, seed=1), window=128, max_windows=args.windows)

@@ -34,10 +34,10 @@ from torch import nn
 
 from ptqkit.errors import ConfigError
 from ptqkit.eval.sensitivity import degradation, model_metrics, task_metric
-from ptqkit.progress import progress_bar
-from ptqkit.targets import no_match_error, pattern_matches
 from ptqkit.mixed_precision.formats import apply_assignment, format_module, weight_bytes
 from ptqkit.mixed_precision.latency import LatencyTable, linear_ms_inside, linear_rows
+from ptqkit.progress import progress_bar
+from ptqkit.targets import no_match_error, pattern_matches
 from ptqkit.threads import torch_threads
 
 __all__ = ["SearchPoint", "SearchResult", "decode_step_input", "versus_uniform", "pareto_front", "proxy_rank_correlation", "search", "weight_sqnr_db"]

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from ptqkit.errors import ConfigError
-from ptqkit.nn.packed import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 from ptqkit.mixed_precision.formats import FORMATS, format_module, weight_bytes
 from ptqkit.mixed_precision.latency import LatencyTable, linear_rows
+from ptqkit.nn.packed import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 
 
 def _linear(k: int = 256, n: int = 128) -> nn.Linear:
