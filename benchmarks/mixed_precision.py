@@ -15,7 +15,10 @@ weight-SQNR proxy (`layer_costs="proxy"`), or measured (`--layer-costs measured`
 per layer and format, 211 x 2 with `--formats int8_wo,int4_g64`).
 
     .venv/bin/python benchmarks/mixed_precision.py --smollm2 [--max-degradation 2.0] [--stride 40] [--windows 6]
-        [--layer-costs proxy|measured] [--formats int8_wo,int4_g128,int4_g64]
+        [--layer-costs proxy|measured] [--formats int8_wo,int4_g128,int4_g64] [--holdout]
+
+With --holdout the points within the budget are measured again on as many held-out windows (other
+documentation pages) and must stay within the budget there too.
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ def main() -> None:
     parser.add_argument("--layer-costs", choices=("proxy", "measured"), default="proxy",
                         help="SmolLM2: per-layer degradations from the weight-SQNR proxy, or measured (one evaluation per layer and format)")
     parser.add_argument("--formats", default="int8_wo,int4_g128,int4_g64", help="SmolLM2: candidate formats")
+    parser.add_argument("--holdout", action="store_true", help="SmolLM2: check the points within the budget on held-out windows")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.smollm2:
@@ -106,11 +110,15 @@ def run_search_smollm2(args) -> dict:
     model, tokenizer = load_smollm2()
     windows = token_windows(tokenizer, corpora.python_doc_texts(400, seed=1), window=128, max_windows=args.windows)
     data = pq.CalibrationData.from_tensors({"input_ids": windows}, batch_size=2)
+    searched = set(corpora.python_doc_texts(400, seed=1))
+    unseen = [text for text in corpora.python_doc_texts(600, seed=0) if text not in searched]  # paragraphs the search never reads
+    held_out = token_windows(tokenizer, unseen, window=128, max_windows=args.windows)
+    holdout = pq.CalibrationData.from_tensors({"input_ids": held_out}, batch_size=2) if args.holdout else None
     with tempfile.TemporaryDirectory() as tmp:
         result = search(
             model, data, example=decode_step_input(data), max_degradation=args.max_degradation, table_path=Path(tmp) / "latency.json",
             formats=tuple(args.formats.split(",")), threads=args.threads, stride=args.stride, max_samples=len(windows),
-            time_limit_s=args.time_limit, layer_costs=args.layer_costs, progress=True,
+            time_limit_s=args.time_limit, layer_costs=args.layer_costs, holdout_data=holdout, progress=True,
         )
     return _print_search(result, args, "SmolLM2 decode step (1 token)", "ppl")
 
@@ -119,12 +127,14 @@ def _print_search(result, args, what: str, label: str) -> dict:
     """Print the measured points, the front, the choice and the best uniform point; return the JSON."""
     print(f"\n{what}: {result.metric}, budget degradation <= {args.max_degradation} (float {result.float_metric:.4f}, "
           f"{result.float_ms:.2f} ms, {result.float_bytes / 1e6:.1f} MB of Linear weights); {len(result.points)} points measured end to end")
-    print(f"{'point':22} {label:>8} {'ms':>8} {'pred ms':>8} {'error':>7} {'float ms':>9} {'speedup':>8} {'MB':>7} {'front':>6}")
+    print(f"{'point':22} {label:>8} {'held-out':>9} {'ms':>8} {'pred ms':>8} {'error':>7} {'float ms':>9} {'speedup':>8} {'MB':>7} {'front':>6}")
     front = {p.name for p in result.front}
     for p in sorted(result.points, key=lambda p: p.measured_ms):
-        print(f"{p.name:22} {p.metric:8.4f} {p.measured_ms:8.2f} {p.predicted_ms:8.2f} {p.predicted_ms / p.measured_ms - 1:+7.1%} "
+        held = "" if p.holdout_degradation is None else f"{p.holdout_degradation:+.4f}"
+        print(f"{p.name:22} {p.metric:8.4f} {held:>9} {p.measured_ms:8.2f} {p.predicted_ms:8.2f} {p.predicted_ms / p.measured_ms - 1:+7.1%} "
               f"{p.float_ms:9.2f} {p.speedup:7.2f}x {p.weight_bytes / 1e6:7.2f} {'*' if p.name in front else '':>6}")
-    uniform = [p for p in result.points if p.name.startswith("uniform") and p.degradation <= args.max_degradation]
+    checked = any(p.holdout_degradation is not None for p in result.points)
+    uniform = [p for p in result.points if p.name.startswith("uniform") and p.within(args.max_degradation, checked)]
     best_uniform = min(uniform, key=lambda p: p.measured_ms) if uniform else None
     smallest_uniform = min(uniform, key=lambda p: p.weight_bytes) if uniform else None
     print(f"data-free proxy (weight SQNR) vs measured per-layer degradation, Spearman: {result.proxy_rank_correlation}")

@@ -310,13 +310,14 @@ def _cmd_search(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, args.weights)
     data = _data(args, args.data, loaded.tokenizer, samples=args.samples, batch_size=args.batch_size)
     example = decode_step_input(data) if args.decode_step else None  # None: the first batch
+    holdout = _data(args, args.holdout_data, loaded.tokenizer, samples=args.samples, batch_size=args.batch_size) if args.holdout_data else None
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
     result = search(
         loaded.model, data, example=example, max_degradation=args.max_degradation, formats=formats,
         table_path=args.latency_cache,
         threads=args.threads, stride=args.stride, max_samples=args.samples, time_limit_s=args.time_limit,
         min_speedup=args.min_speedup, layer_costs=args.layer_costs, progress=_show_progress(args),
-        layers=[p.strip() for p in args.layers.split(",") if p.strip()] if args.layers else None,
+        layers=[p.strip() for p in args.layers.split(",") if p.strip()] if args.layers else None, holdout_data=holdout,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -461,6 +462,7 @@ def _parser() -> argparse.ArgumentParser:
         "--layer-costs", choices=("measured", "proxy"), default="measured",
         help="per-layer degradation: measured (one evaluation per layer and format) or the weight-SQNR proxy (LLMs)",
     )
+    searching.add_argument("--holdout-data", default=None, help="evaluation data the search does not select on: points within the budget must stay within it there too")
     searching.add_argument("--layers", default=None, help="only these Linears may change format (comma-separated globs or re: patterns; default all)")
     searching.add_argument("--decode-step", action="store_true", help="time one token of one sequence (an LLM decode step's shapes)")
     searching.add_argument("--min-speedup", type=float, default=1.05, help="a point is chosen only this much faster than float (default 1.05)")

@@ -1,6 +1,7 @@
 """The mixed-precision search: greedy path, Pareto front, budgets, and every point re-measured."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from torch import nn
 from ptqkit.errors import ConfigError
 from ptqkit.eval.sensitivity import model_metrics
 from ptqkit.mixed_precision.formats import apply_assignment
-from ptqkit.mixed_precision.search import SearchPoint, _choose, _greedy_path, pareto_front, search
+from ptqkit.mixed_precision.search import SearchPoint, _choose, _greedy_path, pareto_front, search, versus_uniform
 
 
 def _point(name: str, degradation: float, ms: float, size: int, float_ms: float = 10.0) -> SearchPoint:
@@ -150,7 +151,6 @@ def test_budget_bisection_finds_the_last_step_within_budget() -> None:
 
 
 def test_versus_uniform_says_which_is_faster_or_smaller_or_why_not() -> None:
-    from ptqkit.mixed_precision.search import versus_uniform
 
     uniform = _point("uniform int8_wo", 0.01, 5.0, 100)
     faster = _point("size step 9", 0.015, 4.0, 110)
@@ -171,3 +171,24 @@ def test_layers_narrow_the_search_and_the_example_defaults_to_the_first_batch(tm
     assert all(set(p.assignment) <= {"2", "4"} for p in result.points) and result.points
     with pytest.raises(ConfigError, match=r"search layers: pattern 'mlp\.\*' matches no Linear the example calls"):
         search(model, data, max_degradation=0.05, layers=["mlp.*"], table_path=tmp_path / "l.json", progress=False)
+
+
+def test_holdout_decides_the_choice() -> None:
+    good_here_bad_held_out = replace(_point("a", 0.01, 5, 10), holdout_degradation=0.2)
+    confirmed = replace(_point("b", 0.02, 8, 60), holdout_degradation=0.03)
+    unchecked = _point("c", 0.0, 6, 40)  # within the budget, never checked on held-out data (time limit)
+    assert _choose([good_here_bad_held_out, confirmed, unchecked], 0.05, None) == (good_here_bad_held_out, "")
+    assert _choose([good_here_bad_held_out, confirmed, unchecked], 0.05, None, holdout=True) == (confirmed, "")
+    chosen, why = _choose([good_here_bad_held_out], 0.05, None, holdout=True)
+    assert chosen is None and "on the search data and the held-out data" in why
+    uniform = replace(_point("uniform int8_wo", 0.0, 8, 50), holdout_degradation=0.0)
+    text = versus_uniform([good_here_bad_held_out, uniform, confirmed], confirmed, 0.05, holdout=True)
+    assert "neither faster" in text and "a, degrades by 0.01 (0.2 held out)" in text
+
+
+def test_search_checks_points_within_the_budget_on_holdout_data(tmp_path: Path) -> None:
+    model, data = _model_and_data()
+    result = search(model, data, max_degradation=0.05, holdout_data=data, table_path=tmp_path / "l.json", stride=1, progress=False)
+    within = [p for p in result.points if p.degradation <= 0.05]
+    assert within and all(p.holdout_degradation == pytest.approx(p.degradation, abs=1e-12) for p in within)  # same data
+    assert all(p.holdout_degradation is None for p in result.points if p.degradation > 0.05)
