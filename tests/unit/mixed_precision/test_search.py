@@ -11,7 +11,14 @@ from torch import nn
 from ptqkit.errors import ConfigError
 from ptqkit.eval.sensitivity import model_metrics
 from ptqkit.mixed_precision.formats import apply_assignment
-from ptqkit.mixed_precision.search import SearchPoint, _choose, _greedy_path, pareto_front, search, versus_uniform
+from ptqkit.mixed_precision.search import (
+    SearchPoint,
+    _choose,
+    _greedy_path,
+    pareto_front,
+    search,
+    versus_uniform,
+)
 
 
 def _point(name: str, degradation: float, ms: float, size: int, float_ms: float = 10.0) -> SearchPoint:
