@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import ptqkit as pq
+from ptqkit.models.hf_cache import cached_forward, output_cache
 from ptqkit.nn.modules import QuantizedModule
 from ptqkit.nn.packed import CastLinear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
 from ptqkit.pack import pack
@@ -84,13 +85,13 @@ def weight_bytes_per_token(model: nn.Module) -> int:
 @torch.inference_mode()
 def greedy(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[list[int], float]:
     """(generated ids, decode seconds for new_tokens - 1 single-token steps after the prefill)."""
-    out = model(input_ids=ids, use_cache=True)
-    past, token = out.past_key_values, out.logits[:, -1].argmax(-1)
+    out = cached_forward(model, input_ids=ids)
+    past, token = output_cache(out), out.logits[:, -1].argmax(-1)
     tokens = [int(token)]
     start = time.perf_counter()
     for _ in range(new_tokens - 1):
-        out = model(input_ids=token[:, None], past_key_values=past, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1].argmax(-1)
+        out = cached_forward(model, past, input_ids=token[:, None])
+        past, token = output_cache(out), out.logits[:, -1].argmax(-1)
         tokens.append(int(token))
     return tokens, time.perf_counter() - start
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import ptqkit as pq
+from ptqkit.models.hf_cache import cached_forward, output_cache
 
 pytestmark = pytest.mark.integration
 
@@ -73,10 +74,10 @@ def test_smollm2_w4a16_on_matmul_nbits_matches_simulation(smollm2_3layers, group
 @torch.inference_mode()
 def _torch_greedy_logits(model, ids: torch.Tensor, new_tokens: int) -> tuple[list[int], list[np.ndarray]]:
     """Greedy tokens and last-position logits of each step, Hugging Face's own KV cache."""
-    out = model(input_ids=ids, use_cache=True)
+    out = cached_forward(model, input_ids=ids)
     tokens, logits = [int(out.logits[0, -1].argmax())], [out.logits[0, -1].numpy()]
     for _ in range(new_tokens - 1):
-        out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+        out = cached_forward(model, output_cache(out), input_ids=torch.tensor([[tokens[-1]]]))
         tokens.append(int(out.logits[0, -1].argmax()))
         logits.append(out.logits[0, -1].numpy())
     return tokens, logits

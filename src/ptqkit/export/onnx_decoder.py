@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ptqkit.errors import ConfigError, ExportError
+from ptqkit.models.hf_cache import cache_keyword, cached_forward, output_cache
 
 __all__ = [
     "SCOPE_PREFIX",
@@ -94,7 +95,7 @@ def decoder_shape(model: nn.Module) -> DecoderShape:
     """The cache shape of a Hugging Face causal LM; ExportError naming what is missing otherwise.
 
     Required: a transformers `config` (decoder-only), `can_generate()`, a forward taking
-    `past_key_values` and `use_cache`, and the config fields for layers, heads and vocabulary.
+    a KV cache (`cache`, or `past_key_values` before transformers 5.24) and `use_cache`, and the config fields for layers, heads and vocabulary.
     """
     owner = type(model).__name__
     config = getattr(model, "config", None)
@@ -111,8 +112,9 @@ def decoder_shape(model: nn.Module) -> DecoderShape:
             f"kv_cache export: {owner} is not a causal LM (can_generate() is not True); "
             "pass a *ForCausalLM model, or export without kv_cache"
         )
-    parameters = inspect.signature(model.forward).parameters
-    missing = [name for name in ("past_key_values", "use_cache") if name not in parameters]
+    missing = [] if cache_keyword(model.forward) else ["past_key_values"]
+    if "use_cache" not in inspect.signature(model.forward).parameters:
+        missing.append("use_cache")
     if missing:
         raise ExportError(f"kv_cache export: {owner}.forward takes no {' / '.join(missing)} argument; it has no KV cache to export")
     layers = _config_int(config, owner, "num_hidden_layers")
@@ -139,9 +141,9 @@ class CachedDecoderStep(nn.Module):
 
         assert len(past) == 2 * self.layers, f"{len(past)} past tensors for {self.layers} layers"
         cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)])
-        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+        out = cached_forward(self.decoder, cache, input_ids=input_ids, attention_mask=attention_mask)
         present: list[torch.Tensor] = []
-        for layer in out.past_key_values.layers:
+        for layer in output_cache(out).layers:
             present += [layer.keys, layer.values]
         return (out.logits, *present)
 

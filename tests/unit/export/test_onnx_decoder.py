@@ -1,8 +1,9 @@
 """KV-cached ONNX decoder export (`ptqkit.export.onnx_decoder`, `pq.export(..., kv_cache=True)`)
 on a tiny randomly initialised LlamaForCausalLM (2 layers, hidden 64, 2 KV heads, vocab 128).
 
-References are Hugging Face's own cached forward (`model(..., past_key_values=cache,
-use_cache=True)`), not the export wrapper. Tolerance: max |ORT - reference| <= 1e-5 x max |logit|.
+References are Hugging Face's own cached forward (`model(..., cache=cache, use_cache=True)`;
+`past_key_values=` before transformers 5.24), not the export wrapper. Tolerance:
+max |ORT - reference| <= 1e-5 x max |logit|.
 Measured (prefill + 5 cached steps, torch 2.13 / ORT 1.32, AVX2): float graph vs torch 5.1e-7,
 int4 g32 (MatMulNBits, accuracy_level 0) vs the simulated model 5.6e-7 and vs the plain
 (uncached) export 1.0e-6, int8 MatMulNBits vs simulated 6.9e-7 - float32 summation order. The
@@ -20,6 +21,7 @@ from torch import nn
 import ptqkit as pq
 from ptqkit.errors import ConfigError, ExportError
 from ptqkit.export import NBitsOptions
+from ptqkit.models.hf_cache import cached_forward, output_cache
 
 transformers = pytest.importorskip("transformers")
 onnx = pytest.importorskip("onnx")
@@ -74,12 +76,12 @@ def int4(model: nn.Module, tmp_path_factory: pytest.TempPathFactory):
 @torch.inference_mode()
 def _torch_steps(model: nn.Module, prompt: torch.Tensor, tokens: list[int]) -> list[np.ndarray]:
     """HF's cached forward: logits [1, T, V] of the prefill, then of one step per token in `tokens`."""
-    out = model(input_ids=prompt, use_cache=True)
-    logits, cache = [out.logits.numpy()], out.past_key_values
+    out = cached_forward(model, input_ids=prompt)
+    logits, cache = [out.logits.numpy()], output_cache(out)
     for token in tokens:
-        out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+        out = cached_forward(model, cache, input_ids=torch.tensor([[token]]))
         logits.append(out.logits.numpy())
-        cache = out.past_key_values
+        cache = output_cache(out)
     return logits
 
 
@@ -94,10 +96,10 @@ def _ort_steps(decoder: OrtDecoder, prompt: torch.Tensor, tokens: list[int]) -> 
 
 @torch.inference_mode()
 def _torch_greedy(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> list[int]:
-    out = model(input_ids=prompt, use_cache=True)
+    out = cached_forward(model, input_ids=prompt)
     tokens = [int(out.logits[0, -1].argmax())]
     for _ in range(new_tokens - 1):
-        out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+        out = cached_forward(model, output_cache(out), input_ids=torch.tensor([[tokens[-1]]]))
         tokens.append(int(out.logits[0, -1].argmax()))
     return tokens
 
