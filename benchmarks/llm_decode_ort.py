@@ -3,20 +3,26 @@
 The decoder is exported with its KV cache as graph inputs/outputs (one graph for prefill, with an
 empty cache, and for decode steps) by the library: `ptqkit.export.onnx_decoder.export_cached_decoder`
 for FP32, and `pq.export(qmodel, ..., kv_cache=True, matmul_nbits=NBitsOptions(accuracy_level=L),
-strict=True)` for int4, which rewrites every Linear of the decoder layers to MatMulNBits (the
-lm_head, tied to the embeddings, stays FP32: the w4a16 preset keeps the output head float) and
+strict=True)` for int4, which rewrites every Linear of the decoder layers to MatMulNBits and
 checks the graph in ONNX Runtime (prefill + one decode step vs torch). Greedy decoding in ORT is
 `ptqkit.export.onnx_decoder.OrtDecoder`.
 
+The lm_head (49152 x 576, tied to the embeddings: 113 MB read per token in FP32, more than the
+30 decoder layers in int4) is varied with `--heads`: `fp32` (the w4a16 preset keeps the output
+head float), `int8` (a per-channel int8 override, written as 8-bit MatMulNBits) and `int4` (the
+same group size as the decoder layers). The embedding Gather keeps its FP32 table in every case.
+
 For each configuration: decode tokens/s (prefill excluded), prefill latency of the prompt, greedy
 agreement with torch FP32 (first diverging position; teacher-forced top-1 on FP32's own
-continuation) and with ptqkit's simulated int4 model in torch, and the ONNX file size. All
+continuation) and with ptqkit's simulated model in torch, perplexity of the graph that ran on
+Shakespeare windows no calibration reads (w4a16 is data-free), and the ONNX file size. All
 sessions use the same `intra_op_num_threads`, spinning off; configurations run round-robin in
 one process, best of `--rounds`. One thread by default: on this 2-core machine, shared with other
 jobs, torch with 2 threads fell from 37 to 10 tok/s (a 2-layer model) whenever another process
 took a core (OpenMP workers waiting for a descheduled peer).
 
     .venv/bin/python benchmarks/llm_decode_ort.py [--tokens 128] [--threads 1] [--groups 128 64] [--rounds 3]
+        [--heads fp32 int8 int4] [--ppl-windows 4]
         [--onnx-dir DIR]   (keeps the exported graphs there and reuses them on the next run)
 """
 from __future__ import annotations
@@ -36,19 +42,46 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from llm_decode import PROMPT, greedy, load_model, teacher_forced_agreement  # noqa: E402
+from llm_decode import (  # noqa: E402
+    PROMPT,
+    greedy,
+    load_model,
+    memory_bandwidth_gbs,
+    teacher_forced_agreement,
+    weight_bytes_per_token,
+)
 
 import ptqkit as pq  # noqa: E402
+from ptqkit.eval.metrics import perplexity, token_windows  # noqa: E402
 from ptqkit.export import REPORT_FILE, NBitsOptions  # noqa: E402
 from ptqkit.export.onnx_decoder import OrtDecoder, export_cached_decoder  # noqa: E402
+from ptqkit.models.corpora import shakespeare_texts  # noqa: E402
+from ptqkit.qtypes import PerChannel  # noqa: E402
+from ptqkit.recipe import Override, Scheme  # noqa: E402
+from ptqkit.spec import QuantSpec  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "llm_decode_ort.json"
 
 
+HEADS = ("fp32", "int8", "int4")
+
+
+def int4_recipe(group: int, head: str) -> pq.Recipe:
+    """w4a16 with group size `group`; the lm_head float (`fp32`), int8 per channel, or int4 like the rest."""
+    if head == "fp32":
+        return pq.Recipe.from_preset("w4a16", group_size=group)
+    if head == "int4":
+        return pq.Recipe.from_preset("w4a16", group_size=group, keep_output_head=False)
+    int8_head = Override(match=("lm_head",), scheme=Scheme(weights=QuantSpec(qtype="int8", granularity=PerChannel(0))))
+    return pq.Recipe.from_preset("w4a16", group_size=group, keep_output_head=False, overrides=(int8_head,))
+
+
 def export_int4(qmodel: nn.Module, out: Path, ids: torch.Tensor, level: int) -> dict[str, int]:
-    """The KV-cached int4 graph at `out`/model.onnx (kept from a previous run if there); ORT kernel counts."""
+    """The KV-cached int4 graph at `out`/model.onnx (kept from a previous run if there); ORT kernel counts.
+    int8 weight-only layers (an int8 lm_head) go to 8-bit MatMulNBits too."""
     if not (out / "model.onnx").exists():
-        pq.export(qmodel, out, example_inputs=ids, kv_cache=True, matmul_nbits=NBitsOptions(accuracy_level=level), strict=True)
+        options = NBitsOptions(accuracy_level=level, int8=True)
+        pq.export(qmodel, out, example_inputs=ids, kv_cache=True, matmul_nbits=options, strict=True)
     kernels: dict[str, int] = {}
     for layer in json.loads((out / REPORT_FILE).read_text())["layers"]:
         kernels[layer["kernel"]] = kernels.get(layer["kernel"], 0) + 1
@@ -63,6 +96,32 @@ def teacher_forced(decoder: OrtDecoder, ids: torch.Tensor, reference: list[int])
     return float((top1 == np.array(reference)).mean())
 
 
+def ort_perplexity(decoder: OrtDecoder, windows: torch.Tensor) -> float:
+    """exp(mean next-token cross-entropy) of the graph, one prefill per window [n, T]."""
+    total, count = 0.0, 0
+    for window in windows:
+        logits, _ = decoder.step(window[None].numpy(), decoder.empty_past())
+        nll = torch.nn.functional.cross_entropy(torch.from_numpy(logits[0, :-1]).double(), window[1:], reduction="sum")
+        total, count = total + float(nll), count + len(window) - 1
+    return float(np.exp(total / count))
+
+
+def graph_weight_bytes_per_token(path: Path) -> int:
+    """Bytes of initializers one decode step reads: all of them except Gather tables (one row read)."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    gather_tables = {node.input[0] for node in graph.node if node.op_type == "Gather"}
+    other_uses = {name for node in graph.node if node.op_type != "Gather" for name in node.input}
+    total = 0
+    for tensor in graph.initializer:
+        if tensor.name in gather_tables and tensor.name not in other_uses:
+            continue
+        total += int(np.prod(tensor.dims, dtype=np.int64)) * np.dtype(tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    return total
+
+
 def first_divergence(tokens: list[int], reference: list[int]) -> int:
     return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), len(tokens))
 
@@ -73,6 +132,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="ORT intra_op_num_threads and torch threads")
     parser.add_argument("--groups", type=int, nargs="+", default=[128, 64], help="int4 group sizes (w4a16 preset, symmetric)")
     parser.add_argument("--levels", type=int, nargs="+", default=[0, 4], help="MatMulNBits accuracy levels")
+    parser.add_argument("--heads", nargs="+", choices=HEADS, default=list(HEADS), help="lm_head precision (with each group)")
+    parser.add_argument("--ppl-windows", type=int, default=4, help="256-token Shakespeare windows for perplexity (0: skip)")
     parser.add_argument("--rounds", type=int, default=3, help="round-robin passes; the best tok/s of each is kept")
     parser.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers (a smoke test)")
     parser.add_argument("--onnx-dir", type=Path, default=None, help="keep (and reuse) the exported graphs here")
@@ -80,6 +141,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
+    bandwidth = memory_bandwidth_gbs()
     model, tokenizer = load_model()
     model.config.use_cache = True
     if args.layers is not None:
@@ -98,17 +160,24 @@ def main() -> None:
         export_cached_decoder(model, path)
     ort_runs["ORT fp32"] = (OrtDecoder(path, threads=args.threads), {"onnx_mb": path.stat().st_size / 1e6, "kernels": {}})
     print(f"exported fp32 in {time.perf_counter() - start:.0f} s", flush=True)
+    simulated_of: dict[str, str] = {}
     for group in args.groups:
-        start = time.perf_counter()
-        qmodel = pq.quantize(model, pq.Recipe.from_preset("w4a16", group_size=group), progress=False)
-        torch_runs[f"torch ptqkit int4 g{group} (simulated)"] = qmodel
-        for level in args.levels:
-            out = work / f"{tag}_int4_g{group}_acc{level}"
-            kernels = export_int4(qmodel, out, ids, level)
-            path = out / "model.onnx"
-            label = f"ORT int4 g{group} MatMulNBits acc{level}"
-            ort_runs[label] = (OrtDecoder(path, threads=args.threads), {"onnx_mb": path.stat().st_size / 1e6, "kernels": kernels})
-        print(f"exported int4 g{group} in {time.perf_counter() - start:.0f} s: {kernels}", flush=True)
+        for head in args.heads:
+            start = time.perf_counter()
+            qmodel = pq.quantize(model, int4_recipe(group, head), progress=False)
+            simulated = f"torch int4 g{group} {head} head (simulated)"
+            torch_runs[simulated] = qmodel
+            for level in args.levels:
+                out = work / f"{tag}_int4_g{group}_{head}head_acc{level}"
+                kernels = export_int4(qmodel, out, ids, level)
+                path = out / "model.onnx"
+                label = f"ORT int4 g{group} acc{level} {head} head"
+                simulated_of[label] = simulated
+                ort_runs[label] = (OrtDecoder(path, threads=args.threads), {"onnx_mb": path.stat().st_size / 1e6, "kernels": kernels})
+            print(f"exported int4 g{group} {head} head in {time.perf_counter() - start:.0f} s: {kernels}", flush=True)
+    windows = None
+    if args.ppl_windows:
+        windows = token_windows(tokenizer, shakespeare_texts(400, seed=7), window=256, max_windows=args.ppl_windows)
 
     # warm-up, then round-robin best-of-rounds
     for run in torch_runs.values():
@@ -136,19 +205,25 @@ def main() -> None:
     results = []
     for label in list(torch_runs) + list(ort_runs):
         tokens = generated[label]
-        group = next((g for g in args.groups if f"g{g} " in label), None)
-        simulated = generated.get(f"torch ptqkit int4 g{group} (simulated)") if group else None
+        simulated = generated[simulated_of[label]] if label in simulated_of else None
         if label in ort_runs:
             decoder, info = ort_runs[label]
             tf = teacher_forced(decoder, ids, reference)
+            ppl = ort_perplexity(decoder, windows) if windows is not None else None
+            nbytes = graph_weight_bytes_per_token(decoder.path)
         else:
             tf, info = teacher_forced_agreement(torch_runs[label], ids, reference), {}
+            ppl = perplexity(torch_runs[label], windows) if windows is not None else None
+            nbytes = weight_bytes_per_token(torch_runs[label])
         results.append({
             "config": label,
             "tokens_per_s": best[label],
             "prefill_ms": prefill[label] * 1e3 if label in prefill else None,
             "first_divergence_vs_fp32": first_divergence(tokens, reference),
             "teacher_forced_top1_vs_fp32": tf,
+            "perplexity": ppl,
+            "weight_mb_per_token": nbytes / 1e6,
+            "bandwidth_fraction": nbytes * best[label] / 1e9 / bandwidth,
             "first_divergence_vs_simulated_int4": first_divergence(tokens, simulated) if simulated else None,
             "text": tokenizer.decode(tokens[:24]),
             **info,
@@ -156,8 +231,8 @@ def main() -> None:
     ort_fp32 = best["ORT fp32"]
     torch_fp32 = best["torch fp32"]
     print(f"\nSmolLM2-135M decode, batch 1, prompt {ids.shape[1]} tokens, {args.tokens} greedy tokens, {args.threads} threads, "
-          f"best of {args.rounds} rounds (load average before {load_before[0]:.1f})")
-    print(f"{'config':40s} {'tok/s':>7s} {'x ORT32':>7s} {'x torch':>7s} {'prefill':>8s} {'div@fp32':>8s} {'TF top1':>7s} {'div@sim':>7s} {'MB':>6s}")
+          f"best of {args.rounds} rounds (load average before {load_before[0]:.1f}), memcpy bandwidth {bandwidth:.1f} GB/s")
+    print(f"{'config':40s} {'tok/s':>7s} {'x ORT32':>7s} {'x torch':>7s} {'prefill':>8s} {'div@fp32':>8s} {'TF top1':>7s} {'ppl':>6s} {'div@sim':>7s} {'MB':>6s} {'MB/tok':>6s} {'BW':>5s}")
     for r in results:
         r["speedup_vs_ort_fp32"] = r["tokens_per_s"] / ort_fp32
         r["speedup_vs_torch_fp32"] = r["tokens_per_s"] / torch_fp32
@@ -165,20 +240,22 @@ def main() -> None:
         sim = r["first_divergence_vs_simulated_int4"]
         print(
             f"{r['config']:40s} {r['tokens_per_s']:7.1f} {r['speedup_vs_ort_fp32']:7.2f} {r['speedup_vs_torch_fp32']:7.2f} {pre} "
-            f"{r['first_divergence_vs_fp32']:8d} {r['teacher_forced_top1_vs_fp32']:7.3f} {'-' if sim is None else sim:>7} "
-            f"{r.get('onnx_mb', float('nan')):6.0f}"
+            f"{r['first_divergence_vs_fp32']:8d} {r['teacher_forced_top1_vs_fp32']:7.3f} {r['perplexity'] or float('nan'):6.2f} {'-' if sim is None else sim:>7} "
+            f"{r.get('onnx_mb', float('nan')):6.0f} {r['weight_mb_per_token']:6.1f} {r['bandwidth_fraction']:5.2f}"
         )
     import onnxruntime
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
         "benchmark": "llm_decode_ort",
-        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to FP32); lm_head (tied) FP32 in every config",
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to FP32); lm_head tied to the embeddings (the Gather keeps FP32)",
+        "perplexity": f"{0 if windows is None else len(windows)} windows x 256 tokens of Shakespeare (shakespeare_texts(400, seed=7))",
         "graph": "KV-cached decoder (DynamicCache built from past tensors), torch.onnx dynamo opset 18, batch 1: "
                  "ptqkit.export.onnx_decoder (pq.export(kv_cache=True) for int4)",
         "prompt_tokens": int(ids.shape[1]),
         "new_tokens": args.tokens,
         "threads": args.threads,
+        "memcpy_bandwidth_gbs": bandwidth,
         "ort_session": {"intra_op_num_threads": args.threads, "inter_op_num_threads": 1, "allow_spinning": 0, "graph_optimization": "ORT_ENABLE_ALL"},
         "rounds": args.rounds,
         "decoder_layers": model.config.num_hidden_layers,
