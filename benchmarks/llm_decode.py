@@ -3,11 +3,12 @@
 For each configuration: decode tokens/s (prefill excluded; a KV-cached loop of single-token steps),
 greedy agreement with FP32 (first position where the generated text diverges, and teacher-forced
 top-1 agreement on FP32's own continuation), the weight bytes read per decode step, and that
-traffic x tokens/s as a fraction of the memory bandwidth measured in the same run (a large copy).
+traffic x tokens/s as a fraction of the memory bandwidth measured in the same run (a large copy),
+and perplexity on Shakespeare windows no calibration reads (`ppl_windows`; the presets are data-free).
 All configurations run in one process with the same thread count; the machine's load average is
 recorded because other jobs may share the cores.
 
-    .venv/bin/python benchmarks/llm_decode.py [--tokens 128] [--threads N] [--quick]
+    .venv/bin/python benchmarks/llm_decode.py [--tokens 128] [--threads N] [--quick] [--ppl-windows 4]
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ import torch
 from torch import nn
 
 import ptqkit as pq
+from ptqkit.eval.metrics import perplexity, token_windows
+from ptqkit.models.corpora import shakespeare_texts
 from ptqkit.models.hf_cache import cached_forward, output_cache
 from ptqkit.nn.modules import QuantizedModule
 from ptqkit.nn.packed import CastLinear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
@@ -51,6 +54,11 @@ def load_model() -> tuple[nn.Module, object]:
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
         return model.eval(), tokenizer
     return load_smollm2()
+
+
+def ppl_windows(tokenizer: object, count: int) -> torch.Tensor:
+    """`count` windows x 256 tokens of Shakespeare speeches (shakespeare_texts(400, seed=7))."""
+    return token_windows(tokenizer, shakespeare_texts(400, seed=7), window=256, max_windows=count)
 
 
 def memory_bandwidth_gbs(mib: int = 512, repeats: int = 5) -> float:
@@ -124,6 +132,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--rounds", type=int, default=2, help="round-robin passes; the best tok/s of each is kept")
+    parser.add_argument("--ppl-windows", type=int, default=4, help="256-token windows for perplexity (0: skip)")
     parser.add_argument("--quick", action="store_true", help="fp32 and int4 g64 + bf16 head only")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -159,6 +168,7 @@ def main() -> None:
             generated[label] = tokens
             print(f"round {round_}: {label:38s} {(args.tokens - 1) / seconds:7.1f} tok/s", flush=True)
     reference = generated[runs[0][0]]
+    windows = ppl_windows(tokenizer, args.ppl_windows) if args.ppl_windows else None
     results = []
     for label, run, simulated, kernels in runs:
         tokens, tok_s = generated[label], best[label]
@@ -169,6 +179,7 @@ def main() -> None:
             "tokens_per_s": tok_s,
             "first_divergence": diverge,
             "teacher_forced_top1": teacher_forced_agreement(run, ids, reference),
+            "perplexity": perplexity(run, windows) if windows is not None else None,
             "weight_mb_per_token": nbytes / 1e6,
             "bandwidth_fraction": nbytes * tok_s / 1e9 / bandwidth,
             "kernels": kernels,
@@ -177,14 +188,14 @@ def main() -> None:
             "text": tokenizer.decode(tokens[:24]),
         })
     fp32 = results[0]["tokens_per_s"]
-    header = f"{'config':38s} {'tok/s':>7s} {'x fp32':>7s} {'diverge@':>8s} {'TF top1':>7s} {'MB/tok':>7s} {'BW frac':>7s} {'sim':>4s}"
+    header = f"{'config':38s} {'tok/s':>7s} {'x fp32':>7s} {'diverge@':>8s} {'TF top1':>7s} {'ppl':>6s} {'MB/tok':>7s} {'BW frac':>7s} {'sim':>4s}"
     print(f"\nSmolLM2-135M decode, batch 1, {args.tokens} greedy tokens, {args.threads} threads, memcpy bandwidth {bandwidth:.1f} GB/s")
     print(header)
     for r in results:
         r["speedup_vs_fp32"] = r["tokens_per_s"] / fp32
         print(
             f"{r['config']:38s} {r['tokens_per_s']:7.1f} {r['speedup_vs_fp32']:7.2f} {r['first_divergence']:8d} "
-            f"{r['teacher_forced_top1']:7.3f} {r['weight_mb_per_token']:7.1f} {r['bandwidth_fraction']:7.2f} {r['simulated_layers']:4d}"
+            f"{r['teacher_forced_top1']:7.3f} {r['perplexity'] or float('nan'):6.2f} {r['weight_mb_per_token']:7.1f} {r['bandwidth_fraction']:7.2f} {r['simulated_layers']:4d}"
         )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
@@ -193,6 +204,7 @@ def main() -> None:
         "prompt_tokens": int(ids.shape[1]),
         "new_tokens": args.tokens,
         "threads": args.threads,
+        "perplexity": f"{0 if windows is None else len(windows)} windows x 256 tokens (ppl_windows)",
         "rounds": args.rounds,
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),

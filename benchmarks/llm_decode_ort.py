@@ -47,15 +47,15 @@ from llm_decode import (  # noqa: E402
     greedy,
     load_model,
     memory_bandwidth_gbs,
+    ppl_windows,
     teacher_forced_agreement,
     weight_bytes_per_token,
 )
 
 import ptqkit as pq  # noqa: E402
-from ptqkit.eval.metrics import perplexity, token_windows  # noqa: E402
+from ptqkit.eval.metrics import perplexity  # noqa: E402
 from ptqkit.export import REPORT_FILE, NBitsOptions  # noqa: E402
 from ptqkit.export.onnx_decoder import OrtDecoder, export_cached_decoder  # noqa: E402
-from ptqkit.models.corpora import shakespeare_texts  # noqa: E402
 from ptqkit.qtypes import PerChannel  # noqa: E402
 from ptqkit.recipe import Override, Scheme  # noqa: E402
 from ptqkit.spec import QuantSpec  # noqa: E402
@@ -177,7 +177,7 @@ def main() -> None:
             print(f"exported int4 g{group} {head} head in {time.perf_counter() - start:.0f} s: {kernels}", flush=True)
     windows = None
     if args.ppl_windows:
-        windows = token_windows(tokenizer, shakespeare_texts(400, seed=7), window=256, max_windows=args.ppl_windows)
+        windows = ppl_windows(tokenizer, args.ppl_windows)
 
     # warm-up, then round-robin best-of-rounds
     for run in torch_runs.values():
@@ -249,7 +249,7 @@ def main() -> None:
     RESULTS.write_text(json.dumps({
         "benchmark": "llm_decode_ort",
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to FP32); lm_head tied to the embeddings (the Gather keeps FP32)",
-        "perplexity": f"{0 if windows is None else len(windows)} windows x 256 tokens of Shakespeare (shakespeare_texts(400, seed=7))",
+        "perplexity": f"{0 if windows is None else len(windows)} windows x 256 tokens (llm_decode.ppl_windows)",
         "graph": "KV-cached decoder (DynamicCache built from past tensors), torch.onnx dynamo opset 18, batch 1: "
                  "ptqkit.export.onnx_decoder (pq.export(kv_cache=True) for int4)",
         "prompt_tokens": int(ids.shape[1]),
