@@ -22,6 +22,9 @@ import ptqkit as pq
 from ptqkit.errors import ConfigError, ExportError
 from ptqkit.export import NBitsOptions
 from ptqkit.models.hf_cache import cached_forward, output_cache
+from ptqkit.qtypes import PerChannel
+from ptqkit.recipe import Override, Scheme
+from ptqkit.spec import QuantSpec
 
 transformers = pytest.importorskip("transformers")
 onnx = pytest.importorskip("onnx")
@@ -174,6 +177,30 @@ def test_int8_weight_only_cached_graph_on_matmul_nbits(model: nn.Module, tmp_pat
     assert len(result.layers) == 14 and {(l.form, l.kernel) for l in result.layers} == {("matmul_nbits", "MatMulNBits")}
     tokens = [9, 8, 7]
     got = _ort_steps(OrtDecoder(tmp_path / "w8" / "model.onnx", threads=1), PROMPT, tokens)
+    assert _max_rel(got, _torch_steps(qmodel, PROMPT, tokens)) <= RTOL
+
+
+def test_int8_lm_head_tied_to_the_embeddings_runs_on_matmul_nbits(tmp_path: Path) -> None:
+    """SmolLM2's deployment: int4 decoder layers and an int8 per-channel lm_head tied to the
+    embeddings. The head becomes 8-bit MatMulNBits; the embedding Gather keeps its float table."""
+    config = _tiny_llama().config
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    tied = transformers.LlamaForCausalLM(config).eval()
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    int8_head = Override(match=("lm_head",), scheme=Scheme(weights=QuantSpec(qtype="int8", granularity=PerChannel(0))))
+    recipe = pq.Recipe.from_preset("w4a16", group_size=32, keep_output_head=False, overrides=(int8_head,))
+    qmodel = pq.quantize(tied, recipe, progress=False)
+    result = pq.export(qmodel, tmp_path / "q", example_inputs=PROMPT, kv_cache=True, matmul_nbits=NBitsOptions(int8=True), strict=True)
+    assert len(result.layers) == 15 and {(l.form, l.kernel) for l in result.layers} == {("matmul_nbits", "MatMulNBits")}
+    graph = onnx.load(str(tmp_path / "q" / "model.onnx")).graph
+    bits = {n.input[1]: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"}
+    assert bits.pop("lm_head.weight_nbits") == 8 and set(bits.values()) == {4}
+    tables = {n.input[0] for n in graph.node if n.op_type == "Gather"}
+    floats = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and list(t.dims) == [VOCAB, 64]}
+    assert tables & floats, "the embedding Gather reads a float [vocab, hidden] table"
+    tokens = [9, 8, 7]
+    got = _ort_steps(OrtDecoder(tmp_path / "q" / "model.onnx", threads=1), PROMPT, tokens)
     assert _max_rel(got, _torch_steps(qmodel, PROMPT, tokens)) <= RTOL
 
 
