@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ptqkit.errors import ArtifactError
-from ptqkit.nn.modules import QuantConv, QuantEmbedding, QuantizedModule, QuantLinear
+from ptqkit.nn.modules import QuantConv, QuantizedModule
 from ptqkit.primitives import pack_lowbit
 from ptqkit.spec import QuantSpec
 

@@ -17,7 +17,14 @@ import torch
 from torch import nn
 
 from ptqkit.errors import ArtifactError, PTQError
-from ptqkit.export.artifact import CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, MODEL_FILE, QUANT_FILE, file_sha256
+from ptqkit.export.artifact import (
+    CONFIG_FILE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MODEL_FILE,
+    QUANT_FILE,
+    file_sha256,
+)
 from ptqkit.nn.act_quant import InputQuantizer, OutlierKeepingQuantizer
 from ptqkit.nn.modules import QuantConv, QuantEmbedding, QuantLinear
 from ptqkit.primitives import unpack_lowbit
@@ -195,7 +202,7 @@ def _build(module: nn.Module, layer: dict[str, Any], tensors: dict[str, torch.Te
         return _InputOnly(module, inputs)
     name = layer["name"]
     spec = _spec(layer["weights"], f"{path.parent / QUANT_FILE}: layers[{name!r}].weights")
-    weight = _skeleton_weight(module, layer, path)
+    _skeleton_weight(module, layer, path)  # raises ArtifactError when the skeleton weight does not match
     codes = _codes(layer, spec, tensors, path)
     qparams = _qparams(f"{name}.weight_", spec, tuple(codes.shape), tensors, path)
     dtype_name = layer.get("weight_dtype", "float32")

@@ -125,6 +125,13 @@ def export_onnx(
     import onnx
 
     from ptqkit.export import FLOAT_ONNX_FILE, ONNX_FILE, LayerExport
+    from ptqkit.export.onnx_gather import (
+        find_gather_nodes,
+        gather_layout,
+        gather_refusal,
+        insert_gather_block_quantized,
+        quantized_embeddings,
+    )
     from ptqkit.export.onnx_nbits import (
         NBitsOptions,
         insert_matmul_nbits,
@@ -157,8 +164,10 @@ def export_onnx(
     for name, module in qdq_modules.items():
         check_exportable(name, module)  # fail before the (slow) graph capture
     refused = {name: why for name, m in nbits_modules.items() if (why := nbits_refusal(m)) is not None}
+    embeddings = quantized_embeddings(qmodel)
+    refused |= {name: why for name, m in embeddings.items() if (why := gather_refusal(m)) is not None}
     if refused and strict:
-        raise ExportError(f"export (strict): {len(refused)} weight-only module(s) have no MatMulNBits form: {refused}")
+        raise ExportError(f"export (strict): {len(refused)} weight-only module(s) have no MatMulNBits/GatherBlockQuantized form: {refused}")
     float_model = dequantize_model(qmodel).eval()
     float_path = out_dir / FLOAT_ONNX_FILE
     plan = _plan(float_model, example_inputs, kv_cache=kv_cache, opset=opset, dynamic=dynamic)
@@ -190,7 +199,14 @@ def export_onnx(
     if to_nbits:  # node indices moved: map the QDQ modules again
         found, _ = _find_modules(proto, [name for name in found if name in qdq_modules], plan.prefix)
     proto, rewrites = insert_qdq(proto, {n: ln for n, ln in found.items() if n in qdq_modules}, qdq_modules, uint8_weights=uint8_weights)
-    rewrites = nbits_rewrites + rewrites
+    gathers, gather_missing = find_gather_nodes(proto, list(embeddings), plan.prefix)
+    if gather_missing and strict:
+        raise ExportError(f"export (strict): {len(gather_missing)} quantized embedding(s) not found in the ONNX graph: {gather_missing}")
+    missing |= gather_missing
+    kept_float |= {name: gathers[name] for name in refused if name in gathers}
+    to_gather = {name: ln for name, ln in gathers.items() if name not in refused}
+    proto, gather_rewrites = insert_gather_block_quantized(proto, to_gather, embeddings)
+    rewrites = nbits_rewrites + rewrites + gather_rewrites
     checks["weight_dtype"] = "uint8" if uint8_weights else "int8"
     if nbits_modules:
         checks["matmul_nbits"] = {"accuracy_level": nbits.accuracy_level, "layers": len(nbits_rewrites), "kept_float": refused}
@@ -213,6 +229,9 @@ def export_onnx(
         if r.form == "matmul_nbits":
             layout = nbits_layout(nbits_modules[r.module])
             note = f"{layout.bits}-bit, block {layout.block_size}" + (f"; {layout.note}" if layout.note else "") + (f"; {note}" if note else "")
+        elif r.form == "gather_block_quantized":
+            layout = gather_layout(embeddings[r.module])
+            note = f"{layout.bits}-bit rows, block {layout.block_size}" + (f"; {layout.note}" if layout.note else "")
         layers.append(LayerExport(r.module, r.form, k.op_type, k.integer, note))
     layers += [LayerExport(n, "float", kernels[n].op_type, False, f"kept float: {refused[n]}") for n in kept_float]
     layers += [LayerExport(name, "not_found", "", False, why) for name, why in missing.items()]

@@ -98,7 +98,6 @@ def export_float_onnx(
         raise ExportError(f"torch.onnx.export(dynamo=True, opset={opset}) failed for {type(model).__name__}: {exc}") from exc
     proto = program.model_proto
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    import onnx
 
     onnx.save_model(proto, str(path))
     logger.info("float ONNX graph: %d nodes, %d initializers -> %s", len(proto.graph.node), len(proto.graph.initializer), path)

@@ -286,7 +286,7 @@ def test_export_keeps_unconvertible_layers_float_and_reports_them(mlp: nn.Module
     assert result.checks["matmul_nbits"]["kept_float"] == {"down": "weights are nf4; MatMulNBits takes integer codes (2..8 bits)"}
     # the float layer holds the dequantized nf4 weight: ORT still equals the simulated model
     assert result.checks["quantized_ort_vs_simulated"]["max_abs"] <= RTOL * result.checks["quantized_ort_vs_simulated"]["ref_absmax"]
-    with pytest.raises(ExportError, match=r"export \(strict\): 1 weight-only module\(s\) have no MatMulNBits form: \{'down': 'weights are nf4"):
+    with pytest.raises(ExportError, match=r"export \(strict\): 1 weight-only module\(s\) have no MatMulNBits/GatherBlockQuantized form: \{'down': 'weights are nf4"):
         export(qmodel, tmp_path / "strict", example_inputs=(_x(1),), strict=True)
     assert not (tmp_path / "strict").exists()
 
