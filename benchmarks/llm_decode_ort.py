@@ -10,7 +10,8 @@ checks the graph in ONNX Runtime (prefill + one decode step vs torch). Greedy de
 The lm_head (49152 x 576, tied to the embeddings: 113 MB read per token in FP32, more than the
 30 decoder layers in int4) is varied with `--heads`: `fp32` (the w4a16 preset keeps the output
 head float), `int8` (a per-channel int8 override, written as 8-bit MatMulNBits) and `int4` (the
-same group size as the decoder layers). The embedding Gather keeps its FP32 table in every case.
+same group size as the decoder layers). `--embeddings` does the same for the embedding table
+(FP32 by default; int8/int4 export as GatherBlockQuantized: a smaller file, not a faster step).
 
 For each configuration: decode tokens/s (prefill excluded), prefill latency of the prompt, greedy
 agreement with torch FP32 (first diverging position; teacher-forced top-1 on FP32's own
@@ -22,7 +23,7 @@ jobs, torch with 2 threads fell from 37 to 10 tok/s (a 2-layer model) whenever a
 took a core (OpenMP workers waiting for a descheduled peer).
 
     .venv/bin/python benchmarks/llm_decode_ort.py [--tokens 128] [--threads 1] [--groups 128 64] [--rounds 3]
-        [--heads fp32 int8 int4] [--ppl-windows 4]
+        [--heads fp32 int8 int4] [--embeddings fp32 int8 int4] [--ppl-windows 4]
         [--onnx-dir DIR]   (keeps the exported graphs there and reuses them on the next run)
 """
 from __future__ import annotations
@@ -66,14 +67,19 @@ RESULTS = Path(__file__).parent / "results" / "llm_decode_ort.json"
 HEADS = ("fp32", "int8", "int4")
 
 
-def int4_recipe(group: int, head: str) -> pq.Recipe:
-    """w4a16 with group size `group`; the lm_head float (`fp32`), int8 per channel, or int4 like the rest."""
-    if head == "fp32":
-        return pq.Recipe.from_preset("w4a16", group_size=group)
-    if head == "int4":
-        return pq.Recipe.from_preset("w4a16", group_size=group, keep_output_head=False)
-    int8_head = Override(match=("lm_head",), scheme=Scheme(weights=QuantSpec(qtype="int8", granularity=PerChannel(0))))
-    return pq.Recipe.from_preset("w4a16", group_size=group, keep_output_head=False, overrides=(int8_head,))
+def int4_recipe(group: int, head: str, embedding: str = "fp32") -> pq.Recipe:
+    """w4a16 with group size `group`; the lm_head and the embedding each float (`fp32`), int8 per
+    channel (per row), or int4 in groups like the rest."""
+    int8 = Scheme(weights=QuantSpec(qtype="int8", granularity=PerChannel(0)))
+    overrides = []
+    if head == "int8":
+        overrides.append(Override(match=("lm_head",), scheme=int8))
+    if embedding == "int8":
+        overrides.append(Override(match=("model.embed_tokens",), scheme=int8))
+    targets = ("Linear", "Embedding") if embedding != "fp32" else ("Linear",)
+    return pq.Recipe.from_preset(
+        "w4a16", group_size=group, keep_output_head=head == "fp32", targets=targets, overrides=tuple(overrides)
+    )
 
 
 def export_int4(qmodel: nn.Module, out: Path, ids: torch.Tensor, level: int) -> dict[str, int]:
@@ -107,13 +113,14 @@ def ort_perplexity(decoder: OrtDecoder, windows: torch.Tensor) -> float:
 
 
 def graph_weight_bytes_per_token(path: Path) -> int:
-    """Bytes of initializers one decode step reads: all of them except Gather tables (one row read)."""
+    """Bytes of initializers one decode step reads: all of them except embedding tables (one row read)."""
     import onnx
     from onnx.helper import tensor_dtype_to_np_dtype
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    gather_tables = {node.input[0] for node in graph.node if node.op_type == "Gather"}
-    other_uses = {name for node in graph.node if node.op_type != "Gather" for name in node.input}
+    gathers = ("Gather", "GatherBlockQuantized")  # table (and block scales / zero points): one row read
+    gather_tables = {name for node in graph.node if node.op_type in gathers for i, name in enumerate(node.input) if i != 1}
+    other_uses = {name for node in graph.node if node.op_type not in gathers for name in node.input}
     total = 0
     for tensor in graph.initializer:
         if tensor.name in gather_tables and tensor.name not in other_uses:
@@ -133,6 +140,7 @@ def main() -> None:
     parser.add_argument("--groups", type=int, nargs="+", default=[128, 64], help="int4 group sizes (w4a16 preset, symmetric)")
     parser.add_argument("--levels", type=int, nargs="+", default=[0, 4], help="MatMulNBits accuracy levels")
     parser.add_argument("--heads", nargs="+", choices=HEADS, default=list(HEADS), help="lm_head precision (with each group)")
+    parser.add_argument("--embeddings", nargs="+", choices=HEADS, default=["fp32"], help="embedding table precision (GatherBlockQuantized)")
     parser.add_argument("--ppl-windows", type=int, default=4, help="256-token Shakespeare windows for perplexity (0: skip)")
     parser.add_argument("--rounds", type=int, default=3, help="round-robin passes; the best tok/s of each is kept")
     parser.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers (a smoke test)")
@@ -162,19 +170,20 @@ def main() -> None:
     print(f"exported fp32 in {time.perf_counter() - start:.0f} s", flush=True)
     simulated_of: dict[str, str] = {}
     for group in args.groups:
-        for head in args.heads:
+        for head, embedding in [(h, e) for h in args.heads for e in args.embeddings]:
             start = time.perf_counter()
-            qmodel = pq.quantize(model, int4_recipe(group, head), progress=False)
-            simulated = f"torch int4 g{group} {head} head (simulated)"
+            qmodel = pq.quantize(model, int4_recipe(group, head, embedding), progress=False)
+            what = f"{head} head" + ("" if embedding == "fp32" else f" {embedding} emb")
+            simulated = f"torch int4 g{group} {what} (simulated)"
             torch_runs[simulated] = qmodel
             for level in args.levels:
-                out = work / f"{tag}_int4_g{group}_{head}head_acc{level}"
+                out = work / f"{tag}_int4_g{group}_{head}head_{embedding}emb_acc{level}"
                 kernels = export_int4(qmodel, out, ids, level)
                 path = out / "model.onnx"
-                label = f"ORT int4 g{group} acc{level} {head} head"
+                label = f"ORT int4 g{group} acc{level} {what}"
                 simulated_of[label] = simulated
                 ort_runs[label] = (OrtDecoder(path, threads=args.threads), {"onnx_mb": path.stat().st_size / 1e6, "kernels": kernels})
-            print(f"exported int4 g{group} {head} head in {time.perf_counter() - start:.0f} s: {kernels}", flush=True)
+            print(f"exported int4 g{group} {what} in {time.perf_counter() - start:.0f} s: {kernels}", flush=True)
     windows = None
     if args.ppl_windows:
         windows = ppl_windows(tokenizer, args.ppl_windows)
@@ -248,7 +257,7 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
         "benchmark": "llm_decode_ort",
-        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to FP32); lm_head tied to the embeddings (the Gather keeps FP32)",
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to FP32); lm_head tied to the embeddings",
         "perplexity": f"{0 if windows is None else len(windows)} windows x 256 tokens (llm_decode.ppl_windows)",
         "graph": "KV-cached decoder (DynamicCache built from past tensors), torch.onnx dynamo opset 18, batch 1: "
                  "ptqkit.export.onnx_decoder (pq.export(kv_cache=True) for int4)",
