@@ -4,9 +4,10 @@ Models: all-MiniLM-L6-v2 (real texts, batch 32 x 128 tokens) and a randomly init
 BERT-base-sized BertModel (12 layers, 768 wide; random token ids). Variants, all in one run with
 the same thread count (torch.set_num_threads, ORT intra-op threads, ORT spinning disabled):
 torch FP32, ORT FP32, ORT quantize_static (its own QDQ, per-channel, MinMax), ORT
-quantize_dynamic, torch quantize_dynamic, ptqkit W8A8 static / dynamic per-token / dynamic
-per-tensor exported by `ptqkit.export.export`. Reports median latency, file size, and cosine of
-mean-pooled embeddings to torch FP32. Prints a table and writes benchmarks/results/encoder_w8a8.json.
+quantize_dynamic, torch quantize_dynamic, ptqkit W8A8 static (also with int8 embedding rows on
+GatherBlockQuantized) / dynamic per-token / dynamic per-tensor exported by
+`ptqkit.export.export`. Reports median latency, file size, and cosine of mean-pooled embeddings
+to torch FP32. Prints a table and writes benchmarks/results/encoder_w8a8.json.
 
     .venv/bin/python benchmarks/encoder_w8a8.py [--models minilm bert] [--threads 2] [--reps 5]
 """
@@ -157,12 +158,14 @@ def run_model(name: str, args: argparse.Namespace, work: Path) -> list[dict[str,
     calib = pq.CalibrationData.from_tensors([{k: v[i] for k, v in b.items()} for b in calib_batches for i in range(len(b["input_ids"]))], batch_size=8)
     ours = {
         "ptqkit W8A8 static (ORT)": (pq.Recipe.from_preset("w8a8"), calib),
+        # the word/position/type embeddings too: int8 rows on GatherBlockQuantized (a smaller file)
+        "ptqkit W8A8 static + int8 embeddings (ORT)": (pq.Recipe.from_preset("w8a8", targets=("Linear", "Embedding")), calib),
         "ptqkit W8A8 dynamic per-token (ORT)": (base, None),
         "ptqkit W8A8 dynamic per-tensor (ORT)": (per_tensor, None),
     }
     for variant, (recipe, data) in ours.items():
         qmodel = pq.quantize(model, recipe, data, progress=False)
-        out_dir = work / f"{name}.{recipe.name}"
+        out_dir = work / f"{name}.{recipe.name}{'.emb' if 'Embedding' in recipe.targets else ''}"
         result = export(qmodel, out_dir, example_inputs=example)
         sess = ort_session(out_dir / "model.onnx", args.threads)
         t, out = timed(lambda: sess.run(None, feeds)[0], args.reps)
