@@ -35,7 +35,7 @@ __all__ = ["find_gather_nodes", "gather_layout", "gather_refusal", "insert_gathe
 
 logger = logging.getLogger(__name__)
 
-_CONTAINER_BITS = {2: 4, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}
+_CONTAINER_BITS = {2: 4, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}  # code width -> bits; 2-bit rows were not measured here
 _MIN_BLOCK = 16
 
 
