@@ -163,9 +163,9 @@ def export_onnx(
     qdq_modules = {name: m for name, m in modules.items() if name not in nbits_modules}
     for name, module in qdq_modules.items():
         check_exportable(name, module)  # fail before the (slow) graph capture
-    refused = {name: why for name, m in nbits_modules.items() if (why := nbits_refusal(m)) is not None}
+    nbits_refused = {name: why for name, m in nbits_modules.items() if (why := nbits_refusal(m)) is not None}
     embeddings = quantized_embeddings(qmodel)
-    refused |= {name: why for name, m in embeddings.items() if (why := gather_refusal(m)) is not None}
+    refused = nbits_refused | {name: why for name, m in embeddings.items() if (why := gather_refusal(m)) is not None}
     if refused and strict:
         raise ExportError(f"export (strict): {len(refused)} weight-only module(s) have no MatMulNBits/GatherBlockQuantized form: {refused}")
     float_model = dequantize_model(qmodel).eval()
@@ -209,7 +209,7 @@ def export_onnx(
     rewrites = nbits_rewrites + rewrites + gather_rewrites
     checks["weight_dtype"] = "uint8" if uint8_weights else "int8"
     if nbits_modules:
-        checks["matmul_nbits"] = {"accuracy_level": nbits.accuracy_level, "layers": len(nbits_rewrites), "kept_float": refused}
+        checks["matmul_nbits"] = {"accuracy_level": nbits.accuracy_level, "layers": len(nbits_rewrites), "kept_float": nbits_refused}
     onnx_path = out_dir / ONNX_FILE
     onnx.save_model(proto, str(onnx_path))
 

@@ -22,11 +22,12 @@ a block of >= 16) are refused with a reason: the export keeps them float and rep
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Sequence
 
 from ptqkit.errors import ExportError
 from ptqkit.export.onnx_graph import LayerNode, initializer_map, node_module_name, replace_nodes_
-from ptqkit.export.onnx_nbits import MS_DOMAIN, NBitsLayout, nbits_tensors
+from ptqkit.export.onnx_nbits import MS_DOMAIN, NBitsLayout, nbits_tensors, pow2_divisor
 from ptqkit.export.onnx_qdq import LayerRewrite
 from ptqkit.nn.modules import QuantEmbedding, QuantizedModule
 from ptqkit.qtypes import PerChannel, PerGroup, PerTensor
@@ -46,10 +47,8 @@ def quantized_embeddings(qmodel: Any) -> dict[str, QuantEmbedding]:
 
 def _block(length: int, dim: int) -> int:
     """Largest power of two dividing both `length` (a group or row) and `dim` (D)."""
-    block = 1
-    while length % (block * 2) == 0 and dim % (block * 2) == 0:
-        block *= 2
-    return block
+    common = math.gcd(length, dim)
+    return pow2_divisor(common, common)
 
 
 def gather_refusal(module: QuantizedModule) -> str | None:
@@ -104,8 +103,10 @@ def find_gather_nodes(proto: Any, names: Sequence[str], prefix: str = "") -> tup
     found: dict[str, LayerNode] = {}
     notes: dict[str, str] = {}
     for index, node in enumerate(graph.node):
+        if node.op_type != "Gather":
+            continue
         name = wanted.get(node_module_name(node) or "")
-        if node.op_type != "Gather" or name is None:
+        if name is None:
             continue
         axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
         if node.input[0] not in inits or axis != 0:
@@ -139,7 +140,8 @@ def insert_gather_block_quantized(
         module = modules[name]
         layout = gather_layout(module)
         data, scales, zero_points = nbits_tensors(module, layout)  # [V, D/block, blob], [V, D/block], packed or None
-        inputs = [f"{name}.weight_gbq", graph.node[ln.node_index].input[1], f"{name}.weight_gbq_scales"]
+        node = graph.node[ln.node_index]
+        inputs = [f"{name}.weight_gbq", node.input[1], f"{name}.weight_gbq_scales"]
         if inputs[0] in names:
             raise ExportError(f"module {name!r}: the graph already has a tensor named {inputs[0]!r}")
         new_inits += [
@@ -149,7 +151,6 @@ def insert_gather_block_quantized(
         if zero_points is not None:
             inputs.append(f"{name}.weight_gbq_zero_points")
             new_inits.append(numpy_helper.from_array(zero_points, inputs[3]))
-        node = graph.node[ln.node_index]
         new = helper.make_node(
             "GatherBlockQuantized", inputs, list(node.output), name=node.name, domain=MS_DOMAIN,
             bits=layout.bits, block_size=layout.block_size, gather_axis=0, quantize_axis=1,

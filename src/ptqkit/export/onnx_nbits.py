@@ -52,6 +52,7 @@ __all__ = [
     "nbits_layout",
     "nbits_refusal",
     "nbits_tensors",
+    "pow2_divisor",
     "routes_to_nbits",
 ]
 
@@ -136,7 +137,7 @@ def routes_to_nbits(module: QuantizedModule, options: NBitsOptions) -> bool:
     return options.int8 or not _qdq_handles(module)
 
 
-def _pow2_divisor(n: int, cap: int) -> int:
+def pow2_divisor(n: int, cap: int) -> int:
     """Largest power of two that divides `n` and is <= `cap`."""
     p = 1
     while p * 2 <= cap and n % (p * 2) == 0:
@@ -160,7 +161,7 @@ def nbits_refusal(module: QuantizedModule) -> str | None:
         if g.axis not in (-1, 1):
             return f"groups along axis {g.axis}; MatMulNBits blocks run along the input dimension (axis -1)"
         bits = _CONTAINER_BITS[spec.qtype.bits]
-        if _pow2_divisor(g.size, _MAX_BLOCK) < _MIN_BLOCK:
+        if pow2_divisor(g.size, _MAX_BLOCK) < _MIN_BLOCK:
             return (
                 f"group size {g.size} has no power-of-two divisor between {_MIN_BLOCK} and {_MAX_BLOCK}; "
                 f"MatMulNBits blocks (powers of two >= 16{', <= 256 for 2 bits' if bits == 2 else ''}) cannot tile it"
@@ -186,7 +187,7 @@ def nbits_layout(module: QuantLinear) -> NBitsLayout:
         notes.append(f"{spec.qtype.name} codes in a {bits}-bit container")
     g = spec.granularity
     if isinstance(g, PerGroup):
-        block = _pow2_divisor(g.size, _MAX_BLOCK)
+        block = pow2_divisor(g.size, _MAX_BLOCK)
         if block != g.size:
             notes.append(f"group {g.size} written as {g.size // block} blocks of {block}")
     else:
