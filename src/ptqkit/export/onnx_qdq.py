@@ -36,7 +36,7 @@ from torch import nn
 
 from ptqkit.errors import ExportError
 from ptqkit.export.onnx_graph import LayerNode, initializer_map, replace_nodes_
-from ptqkit.export.onnx_pertoken import per_token_matmul_nodes
+from ptqkit.export.onnx_pertoken import MS_DOMAIN, per_token_matmul_nodes
 from ptqkit.nn.modules import QuantConv, QuantizedModule, QuantLinear
 from ptqkit.qtypes import PerChannel, PerTensor, PerToken
 from ptqkit.spec import QParams, QuantSpec
@@ -88,7 +88,8 @@ def check_exportable(name: str, module: QuantizedModule) -> None:
             "is a simulated scheme with no ONNX form; export a w8a8_dynamic model without llm_int8"
         )
     ispec = quantizer.spec
-    if isinstance(ispec.granularity, PerToken) and ispec.qtype.name == "uint8" and not ispec.symmetric:
+    per_token_form = ispec.qtype.name == "uint8" or (ispec.qtype.name == "int8" and ispec.symmetric)
+    if isinstance(ispec.granularity, PerToken) and per_token_form:
         if isinstance(module, QuantConv) or bool((module.weight_zero_point != 0).any()):
             raise ExportError(
                 f"module {name!r}: per-token inputs are exported for Linear layers with symmetric weights only "
@@ -98,7 +99,7 @@ def check_exportable(name: str, module: QuantizedModule) -> None:
     if ispec.qtype.name not in _INPUT_QTYPES or not isinstance(ispec.granularity, PerTensor):
         raise ExportError(
             f"module {name!r}: inputs {_spec_text(ispec)} have no ONNX QDQ form; valid: uint8/int8 per-tensor "
-            "(static), uint8 asymmetric per-tensor or per-token (dynamic)"
+            "(static); uint8 asymmetric per-tensor, uint8 per-token or int8 symmetric per-token (dynamic)"
         )
     if ispec.dynamic and (ispec.qtype.name != "uint8" or ispec.symmetric):
         raise ExportError(
@@ -231,7 +232,8 @@ def _rewrite_matmul(b: _Builder, node: Any, ln: LayerNode, module: QuantizedModu
     if quantizer is not None and isinstance(quantizer.spec.granularity, PerToken):
         bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
         return per_token_matmul_nodes(
-            b, _make_node, name, node.input[0], codes, scale, zero.reshape(-1)[0], list(node.output), node.name, bias
+            b, _make_node, name, node.input[0], codes, scale, zero.reshape(-1)[0], list(node.output), node.name, bias,
+            symmetric=quantizer.spec.symmetric, cache=cache,
         )
     x, wq, wdq, nodes = _dequantized_operands(b, node.input[0], name, module, (codes, scale, zero, axis), cache)
     if node.op_type == "MatMul":
@@ -386,6 +388,10 @@ def insert_qdq(
             form = "dynamic_per_token"
         rewrites.append(LayerRewrite(name, ln.op_type, form, wq))
     replace_nodes_(graph, replacements, b.initializers)
+    if any(r.form == "dynamic_per_token" for r in rewrites) and not any(op.domain == MS_DOMAIN for op in proto.opset_import):
+        from onnx import helper
+
+        proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))  # MatMulIntegerToFloat
     if not any(op.domain in ("", "ai.onnx") and op.version >= 13 for op in proto.opset_import):
         raise ExportError(f"the float graph's opset {[op.version for op in proto.opset_import]} is below 13 (per-channel DequantizeLinear)")
     logger.info("inserted integer forms for %d module(s)", len(rewrites))

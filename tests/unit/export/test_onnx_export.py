@@ -45,6 +45,12 @@ def _per_tensor_dynamic() -> pq.Recipe:
     return replace(base, name="w8a8_dynamic_tensor", scheme=replace(base.scheme, inputs=replace(base.scheme.inputs, granularity=pq.PerTensor())))
 
 
+def _symmetric_per_token(ignore: tuple[str, ...] = ("conv",)) -> pq.Recipe:
+    base = pq.Recipe.from_preset("w8a8_dynamic", ignore=ignore)
+    inputs = replace(base.scheme.inputs, qtype="int8", symmetric=True)
+    return replace(base, name="w8a8_dynamic_sym", scheme=replace(base.scheme, inputs=inputs))
+
+
 @pytest.fixture(scope="module")
 def model() -> nn.Module:
     torch.manual_seed(0)
@@ -63,7 +69,7 @@ def static_export(model: nn.Module, tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def dynamic_exports(model: nn.Module, tmp_path_factory: pytest.TempPathFactory):
     out = {}
-    for name, recipe in (("tensor", _per_tensor_dynamic()), ("token", pq.Recipe.from_preset("w8a8_dynamic", ignore=["conv"]))):
+    for name, recipe in (("tensor", _per_tensor_dynamic()), ("token", pq.Recipe.from_preset("w8a8_dynamic", ignore=["conv"])), ("token_sym", _symmetric_per_token())):
         qmodel = pq.quantize(model, recipe, progress=False)
         path = tmp_path_factory.mktemp(name) / "out"
         out[name] = (qmodel, export(qmodel, path, example_inputs=_inputs(3)), path)
@@ -115,7 +121,9 @@ def test_static_layers_run_on_integer_kernels_and_match_simulation(static_export
     assert (path / "export_report.json").exists() and not (path / "model.fp32.onnx").exists()
 
 
-@pytest.mark.parametrize("kind, kernel", [("tensor", "DynamicQuantizeMatMul"), ("token", "MatMulInteger")])
+@pytest.mark.parametrize(
+    "kind, kernel", [("tensor", "DynamicQuantizeMatMul"), ("token", "MatMulIntegerToFloat"), ("token_sym", "MatMulIntegerToFloat")]
+)
 def test_dynamic_layers_run_on_integer_kernels_and_match_simulation(dynamic_exports, kind: str, kernel: str) -> None:
     qmodel, result, path = dynamic_exports[kind]
     assert result.layers[0].kernel == kernel and result.layers[1].kernel == kernel
@@ -129,7 +137,42 @@ def test_per_token_differs_from_per_tensor_so_the_agreement_test_can_fail(dynami
     inputs = _inputs(9)
     a = run_session(make_session(p_tok / "model.onnx"), inputs)[0]
     b = run_session(make_session(dynamic_exports["tensor"][2] / "model.onnx"), inputs)[0]
-    assert np.abs(a - b).max() > 1e-3
+    c = run_session(make_session(dynamic_exports["token_sym"][2] / "model.onnx"), inputs)[0]
+    assert np.abs(a - b).max() > 1e-3 and np.abs(a - c).max() > 1e-3
+
+
+def test_per_token_codes_come_from_one_per_row_quantize(dynamic_exports) -> None:
+    """Per-token graphs quantize each row with one QuantizeLinear (axis 0) and no elementwise rounding."""
+    for kind in ("token", "token_sym"):
+        ops = [n.op_type for n in _graph(dynamic_exports[kind][2]).node]
+        assert ops.count("QuantizeLinear") == 2 and ops.count("MatMulIntegerToFloat") == 2, ops  # fc1, fc2
+        assert "Round" not in ops or kind == "token"  # the asymmetric zero point is rounded on [..., 1] only
+
+
+class SharedInput(nn.Module):
+    """Two Linears reading one tensor (an attention block's query/key/value)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.query, self.key = nn.Linear(16, 8), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.query(x) * self.key(x)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_layers_reading_one_tensor_share_its_per_token_codes(symmetric: bool, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    recipe = _symmetric_per_token(ignore=()) if symmetric else pq.Recipe.from_preset("w8a8_dynamic")
+    qmodel = pq.quantize(SharedInput().eval(), recipe, progress=False)
+    x = torch.randn(3, 7, 16)
+    export(qmodel, tmp_path, example_inputs=x)
+    ops = [n.op_type for n in _graph(tmp_path).node]
+    assert ops.count("QuantizeLinear") == ops.count("ReduceMax") == 1 and ops.count("MatMulIntegerToFloat") == 2, ops
+    with torch.inference_mode():
+        ref = qmodel(torch.randn(5, 4, 16, generator=torch.Generator().manual_seed(1)) * 4)
+    got = run_session(make_session(tmp_path / "model.onnx"), torch.randn(5, 4, 16, generator=torch.Generator().manual_seed(1)) * 4)[0]
+    assert np.abs(ref.numpy() - got).max() < 1e-4 * max(1.0, float(np.abs(got).max()))
 
 
 def test_int8_storage_keeps_int8_initializers(model: nn.Module, tmp_path: Path) -> None:
