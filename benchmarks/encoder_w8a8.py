@@ -4,10 +4,14 @@ Models: all-MiniLM-L6-v2 (real texts, batch 32 x 128 tokens) and a randomly init
 BERT-base-sized BertModel (12 layers, 768 wide; random token ids). Variants, all in one run with
 the same thread count (torch.set_num_threads, ORT intra-op threads, ORT spinning disabled):
 torch FP32, ORT FP32, ORT quantize_static (its own QDQ, per-channel, MinMax), ORT
-quantize_dynamic, torch quantize_dynamic, ptqkit W8A8 static (also with int8 embedding rows on
-GatherBlockQuantized) / dynamic per-token / dynamic per-tensor exported by
-`ptqkit.export.export`. Reports median latency, file size, and cosine of mean-pooled embeddings
-to torch FP32. Prints a table and writes benchmarks/results/encoder_w8a8.json.
+quantize_dynamic, torch quantize_dynamic, and ptqkit W8A8 exported by `ptqkit.export.export`:
+static (also with int8 embedding rows on GatherBlockQuantized, and with per-token feed-forward
+outputs: recipes/w8a8-encoder-ffn-per-token.yaml), dynamic per-token (asymmetric, symmetric)
+and dynamic per-tensor. The peers quantize ptqkit's float ONNX graph (the dynamo exporter's,
+GELU in the order ORT fuses). Every variant is built first and then timed round-robin (one
+call of each per round, `--reps` rounds), so that a slow patch of a shared machine hits all
+variants alike. Reports median latency, file size, and cosine of mean-pooled embeddings to
+torch FP32. Prints a table and writes benchmarks/results/encoder_w8a8.json.
 
     .venv/bin/python benchmarks/encoder_w8a8.py [--models minilm bert] [--threads 2] [--reps 5]
 """
@@ -22,7 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +37,7 @@ import ptqkit as pq
 
 logger = logging.getLogger("encoder_w8a8")
 RESULTS = Path(__file__).parent / "results" / "encoder_w8a8.json"
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def hamlet(limit: int) -> list[str]:
@@ -48,14 +53,18 @@ def pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return p / np.linalg.norm(p, axis=-1, keepdims=True)
 
 
-def timed(fn: Callable[[], Any], reps: int) -> tuple[float, Any]:
-    out = fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
+def time_interleaved(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
+    """Median seconds per call of each function, timed round-robin (one call of each per round),
+    so that a slow patch of the machine hits every variant alike; one warm-up call each first."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def load(name: str, batch: int, seq: int) -> tuple[Any, dict[str, torch.Tensor], list[dict[str, torch.Tensor]], int]:
@@ -86,6 +95,15 @@ def ort_session(path: Path, threads: int) -> Any:
     return make_session(path, threads=threads)
 
 
+@dataclass
+class Variant:
+    """One row: how to run it, what it returns (last hidden state), its size on disk or in memory."""
+
+    run: Callable[[], Any]
+    size: int
+    note: str = ""
+
+
 def run_model(name: str, args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
@@ -96,28 +114,26 @@ def run_model(name: str, args: argparse.Namespace, work: Path) -> list[dict[str,
     mask = batch["attention_mask"].numpy()
     feeds = {k: v.numpy() for k, v in batch.items()}
     rows: list[dict[str, Any]] = []
-    with torch.inference_mode():
-        ref_hidden = model(**batch).last_hidden_state.numpy()
-    ref = pooled(ref_hidden, mask)
+    variants: dict[str, Variant] = {}
 
-    def add(variant: str, latency: float, hidden: np.ndarray, size: int, note: str = "") -> None:
-        cos = float((pooled(np.asarray(hidden), mask) * ref).sum(-1).mean())
-        rows.append({"model": name, "variant": variant, "latency_ms": latency * 1e3, "size_mb": size / 1e6, "cosine": cos, "note": note})
-        logger.info("%s %s: %.1f ms, cosine %.4f", name, variant, latency * 1e3, cos)
+    def session_variant(path: Path, note: str = "") -> Variant:
+        sess = ort_session(path, args.threads)
+        return Variant(lambda: sess.run(None, feeds)[0], path.stat().st_size, note)
 
-    def torch_size(m: torch.nn.Module) -> int:
-        return sum(t.numel() * t.element_size() for t in list(m.state_dict().values()) if isinstance(t, torch.Tensor))
+    def torch_variant(m: torch.nn.Module) -> Variant:
+        size = sum(t.numel() * t.element_size() for t in m.state_dict().values() if isinstance(t, torch.Tensor))
 
-    with torch.inference_mode():
-        t, out = timed(lambda: model(**batch).last_hidden_state, args.reps)
-    add("torch FP32", t, out.numpy(), torch_size(model))
+        def run() -> np.ndarray:
+            with torch.inference_mode():
+                return m(**batch).last_hidden_state.numpy()
 
+        return Variant(run, size)
+
+    variants["torch FP32"] = torch_variant(model)
     fp32 = work / f"{name}.fp32.onnx"
     example = {k: v[:4, :64] for k, v in batch.items()}
     export_float_onnx(model, example, fp32)
-    sess = ort_session(fp32, args.threads)
-    t, out = timed(lambda: sess.run(None, feeds)[0], args.reps)
-    add("ORT FP32", t, out, fp32.stat().st_size)
+    variants["ORT FP32"] = session_variant(fp32)
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -136,9 +152,7 @@ def run_model(name: str, args: argparse.Namespace, work: Path) -> list[dict[str,
         path = work / f"{name}.{variant.split()[1]}.onnx"
         try:
             make(path)
-            sess = ort_session(path, args.threads)
-            t, out = timed(lambda: sess.run(None, feeds)[0], args.reps)
-            add(variant, t, out, path.stat().st_size)
+            variants[variant] = session_variant(path)
         except Exception as exc:  # a peer tool failing is a result, not a crash of the benchmark
             rows.append({"model": name, "variant": variant, "error": f"{type(exc).__name__}: {exc}"[:300]})
 
@@ -146,33 +160,47 @@ def run_model(name: str, args: argparse.Namespace, work: Path) -> list[dict[str,
         from torch.ao.quantization import quantize_dynamic as torch_qd
 
         torch.backends.quantized.engine = "onednn" if "onednn" in torch.backends.quantized.supported_engines else "fbgemm"
-        tq = torch_qd(model, {torch.nn.Linear}, dtype=torch.qint8)
-        with torch.inference_mode():
-            t, out = timed(lambda: tq(**batch).last_hidden_state, args.reps)
-        add(f"torch quantize_dynamic ({torch.backends.quantized.engine})", t, out.numpy(), torch_size(tq))
+        variants[f"torch quantize_dynamic ({torch.backends.quantized.engine})"] = torch_variant(
+            torch_qd(model, {torch.nn.Linear}, dtype=torch.qint8))
     except Exception as exc:
         rows.append({"model": name, "variant": "torch quantize_dynamic", "error": f"{type(exc).__name__}: {exc}"[:300]})
 
     base = pq.Recipe.from_preset("w8a8_dynamic")
     per_tensor = replace(base, name="w8a8_dynamic_tensor", scheme=replace(base.scheme, inputs=replace(base.scheme.inputs, granularity=pq.PerTensor())))
+    symmetric = replace(base, name="w8a8_dynamic_sym", scheme=replace(base.scheme, inputs=replace(base.scheme.inputs, qtype="int8", symmetric=True)))
     calib = pq.CalibrationData.from_tensors([{k: v[i] for k, v in b.items()} for b in calib_batches for i in range(len(b["input_ids"]))], batch_size=8)
     ours = {
         "ptqkit W8A8 static (ORT)": (pq.Recipe.from_preset("w8a8"), calib),
         # the word/position/type embeddings too: int8 rows on GatherBlockQuantized (a smaller file)
         "ptqkit W8A8 static + int8 embeddings (ORT)": (pq.Recipe.from_preset("w8a8", targets=("Linear", "Embedding")), calib),
+        "ptqkit W8A8 static + per-token FFN out (ORT)": (pq.Recipe.load(RECIPES / "w8a8-encoder-ffn-per-token.yaml"), calib),
         "ptqkit W8A8 dynamic per-token (ORT)": (base, None),
+        "ptqkit W8A8 dynamic per-token sym (ORT)": (symmetric, None),
         "ptqkit W8A8 dynamic per-tensor (ORT)": (per_tensor, None),
     }
+    simulated: dict[str, np.ndarray] = {}
     for variant, (recipe, data) in ours.items():
         qmodel = pq.quantize(model, recipe, data, progress=False)
         out_dir = work / f"{name}.{recipe.name}{'.emb' if 'Embedding' in recipe.targets else ''}"
         result = export(qmodel, out_dir, example_inputs=example)
-        sess = ort_session(out_dir / "model.onnx", args.threads)
-        t, out = timed(lambda: sess.run(None, feeds)[0], args.reps)
         with torch.inference_mode():
-            sim = qmodel(**batch).last_hidden_state.numpy()
-        note = f"kernels {result.checks['kernels']}, float {len(result.float_layers)}; simulated cosine {float((pooled(sim, mask) * ref).sum(-1).mean()):.4f}"
-        add(variant, t, out, (out_dir / "model.onnx").stat().st_size, note)
+            simulated[variant] = qmodel(**batch).last_hidden_state.numpy()
+        note = f"kernels {result.checks['kernels']}, float {len(result.float_layers)}"
+        variants[variant] = session_variant(out_dir / "model.onnx", note)
+        del qmodel
+
+    logger.info("%s: timing %d variants round-robin, %d rounds", name, len(variants), args.reps)
+    latency = time_interleaved({v: variant.run for v, variant in variants.items()}, args.reps)
+    ref = pooled(variants["torch FP32"].run(), mask)
+
+    def cosine(hidden: np.ndarray) -> float:
+        return float((pooled(np.asarray(hidden), mask) * ref).sum(-1).mean())
+
+    for v, variant in variants.items():
+        note = variant.note + (f"; simulated cosine {cosine(simulated[v]):.4f}" if v in simulated else "")
+        rows.append({"model": name, "variant": v, "latency_ms": latency[v] * 1e3, "size_mb": variant.size / 1e6,
+                     "cosine": cosine(variant.run()), "note": note})
+        logger.info("%s %s: %.1f ms, cosine %.4f", name, v, latency[v] * 1e3, rows[-1]["cosine"])
     return rows
 
 
