@@ -58,7 +58,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.mark.parametrize("k,n", [(64, 48), (576, 192), (40, 5)])
+@pytest.mark.parametrize("k,n", [(64, 48), (576, 192), (48, 5)])
 def test_int8_packed_matches_reference_and_simulation(k: int, n: int) -> None:
     qmodel = _quantize(_linear(k, n), QuantSpec(qtype="int8", granularity=PerChannel(0), symmetric=True))
     sim: QuantLinear = qmodel[0]
@@ -151,7 +151,8 @@ def test_refusals_name_the_constraint() -> None:
 
     int8 = QuantSpec(qtype="int8", granularity=PerChannel(0))
     assert int8_refusal(ql(64, 16, int8)) is None
-    assert "not a multiple of 8" in int8_refusal(ql(36, 16, int8))
+    assert "not a multiple of 16" in int8_refusal(ql(36, 16, int8))
+    assert "not a multiple of 16" in int8_refusal(ql(40, 16, int8))  # K = 40 crashed bf16 on AVX512-BF16
     assert "not weight-only" in int8_refusal(ql(64, 16, int8, inputs=True))
     assert "per-channel (axis 0)" in int8_refusal(ql(64, 16, QuantSpec(qtype="int8", granularity=PerGroup(32))))
     assert "signed 8-bit" in int8_refusal(ql(64, 16, QuantSpec(qtype="uint8", granularity=PerChannel(0))))

@@ -15,10 +15,12 @@
   equals the emulation within 1e-7.
 - `CastLinear`: a float Linear run in another dtype (the LLM's kept lm_head in bf16).
 
-Kernel constraints, measured with torch 2.13 on this CPU (AVX2, no AVX-512/AMX):
+Kernel constraints, measured with torch 2.13 on an AVX2 CPU (no AVX-512/AMX) unless said:
 - both kernels take 2-D activations only (inputs are flattened to [M, K] and reshaped back);
-- `_weight_int8pack_mm` crashes the process (segfault) when K is not a multiple of 8, so such
-  layers are refused before the kernel is called;
+- `_weight_int8pack_mm` crashes the process (segfault) when K is not a multiple of 8 on AVX2,
+  and with bf16 activations on an AVX512-BF16 CPU when K is not a multiple of 16 (K = 8, 24,
+  40, 56, 72, 100, 120 crashed; 16, 32, 48, 64, 80, 96, 112 ran; fp16 and fp32 ran for all), so
+  layers with K % 16 != 0 are refused before the kernel is called;
 - the int4 kernel needs N % 16 == 0, a group size of 32, 64, 128 or 256, and K % group == 0
   (SmolLM2's K = 576 is 4.5 x 128: g128 cannot run there, g64 can);
 - activations in float32 made both kernels 8-15x slower than bf16 (int8 576x1536: 887 us fp32 vs
@@ -79,8 +81,8 @@ def _symmetric_int8_refusal(module: QuantLinear, kernel: str) -> str | None:
 def int8_refusal(module: QuantLinear) -> str | None:
     """Why `module` cannot run on `_weight_int8pack_mm` (None if it can)."""
     reason = _symmetric_int8_refusal(module, "int8")
-    if reason is None and module.in_features % 8:
-        return f"in_features={module.in_features} is not a multiple of 8 (the int8 kernel crashes on it)"
+    if reason is None and module.in_features % 16:
+        return f"in_features={module.in_features} is not a multiple of 16 (the int8 kernel crashes on it)"
     return reason
 
 
