@@ -101,4 +101,6 @@ def test_digits_cnn_true_labels_and_qlinearconv_in_onnx_runtime(digits_cnn, digi
     logits = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x_test.numpy()})[0])
     ort_accuracy = float((logits.argmax(-1) == y_test).float().mean())
     record_property("digits_w8a8_ort", ort_accuracy)
-    assert abs(ort_accuracy - acc["w8a8"]) <= 0.002, (ort_accuracy, acc["w8a8"])  # measured equal (0.9756)
+    # at most one of the 450 test images flips (1/450 = 0.0022; the 0.002 is below one image):
+    # measured equal (0.9756) on AVX2; on AVX-512 VNNI, where training gave another model, 0.9622 vs 0.9644
+    assert abs(ort_accuracy - acc["w8a8"]) <= 1.0 / len(y_test) + 1e-6, (ort_accuracy, acc["w8a8"])
