@@ -26,8 +26,15 @@ import math
 from typing import Any, Sequence
 
 from ptqkit.errors import ExportError
-from ptqkit.export.onnx_graph import LayerNode, initializer_map, node_module_name, replace_nodes_
-from ptqkit.export.onnx_nbits import MS_DOMAIN, NBitsLayout, nbits_tensors, pow2_divisor
+from ptqkit.export.onnx_graph import (
+    MS_DOMAIN,
+    LayerNode,
+    initializer_map,
+    node_module_name,
+    replace_nodes_,
+    use_ms_domain_,
+)
+from ptqkit.export.onnx_nbits import NBitsLayout, nbits_tensors, pow2_divisor
 from ptqkit.export.onnx_qdq import LayerRewrite
 from ptqkit.nn.modules import QuantEmbedding, QuantizedModule
 from ptqkit.qtypes import PerChannel, PerGroup, PerTensor
@@ -159,7 +166,7 @@ def insert_gather_block_quantized(
         replacements[ln.node_index] = [new]
         rewrites.append(LayerRewrite(name, "Gather", "gather_block_quantized", inputs[0]))
     replace_nodes_(graph, replacements, new_inits)
-    if rewrites and not any(op.domain == MS_DOMAIN for op in proto.opset_import):
-        proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    if rewrites:
+        use_ms_domain_(proto)
     logger.info("wrote %d GatherBlockQuantized node(s)", len(rewrites))
     return proto, rewrites

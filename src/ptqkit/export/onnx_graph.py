@@ -25,12 +25,15 @@ from ptqkit.errors import ExportError
 __all__ = [
     "ExampleInputs",
     "LayerNode",
+    "MS_DOMAIN",
+    "consumer_indices",
     "export_float_onnx",
     "find_layer_nodes",
     "gelu_in_fusable_order_",
     "flatten_example_inputs",
     "initializer_map",
     "node_module_name",
+    "use_ms_domain_",
 ]
 
 logger = logging.getLogger(__name__)
@@ -38,6 +41,7 @@ logger = logging.getLogger(__name__)
 # A tensor, a tuple/list of tensors (positional arguments) or a mapping (keyword arguments).
 ExampleInputs = Any
 _SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops (MatMulNBits, MatMulIntegerToFloat, ...)
 
 
 def _split_inputs(example_inputs: ExampleInputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -122,14 +126,11 @@ def gelu_in_fusable_order_(graph: Any) -> int:
     same bits; only the two Mul nodes change inputs (in place).
     """
     scalars = _scalar_initializers(graph)
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = consumer_indices(graph)
     producer = {o: node for node in graph.node for o in node.output}
 
     def only_consumer(name: str, op_type: str) -> Any:
-        found = consumers.get(name, [])
+        found = [graph.node[i] for i in consumers.get(name, [])]
         return found[0] if len(found) == 1 and found[0].op_type == op_type else None
 
     def other_input(node: Any, known: str) -> str:
@@ -244,6 +245,23 @@ def find_layer_nodes(proto: Any, modules: Sequence[str]) -> tuple[dict[str, Laye
         if module not in found:
             notes.setdefault(module, "no MatMul/Gemm/Conv node of the exported graph carries this module's name scope")
     return found, {m: notes[m] for m in modules if m not in found}
+
+
+def consumer_indices(graph: Any) -> dict[str, list[int]]:
+    """Tensor name -> indices of the nodes that read it."""
+    out: dict[str, list[int]] = {}
+    for index, node in enumerate(graph.node):
+        for name in node.input:
+            out.setdefault(name, []).append(index)
+    return out
+
+
+def use_ms_domain_(proto: Any) -> None:
+    """Declare ONNX Runtime's com.microsoft opset (version 1) if the model does not yet."""
+    if not any(op.domain == MS_DOMAIN for op in proto.opset_import):
+        from onnx import helper
+
+        proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 
 
 def replace_nodes_(graph: Any, replacements: dict[int, list[Any]], new_initializers: list[Any]) -> None:

@@ -37,7 +37,14 @@ import numpy as np
 import torch
 
 from ptqkit.errors import ExportError
-from ptqkit.export.onnx_graph import LayerNode, initializer_map, replace_nodes_
+from ptqkit.export.onnx_graph import (
+    MS_DOMAIN,
+    LayerNode,
+    consumer_indices,
+    initializer_map,
+    replace_nodes_,
+    use_ms_domain_,
+)
 from ptqkit.export.onnx_qdq import LayerRewrite, _check_float_weight
 from ptqkit.nn.modules import QuantizedModule, QuantLinear
 from ptqkit.primitives import pack_lowbit
@@ -45,7 +52,6 @@ from ptqkit.qtypes import PerChannel, PerGroup, PerTensor
 
 __all__ = [
     "ACCURACY_LEVELS",
-    "MS_DOMAIN",
     "NBitsLayout",
     "NBitsOptions",
     "insert_matmul_nbits",
@@ -58,7 +64,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MS_DOMAIN = "com.microsoft"
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # unset, fp32, fp16, bf16, int8 (activations per block)
 _CONTAINER_BITS = {2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}  # code width -> MatMulNBits bits
 _MIN_BLOCK = 16
@@ -240,14 +245,6 @@ def nbits_tensors(
     return b, scales, zp
 
 
-def _consumers(graph: Any) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {}
-    for index, node in enumerate(graph.node):
-        for name in node.input:
-            out.setdefault(name, []).append(index)
-    return out
-
-
 def _fusable_bias_add(graph: Any, node: Any, consumers: dict, inits: dict, module: QuantLinear) -> int | None:
     """Index of the Add that adds `module.bias` to the MatMul's output (None if there is none)."""
     from onnx import numpy_helper
@@ -281,7 +278,7 @@ def insert_matmul_nbits(
 
     graph = proto.graph
     inits = initializer_map(graph)
-    consumers = _consumers(graph)
+    consumers = consumer_indices(graph)
     names = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
 
     def unique(base: str) -> str:
@@ -335,7 +332,7 @@ def insert_matmul_nbits(
         replacements[ln.node_index] = [new]
         rewrites.append(LayerRewrite(name, ln.op_type, "matmul_nbits", b_name))
     replace_nodes_(graph, replacements, new_inits)
-    if rewrites and not any(op.domain == MS_DOMAIN for op in proto.opset_import):
-        proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    if rewrites:
+        use_ms_domain_(proto)
     logger.info("wrote %d MatMulNBits node(s) (accuracy_level %d)", len(rewrites), options.accuracy_level)
     return proto, rewrites

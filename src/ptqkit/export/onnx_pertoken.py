@@ -25,11 +25,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ptqkit.export.onnx_graph import MS_DOMAIN
 from ptqkit.primitives import MIN_SCALE
 
-__all__ = ["MS_DOMAIN", "per_token_matmul_nodes"]
+__all__ = ["per_token_matmul_nodes"]
 
-MS_DOMAIN = "com.microsoft"
 _SYMMETRIC_ZERO = 128  # uint8 code of a symmetric int8 zero (c + 128)
 
 

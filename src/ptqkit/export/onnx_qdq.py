@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from ptqkit.errors import ExportError
-from ptqkit.export.onnx_graph import LayerNode, initializer_map, replace_nodes_
-from ptqkit.export.onnx_pertoken import MS_DOMAIN, per_token_matmul_nodes
+from ptqkit.export.onnx_graph import LayerNode, initializer_map, replace_nodes_, use_ms_domain_
+from ptqkit.export.onnx_pertoken import per_token_matmul_nodes
 from ptqkit.nn.modules import QuantConv, QuantizedModule, QuantLinear
 from ptqkit.qtypes import PerChannel, PerTensor, PerToken
 from ptqkit.spec import QParams, QuantSpec
@@ -388,10 +388,8 @@ def insert_qdq(
             form = "dynamic_per_token"
         rewrites.append(LayerRewrite(name, ln.op_type, form, wq))
     replace_nodes_(graph, replacements, b.initializers)
-    if any(r.form == "dynamic_per_token" for r in rewrites) and not any(op.domain == MS_DOMAIN for op in proto.opset_import):
-        from onnx import helper
-
-        proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))  # MatMulIntegerToFloat
+    if any(r.form == "dynamic_per_token" for r in rewrites):
+        use_ms_domain_(proto)  # MatMulIntegerToFloat
     if not any(op.domain in ("", "ai.onnx") and op.version >= 13 for op in proto.opset_import):
         raise ExportError(f"the float graph's opset {[op.version for op in proto.opset_import]} is below 13 (per-channel DequantizeLinear)")
     logger.info("inserted integer forms for %d module(s)", len(rewrites))
