@@ -6,8 +6,9 @@ the same thread count (torch.set_num_threads, ORT intra-op threads, ORT spinning
 torch FP32, ORT FP32, ORT quantize_static (its own QDQ, per-channel, MinMax), ORT
 quantize_dynamic, torch quantize_dynamic, and ptqkit W8A8 exported by `ptqkit.export.export`:
 the w8a8 preset (static, Linear only), recipes/w8a8-encoder.yaml (static, int8 embedding rows on
-GatherBlockQuantized), recipes/w8a8-encoder-ffn-per-token.yaml (its feed-forward output layers
-on dynamic per-token inputs), dynamic per-token (asymmetric, symmetric) and dynamic per-tensor.
+GatherBlockQuantized), recipes/w8a8-encoder-outliers.yaml (calibrated outlier channels on a coarser
+grid), recipes/w8a8-encoder-ffn-per-token.yaml (its feed-forward output layers on dynamic
+per-token inputs), dynamic per-token (asymmetric, symmetric) and dynamic per-tensor.
 The peers quantize ptqkit's float ONNX graph (the dynamo exporter's, GELU in the order ORT
 fuses). Every variant is built first and then timed round-robin (one call of each per round,
 `--reps` rounds), so that a slow patch of a shared machine hits all variants alike. Reports
@@ -173,6 +174,8 @@ def run_model(name: str, args: argparse.Namespace, work: Path) -> list[dict[str,
         "ptqkit W8A8 static (ORT)": (pq.Recipe.from_preset("w8a8"), calib),
         # static, and the word/position/type embeddings as int8 rows on GatherBlockQuantized
         "ptqkit w8a8-encoder recipe (ORT)": (pq.Recipe.load(RECIPES / "w8a8-encoder.yaml"), calib),
+        # ... with calibrated outlier channels on a coarser grid (algorithms.outlier_channels)
+        "ptqkit w8a8-encoder-outliers recipe (ORT)": (pq.Recipe.load(RECIPES / "w8a8-encoder-outliers.yaml"), calib),
         # ... with dynamic per-token inputs for the feed-forward output layers
         "ptqkit w8a8-encoder-ffn-per-token recipe (ORT)": (pq.Recipe.load(RECIPES / "w8a8-encoder-ffn-per-token.yaml"), calib),
         "ptqkit W8A8 dynamic per-token (ORT)": (base, None),

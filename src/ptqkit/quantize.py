@@ -15,8 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ptqkit.algorithms.llm_int8 import LLMInt8Config
+from ptqkit.algorithms.outlier_channels import (
+    OutlierChannelsConfig,
+    choose_outlier_columns,
+    column_multiples,
+)
 from ptqkit.errors import CalibrationDataError, ConfigError
-from ptqkit.nn.act_quant import InputQuantizer, OutlierKeepingQuantizer
+from ptqkit.nn.act_quant import InputQuantizer, OutlierColumnsQuantizer, OutlierKeepingQuantizer
 from ptqkit.nn.modules import QuantConv, QuantEmbedding, QuantizedModule, QuantLinear
 from ptqkit.primitives import qparams_from_tensor
 from ptqkit.recipe import Recipe
@@ -68,13 +74,10 @@ def quantize_(
     logger.info("quantization plan:\n%s", the_plan.render())
     stages = split_algorithms(recipe.algorithms)
     static_inputs = {layer.name: layer.inputs for layer in the_plan.layers if layer.inputs is not None and not layer.inputs.dynamic}
-    if stages.input_decomposition is not None and (static_inputs or not any(layer.inputs for layer in the_plan.layers)):
-        raise ConfigError(
-            f"llm_int8 decomposes dynamically quantized inputs, but recipe {recipe.name!r} has "
-            f"{'static' if static_inputs else 'no'} input quantization; use it with 'w8a8_dynamic'"
-        )
+    _check_input_decomposition(stages.input_decomposition, the_plan, static_inputs, recipe)
     calibration: dict[str, Any] = {}
     observers: dict[str, Any] = {}
+    outliers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # name -> (columns, min, max)
     weight_results: dict[str, Any] = {}
     needs_data = stages.blockwise or stages.layerwise
     if (static_inputs or needs_data) and calib is None:
@@ -99,13 +102,16 @@ def quantize_(
             weight_results = _run_weight_algorithms(model, the_plan, stages, data, recipe, progress, parallel)
         if stages.analytic_correction is not None:
             _run_analytic_correction(model, the_plan, stages, context)
+        if static_inputs and isinstance(stages.input_decomposition, OutlierChannelsConfig):
+            outliers = _outlier_columns(model, the_plan, stages.input_decomposition, data, recipe, progress, parallel)
         if static_inputs:
-            observers = _calibrate(model, static_inputs, data, recipe, progress, parallel)
+            observers = _calibrate(model, static_inputs, data, recipe, progress, parallel, outliers)
         if data is not None and (static_inputs or needs_data):
             calibration = {"description": data.description, "fingerprint": data.fingerprint}
         replacements = {
             layer.name: convert_layer(
-                model.get_submodule(layer.name), layer, observers.get(layer.name), stages, weight_results.get(layer.name)
+                model.get_submodule(layer.name), layer, observers.get(layer.name), stages, weight_results.get(layer.name),
+                outliers.get(layer.name),
             )
             for layer in the_plan.layers
         }
@@ -158,11 +164,69 @@ def _calibration_batches(data: Any, recipe: Recipe, parallel: Any) -> tuple[Any,
     return parallel.shard(data.batches(batch_size), samples, total), samples, len(parallel.my_batches(total))
 
 
-def _calibrate(model: nn.Module, specs: dict[str, QuantSpec], data: Any, recipe: Recipe, progress: bool, parallel: Any) -> dict[str, Any]:
+def _check_input_decomposition(decomposition: Any, the_plan: Plan, static_inputs: dict[str, QuantSpec], recipe: Recipe) -> None:
+    """llm_int8 splits dynamically quantized inputs per call; outlier_channels fixes the float
+    columns of statically quantized ones at calibration."""
+    if isinstance(decomposition, OutlierChannelsConfig) and not static_inputs:
+        raise ConfigError(
+            f"outlier_channels keeps calibrated input columns in float beside a static activation range, but recipe "
+            f"{recipe.name!r} has no static input quantization; use it with 'w8a8' or recipes/w8a8-encoder.yaml"
+        )
+    if isinstance(decomposition, LLMInt8Config) and (static_inputs or not any(layer.inputs for layer in the_plan.layers)):
+        raise ConfigError(
+            f"llm_int8 decomposes dynamically quantized inputs, but recipe {recipe.name!r} has "
+            f"{'static' if static_inputs else 'no'} input quantization; use it with 'w8a8_dynamic'"
+        )
+
+
+def _outlier_columns(
+    model: nn.Module, the_plan: Plan, config: OutlierChannelsConfig, data: Any, recipe: Recipe, progress: bool, parallel: Any
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The calibrated outlier input columns of each Linear (or GPT-2 Conv1D) with static
+    inputs and their calibration ranges, (columns, min, max), from one pass over the
+    calibration data; layers without outliers are left out."""
+    from ptqkit.calibration.hooks import input_column_ranges
+    from ptqkit.targets import no_match_error, pattern_matches
+
+    candidates = [
+        layer.name for layer in the_plan.layers
+        if layer.inputs is not None and not layer.inputs.dynamic and layer.module_type in ("Linear", "Conv1D")
+    ]
+    for pattern in config.layers:
+        if not any(pattern_matches(pattern, name) for name in candidates):
+            raise no_match_error("outlier_channels.layers", pattern, candidates, "no Linear with static inputs")
+    names = [name for name in candidates if not config.layers or any(pattern_matches(p, name) for p in config.layers)]
+    batches, samples, total = _calibration_batches(data, recipe, parallel)
+    ranges = input_column_ranges(model, names, batches, max_samples=samples, progress=progress, total_batches=total)
+    if parallel is not None:
+        gathered = parallel.gather(ranges)
+        ranges = {
+            name: (torch.stack([rank[name][0] for rank in gathered]).amin(0), torch.stack([rank[name][1] for rank in gathered]).amax(0))
+            for name in ranges
+        }
+    found = {}
+    for name, (low, high) in ranges.items():
+        columns = choose_outlier_columns(torch.maximum(low.abs(), high.abs()), config.ratio, config.max_columns)
+        if columns.numel():
+            found[name] = (columns, low[columns], high[columns])
+    logger.info(
+        "outlier_channels: %d outlier input column(s) in %d of %d layer(s)",
+        sum(c.numel() for c, _, _ in found.values()), len(found), len(names),
+    )
+    return found
+
+
+def _calibrate(
+    model: nn.Module, specs: dict[str, QuantSpec], data: Any, recipe: Recipe, progress: bool, parallel: Any,
+    outliers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> dict[str, Any]:
     from ptqkit.calibration.hooks import calibrate_inputs
 
     batches, samples, total = _calibration_batches(data, recipe, parallel)
-    observers = calibrate_inputs(model, specs, batches, max_samples=samples, progress=progress, total_batches=total)
+    observers = calibrate_inputs(
+        model, specs, batches, max_samples=samples, progress=progress, total_batches=total,
+        zeroed_columns={name: columns for name, (columns, _, _) in outliers.items()},
+    )
     return parallel.merge_observers(observers) if parallel is not None else observers
 
 
@@ -230,20 +294,29 @@ def weight_qparams(weight: torch.Tensor, spec: QuantSpec, quantizer: Any = None)
     return observer.qparams()
 
 
-def _input_quantizer(layer: LayerPlan, observer: Any, decomposition: Any = None) -> InputQuantizer | None:
+def _input_quantizer(layer: LayerPlan, observer: Any, decomposition: Any = None, outliers: Any = None) -> InputQuantizer | None:
     if layer.inputs is None:
         return None
-    if decomposition is not None:  # LLM.int8: checked up front to need dynamic inputs
+    if isinstance(decomposition, LLMInt8Config):  # checked up front to need dynamic inputs
         return OutlierKeepingQuantizer(layer.inputs, decomposition.threshold)
     if layer.inputs.dynamic:
         return InputQuantizer(layer.inputs)
-    return InputQuantizer(layer.inputs, observer.qparams())
+    qparams = observer.qparams()
+    if outliers is not None:
+        columns, low, high = outliers
+        qtype = layer.inputs.qtype
+        multiples = column_multiples(low, high, float(qparams.scale), int(qparams.zero_point), int(qtype.qmin), int(qtype.qmax))
+        return OutlierColumnsQuantizer(layer.inputs, qparams, columns, multiples)
+    return InputQuantizer(layer.inputs, qparams)
 
 
-def convert_layer(module: nn.Module, layer: LayerPlan, observer: Any, stages: Any, result: Any = None) -> nn.Module:
+def convert_layer(
+    module: nn.Module, layer: LayerPlan, observer: Any, stages: Any, result: Any = None, outliers: Any = None
+) -> nn.Module:
     """The quantized replacement of one module (weights stay float if the layer has no weight
-    spec); `result` holds integer weights an algorithm already computed for it."""
-    inputs = _input_quantizer(layer, observer, stages.input_decomposition)
+    spec); `result` holds integer weights an algorithm already computed for it; `outliers` are
+    the layer's calibrated outlier input columns and their ranges (outlier_channels)."""
+    inputs = _input_quantizer(layer, observer, stages.input_decomposition, outliers)
     if layer.weights is None:
         return _InputOnly(module, inputs)
     quantizer = stages.weight_quantizer

@@ -14,6 +14,7 @@ from ptqkit.algorithms.cle import CLEConfig
 from ptqkit.algorithms.gptq import GPTQConfig, gptq_quantize_weight
 from ptqkit.algorithms.hessian import HessianAccumulator
 from ptqkit.algorithms.llm_int8 import LLMInt8Config
+from ptqkit.algorithms.outlier_channels import OutlierChannelsConfig
 from ptqkit.algorithms.rtn import RTNConfig, rtn_qparams, rtn_quantize_weight
 from ptqkit.algorithms.smoothquant import SmoothQuantConfig
 from ptqkit.algorithms.weight_quant import SCALE_RULES, WeightQuantResult, weight_qparams
@@ -29,6 +30,7 @@ __all__ = [
     "GPTQConfig",
     "HessianAccumulator",
     "LLMInt8Config",
+    "OutlierChannelsConfig",
     "RTNConfig",
     "SmoothQuantConfig",
     "WeightQuantResult",
@@ -44,6 +46,7 @@ ALGORITHMS: dict[str, type] = {
     "awq": AWQConfig,
     "smoothquant": SmoothQuantConfig,
     "llm_int8": LLMInt8Config,
+    "outlier_channels": OutlierChannelsConfig,
     "bn_fold": BNFoldConfig,
     "cle": CLEConfig,
     "bias_correction": BiasCorrectionConfig,

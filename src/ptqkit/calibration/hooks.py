@@ -6,17 +6,18 @@ always removed and the model's train/eval mode restored, whether calibration suc
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from ptqkit.calibration.data import call_model
 from ptqkit.errors import CalibrationDataError, NonFiniteError, PTQError
+from ptqkit.primitives import check_finite
 from ptqkit.progress import progress_bar
 from ptqkit.spec import QuantSpec
 
-__all__ = ["calibrate_inputs", "batch_length", "slice_batch", "limited_batches"]
+__all__ = ["calibrate_inputs", "input_column_ranges", "run_with_input_hooks", "batch_length", "slice_batch", "limited_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,20 +64,61 @@ def calibrate_inputs(
     max_samples: int,
     progress: bool = True,
     total_batches: int | None = None,
+    zeroed_columns: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Run `batches` through `model` and return one filled observer per module name in `specs`
-    (observing that module's first input). Stops after `max_samples` samples."""
+    (observing that module's first input). Stops after `max_samples` samples. A module named
+    in `zeroed_columns` is observed with those input columns (last dimension) set to zero: its
+    calibrated outlier columns, which stay in float."""
+    from ptqkit.algorithms.outlier_channels import zero_columns
     from ptqkit.observers import make_observer
 
-    modules = dict(model.named_modules())
     observers = {name: make_observer(spec) for name, spec in specs.items()}
+    zeroed = dict(zeroed_columns or {})
+
+    def update(name: str, x: torch.Tensor) -> None:
+        observers[name].update(zero_columns(x, zeroed[name]) if name in zeroed else x)
+
+    seen = run_with_input_hooks(model, {name: update for name in observers}, batches, "calibrating", max_samples, progress, total_batches)
+    logger.info("calibrated %d module input(s) on %d sample(s)", len(observers), seen)
+    return observers
+
+
+def input_column_ranges(
+    model: nn.Module, names: Iterable[str], batches: Iterable[Any], *, max_samples: int, progress: bool = True,
+    total_batches: int | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(min, max) per input column (last dimension) of each named module over the calibration
+    batches: {name: ([C], [C])}."""
+    ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(name: str, x: torch.Tensor) -> None:
+        check_finite(x, f"input of module {name!r}")
+        rows = x.reshape(-1, x.shape[-1]).float()  # [N, C]
+        low, high = rows.amin(0), rows.amax(0)
+        if name in ranges:
+            low, high = torch.minimum(ranges[name][0], low), torch.maximum(ranges[name][1], high)
+        ranges[name] = (low, high)
+
+    run_with_input_hooks(model, {name: update for name in names}, batches, "finding outlier channels", max_samples, progress, total_batches)
+    return ranges
+
+
+def run_with_input_hooks(
+    model: nn.Module, updates: Mapping[str, Callable[[str, torch.Tensor], None]], batches: Iterable[Any], label: str,
+    max_samples: int, progress: bool, total_batches: int | None,
+) -> int:
+    """Run `batches` (the first `max_samples` samples) through `model` in inference mode with
+    `updates[name](name, x)` called on each named module's first input; returns the samples run.
+    Hooks are removed and the train/eval mode restored whatever happens."""
+    modules = dict(model.named_modules())
     where = {"batch": 0, "first": 0, "last": 0}
 
     def make_hook(name: str) -> Any:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = args[0] if args else next(iter(kwargs.values()))
             try:
-                observers[name].update(x.detach())
+                updates[name](name, x.detach())
             except NonFiniteError:
                 raise CalibrationDataError(
                     f"NaN/Inf activation at the input of module {name!r} in calibration batch "
@@ -86,12 +128,12 @@ def calibrate_inputs(
 
         return hook
 
-    handles = [modules[name].register_forward_pre_hook(make_hook(name), with_kwargs=True) for name in observers]
+    handles = [modules[name].register_forward_pre_hook(make_hook(name), with_kwargs=True) for name in updates]
     was_training = model.training
     seen = 0
     try:
         model.eval()
-        with torch.inference_mode(), progress_bar("calibrating", total_batches, progress) as advance:
+        with torch.inference_mode(), progress_bar(label, total_batches, progress) as advance:
             for index, (batch, first) in enumerate(limited_batches(batches, max_samples)):
                 count = batch_length(batch)
                 where.update(batch=index, first=first, last=first + count - 1)
@@ -112,5 +154,4 @@ def calibrate_inputs(
         model.train(was_training)
     if seen == 0:
         raise CalibrationDataError("calibration data is empty: no sample reached the model")
-    logger.info("calibrated %d module input(s) on %d sample(s)", len(observers), seen)
-    return observers
+    return seen

@@ -25,7 +25,7 @@ from ptqkit.export.artifact import (
     QUANT_FILE,
     file_sha256,
 )
-from ptqkit.nn.act_quant import InputQuantizer, OutlierKeepingQuantizer
+from ptqkit.nn.act_quant import InputQuantizer, OutlierColumnsQuantizer, OutlierKeepingQuantizer
 from ptqkit.nn.modules import QuantConv, QuantEmbedding, QuantLinear
 from ptqkit.primitives import unpack_lowbit
 from ptqkit.spec import QParams, QuantSpec
@@ -37,7 +37,10 @@ logger = logging.getLogger(__name__)
 
 _REQUIRED_KEYS = ("format", "format_version", "recipe", "layers", "skipped", "aliases", "model_sha256", "model")
 _LAYER_KEYS = ("name", "module", "plan_type", "reason", "weights", "inputs", "input_qparams")  # + optional "outlier_threshold"
-_BUILT_SUFFIXES = ("weight_codes", "weight_scale", "weight_zero_point", "input_quantizer.scale", "input_quantizer.zero_point")
+_BUILT_SUFFIXES = (
+    "weight_codes", "weight_scale", "weight_zero_point", "input_quantizer.scale", "input_quantizer.zero_point",
+    "input_quantizer.columns", "input_quantizer.multiples",
+)
 _QUANT_MODULES = {"QuantLinear", "QuantConv", "QuantEmbedding", "InputOnly"}
 
 
@@ -175,7 +178,30 @@ def _input_quantizer(layer: dict[str, Any], tensors: dict[str, torch.Tensor], pa
             f"{path}: tensors {name}.input_quantizer.scale/zero_point {qparams.scale.tolist()}/{qparams.zero_point.tolist()} "
             f"disagree with layers[{name!r}].input_qparams {recorded!r:.200} in {QUANT_FILE}"
         )
+    if layer.get("outlier_columns") is not None:
+        return _outlier_columns_quantizer(layer, spec, qparams, tensors, path)
     return InputQuantizer(spec, qparams)
+
+
+def _outlier_columns_quantizer(layer: dict[str, Any], spec: QuantSpec, qparams: Any, tensors: dict[str, torch.Tensor], path: Path) -> InputQuantizer:
+    """The static quantizer with calibrated outlier columns (outlier_channels) of one layer: its
+    columns/multiples tensors must match the JSON record, be distinct input columns, multiples >= 1."""
+    name, recorded = layer["name"], layer["outlier_columns"]
+    where = f"{path.parent / QUANT_FILE}: layers[{name!r}].outlier_columns"
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("columns"), list) or not isinstance(recorded.get("multiples"), list):
+        raise ArtifactError(f"{where} must be {{'columns': [...], 'multiples': [...]}}, got {recorded!r:.200}")
+    k = len(recorded["columns"])
+    columns = _take(tensors, f"{name}.input_quantizer.columns", path, torch.int64, (k,))
+    multiples = _take(tensors, f"{name}.input_quantizer.multiples", path, torch.int64, (k,))
+    width = int(layer["weight_shape"][1]) if layer.get("weight_shape") else None
+    if columns.tolist() != recorded["columns"] or multiples.tolist() != recorded["multiples"]:
+        raise ArtifactError(f"{path}: tensors {name}.input_quantizer.columns/multiples disagree with {where} {recorded!r:.200}")
+    if spec.dynamic or len(set(columns.tolist())) != k or bool((columns < 0).any()) or (width is not None and bool((columns >= width).any())) or bool((multiples < 1).any()):
+        raise ArtifactError(
+            f"{where}: columns {columns.tolist()} must be distinct input columns in [0, {width}) of a static input, "
+            f"multiples {multiples.tolist()} at least 1"
+        )
+    return OutlierColumnsQuantizer(spec, qparams, columns, multiples)
 
 
 def _skeleton_weight(module: nn.Module, layer: dict[str, Any], path: Path) -> torch.Tensor:

@@ -37,6 +37,7 @@ from torch import nn
 from ptqkit.errors import ExportError
 from ptqkit.export.onnx_graph import LayerNode, initializer_map, replace_nodes_, use_ms_domain_
 from ptqkit.export.onnx_pertoken import per_token_matmul_nodes
+from ptqkit.nn.act_quant import OutlierColumnsQuantizer
 from ptqkit.nn.modules import QuantConv, QuantizedModule, QuantLinear
 from ptqkit.qtypes import PerChannel, PerTensor, PerToken
 from ptqkit.spec import QParams, QuantSpec
@@ -82,6 +83,8 @@ def check_exportable(name: str, module: QuantizedModule) -> None:
     quantizer = module.input_quantizer
     if quantizer is None:
         return
+    if isinstance(quantizer, OutlierColumnsQuantizer) and not isinstance(module, QuantLinear):
+        raise ExportError(f"module {name!r}: calibrated outlier input columns are exported for Linear layers only (got {module.float_type})")
     if getattr(quantizer, "outlier_threshold", None) is not None:
         raise ExportError(
             f"module {name!r}: LLM.int8 outlier decomposition (float columns where |x| > {quantizer.outlier_threshold:g}) "
@@ -217,7 +220,10 @@ def _dequantized_operands(
     wdq = b.unique(f"{name}.weight_dequantized")
     nodes = [_make_node("DequantizeLinear", [wq, ws, wz], [wdq], b.unique(f"{name}.weight_dq"), axis=axis)]
     if module.input_quantizer is not None:
-        q, s, z, qnodes = _quantized_input(b, x, name, module.input_quantizer, cache)
+        if isinstance(module.input_quantizer, OutlierColumnsQuantizer):
+            q, s, z, qnodes = _outlier_extended_input(b, x, name, module.input_quantizer, module.in_features, cache)
+        else:
+            q, s, z, qnodes = _quantized_input(b, x, name, module.input_quantizer, cache)
         x = b.unique(f"{name}.input_dequantized")
         nodes += qnodes + [_make_node("DequantizeLinear", [q, s, z], [x], b.unique(f"{name}.input_dq"))]
     return x, wq, wdq, nodes
@@ -235,6 +241,9 @@ def _rewrite_matmul(b: _Builder, node: Any, ln: LayerNode, module: QuantizedModu
             b, _make_node, name, node.input[0], codes, scale, zero.reshape(-1)[0], list(node.output), node.name, bias,
             symmetric=quantizer.spec.symmetric, cache=cache,
         )
+    outliers = _outlier_columns(module)
+    if outliers is not None:
+        codes = _with_outlier_rows(codes, zero, *outliers)
     x, wq, wdq, nodes = _dequantized_operands(b, node.input[0], name, module, (codes, scale, zero, axis), cache)
     if node.op_type == "MatMul":
         nodes.append(_make_node("MatMul", [x, wdq], list(node.output), node.name))
@@ -245,6 +254,62 @@ def _rewrite_matmul(b: _Builder, node: Any, ln: LayerNode, module: QuantizedModu
         if has_bias:
             nodes.append(_make_node("Add", [mm, node.input[2]], list(node.output), b.unique(f"{name}.bias_add")))
     return nodes, wq
+
+
+def _outlier_columns(module: QuantizedModule) -> tuple[np.ndarray, np.ndarray] | None:
+    """(columns, multiples) of a module's calibrated outlier input columns (outlier_channels), or None."""
+    quantizer = module.input_quantizer
+    if not isinstance(quantizer, OutlierColumnsQuantizer):
+        return None
+    return quantizer.columns.cpu().numpy().astype(np.int64), quantizer.multiples.cpu().numpy().astype(np.int64)
+
+
+def _with_outlier_rows(codes: np.ndarray, zero: np.ndarray, columns: np.ndarray, multiples: np.ndarray) -> np.ndarray:
+    """Weight codes [in, out] for an input whose outlier columns come again at the end, column c
+    `multiples[c]` times at multiples[c] x the step: their rows there, m copies each, and the
+    zero point in their original rows (those input codes saturate), then zero-point rows up to a
+    multiple of 16 rows (the padding inputs `_outlier_extended_input` appends)."""
+    extra = np.repeat(codes[columns, :], multiples, axis=0)  # [Σm, out]
+    kept = codes.copy()
+    kept[columns, :] = zero.reshape(1, -1)
+    padding = np.broadcast_to(zero.reshape(1, -1), (_padding(codes.shape[0] + extra.shape[0]), codes.shape[1]))
+    return np.concatenate([kept, extra, padding.astype(codes.dtype)], axis=0)
+
+
+_K_ALIGN = 16  # ORT's integer GEMM ran slower on a reduction length that is not a multiple of 16
+
+
+def _padding(rows: int) -> int:
+    return -rows % _K_ALIGN
+
+
+def _outlier_extended_input(
+    b: _Builder, x: str, module: str, quantizer: Any, width: int, cache: dict
+) -> tuple[str, str, str, list[Any]]:
+    """Codes of `x` (the per-tensor QuantizeLinear) with each outlier column c appended m_c times,
+    divided by m_c and quantized with the tensor's parameters (the grid of step m_c x scale),
+    then columns up to a multiple of 16 (their weight rows are zero): (codes, scale, zero point,
+    new nodes); shared per (x, parameters, columns)."""
+    q, s, z, nodes = _quantized_input(b, x, module, quantizer, cache)
+    columns, multiples = quantizer.columns.cpu().numpy().astype(np.int64), quantizer.multiples.cpu().numpy().astype(np.int64)
+    key = (q, "outlier_columns", tuple(columns.tolist()), tuple(multiples.tolist()))
+    if key in cache:
+        return (cache[key], s, z, nodes)
+    repeated = np.repeat(columns, multiples)  # [Σm]
+    pad = _padding(width + repeated.size)  # `width`: the layer's input columns
+    index = b.const(f"{module}.outlier_columns", np.concatenate([repeated, np.full(pad, columns[0])]))
+    divisor = b.const(f"{module}.outlier_multiples", np.concatenate([np.repeat(multiples, multiples), np.ones(pad)]).astype(np.float32))
+    gathered, divided, outlier_q, extended = (
+        b.unique(f"{module}.{what}") for what in ("outlier_input", "outlier_divided", "outlier_q", "input_q_extended")
+    )
+    nodes += [
+        _make_node("Gather", [x, index], [gathered], b.unique(f"{module}.outlier_gather"), axis=-1),
+        _make_node("Div", [gathered, divisor], [divided], b.unique(f"{module}.outlier_divide")),
+        _make_node("QuantizeLinear", [divided, s, z], [outlier_q], b.unique(f"{module}.outlier_quantize")),
+        _make_node("Concat", [q, outlier_q], [extended], b.unique(f"{module}.outlier_concat"), axis=-1),
+    ]
+    cache[key] = extended
+    return extended, s, z, nodes
 
 
 _PASS_THROUGH = ("Relu", "Clip")  # ops between a conv and the layers reading it that a Q absorbs
@@ -275,6 +340,8 @@ def output_quantizers(graph: Any, layer_nodes: dict[str, LayerNode], modules: di
             users = readers.get(tensor, [])
         targets = [module_of.get(u.name) for u in users]
         if not users or tensor in outputs or None in targets or any(u.input[0] != tensor for u in users):
+            continue
+        if any(_outlier_columns(modules[t]) is not None for t in targets):  # they gather from the float tensor
             continue
         quantizers = [modules[t].input_quantizer for t in targets if _static(modules[t])]
         keys = {(float(q.qparams.scale.reshape(-1)[0]), int(q.qparams.zero_point.reshape(-1)[0]), q.qparams.qtype.name) for q in quantizers}

@@ -5,9 +5,10 @@ import torch
 from torch import nn
 
 from ptqkit.primitives import fake_quantize, qparams_from_tensor
+from ptqkit.qtypes import PerTensor
 from ptqkit.spec import QParams, QuantSpec
 
-__all__ = ["InputQuantizer", "OutlierKeepingQuantizer"]
+__all__ = ["InputQuantizer", "OutlierKeepingQuantizer", "OutlierColumnsQuantizer"]
 
 
 class InputQuantizer(nn.Module):
@@ -71,3 +72,28 @@ class OutlierKeepingQuantizer(InputQuantizer):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, float columns where |x| > {self.outlier_threshold:g}"
+
+
+class OutlierColumnsQuantizer(InputQuantizer):
+    """Static quantization with calibrated outlier columns (see `algorithms.outlier_channels`):
+    every input column is fake-quantized with the calibrated (scale, zero point), except the
+    `columns`, divided by their `multiples` m first and multiplied back after: the grid of step
+    m x scale with the same zero point (divided first, as the ONNX graph computes it)."""
+
+    def __init__(self, spec: QuantSpec, qparams: QParams, columns: torch.Tensor, multiples: torch.Tensor) -> None:
+        if spec.dynamic or not isinstance(spec.granularity, PerTensor):
+            raise ValueError("calibrated outlier columns go with a static per-tensor input spec")
+        if columns.shape != multiples.shape or columns.ndim != 1 or bool((multiples < 1).any()):
+            raise ValueError(f"columns {columns.tolist()} and multiples {multiples.tolist()} must be [k] and [k] with multiples >= 1")
+        super().__init__(spec, qparams)
+        self.register_buffer("columns", columns.detach().to(torch.int64).clone())
+        self.register_buffer("multiples", multiples.detach().to(torch.int64).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        regular = super().forward(x)
+        multiples = self.multiples.to(x.dtype)  # [k]
+        outliers = super().forward(x.index_select(-1, self.columns) / multiples) * multiples  # on the grid of step m·scale
+        return regular.index_copy(-1, self.columns, outliers)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, columns {self.columns.tolist()} at {self.multiples.tolist()} x the step"

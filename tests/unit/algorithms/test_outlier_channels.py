@@ -1,0 +1,180 @@
+"""Calibrated outlier channels: column choice and grid multiples against brute force, the
+quantizer's grids, calibration without the outlier columns, the gain on a model with outlier
+channels, the artifact round trip, typed errors, and the ONNX form against the simulation."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import ptqkit as pq
+from ptqkit.algorithms import OutlierChannelsConfig
+from ptqkit.algorithms.outlier_channels import choose_outlier_columns, column_multiples
+from ptqkit.errors import ArtifactError, ConfigError
+from ptqkit.export import artifact
+from ptqkit.export.load import load_artifact
+from ptqkit.nn.act_quant import InputQuantizer, OutlierColumnsQuantizer
+from ptqkit.spec import QParams
+
+from .tiny_transformers import tiny_bert, token_batch
+
+
+def _recipe(**options) -> pq.Recipe:
+    return pq.Recipe.from_preset("w8a8", algorithms=(OutlierChannelsConfig(**options),))
+
+
+def test_columns_are_those_above_ratio_times_median_largest_first() -> None:
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        absmax = torch.rand(40, generator=generator) * torch.where(torch.rand(40, generator=generator) < 0.1, 30.0, 1.0)
+        ratio, cap = 4.0, 3
+        threshold = ratio * float(absmax.median())
+        brute = sorted(range(40), key=lambda c: -float(absmax[c]))
+        expected = sorted(c for c in brute[:cap] if float(absmax[c]) > threshold)
+        assert choose_outlier_columns(absmax, ratio, cap).tolist() == expected
+    assert choose_outlier_columns(torch.ones(8), 2.0, 4).numel() == 0
+
+
+def test_multiples_are_the_smallest_grid_that_spans_the_range() -> None:
+    generator = torch.Generator().manual_seed(1)
+    scale, qmin, qmax = 0.02, 0, 255
+    for zero_point in (0, 9, 128):
+        low = -torch.rand(30, generator=generator) * 20 * (zero_point > 0)
+        high = torch.rand(30, generator=generator) * 40
+        multiples = column_multiples(low, high, scale, zero_point, qmin, qmax)
+
+        def spans(m: int, lo: float, hi: float) -> bool:
+            return scale * m * (qmin - zero_point) <= lo + 1e-9 and scale * m * (qmax - zero_point) >= hi - 1e-9
+
+        for m, lo, hi in zip(multiples.tolist(), low.tolist(), high.tolist()):
+            assert m >= 1 and spans(m, lo, hi)
+            assert m == 1 or not spans(m - 1, lo, hi)  # brute force: the one below does not
+
+
+def test_quantizer_puts_outlier_columns_on_the_coarser_grid() -> None:
+    spec = pq.Recipe.from_preset("w8a8").scheme.inputs
+    qparams = QParams(torch.tensor([0.05]), torch.tensor([20], dtype=torch.int32), spec.qtype, spec.granularity)
+    quantizer = OutlierColumnsQuantizer(spec, qparams, torch.tensor([2, 5]), torch.tensor([4, 2]))
+    x = torch.randn(6, 3, 8) * 3
+    x[..., 2] *= 8
+    y = quantizer(x)
+    regular = InputQuantizer(spec, qparams)(x)
+    others = [c for c in range(8) if c not in (2, 5)]
+    assert torch.equal(y[..., others], regular[..., others])
+    for column, multiple in ((2, 4), (5, 2)):
+        step = 0.05 * multiple
+        codes = y[..., column] / step + 20
+        assert torch.allclose(codes, codes.round(), atol=1e-4)  # on the grid of step m·s, same zero point
+        inside = (x[..., column] > step * -20) & (x[..., column] < step * 235)
+        assert (y[..., column] - x[..., column])[inside].abs().max() <= step / 2 + 1e-6
+    with pytest.raises(ValueError, match="multiples >= 1"):
+        OutlierColumnsQuantizer(spec, qparams, torch.tensor([1]), torch.tensor([0]))
+
+
+@pytest.fixture(scope="module")
+def bert_case():
+    model = tiny_bert()  # LayerNorm weights with 8x channels: outlier input columns
+    ids = token_batch(samples=16, length=16)
+    calib = pq.CalibrationData.from_tensors([{"input_ids": row} for row in ids], batch_size=8)
+    return model, ids, calib
+
+
+def _hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=ids).last_hidden_state
+
+
+def test_outlier_channels_calibrate_without_them_and_beat_plain_w8a8(bert_case) -> None:
+    model, ids, calib = bert_case
+    plain = pq.quantize(model, pq.Recipe.from_preset("w8a8"), calib, progress=False)
+    split = pq.quantize(model, _recipe(ratio=4.0), calib, progress=False)
+    found = {n: m.input_quantizer for n, m in split.named_modules() if isinstance(getattr(m, "input_quantizer", None), OutlierColumnsQuantizer)}
+    assert "encoder.layer.0.attention.self.query" in found
+    for name, quantizer in found.items():  # the tensor range no longer holds the outliers
+        assert float(quantizer.scale) < float(plain.get_submodule(name).input_quantizer.scale)
+        assert bool((quantizer.multiples > 1).any())
+    reference = _hidden(model, ids)
+    err_split = float((_hidden(split, ids) - reference).norm())
+    err_plain = float((_hidden(plain, ids) - reference).norm())
+    assert err_split < 0.7 * err_plain, (err_split, err_plain)
+
+
+def test_outlier_channels_round_trip_through_the_artifact(bert_case, tmp_path) -> None:
+    model, ids, calib = bert_case
+    split = pq.quantize(model, _recipe(ratio=4.0), calib, progress=False)
+    artifact.save_artifact(split, tmp_path / "q")
+    loaded = load_artifact(tmp_path / "q", tiny_bert())
+    assert torch.equal(_hidden(loaded, ids), _hidden(split, ids))
+    record = json.loads((tmp_path / "q" / "quantization.json").read_text())
+    layer = next(l for l in record["layers"] if l["name"] == "encoder.layer.0.attention.self.query")
+    layer["outlier_columns"]["multiples"][0] += 1  # tampered: disagrees with the tensors
+    (tmp_path / "q" / "quantization.json").write_text(json.dumps(record))
+    with pytest.raises(ArtifactError, match=r"input_quantizer.columns/multiples disagree"):
+        load_artifact(tmp_path / "q", tiny_bert())
+
+
+def test_outlier_channels_refuse_dynamic_inputs_and_bad_settings() -> None:
+    with pytest.raises(ConfigError, match="outlier_channels keeps calibrated input columns"):
+        pq.quantize(tiny_bert(), pq.Recipe.from_preset("w8a8_dynamic", algorithms=(OutlierChannelsConfig(),)), progress=False)
+    with pytest.raises(ConfigError, match="outlier_channels.ratio: 1 must be a number above 1"):
+        OutlierChannelsConfig(ratio=1)
+    with pytest.raises(ConfigError, match="max_columns"):
+        OutlierChannelsConfig(max_columns=0)
+    recipe = pq.Recipe.from_dict({**_recipe().to_dict(), "algorithms": [{"name": "outlier_channels", "ratio": 6.0, "layers": ["*.query"]}]})
+    assert recipe.algorithms == (OutlierChannelsConfig(ratio=6.0, layers=("*.query",)),)
+
+
+def test_layers_limit_where_outlier_columns_are_looked_for(bert_case) -> None:
+    model, _, calib = bert_case
+    split = pq.quantize(model, _recipe(ratio=4.0, layers=("re:.*intermediate\\.dense",)), calib, progress=False)
+    found = [n for n, m in split.named_modules() if isinstance(getattr(m, "input_quantizer", None), OutlierColumnsQuantizer)]
+    assert found == ["encoder.layer.0.intermediate.dense", "encoder.layer.1.intermediate.dense"]
+    with pytest.raises(ConfigError, match=r"outlier_channels.layers: pattern '\*.querry' matches no Linear with static inputs"):
+        pq.quantize(model, _recipe(layers=("*.querry",)), calib, progress=False)
+
+
+class _Mlp(nn.Module):
+    """Two layers reading one input with an outlier column (3), then one reading their product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.query, self.key, self.out = nn.Linear(16, 24), nn.Linear(16, 24), nn.Linear(24, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.query(x) * self.key(x))
+
+
+def _mlp_inputs(seed: int, batch: int) -> torch.Tensor:
+    x = torch.randn(batch, 5, 16, generator=torch.Generator().manual_seed(seed))
+    x[..., 3] *= 30.0
+    return x
+
+
+def test_onnx_form_matches_the_simulation_on_integer_kernels(tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from ptqkit.export.ort_check import make_session, run_session
+
+    torch.manual_seed(0)
+    model = _Mlp().eval()
+    calib = pq.CalibrationData.from_tensors([_mlp_inputs(seed, 1)[0] for seed in range(16)])
+    recipe = replace(_recipe(ratio=4.0), targets=("Linear",))
+    qmodel = pq.quantize(model, recipe, calib, progress=False)
+    assert qmodel.query.input_quantizer.columns.tolist() == [3] and int(qmodel.query.input_quantizer.multiples[0]) > 1
+    result = pq.export(qmodel, tmp_path, formats=["onnx"], example_inputs=_mlp_inputs(1, 2))
+    assert all(layer.kernel == "MatMulIntegerToFloat" for layer in result.layers), result.layers
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node]
+    assert ops.count("Concat") == 1 and ops.count("Gather") == 1  # query and key share the extended codes
+    x = _mlp_inputs(9, 4)
+    with torch.inference_mode():
+        simulated = qmodel(x).numpy()
+    got = run_session(make_session(tmp_path / "model.onnx"), x)[0]
+    assert np.abs(got - simulated).max() < 1e-4 * max(1.0, float(np.abs(simulated).max()))
+    plain = pq.quantize(model, replace(pq.Recipe.from_preset("w8a8"), targets=("Linear",)), calib, progress=False)
+    with torch.inference_mode():  # guard: the agreement above could fail
+        assert np.abs(plain(x).numpy() - simulated).max() > 100 * np.abs(got - simulated).max()
