@@ -283,3 +283,35 @@ def test_conv_chains_fuse_into_qlinearconv_with_the_readers_input_scales(tmp_pat
     diff = np.abs(got - ref)
     assert float(np.median(diff)) < 1e-4, float(np.median(diff))  # typical elements: exact
     assert float(diff.max()) <= bound, (float(diff.max()), bound)
+
+
+class HeadSplit(nn.Module):
+    """A Linear whose output only changes layout (attention heads), then one whose output a ReLU reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.query, self.fc = nn.Linear(16, 16), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        heads = self.query(x).reshape(x.shape[0], x.shape[1], 2, 8).transpose(1, 2)
+        return heads, torch.relu(self.fc(x))
+
+
+def test_a_bias_ort_would_leave_alone_goes_into_matmul_integer_to_float(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = HeadSplit().eval()
+    g = torch.Generator().manual_seed(1)
+    calib = pq.CalibrationData.from_tensors([torch.randn(5, 16, generator=g) for _ in range(16)])
+    qmodel = pq.quantize(model, pq.Recipe.from_preset("w8a8"), calib, progress=False)
+    x = torch.randn(3, 5, 16, generator=g)
+    result = export(qmodel, tmp_path, example_inputs=x)
+    assert {l.module: l.kernel for l in result.layers} == {"query": "MatMulIntegerToFloat", "fc": "MatMulIntegerToFloat"}
+    graph = _graph(tmp_path)
+    fused = [n for n in graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert len(fused) == 1 and fused[0].domain == "com.microsoft" and fused[0].input[6] == "query.bias"
+    adds = [n for n in graph.node if n.op_type == "Add"]
+    assert len(adds) == 1 and "fc.bias" in adds[0].input  # the ReLU's layer keeps the QDQ form and its Add
+    with torch.inference_mode():
+        ref = qmodel(x * 2)
+    got = run_session(make_session(tmp_path / "model.onnx"), x * 2)
+    assert max(float(np.abs(r.numpy() - o).max()) for r, o in zip(ref, got)) < 1e-4
