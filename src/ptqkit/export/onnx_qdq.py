@@ -9,6 +9,12 @@ The float graph comes from the dynamo exporter (`onnx_graph.export_float_onnx`) 
   DequantizeLinear with ptqkit's scale/zero point (static) or DynamicQuantizeLinear +
   DequantizeLinear (dynamic). Gemm becomes MatMul + Add. ONNX Runtime fuses these into
   MatMulIntegerToFloat (static) and DynamicQuantizeMatMul (dynamic) — measured with ORT 1.32.
+  A static layer whose bias Add only Reshape/Transpose read (BERT's query/key/value; ORT fuses
+  other bias Adds into SkipLayerNormalization or BiasGelu) is written as that
+  MatMulIntegerToFloat itself, bias included (`lone_bias_add`).
+- Static inputs with calibrated outlier columns (algorithms.outlier_channels): the per-tensor
+  codes with each outlier column appended m times (Gather -> Div(m) -> QuantizeLinear ->
+  Concat) and the weight's rows for them repeated, its original rows at the zero point.
 - Conv with static inputs whose output reaches other quantized layers only through Relu/Clip
   (MobileNetV2: expand -> ReLU6 -> depthwise -> ReLU6 -> project): Q -> DQ -> Conv(DQ(w),
   DQ(int32 bias)) -> Q -> DQ, the output Q carrying the reading layers' own input parameters.
