@@ -147,8 +147,9 @@ def _outliers(report: QuantReport, config: DoctorConfig) -> Finding | None:
             f"{len(hits)} layer(s) read inputs with outlier channels (largest channel max / median channel max up to "
             f"{hits[0].outlier_ratio:.0f}x at {hits[0].name}); one scale per tensor or token spends its range on them"
         ),
-        fix="add smoothquant to the recipe (migrates the outliers into the weights), or use llm_int8 with w8a8_dynamic, "
-        "or leave these layers' inputs float (overrides)",
+        fix="add smoothquant to the recipe (migrates the outliers into the weights; pre-norm models), "
+        "outlier_channels (static inputs; post-norm encoders; runs in ONNX Runtime's int8 kernel), "
+        "llm_int8 with w8a8_dynamic, or leave these layers' inputs float (overrides)",
         evidence={"outlier_ratio": {l.name: l.outlier_ratio for l in hits[:20]}, "threshold": config.outlier_ratio},
     )
 

@@ -104,8 +104,11 @@ def test_static_qdq_carries_ptqkit_scales_and_integer_weights(static_export) -> 
         assert stored.dtype == np.uint8
         np.testing.assert_array_equal(stored.astype(np.int16) - 128, codes.T)
         np.testing.assert_array_equal(inits[f"{name}.weight_scale"], getattr(qmodel, name).weight_scale.numpy())
-        dq = next(n for n in graph.node if n.input and n.input[0] == f"{name}.weight_quantized")
-        assert dq.op_type == "DequantizeLinear" and onnx.helper.get_attribute_value(dq.attribute[0]) == 1  # out axis of [in, out]
+        reader = next(n for n in graph.node if f"{name}.weight_quantized" in n.input)
+        if reader.op_type == "DequantizeLinear":
+            assert onnx.helper.get_attribute_value(reader.attribute[0]) == 1  # out axis of [in, out]
+        else:  # the bias went into the kernel (lone_bias_add): scales per output column
+            assert reader.op_type == "MatMulIntegerToFloat" and reader.input[1:4:2] == [f"{name}.weight_quantized", f"{name}.weight_scale"]
     # no float copy of a quantized weight is left in the file
     assert not any(i.name.startswith("val_") or i.name == "conv.weight" for i in graph.initializer)
 
@@ -286,18 +289,20 @@ def test_conv_chains_fuse_into_qlinearconv_with_the_readers_input_scales(tmp_pat
 
 
 class HeadSplit(nn.Module):
-    """A Linear whose output only changes layout (attention heads), then one whose output a ReLU reads."""
+    """A Linear whose output only changes layout (attention heads), one whose output a ReLU reads,
+    and one whose output goes into a residual Add before a LayerNorm (ORT's SkipLayerNormalization)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.query, self.fc = nn.Linear(16, 16), nn.Linear(16, 8)
+        self.query, self.fc, self.out = nn.Linear(16, 16), nn.Linear(16, 8), nn.Linear(16, 16)
+        self.norm = nn.LayerNorm(16)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         heads = self.query(x).reshape(x.shape[0], x.shape[1], 2, 8).transpose(1, 2)
-        return heads, torch.relu(self.fc(x))
+        return heads, torch.relu(self.fc(x)), self.norm(self.out(x) + x)
 
 
-def test_a_bias_ort_would_leave_alone_goes_into_matmul_integer_to_float(tmp_path: Path) -> None:
+def test_a_bias_goes_into_matmul_integer_to_float_unless_skip_layer_norm_takes_it(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = HeadSplit().eval()
     g = torch.Generator().manual_seed(1)
@@ -305,12 +310,12 @@ def test_a_bias_ort_would_leave_alone_goes_into_matmul_integer_to_float(tmp_path
     qmodel = pq.quantize(model, pq.Recipe.from_preset("w8a8"), calib, progress=False)
     x = torch.randn(3, 5, 16, generator=g)
     result = export(qmodel, tmp_path, example_inputs=x)
-    assert {l.module: l.kernel for l in result.layers} == {"query": "MatMulIntegerToFloat", "fc": "MatMulIntegerToFloat"}
+    assert {l.module: l.kernel for l in result.layers} == {m: "MatMulIntegerToFloat" for m in ("query", "fc", "out")}
     graph = _graph(tmp_path)
-    fused = [n for n in graph.node if n.op_type == "MatMulIntegerToFloat"]
-    assert len(fused) == 1 and fused[0].domain == "com.microsoft" and fused[0].input[6] == "query.bias"
+    fused = {n.input[6] for n in graph.node if n.op_type == "MatMulIntegerToFloat" and n.domain == "com.microsoft"}
+    assert fused == {"query.bias", "fc.bias"}
     adds = [n for n in graph.node if n.op_type == "Add"]
-    assert len(adds) == 1 and "fc.bias" in adds[0].input  # the ReLU's layer keeps the QDQ form and its Add
+    assert len(adds) == 2 and any("out.bias" in a.input for a in adds)  # the bias Add and the residual Add
     with torch.inference_mode():
         ref = qmodel(x * 2)
     got = run_session(make_session(tmp_path / "model.onnx"), x * 2)
