@@ -106,7 +106,13 @@ class Variant:
 
 
 def run_model(name: str, args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     from ptqkit.export import export
     from ptqkit.export.onnx_graph import export_float_onnx
@@ -174,6 +180,8 @@ def run_model(name: str, args: argparse.Namespace, work: Path) -> list[dict[str,
         "ptqkit W8A8 static (ORT)": (pq.Recipe.from_preset("w8a8"), calib),
         # static, and the word/position/type embeddings as int8 rows on GatherBlockQuantized
         "ptqkit w8a8-encoder recipe (ORT)": (pq.Recipe.load(RECIPES / "w8a8-encoder.yaml"), calib),
+        # ... with the LayerNorm outputs' wide channels divided down before the quantizer (algorithms.input_smoothing)
+        "ptqkit w8a8-encoder-smooth recipe (ORT)": (pq.Recipe.load(RECIPES / "w8a8-encoder-smooth.yaml"), calib),
         # ... with calibrated outlier channels on a coarser grid (algorithms.outlier_channels)
         "ptqkit w8a8-encoder-outliers recipe (ORT)": (pq.Recipe.load(RECIPES / "w8a8-encoder-outliers.yaml"), calib),
         # ... with dynamic per-token inputs for the feed-forward output layers

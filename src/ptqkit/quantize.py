@@ -15,14 +15,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from ptqkit.algorithms.input_smoothing import InputSmoothingConfig, smoothing_divisors
 from ptqkit.algorithms.llm_int8 import LLMInt8Config
 from ptqkit.algorithms.outlier_channels import (
     OutlierChannelsConfig,
     choose_outlier_columns,
     column_multiples,
+    zero_columns,
 )
 from ptqkit.errors import CalibrationDataError, ConfigError
-from ptqkit.nn.act_quant import InputQuantizer, OutlierColumnsQuantizer, OutlierKeepingQuantizer
+from ptqkit.nn.act_quant import (
+    InputQuantizer,
+    OutlierColumnsQuantizer,
+    OutlierKeepingQuantizer,
+    SmoothedInputQuantizer,
+)
 from ptqkit.nn.modules import QuantConv, QuantEmbedding, QuantizedModule, QuantLinear
 from ptqkit.primitives import qparams_from_tensor
 from ptqkit.recipe import Recipe
@@ -74,10 +81,11 @@ def quantize_(
     logger.info("quantization plan:\n%s", the_plan.render())
     stages = split_algorithms(recipe.algorithms)
     static_inputs = {layer.name: layer.inputs for layer in the_plan.layers if layer.inputs is not None and not layer.inputs.dynamic}
-    _check_input_decomposition(stages.input_decomposition, the_plan, static_inputs, recipe)
+    _check_input_decomposition(stages, the_plan, static_inputs, recipe)
     calibration: dict[str, Any] = {}
     observers: dict[str, Any] = {}
     outliers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # name -> (columns, min, max)
+    divisors: dict[str, torch.Tensor] = {}  # name -> input smoothing divisors [in]
     weight_results: dict[str, Any] = {}
     needs_data = stages.blockwise or stages.layerwise
     if (static_inputs or needs_data) and calib is None:
@@ -104,14 +112,18 @@ def quantize_(
             _run_analytic_correction(model, the_plan, stages, context)
         if static_inputs and isinstance(stages.input_decomposition, OutlierChannelsConfig):
             outliers = _outlier_columns(model, the_plan, stages.input_decomposition, data, recipe, progress, parallel)
+        if static_inputs and isinstance(stages.input_decomposition, InputSmoothingConfig):
+            divisors = _smoothing_divisors(model, the_plan, stages.input_decomposition, data, recipe, progress, parallel)
         if static_inputs:
-            observers = _calibrate(model, static_inputs, data, recipe, progress, parallel, outliers)
+            transforms = {name: (lambda x, c=columns: zero_columns(x, c)) for name, (columns, _, _) in outliers.items()}
+            transforms.update({name: (lambda x, s=s: x / s.to(x.dtype)) for name, s in divisors.items()})
+            observers = _calibrate(model, static_inputs, data, recipe, progress, parallel, transforms)
         if data is not None and (static_inputs or needs_data):
             calibration = {"description": data.description, "fingerprint": data.fingerprint}
         replacements = {
             layer.name: convert_layer(
                 model.get_submodule(layer.name), layer, observers.get(layer.name), stages, weight_results.get(layer.name),
-                outliers.get(layer.name),
+                outliers.get(layer.name), divisors.get(layer.name),
             )
             for layer in the_plan.layers
         }
@@ -164,13 +176,21 @@ def _calibration_batches(data: Any, recipe: Recipe, parallel: Any) -> tuple[Any,
     return parallel.shard(data.batches(batch_size), samples, total), samples, len(parallel.my_batches(total))
 
 
-def _check_input_decomposition(decomposition: Any, the_plan: Plan, static_inputs: dict[str, QuantSpec], recipe: Recipe) -> None:
-    """llm_int8 splits dynamically quantized inputs per call; outlier_channels fixes the float
-    columns of statically quantized ones at calibration."""
-    if isinstance(decomposition, OutlierChannelsConfig) and not static_inputs:
+def _check_input_decomposition(stages: Any, the_plan: Plan, static_inputs: dict[str, QuantSpec], recipe: Recipe) -> None:
+    """llm_int8 splits dynamically quantized inputs per call; outlier_channels and
+    input_smoothing change statically quantized ones from calibration data (input_smoothing
+    also the float weights, so no other algorithm may have quantized them from the originals)."""
+    decomposition = stages.input_decomposition
+    if isinstance(decomposition, (OutlierChannelsConfig, InputSmoothingConfig)) and not static_inputs:
         raise ConfigError(
-            f"outlier_channels keeps calibrated input columns in float beside a static activation range, but recipe "
-            f"{recipe.name!r} has no static input quantization; use it with 'w8a8' or recipes/w8a8-encoder.yaml"
+            f"{decomposition.name} works on a static activation range, but recipe {recipe.name!r} has no static input "
+            "quantization; use it with 'w8a8' or recipes/w8a8-encoder.yaml"
+        )
+    if isinstance(decomposition, InputSmoothingConfig) and (stages.blockwise or stages.layerwise or stages.analytic_correction is not None):
+        others = [type(c).__name__ for c in (*stages.block_transforms, stages.weight_quantizer, *stages.post_corrections) if c is not None]
+        raise ConfigError(
+            f"input_smoothing scales the weights' input columns at conversion, after {others} would have computed "
+            f"weights or biases from the unscaled ones; recipe {recipe.name!r}: drop one of them"
         )
     if isinstance(decomposition, LLMInt8Config) and (static_inputs or not any(layer.inputs for layer in the_plan.layers)):
         raise ConfigError(
@@ -179,23 +199,25 @@ def _check_input_decomposition(decomposition: Any, the_plan: Plan, static_inputs
         )
 
 
-def _outlier_columns(
-    model: nn.Module, the_plan: Plan, config: OutlierChannelsConfig, data: Any, recipe: Recipe, progress: bool, parallel: Any
-) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The calibrated outlier input columns of each Linear (or GPT-2 Conv1D) with static
-    inputs and their calibration ranges, (columns, min, max), from one pass over the
-    calibration data; layers without outliers are left out."""
+def _static_column_ranges(
+    model: nn.Module, the_plan: Plan, patterns: tuple[str, ...], algorithm: str, data: Any, recipe: Recipe, progress: bool,
+    parallel: Any, *, with_weights: bool,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(min, max) per input column of each Linear (or GPT-2 Conv1D) with static inputs (and
+    quantized weights if `with_weights`) that `patterns` select (all if empty), from one pass
+    over the calibration data, merged over ranks."""
     from ptqkit.calibration.hooks import input_column_ranges
     from ptqkit.targets import no_match_error, pattern_matches
 
     candidates = [
         layer.name for layer in the_plan.layers
         if layer.inputs is not None and not layer.inputs.dynamic and layer.module_type in ("Linear", "Conv1D")
+        and (layer.weights is not None or not with_weights)
     ]
-    for pattern in config.layers:
+    for pattern in patterns:
         if not any(pattern_matches(pattern, name) for name in candidates):
-            raise no_match_error("outlier_channels.layers", pattern, candidates, "no Linear with static inputs")
-    names = [name for name in candidates if not config.layers or any(pattern_matches(p, name) for p in config.layers)]
+            raise no_match_error(f"{algorithm}.layers", pattern, candidates, "no Linear with static inputs")
+    names = [name for name in candidates if not patterns or any(pattern_matches(p, name) for p in patterns)]
     batches, samples, total = _calibration_batches(data, recipe, parallel)
     ranges = input_column_ranges(model, names, batches, max_samples=samples, progress=progress, total_batches=total)
     if parallel is not None:
@@ -204,6 +226,31 @@ def _outlier_columns(
             name: (torch.stack([rank[name][0] for rank in gathered]).amin(0), torch.stack([rank[name][1] for rank in gathered]).amax(0))
             for name in ranges
         }
+    return ranges
+
+
+def _smoothing_divisors(
+    model: nn.Module, the_plan: Plan, config: InputSmoothingConfig, data: Any, recipe: Recipe, progress: bool, parallel: Any
+) -> dict[str, torch.Tensor]:
+    """Input smoothing divisors [in] of each selected Linear with static inputs and weights."""
+    ranges = _static_column_ranges(model, the_plan, config.layers, "input_smoothing", data, recipe, progress, parallel, with_weights=True)
+    divisors = {}
+    for name, (low, high) in ranges.items():
+        try:
+            divisors[name] = smoothing_divisors(torch.maximum(low.abs(), high.abs()), config.alpha)
+        except ValueError as exc:
+            raise CalibrationDataError(f"input_smoothing: layer {name!r}: {exc}") from None
+    logger.info("input_smoothing: %d layer(s), alpha %g", len(divisors), config.alpha)
+    return divisors
+
+
+def _outlier_columns(
+    model: nn.Module, the_plan: Plan, config: OutlierChannelsConfig, data: Any, recipe: Recipe, progress: bool, parallel: Any
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The calibrated outlier input columns of each Linear (or GPT-2 Conv1D) with static
+    inputs and their calibration ranges, (columns, min, max), from one pass over the
+    calibration data; layers without outliers are left out."""
+    ranges = _static_column_ranges(model, the_plan, config.layers, "outlier_channels", data, recipe, progress, parallel, with_weights=False)
     found = {}
     for name, (low, high) in ranges.items():
         columns = choose_outlier_columns(torch.maximum(low.abs(), high.abs()), config.ratio, config.max_columns)
@@ -211,21 +258,21 @@ def _outlier_columns(
             found[name] = (columns, low[columns], high[columns])
     logger.info(
         "outlier_channels: %d outlier input column(s) in %d of %d layer(s)",
-        sum(c.numel() for c, _, _ in found.values()), len(found), len(names),
+        sum(c.numel() for c, _, _ in found.values()), len(found), len(ranges),
     )
     return found
 
 
 def _calibrate(
     model: nn.Module, specs: dict[str, QuantSpec], data: Any, recipe: Recipe, progress: bool, parallel: Any,
-    outliers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    transforms: dict[str, Any],
 ) -> dict[str, Any]:
     from ptqkit.calibration.hooks import calibrate_inputs
 
     batches, samples, total = _calibration_batches(data, recipe, parallel)
     observers = calibrate_inputs(
         model, specs, batches, max_samples=samples, progress=progress, total_batches=total,
-        zeroed_columns={name: columns for name, (columns, _, _) in outliers.items()},
+        input_transforms=transforms,
     )
     return parallel.merge_observers(observers) if parallel is not None else observers
 
@@ -294,7 +341,9 @@ def weight_qparams(weight: torch.Tensor, spec: QuantSpec, quantizer: Any = None)
     return observer.qparams()
 
 
-def _input_quantizer(layer: LayerPlan, observer: Any, decomposition: Any = None, outliers: Any = None) -> InputQuantizer | None:
+def _input_quantizer(
+    layer: LayerPlan, observer: Any, decomposition: Any = None, outliers: Any = None, divisors: torch.Tensor | None = None
+) -> InputQuantizer | None:
     if layer.inputs is None:
         return None
     if isinstance(decomposition, LLMInt8Config):  # checked up front to need dynamic inputs
@@ -307,16 +356,21 @@ def _input_quantizer(layer: LayerPlan, observer: Any, decomposition: Any = None,
         qtype = layer.inputs.qtype
         multiples = column_multiples(low, high, float(qparams.scale), int(qparams.zero_point), int(qtype.qmin), int(qtype.qmax))
         return OutlierColumnsQuantizer(layer.inputs, qparams, columns, multiples)
+    if divisors is not None:
+        return SmoothedInputQuantizer(layer.inputs, qparams, divisors)
     return InputQuantizer(layer.inputs, qparams)
 
 
 def convert_layer(
-    module: nn.Module, layer: LayerPlan, observer: Any, stages: Any, result: Any = None, outliers: Any = None
+    module: nn.Module, layer: LayerPlan, observer: Any, stages: Any, result: Any = None, outliers: Any = None,
+    divisors: torch.Tensor | None = None,
 ) -> nn.Module:
     """The quantized replacement of one module (weights stay float if the layer has no weight
     spec); `result` holds integer weights an algorithm already computed for it; `outliers` are
-    the layer's calibrated outlier input columns and their ranges (outlier_channels)."""
-    inputs = _input_quantizer(layer, observer, stages.input_decomposition, outliers)
+    the layer's calibrated outlier input columns and their ranges (outlier_channels);
+    `divisors` its input smoothing divisors (input_smoothing: the weight's input column c is
+    multiplied by divisors[c] before it is quantized)."""
+    inputs = _input_quantizer(layer, observer, stages.input_decomposition, outliers, divisors)
     if layer.weights is None:
         return _InputOnly(module, inputs)
     quantizer = stages.weight_quantizer
@@ -329,6 +383,8 @@ def convert_layer(
         return QuantEmbedding(module, weight_qparams(module.weight, layer.weights, quantizer), layer.weights)
     if layer.module_type in ("Linear", "Conv1D"):
         weight = module.weight.t() if layer.module_type == "Conv1D" else module.weight  # Conv1D keeps [in, out]
+        if divisors is not None:
+            weight = weight * divisors.to(weight.dtype)  # [out, in] x [in]
         return QuantLinear(weight, module.bias, weight_qparams(weight, layer.weights, quantizer), layer.weights, inputs)
     return QuantConv(module, weight_qparams(module.weight, layer.weights, quantizer), layer.weights, inputs)
 

@@ -1,5 +1,6 @@
 """all-MiniLM-L6-v2 W8A8 (static, per-token dynamic, static with per-token feed-forward outputs,
-and static with calibrated outlier channels) exported to ONNX and run in ONNX Runtime.
+static with calibrated outlier channels, static with smoothed inputs) exported to ONNX and run in
+ONNX Runtime.
 
 Measured (ORT 1.32): every one of the 37 Linear layers on MatMulIntegerToFloat; mean-pooled
 embedding cosine to FP32 equal for ORT int8 and the simulated model to within 3e-4. On AVX2
@@ -9,6 +10,7 @@ weights, GELU fused by ORT): ORT FP32 vs torch 1.1e-4; static 0.9932, static + p
 feed-forward outputs 0.9961 (recipes/w8a8-encoder-ffn-per-token.yaml). Again on AVX-512 VNNI
 (2026-12-02): 0.9933, 0.9990, 0.9958, and 0.9974 with calibrated outlier channels
 (recipes/w8a8-encoder-outliers.yaml: 11 layers, all reading the feed-forward inputs or the pooler's).
+2026-12-03: 0.9964 with the LayerNorm outputs smoothed (recipes/w8a8-encoder-smooth.yaml).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import pytest
 import torch
 
 import ptqkit as pq
-from ptqkit.nn.act_quant import OutlierColumnsQuantizer
+from ptqkit.nn.act_quant import OutlierColumnsQuantizer, SmoothedInputQuantizer
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -34,6 +36,12 @@ def _hamlet(limit: int) -> list[str]:
     path = Path(spec.submodule_search_locations[0]) / "plays" / "tragedies" / "hamlet.md"
     blocks = [" ".join(b.split()) for b in path.read_text(encoding="utf-8").split("\n\n")]
     return [b for b in blocks if len(b) >= 40 and not b.startswith(("#", "*", "_", "["))][:limit]
+
+
+def _ops(out_dir: Path, op_type: str) -> list:
+    import onnx
+
+    return [n for n in onnx.load(str(out_dir / "model.onnx")).graph.node if n.op_type == op_type]
 
 
 def _pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -50,8 +58,11 @@ def minilm():
     return load_minilm()
 
 
-# (recipe, embedding cosine floor: measured 0.9932 / 0.9991 / 0.9961 / 0.9974)
-_RECIPES = {"w8a8": 0.99, "w8a8_dynamic": 0.998, "w8a8-encoder-ffn-per-token": 0.995, "w8a8-encoder-outliers": 0.996}
+# (recipe, embedding cosine floor: measured 0.9932 / 0.9991 / 0.9961 / 0.9974 / 0.9964)
+_RECIPES = {
+    "w8a8": 0.99, "w8a8_dynamic": 0.998, "w8a8-encoder-ffn-per-token": 0.995, "w8a8-encoder-outliers": 0.996,
+    "w8a8-encoder-smooth": 0.995,
+}
 _FORMS = {"w8a8_dynamic": {"dynamic_per_token"}, "w8a8-encoder-ffn-per-token": {"static", "dynamic_per_token"}}
 
 
@@ -83,6 +94,13 @@ def test_minilm_int8_in_onnx_runtime_matches_simulation(minilm, preset: str, tmp
         assert not any("attention" in n for n in outliers), outliers
     else:
         assert outliers == []
+    smoothed = [n for n, m in qmodel.named_modules() if isinstance(getattr(m, "input_quantizer", None), SmoothedInputQuantizer)]
+    if preset == "w8a8-encoder-smooth":  # the LayerNorm outputs: query/key/value and the feed-forward input of 6 blocks
+        assert len(smoothed) == 24 and all(n.endswith(("query", "key", "value", "intermediate.dense")) for n in smoothed), smoothed
+        divisions = [n for n in _ops(tmp_path / preset, "Div") if n.name.endswith("input_smoothing")]
+        assert len(divisions) == 12  # one per LayerNorm output
+    else:
+        assert smoothed == []
     assert len(result.layers) - len(linears) == (3 if "-" in preset else 0)  # the recipe's int8 embedding rows
 
     batch = dict(tokenizer(texts[8:40], padding=True, truncation=True, max_length=128, return_tensors="pt"))

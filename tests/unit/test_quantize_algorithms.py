@@ -54,7 +54,7 @@ def test_unknown_algorithms_and_stage_order_are_refused() -> None:
     with pytest.raises(
         ConfigError,
         match=r"algorithms\[0\]: ConfigError is not run by the engine yet; runnable: \['AWQConfig', 'AdaRoundConfig', 'BNFoldConfig', "
-        r"'BiasCorrectionConfig', 'CLEConfig', 'GPTQConfig', 'LLMInt8Config', 'OutlierChannelsConfig', 'RTNConfig', 'SmoothQuantConfig'\]",
+        r"'BiasCorrectionConfig', 'CLEConfig', 'GPTQConfig', 'InputSmoothingConfig', 'LLMInt8Config', 'OutlierChannelsConfig', 'RTNConfig', 'SmoothQuantConfig'\]",
     ):
         split_algorithms([ConfigError("not a config")])
     with pytest.raises(ConfigError, match=r"algorithms\[1\] \(BNFoldConfig\) is a pre-transform; list it before RTNConfig \(a weight quantizer\)"):

@@ -13,6 +13,7 @@ from ptqkit.algorithms.bn_fold import BNFoldConfig
 from ptqkit.algorithms.cle import CLEConfig
 from ptqkit.algorithms.gptq import GPTQConfig, gptq_quantize_weight
 from ptqkit.algorithms.hessian import HessianAccumulator
+from ptqkit.algorithms.input_smoothing import InputSmoothingConfig
 from ptqkit.algorithms.llm_int8 import LLMInt8Config
 from ptqkit.algorithms.outlier_channels import OutlierChannelsConfig
 from ptqkit.algorithms.rtn import RTNConfig, rtn_qparams, rtn_quantize_weight
@@ -29,6 +30,7 @@ __all__ = [
     "SCALE_RULES",
     "GPTQConfig",
     "HessianAccumulator",
+    "InputSmoothingConfig",
     "LLMInt8Config",
     "OutlierChannelsConfig",
     "RTNConfig",
@@ -47,6 +49,7 @@ ALGORITHMS: dict[str, type] = {
     "smoothquant": SmoothQuantConfig,
     "llm_int8": LLMInt8Config,
     "outlier_channels": OutlierChannelsConfig,
+    "input_smoothing": InputSmoothingConfig,
     "bn_fold": BNFoldConfig,
     "cle": CLEConfig,
     "bias_correction": BiasCorrectionConfig,

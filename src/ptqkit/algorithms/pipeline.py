@@ -34,6 +34,7 @@ from ptqkit.algorithms.bias_correction import BiasCorrectionConfig
 from ptqkit.algorithms.bn_fold import BNFoldConfig, find_fold_pairs, fold_batchnorm_
 from ptqkit.algorithms.cle import CLEConfig, equalize_
 from ptqkit.algorithms.gptq import GPTQConfig, gptq_quantize_weight
+from ptqkit.algorithms.input_smoothing import InputSmoothingConfig
 from ptqkit.algorithms.llm_int8 import LLMInt8Config
 from ptqkit.algorithms.outlier_channels import OutlierChannelsConfig
 from ptqkit.algorithms.rtn import RTNConfig, rtn_qparams, rtn_quantize_weight
@@ -98,7 +99,7 @@ WEIGHT_QUANTIZERS: dict[type, Callable[[torch.Tensor, QuantSpec, Any], QParams]]
 HESSIAN_QUANTIZERS: tuple[type, ...] = (GPTQConfig,)  # need each layer's Hessian: block by block
 LAYER_QUANTIZERS: tuple[type, ...] = (AdaRoundConfig,)  # reconstruct each layer's output: layer by layer
 POST_CORRECTIONS: tuple[type, ...] = (BiasCorrectionConfig,)  # after the weights are integers, layer by layer
-INPUT_DECOMPOSITIONS: tuple[type, ...] = (LLMInt8Config, OutlierChannelsConfig)  # change how inputs are quantized
+INPUT_DECOMPOSITIONS: tuple[type, ...] = (LLMInt8Config, OutlierChannelsConfig, InputSmoothingConfig)  # change how inputs are quantized
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,7 @@ def split_algorithms(algorithms: Sequence[Any]) -> Stages:
                 f"algorithms[{index}] ({type(config).__name__}) is {_STAGE_NAMES[stage]}; list it before "
                 f"{type(by_stage[later[0]][0]).__name__} ({_STAGE_NAMES[later[0]]}). Order: pre-transforms "
                 "(bn_fold, cle), block transforms (smoothquant, awq), one weight quantizer (rtn, gptq, adaround), "
-                "post-corrections (bias_correction), an input decomposition (llm_int8 or outlier_channels)"
+                "post-corrections (bias_correction), an input decomposition (llm_int8, outlier_channels or input_smoothing)"
             )
         by_stage[stage].append(config)
     for stage, what in ((2, "weight quantizers"), (3, "post-corrections"), (4, "input decompositions")):

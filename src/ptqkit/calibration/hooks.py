@@ -64,20 +64,19 @@ def calibrate_inputs(
     max_samples: int,
     progress: bool = True,
     total_batches: int | None = None,
-    zeroed_columns: Mapping[str, torch.Tensor] | None = None,
+    input_transforms: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
 ) -> dict[str, Any]:
     """Run `batches` through `model` and return one filled observer per module name in `specs`
     (observing that module's first input). Stops after `max_samples` samples. A module named
-    in `zeroed_columns` is observed with those input columns (last dimension) set to zero: its
-    calibrated outlier columns, which stay in float."""
-    from ptqkit.algorithms.outlier_channels import zero_columns
+    in `input_transforms` is observed on transform(input): what its quantizer will see (its
+    input with calibrated outlier columns zeroed, or divided by its smoothing divisors)."""
     from ptqkit.observers import make_observer
 
     observers = {name: make_observer(spec) for name, spec in specs.items()}
-    zeroed = dict(zeroed_columns or {})
+    transforms = dict(input_transforms or {})
 
     def update(name: str, x: torch.Tensor) -> None:
-        observers[name].update(zero_columns(x, zeroed[name]) if name in zeroed else x)
+        observers[name].update(transforms[name](x) if name in transforms else x)
 
     seen = run_with_input_hooks(model, {name: update for name in observers}, batches, "calibrating", max_samples, progress, total_batches)
     logger.info("calibrated %d module input(s) on %d sample(s)", len(observers), seen)

@@ -39,6 +39,7 @@ from ptqkit.calibration.hooks import batch_length, limited_batches
 from ptqkit.calibration.samples import call_model
 from ptqkit.errors import CalibrationDataError, ConfigError
 from ptqkit.eval.metrics import mean_softmax_kl, top1_agreement, topk_agreement
+from ptqkit.nn.act_quant import SmoothedInputQuantizer
 from ptqkit.nn.modules import QuantizedModule
 
 __all__ = [
@@ -140,10 +141,11 @@ class _InputStats:
         self.seen += x.numel()
         qparams = quantizer.qparams if quantizer is not None else None
         if qparams is not None and qparams.qtype.is_integer:
+            seen = x / quantizer.divisors.float() if isinstance(quantizer, SmoothedInputQuantizer) else x  # what it quantizes
             scale = qparams.granularity.expand(qparams.scale, x.shape).float()
             zero = qparams.granularity.expand(qparams.zero_point, x.shape).float()
             lowest, highest = (qparams.qtype.qmin - zero) * scale, (qparams.qtype.qmax - zero) * scale
-            self.clipped += int(((x < lowest - scale / 2) | (x > highest + scale / 2)).sum())
+            self.clipped += int(((seen < lowest - scale / 2) | (seen > highest + scale / 2)).sum())
         per_channel = x.abs().transpose(0, self.channel_dim).reshape(x.shape[self.channel_dim], -1).amax(dim=1)  # [C]
         self.channel_max = per_channel if self.channel_max is None else torch.maximum(self.channel_max, per_channel)
 
@@ -352,7 +354,7 @@ def evaluate(
         qmod, fmod = q_modules[layer.name], f_modules[layer.name]
         weight_db = None
         if isinstance(qmod, QuantizedModule) and not rescaled:
-            weight_db = float(pq.sqnr_db(_float_weight(fmod, layer.module_type).float(), qmod.weight.float()))
+            weight_db = float(pq.sqnr_db(_float_weight(fmod, layer.module_type).float(), qmod.to_float().weight.float()))
         stats = inputs.get(layer.name)
         quantizer = getattr(qmod, "input_quantizer", None)
         layers.append(LayerReport(

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ptqkit.errors import ArtifactError
-from ptqkit.nn.act_quant import OutlierColumnsQuantizer
+from ptqkit.nn.act_quant import OutlierColumnsQuantizer, SmoothedInputQuantizer
 from ptqkit.nn.modules import QuantConv, QuantizedModule
 from ptqkit.primitives import pack_lowbit
 from ptqkit.spec import QuantSpec
@@ -91,6 +91,8 @@ def _module_record(name: str, module: nn.Module, layer: Any) -> dict[str, Any]:
     record["outlier_threshold"] = getattr(quantizer, "outlier_threshold", None)
     if isinstance(quantizer, OutlierColumnsQuantizer):  # the tensors are its columns/multiples buffers
         record["outlier_columns"] = {"columns": quantizer.columns.tolist(), "multiples": quantizer.multiples.tolist()}
+    if isinstance(quantizer, SmoothedInputQuantizer):  # the divisors are its `divisors` buffer
+        record["input_smoothing"] = {"divisors": int(quantizer.divisors.numel())}
     qparams = None if quantizer is None else quantizer.qparams
     record["input_qparams"] = None if qparams is None else {
         "scale": qparams.scale.tolist(),

@@ -25,7 +25,12 @@ from ptqkit.export.artifact import (
     QUANT_FILE,
     file_sha256,
 )
-from ptqkit.nn.act_quant import InputQuantizer, OutlierColumnsQuantizer, OutlierKeepingQuantizer
+from ptqkit.nn.act_quant import (
+    InputQuantizer,
+    OutlierColumnsQuantizer,
+    OutlierKeepingQuantizer,
+    SmoothedInputQuantizer,
+)
 from ptqkit.nn.modules import QuantConv, QuantEmbedding, QuantLinear
 from ptqkit.primitives import unpack_lowbit
 from ptqkit.spec import QParams, QuantSpec
@@ -39,7 +44,7 @@ _REQUIRED_KEYS = ("format", "format_version", "recipe", "layers", "skipped", "al
 _LAYER_KEYS = ("name", "module", "plan_type", "reason", "weights", "inputs", "input_qparams")  # + optional "outlier_threshold"
 _BUILT_SUFFIXES = (
     "weight_codes", "weight_scale", "weight_zero_point", "input_quantizer.scale", "input_quantizer.zero_point",
-    "input_quantizer.columns", "input_quantizer.multiples",
+    "input_quantizer.columns", "input_quantizer.multiples", "input_quantizer.divisors",
 )
 _QUANT_MODULES = {"QuantLinear", "QuantConv", "QuantEmbedding", "InputOnly"}
 
@@ -180,7 +185,24 @@ def _input_quantizer(layer: dict[str, Any], tensors: dict[str, torch.Tensor], pa
         )
     if layer.get("outlier_columns") is not None:
         return _outlier_columns_quantizer(layer, spec, qparams, tensors, path)
+    if layer.get("input_smoothing") is not None:
+        return _smoothed_quantizer(layer, spec, qparams, tensors, path)
     return InputQuantizer(spec, qparams)
+
+
+def _smoothed_quantizer(layer: dict[str, Any], spec: QuantSpec, qparams: Any, tensors: dict[str, torch.Tensor], path: Path) -> InputQuantizer:
+    """The static quantizer of one layer with input smoothing: its divisors tensor must hold one
+    finite positive value per input column of a per-tensor static input."""
+    name, recorded = layer["name"], layer["input_smoothing"]
+    where = f"{path.parent / QUANT_FILE}: layers[{name!r}].input_smoothing"
+    width = int(layer["weight_shape"][1]) if layer.get("weight_shape") else None
+    if not isinstance(recorded, dict) or recorded.get("divisors") != width:
+        raise ArtifactError(f"{where} must be {{'divisors': {width}}} (the layer's input columns), got {recorded!r:.200}")
+    divisors = _take(tensors, f"{name}.input_quantizer.divisors", path, torch.float32, (width,))
+    try:
+        return SmoothedInputQuantizer(spec, qparams, divisors)
+    except ValueError as exc:
+        raise ArtifactError(f"{path}: tensor {name}.input_quantizer.divisors: {exc}") from None
 
 
 def _outlier_columns_quantizer(layer: dict[str, Any], spec: QuantSpec, qparams: Any, tensors: dict[str, torch.Tensor], path: Path) -> InputQuantizer:

@@ -50,7 +50,7 @@ from ptqkit.export.onnx_graph import (
     use_ms_domain_,
 )
 from ptqkit.export.onnx_pertoken import per_token_matmul_nodes
-from ptqkit.nn.act_quant import OutlierColumnsQuantizer
+from ptqkit.nn.act_quant import OutlierColumnsQuantizer, SmoothedInputQuantizer
 from ptqkit.nn.modules import QuantConv, QuantizedModule, QuantLinear
 from ptqkit.qtypes import PerChannel, PerTensor, PerToken
 from ptqkit.spec import QParams, QuantSpec
@@ -180,7 +180,7 @@ def _weight_tensors(
 
 def _check_float_weight(name: str, float_w: np.ndarray, module: QuantizedModule, layout: str) -> None:
     """The exported float weight must be the module's dequantized weight: proves the mapping."""
-    expected = module.weight.detach().cpu().float().numpy()  # [out, in, *k]
+    expected = module.to_float().weight.detach().cpu().float().numpy()  # [out, in, *k]
     if layout == "in_out":
         expected = expected.T
     if float_w.shape != expected.shape:
@@ -200,7 +200,28 @@ def _make_node(op: str, inputs: list[str], outputs: list[str], name: str, **attr
 
 
 def _quantized_input(b: _Builder, x: str, module: str, quantizer: Any, cache: dict) -> tuple[str, str, str, list[Any]]:
-    """Nodes that quantize activation `x`: returns (codes, scale, zero point, new nodes); shared per (x, params)."""
+    """Nodes that quantize activation `x` (divided by a smoothing quantizer's divisors first):
+    returns (codes, scale, zero point, new nodes); shared per (x, divisors, params)."""
+    smoothing: list[Any] = []
+    if isinstance(quantizer, SmoothedInputQuantizer):
+        x, smoothing = _smoothed_input(b, x, module, quantizer.divisors.cpu().numpy(), cache)
+    q, s, z, nodes = _quantize_linear(b, x, module, quantizer, cache)
+    return q, s, z, smoothing + nodes
+
+
+def _smoothed_input(b: _Builder, x: str, module: str, divisors: np.ndarray, cache: dict) -> tuple[str, list[Any]]:
+    """x / divisors (input_smoothing; the same division as the simulation's, so the same codes):
+    (output, new nodes), shared per (x, divisors)."""
+    key = (x, "smoothed", divisors.astype(np.float32).tobytes())
+    if key in cache:
+        return cache[key], []
+    out = b.unique(f"{module}.input_smoothed")
+    divisor = b.const(f"{module}.input_divisors", divisors.astype(np.float32))
+    cache[key] = out
+    return out, [_make_node("Div", [x, divisor], [out], b.unique(f"{module}.input_smoothing"))]
+
+
+def _quantize_linear(b: _Builder, x: str, module: str, quantizer: Any, cache: dict) -> tuple[str, str, str, list[Any]]:
     if quantizer.spec.dynamic:
         key: tuple = (x, "dynamic")
     else:

@@ -8,7 +8,7 @@ from ptqkit.primitives import fake_quantize, qparams_from_tensor
 from ptqkit.qtypes import PerTensor
 from ptqkit.spec import QParams, QuantSpec
 
-__all__ = ["InputQuantizer", "OutlierKeepingQuantizer", "OutlierColumnsQuantizer"]
+__all__ = ["InputQuantizer", "OutlierKeepingQuantizer", "OutlierColumnsQuantizer", "SmoothedInputQuantizer"]
 
 
 class InputQuantizer(nn.Module):
@@ -97,3 +97,22 @@ class OutlierColumnsQuantizer(InputQuantizer):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, columns {self.columns.tolist()} at {self.multiples.tolist()} x the step"
+
+
+class SmoothedInputQuantizer(InputQuantizer):
+    """Static per-tensor quantization of x / `divisors` (see `algorithms.input_smoothing`): the
+    result is in the smoothed coordinates, so the layer's weight holds W · diag(divisors)."""
+
+    def __init__(self, spec: QuantSpec, qparams: QParams, divisors: torch.Tensor) -> None:
+        if spec.dynamic or not isinstance(spec.granularity, PerTensor):
+            raise ValueError("input smoothing goes with a static per-tensor input spec")
+        if divisors.ndim != 1 or not bool(torch.isfinite(divisors).all()) or bool((divisors <= 0).any()):
+            raise ValueError("smoothing divisors must be a finite positive vector [in_features]")
+        super().__init__(spec, qparams)
+        self.register_buffer("divisors", divisors.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x / self.divisors.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, divided by per-channel divisors in [{float(self.divisors.min()):.3g}, {float(self.divisors.max()):.3g}]"

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptqkit.nn.act_quant import InputQuantizer
+from ptqkit.nn.act_quant import InputQuantizer, SmoothedInputQuantizer
 from ptqkit.primitives import dequantize, quantize
 from ptqkit.spec import QParams, QuantSpec
 
@@ -108,8 +108,13 @@ class QuantLinear(QuantizedModule):
         return F.linear(x, self._weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def to_float(self) -> nn.Linear:
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=self._weight.dtype)
-        return self._fill_float(linear)
+        """A float Linear (after input smoothing: the dequantized weight's input columns divided
+        back by the divisors, which the quantized layer divides its input by)."""
+        linear = self._fill_float(nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=self._weight.dtype))
+        if isinstance(self.input_quantizer, SmoothedInputQuantizer):
+            with torch.no_grad():
+                linear.weight.div_(self.input_quantizer.divisors.to(linear.weight.dtype))
+        return linear
 
     def extra_repr(self) -> str:
         spec = self.weight_spec
