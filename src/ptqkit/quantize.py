@@ -110,10 +110,12 @@ def quantize_(
             weight_results = _run_weight_algorithms(model, the_plan, stages, data, recipe, progress, parallel)
         if stages.analytic_correction is not None:
             _run_analytic_correction(model, the_plan, stages, context)
-        if static_inputs and isinstance(stages.input_decomposition, OutlierChannelsConfig):
-            outliers = _outlier_columns(model, the_plan, stages.input_decomposition, data, recipe, progress, parallel)
-        if static_inputs and isinstance(stages.input_decomposition, InputSmoothingConfig):
-            divisors = _smoothing_divisors(model, the_plan, stages.input_decomposition, data, recipe, progress, parallel)
+        smoothing, outlier_channels = stages.input_decomposition(InputSmoothingConfig), stages.input_decomposition(OutlierChannelsConfig)
+        if static_inputs and smoothing is not None:
+            divisors = _smoothing_divisors(model, the_plan, smoothing, data, recipe, progress, parallel)
+        if static_inputs and outlier_channels is not None:
+            outliers = _outlier_columns(model, the_plan, outlier_channels, data, recipe, progress, parallel)
+            _check_disjoint(divisors, outliers)
         if static_inputs:
             transforms = {name: (lambda x, c=columns: zero_columns(x, c)) for name, (columns, _, _) in outliers.items()}
             transforms.update({name: (lambda x, s=s: x / s.to(x.dtype)) for name, s in divisors.items()})
@@ -180,22 +182,31 @@ def _check_input_decomposition(stages: Any, the_plan: Plan, static_inputs: dict[
     """llm_int8 splits dynamically quantized inputs per call; outlier_channels and
     input_smoothing change statically quantized ones from calibration data (input_smoothing
     also the float weights, so no other algorithm may have quantized them from the originals)."""
-    decomposition = stages.input_decomposition
-    if isinstance(decomposition, (OutlierChannelsConfig, InputSmoothingConfig)) and not static_inputs:
-        raise ConfigError(
-            f"{decomposition.name} works on a static activation range, but recipe {recipe.name!r} has no static input "
-            "quantization; use it with 'w8a8' or recipes/w8a8-encoder.yaml"
-        )
-    if isinstance(decomposition, InputSmoothingConfig) and (stages.blockwise or stages.layerwise or stages.analytic_correction is not None):
+    for decomposition in stages.input_decompositions:
+        if isinstance(decomposition, (OutlierChannelsConfig, InputSmoothingConfig)) and not static_inputs:
+            raise ConfigError(
+                f"{decomposition.name} works on a static activation range, but recipe {recipe.name!r} has no static input "
+                "quantization; use it with 'w8a8' or recipes/w8a8-encoder.yaml"
+            )
+    if stages.input_decomposition(InputSmoothingConfig) is not None and (stages.blockwise or stages.layerwise or stages.analytic_correction is not None):
         others = [type(c).__name__ for c in (*stages.block_transforms, stages.weight_quantizer, *stages.post_corrections) if c is not None]
         raise ConfigError(
             f"input_smoothing scales the weights' input columns at conversion, after {others} would have computed "
             f"weights or biases from the unscaled ones; recipe {recipe.name!r}: drop one of them"
         )
-    if isinstance(decomposition, LLMInt8Config) and (static_inputs or not any(layer.inputs for layer in the_plan.layers)):
+    if stages.input_decomposition(LLMInt8Config) is not None and (static_inputs or not any(layer.inputs for layer in the_plan.layers)):
         raise ConfigError(
             f"llm_int8 decomposes dynamically quantized inputs, but recipe {recipe.name!r} has "
             f"{'static' if static_inputs else 'no'} input quantization; use it with 'w8a8_dynamic'"
+        )
+
+
+def _check_disjoint(divisors: dict[str, torch.Tensor], outliers: dict[str, Any]) -> None:
+    both = sorted(set(divisors) & set(outliers))
+    if both:
+        raise ConfigError(
+            f"input_smoothing and outlier_channels both apply to {both[:4]}{' ...' if len(both) > 4 else ''}; "
+            "give them disjoint `layers` patterns (one input quantizer per layer)"
         )
 
 
@@ -342,12 +353,12 @@ def weight_qparams(weight: torch.Tensor, spec: QuantSpec, quantizer: Any = None)
 
 
 def _input_quantizer(
-    layer: LayerPlan, observer: Any, decomposition: Any = None, outliers: Any = None, divisors: torch.Tensor | None = None
+    layer: LayerPlan, observer: Any, llm_int8: LLMInt8Config | None = None, outliers: Any = None, divisors: torch.Tensor | None = None
 ) -> InputQuantizer | None:
     if layer.inputs is None:
         return None
-    if isinstance(decomposition, LLMInt8Config):  # checked up front to need dynamic inputs
-        return OutlierKeepingQuantizer(layer.inputs, decomposition.threshold)
+    if llm_int8 is not None:  # checked up front to need dynamic inputs
+        return OutlierKeepingQuantizer(layer.inputs, llm_int8.threshold)
     if layer.inputs.dynamic:
         return InputQuantizer(layer.inputs)
     qparams = observer.qparams()
@@ -370,7 +381,7 @@ def convert_layer(
     the layer's calibrated outlier input columns and their ranges (outlier_channels);
     `divisors` its input smoothing divisors (input_smoothing: the weight's input column c is
     multiplied by divisors[c] before it is quantized)."""
-    inputs = _input_quantizer(layer, observer, stages.input_decomposition, outliers, divisors)
+    inputs = _input_quantizer(layer, observer, stages.input_decomposition(LLMInt8Config), outliers, divisors)
     if layer.weights is None:
         return _InputOnly(module, inputs)
     quantizer = stages.weight_quantizer

@@ -110,7 +110,11 @@ class Stages:
     block_transforms: tuple[Any, ...] = ()
     weight_quantizer: Any = None
     post_corrections: tuple[Any, ...] = ()
-    input_decomposition: Any = None
+    input_decompositions: tuple[Any, ...] = ()  # at most one of each kind
+
+    def input_decomposition(self, kind: type) -> Any:
+        """The recipe's input decomposition of type `kind`, or None."""
+        return next((c for c in self.input_decompositions if isinstance(c, kind)), None)
 
     @property
     def blockwise(self) -> bool:
@@ -174,18 +178,21 @@ def split_algorithms(algorithms: Sequence[Any]) -> Stages:
                 f"algorithms[{index}] ({type(config).__name__}) is {_STAGE_NAMES[stage]}; list it before "
                 f"{type(by_stage[later[0]][0]).__name__} ({_STAGE_NAMES[later[0]]}). Order: pre-transforms "
                 "(bn_fold, cle), block transforms (smoothquant, awq), one weight quantizer (rtn, gptq, adaround), "
-                "post-corrections (bias_correction), an input decomposition (llm_int8, outlier_channels or input_smoothing)"
+                "post-corrections (bias_correction), input decompositions (llm_int8, or outlier_channels and input_smoothing)"
             )
         by_stage[stage].append(config)
-    for stage, what in ((2, "weight quantizers"), (3, "post-corrections"), (4, "input decompositions")):
+    for stage, what in ((2, "weight quantizers"), (3, "post-corrections")):
         if len(by_stage[stage]) > 1:
             raise ConfigError(f"algorithms: {len(by_stage[stage])} {what} given; use one")
+    kinds = [type(c).__name__ for c in by_stage[4]]
+    if len(set(kinds)) < len(kinds):
+        raise ConfigError(f"algorithms: input decompositions {kinds} repeat one; give each at most once (with its `layers`)")
     stages = Stages(
         pre_transforms=tuple(by_stage[0]),
         block_transforms=tuple(by_stage[1]),
         weight_quantizer=by_stage[2][0] if by_stage[2] else None,
         post_corrections=tuple(by_stage[3]),
-        input_decomposition=by_stage[4][0] if by_stage[4] else None,
+        input_decompositions=tuple(by_stage[4]),
     )
     if stages.blockwise and stages.layerwise:
         block = [type(c).__name__ for c in (*stages.block_transforms, stages.weight_quantizer) if type(c) in (*BLOCK_TRANSFORMS, *HESSIAN_QUANTIZERS)]

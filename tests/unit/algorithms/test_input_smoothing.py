@@ -126,6 +126,28 @@ def test_input_smoothing_refuses_dynamic_inputs_weight_algorithms_and_bad_alpha(
     assert parsed.algorithms == (InputSmoothingConfig(alpha=0.7, layers=("*.query",)),)
 
 
+def test_input_smoothing_and_outlier_channels_share_a_recipe_on_disjoint_layers(bert_case) -> None:
+    from ptqkit.algorithms import OutlierChannelsConfig
+    from ptqkit.nn.act_quant import OutlierColumnsQuantizer
+
+    model, ids, calib = bert_case
+    both = pq.Recipe.from_preset("w8a8", algorithms=(
+        OutlierChannelsConfig(ratio=4.0, layers=("re:.*intermediate\\.dense",)),
+        InputSmoothingConfig(layers=("re:.*attention\\.self\\.(query|key|value)",)),
+    ))
+    qmodel = pq.quantize(model, both, calib, progress=False)
+    kinds = {n: type(m.input_quantizer).__name__ for n, m in qmodel.named_modules() if isinstance(getattr(m, "input_quantizer", None), (OutlierColumnsQuantizer, SmoothedInputQuantizer))}
+    assert kinds == {
+        **{f"encoder.layer.{i}.attention.self.{p}": "SmoothedInputQuantizer" for i in (0, 1) for p in ("query", "key", "value")},
+        **{f"encoder.layer.{i}.intermediate.dense": "OutlierColumnsQuantizer" for i in (0, 1)},
+    }
+    overlapping = pq.Recipe.from_preset("w8a8", algorithms=(OutlierChannelsConfig(ratio=4.0), InputSmoothingConfig()))
+    with pytest.raises(ConfigError, match=r"input_smoothing and outlier_channels both apply to \['encoder\.layer\.0\..*give them disjoint"):
+        pq.quantize(model, overlapping, calib, progress=False)
+    with pytest.raises(ConfigError, match=r"input decompositions \['InputSmoothingConfig', 'InputSmoothingConfig'\] repeat one"):
+        pq.quantize(model, pq.Recipe.from_preset("w8a8", algorithms=(InputSmoothingConfig(), InputSmoothingConfig(alpha=0.7))), calib, progress=False)
+
+
 class _TwoReaders(nn.Module):
     """Two layers reading one input with a wide column (3), then one reading their product."""
 
