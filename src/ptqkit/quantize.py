@@ -8,6 +8,7 @@ first, then swaps them in).
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,9 +118,7 @@ def quantize_(
             outliers = _outlier_columns(model, the_plan, outlier_channels, data, recipe, progress, parallel)
             _check_disjoint(divisors, outliers)
         if static_inputs:
-            transforms = {name: (lambda x, c=columns: zero_columns(x, c)) for name, (columns, _, _) in outliers.items()}
-            transforms.update({name: (lambda x, s=s: x / s.to(x.dtype)) for name, s in divisors.items()})
-            observers = _calibrate(model, static_inputs, data, recipe, progress, parallel, transforms)
+            observers = _calibrate(model, static_inputs, data, recipe, progress, parallel, _observed_inputs(outliers, divisors))
         if data is not None and (static_inputs or needs_data):
             calibration = {"description": data.description, "fingerprint": data.fingerprint}
         replacements = {
@@ -199,6 +198,18 @@ def _check_input_decomposition(stages: Any, the_plan: Plan, static_inputs: dict[
             f"llm_int8 decomposes dynamically quantized inputs, but recipe {recipe.name!r} has "
             f"{'static' if static_inputs else 'no'} input quantization; use it with 'w8a8_dynamic'"
         )
+
+
+def _observed_inputs(outliers: dict[str, Any], divisors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Per layer, what its static input quantizer sees of its input x: x with its outlier
+    columns zeroed (they get their own grids), or x / divisors (input smoothing)."""
+    transforms: dict[str, Any] = {name: functools.partial(zero_columns, columns=columns) for name, (columns, _, _) in outliers.items()}
+    transforms.update({name: functools.partial(_divided, divisors=d) for name, d in divisors.items()})
+    return transforms
+
+
+def _divided(x: torch.Tensor, divisors: torch.Tensor) -> torch.Tensor:
+    return x / divisors.to(x.dtype)
 
 
 def _check_disjoint(divisors: dict[str, torch.Tensor], outliers: dict[str, Any]) -> None:

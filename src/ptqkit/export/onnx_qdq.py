@@ -9,9 +9,10 @@ The float graph comes from the dynamo exporter (`onnx_graph.export_float_onnx`) 
   DequantizeLinear with ptqkit's scale/zero point (static) or DynamicQuantizeLinear +
   DequantizeLinear (dynamic). Gemm becomes MatMul + Add. ONNX Runtime fuses these into
   MatMulIntegerToFloat (static) and DynamicQuantizeMatMul (dynamic) — measured with ORT 1.32.
-  A static layer whose bias Add only Reshape/Transpose read (BERT's query/key/value; ORT fuses
-  other bias Adds into SkipLayerNormalization or BiasGelu) is written as that
-  MatMulIntegerToFloat itself, bias included (`lone_bias_add`).
+  A static layer's bias Add is written into that MatMulIntegerToFloat itself unless ORT folds
+  it into SkipLayerNormalization (`lone_bias_add`).
+- Static inputs with input smoothing (algorithms.input_smoothing): Div(divisors) before the
+  QuantizeLinear, shared by the layers reading one tensor with the same divisors.
 - Static inputs with calibrated outlier columns (algorithms.outlier_channels): the per-tensor
   codes with each outlier column appended m times (Gather -> Div(m) -> QuantizeLinear ->
   Concat) and the weight's rows for them repeated, its original rows at the zero point.

@@ -5,7 +5,6 @@ before the QuantizeLinear) against the simulation on ORT's integer kernel."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from ptqkit.export.load import load_artifact
 from ptqkit.nn.act_quant import SmoothedInputQuantizer
 
 from .tiny_transformers import tiny_bert, token_batch
+from .wide_column import export_and_check_against_simulation, quantized_two_readers
 
 
 def _recipe(**options) -> pq.Recipe:
@@ -148,42 +148,8 @@ def test_input_smoothing_and_outlier_channels_share_a_recipe_on_disjoint_layers(
         pq.quantize(model, pq.Recipe.from_preset("w8a8", algorithms=(InputSmoothingConfig(), InputSmoothingConfig(alpha=0.7))), calib, progress=False)
 
 
-class _TwoReaders(nn.Module):
-    """Two layers reading one input with a wide column (3), then one reading their product."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.query, self.key, self.out = nn.Linear(16, 24), nn.Linear(16, 24), nn.Linear(24, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.query(x) * self.key(x))
-
-
-def _inputs(seed: int, batch: int) -> torch.Tensor:
-    x = torch.randn(batch, 5, 16, generator=torch.Generator().manual_seed(seed))
-    x[..., 3] *= 30.0
-    return x
-
-
 def test_onnx_form_divides_once_and_matches_the_simulation_on_integer_kernels(tmp_path) -> None:
     pytest.importorskip("onnxruntime")
-    import onnx
-
-    from ptqkit.export.ort_check import make_session, run_session
-
-    torch.manual_seed(0)
-    model = _TwoReaders().eval()
-    calib = pq.CalibrationData.from_tensors([_inputs(seed, 1)[0] for seed in range(16)])
-    qmodel = pq.quantize(model, replace(_recipe(alpha=0.7), targets=("Linear",)), calib, progress=False)
-    result = pq.export(qmodel, tmp_path, formats=["onnx"], example_inputs=_inputs(1, 2))
-    assert all(layer.kernel == "MatMulIntegerToFloat" for layer in result.layers), result.layers
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node]
+    model, qmodel, calib = quantized_two_readers(_recipe(alpha=0.7))
+    ops = export_and_check_against_simulation(model, qmodel, calib, tmp_path)
     assert ops.count("Div") == 2 and ops.count("QuantizeLinear") == 2  # query and key share x / s and its codes
-    x = _inputs(9, 4)
-    with torch.inference_mode():
-        simulated = qmodel(x).numpy()
-    got = run_session(make_session(tmp_path / "model.onnx"), x)[0]
-    assert np.abs(got - simulated).max() < 1e-4 * max(1.0, float(np.abs(simulated).max()))
-    plain = pq.quantize(model, replace(pq.Recipe.from_preset("w8a8"), targets=("Linear",)), calib, progress=False)
-    with torch.inference_mode():  # guard: the agreement above could fail
-        assert np.abs(plain(x).numpy() - simulated).max() > 100 * np.abs(got - simulated).max()

@@ -4,9 +4,7 @@ channels, the artifact round trip, typed errors, and the ONNX form against the s
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -21,6 +19,7 @@ from ptqkit.nn.act_quant import InputQuantizer, OutlierColumnsQuantizer
 from ptqkit.spec import QParams
 
 from .tiny_transformers import tiny_bert, token_batch
+from .wide_column import export_and_check_against_simulation, quantized_two_readers
 
 
 def _recipe(**options) -> pq.Recipe:
@@ -137,44 +136,9 @@ def test_layers_limit_where_outlier_columns_are_looked_for(bert_case) -> None:
         pq.quantize(model, _recipe(layers=("*.querry",)), calib, progress=False)
 
 
-class _Mlp(nn.Module):
-    """Two layers reading one input with an outlier column (3), then one reading their product."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.query, self.key, self.out = nn.Linear(16, 24), nn.Linear(16, 24), nn.Linear(24, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.query(x) * self.key(x))
-
-
-def _mlp_inputs(seed: int, batch: int) -> torch.Tensor:
-    x = torch.randn(batch, 5, 16, generator=torch.Generator().manual_seed(seed))
-    x[..., 3] *= 30.0
-    return x
-
-
 def test_onnx_form_matches_the_simulation_on_integer_kernels(tmp_path) -> None:
     pytest.importorskip("onnxruntime")
-    import onnx
-
-    from ptqkit.export.ort_check import make_session, run_session
-
-    torch.manual_seed(0)
-    model = _Mlp().eval()
-    calib = pq.CalibrationData.from_tensors([_mlp_inputs(seed, 1)[0] for seed in range(16)])
-    recipe = replace(_recipe(ratio=4.0), targets=("Linear",))
-    qmodel = pq.quantize(model, recipe, calib, progress=False)
+    model, qmodel, calib = quantized_two_readers(_recipe(ratio=4.0))
     assert qmodel.query.input_quantizer.columns.tolist() == [3] and int(qmodel.query.input_quantizer.multiples[0]) > 1
-    result = pq.export(qmodel, tmp_path, formats=["onnx"], example_inputs=_mlp_inputs(1, 2))
-    assert all(layer.kernel == "MatMulIntegerToFloat" for layer in result.layers), result.layers
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node]
+    ops = export_and_check_against_simulation(model, qmodel, calib, tmp_path)
     assert ops.count("Concat") == 1 and ops.count("Gather") == 1  # query and key share the extended codes
-    x = _mlp_inputs(9, 4)
-    with torch.inference_mode():
-        simulated = qmodel(x).numpy()
-    got = run_session(make_session(tmp_path / "model.onnx"), x)[0]
-    assert np.abs(got - simulated).max() < 1e-4 * max(1.0, float(np.abs(simulated).max()))
-    plain = pq.quantize(model, replace(pq.Recipe.from_preset("w8a8"), targets=("Linear",)), calib, progress=False)
-    with torch.inference_mode():  # guard: the agreement above could fail
-        assert np.abs(plain(x).numpy() - simulated).max() > 100 * np.abs(got - simulated).max()
