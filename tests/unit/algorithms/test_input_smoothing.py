@@ -4,22 +4,18 @@ channels, the artifact round trip and tampering, typed errors, and the ONNX form
 before the QuantizeLinear) against the simulation on ORT's integer kernel."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import ptqkit as pq
 from ptqkit.algorithms import InputSmoothingConfig
 from ptqkit.algorithms.input_smoothing import smoothing_divisors
 from ptqkit.errors import ArtifactError, ConfigError
-from ptqkit.export import artifact
 from ptqkit.export.load import load_artifact
 from ptqkit.nn.act_quant import SmoothedInputQuantizer
 
-from .tiny_transformers import tiny_bert, token_batch
+from .tiny_transformers import check_bert_artifact_round_trip, outputs, tiny_bert, token_batch
 from .wide_column import export_and_check_against_simulation, quantized_two_readers
 
 
@@ -35,19 +31,6 @@ def test_divisors_are_the_closed_form() -> None:
         np.testing.assert_allclose(smoothing_divisors(absmax, alpha).numpy(), expected**alpha, rtol=1e-6)
     with pytest.raises(ValueError, match="positive one"):
         smoothing_divisors(torch.zeros(4), 0.5)
-
-
-@pytest.fixture(scope="module")
-def bert_case():
-    model = tiny_bert()  # LayerNorm weights with 8x channels: outlier input columns
-    ids = token_batch(samples=16, length=16)
-    calib = pq.CalibrationData.from_tensors([{"input_ids": row} for row in ids], batch_size=8)
-    return model, ids, calib
-
-
-def _hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(input_ids=ids).last_hidden_state
 
 
 def test_smoothed_layer_is_the_float64_reference_and_keeps_the_float_function(bert_case) -> None:
@@ -77,9 +60,9 @@ def test_input_smoothing_beats_plain_w8a8_on_outlier_channels(bert_case) -> None
     model, ids, calib = bert_case
     plain = pq.quantize(model, pq.Recipe.from_preset("w8a8"), calib, progress=False)
     smoothed = pq.quantize(model, _recipe(alpha=0.5), calib, progress=False)
-    reference = _hidden(model, ids)
-    err_smoothed = float((_hidden(smoothed, ids) - reference).norm())
-    err_plain = float((_hidden(plain, ids) - reference).norm())
+    reference = outputs(model, ids)
+    err_smoothed = float((outputs(smoothed, ids) - reference).norm())
+    err_plain = float((outputs(plain, ids) - reference).norm())
     assert err_smoothed < 0.7 * err_plain, (err_smoothed, err_plain)
     report = pq.evaluate(smoothed, model, calib, max_samples=8)
     query = next(l for l in report.layers if l.name == "encoder.layer.0.attention.self.query")
@@ -101,15 +84,9 @@ def test_layers_reading_one_tensor_get_the_same_divisors_and_patterns_select(ber
 def test_input_smoothing_round_trips_through_the_artifact(bert_case, tmp_path) -> None:
     model, ids, calib = bert_case
     qmodel = pq.quantize(model, _recipe(alpha=0.7), calib, progress=False)
-    artifact.save_artifact(qmodel, tmp_path / "q")
-    loaded = load_artifact(tmp_path / "q", tiny_bert())
-    assert torch.equal(_hidden(loaded, ids), _hidden(qmodel, ids))
-    record = json.loads((tmp_path / "q" / "quantization.json").read_text())
-    layer = next(l for l in record["layers"] if l["name"] == "encoder.layer.0.attention.self.query")
-    layer["input_smoothing"]["divisors"] = 63  # tampered: not the layer's input width
-    (tmp_path / "q" / "quantization.json").write_text(json.dumps(record))
+    tampered = check_bert_artifact_round_trip(qmodel, ids, tmp_path / "q", lambda layer: layer["input_smoothing"].update(divisors=63))
     with pytest.raises(ArtifactError, match=r"layers\['encoder.layer.0.attention.self.query'\].input_smoothing must be \{'divisors': 64\}"):
-        load_artifact(tmp_path / "q", tiny_bert())
+        load_artifact(tampered, tiny_bert())
 
 
 def test_input_smoothing_refuses_dynamic_inputs_weight_algorithms_and_bad_alpha() -> None:

@@ -3,22 +3,18 @@ quantizer's grids, calibration without the outlier columns, the gain on a model 
 channels, the artifact round trip, typed errors, and the ONNX form against the simulation."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from torch import nn
 
 import ptqkit as pq
 from ptqkit.algorithms import OutlierChannelsConfig
 from ptqkit.algorithms.outlier_channels import choose_outlier_columns, column_multiples
 from ptqkit.errors import ArtifactError, ConfigError
-from ptqkit.export import artifact
 from ptqkit.export.load import load_artifact
 from ptqkit.nn.act_quant import InputQuantizer, OutlierColumnsQuantizer
 from ptqkit.spec import QParams
 
-from .tiny_transformers import tiny_bert, token_batch
+from .tiny_transformers import check_bert_artifact_round_trip, outputs, tiny_bert
 from .wide_column import export_and_check_against_simulation, quantized_two_readers
 
 
@@ -74,19 +70,6 @@ def test_quantizer_puts_outlier_columns_on_the_coarser_grid() -> None:
         OutlierColumnsQuantizer(spec, qparams, torch.tensor([1]), torch.tensor([0]))
 
 
-@pytest.fixture(scope="module")
-def bert_case():
-    model = tiny_bert()  # LayerNorm weights with 8x channels: outlier input columns
-    ids = token_batch(samples=16, length=16)
-    calib = pq.CalibrationData.from_tensors([{"input_ids": row} for row in ids], batch_size=8)
-    return model, ids, calib
-
-
-def _hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(input_ids=ids).last_hidden_state
-
-
 def test_outlier_channels_calibrate_without_them_and_beat_plain_w8a8(bert_case) -> None:
     model, ids, calib = bert_case
     plain = pq.quantize(model, pq.Recipe.from_preset("w8a8"), calib, progress=False)
@@ -96,24 +79,22 @@ def test_outlier_channels_calibrate_without_them_and_beat_plain_w8a8(bert_case) 
     for name, quantizer in found.items():  # the tensor range no longer holds the outliers
         assert float(quantizer.scale) < float(plain.get_submodule(name).input_quantizer.scale)
         assert bool((quantizer.multiples > 1).any())
-    reference = _hidden(model, ids)
-    err_split = float((_hidden(split, ids) - reference).norm())
-    err_plain = float((_hidden(plain, ids) - reference).norm())
+    reference = outputs(model, ids)
+    err_split = float((outputs(split, ids) - reference).norm())
+    err_plain = float((outputs(plain, ids) - reference).norm())
     assert err_split < 0.7 * err_plain, (err_split, err_plain)
 
 
 def test_outlier_channels_round_trip_through_the_artifact(bert_case, tmp_path) -> None:
     model, ids, calib = bert_case
     split = pq.quantize(model, _recipe(ratio=4.0), calib, progress=False)
-    artifact.save_artifact(split, tmp_path / "q")
-    loaded = load_artifact(tmp_path / "q", tiny_bert())
-    assert torch.equal(_hidden(loaded, ids), _hidden(split, ids))
-    record = json.loads((tmp_path / "q" / "quantization.json").read_text())
-    layer = next(l for l in record["layers"] if l["name"] == "encoder.layer.0.attention.self.query")
-    layer["outlier_columns"]["multiples"][0] += 1  # tampered: disagrees with the tensors
-    (tmp_path / "q" / "quantization.json").write_text(json.dumps(record))
+
+    def tamper(layer: dict) -> None:  # disagrees with the tensors
+        layer["outlier_columns"]["multiples"][0] += 1
+
+    tampered = check_bert_artifact_round_trip(split, ids, tmp_path / "q", tamper)
     with pytest.raises(ArtifactError, match=r"input_quantizer.columns/multiples disagree"):
-        load_artifact(tmp_path / "q", tiny_bert())
+        load_artifact(tampered, tiny_bert())
 
 
 def test_outlier_channels_refuse_dynamic_inputs_and_bad_settings() -> None:

@@ -4,6 +4,10 @@ Weights and activations get a few large input channels, as real LLMs have, so th
 and AWQ have something to do."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Callable
+
 import pytest
 import torch
 
@@ -69,3 +73,18 @@ def outputs(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         out = model(input_ids=ids)
     return (out.logits if hasattr(out, "logits") else out.last_hidden_state).float()
+
+
+def check_bert_artifact_round_trip(qmodel: torch.nn.Module, ids: torch.Tensor, out_dir: Path, tamper: Callable[[dict], None]) -> Path:
+    """Save a quantized `tiny_bert`, load it onto a fresh skeleton and check identical outputs;
+    then apply `tamper` to the JSON record of layer 0's query and write it back. Returns the
+    artifact directory, for the caller to check that loading it now fails."""
+    from ptqkit.export import artifact
+    from ptqkit.export.load import load_artifact
+
+    artifact.save_artifact(qmodel, out_dir)
+    assert torch.equal(outputs(load_artifact(out_dir, tiny_bert()), ids), outputs(qmodel, ids))
+    record = json.loads((out_dir / "quantization.json").read_text())
+    tamper(next(l for l in record["layers"] if l["name"] == "encoder.layer.0.attention.self.query"))
+    (out_dir / "quantization.json").write_text(json.dumps(record))
+    return out_dir
