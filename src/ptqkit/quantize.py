@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ptqkit.algorithms.input_smoothing import InputSmoothingConfig, smoothing_divisors
+from ptqkit.algorithms.input_smoothing import InputSmoothingConfig, smoothed, smoothing_divisors
 from ptqkit.algorithms.llm_int8 import LLMInt8Config
 from ptqkit.algorithms.outlier_channels import (
     OutlierChannelsConfig,
@@ -111,12 +111,8 @@ def quantize_(
             weight_results = _run_weight_algorithms(model, the_plan, stages, data, recipe, progress, parallel)
         if stages.analytic_correction is not None:
             _run_analytic_correction(model, the_plan, stages, context)
-        smoothing, outlier_channels = stages.input_decomposition(InputSmoothingConfig), stages.input_decomposition(OutlierChannelsConfig)
-        if static_inputs and smoothing is not None:
-            divisors = _smoothing_divisors(model, the_plan, smoothing, data, recipe, progress, parallel)
-        if static_inputs and outlier_channels is not None:
-            outliers = _outlier_columns(model, the_plan, outlier_channels, data, recipe, progress, parallel)
-            _check_disjoint(divisors, outliers)
+        if static_inputs:
+            divisors, outliers = _static_decompositions(model, the_plan, stages, data, recipe, progress, parallel)
         if static_inputs:
             observers = _calibrate(model, static_inputs, data, recipe, progress, parallel, _observed_inputs(outliers, divisors))
         if data is not None and (static_inputs or needs_data):
@@ -204,12 +200,8 @@ def _observed_inputs(outliers: dict[str, Any], divisors: dict[str, torch.Tensor]
     """Per layer, what its static input quantizer sees of its input x: x with its outlier
     columns zeroed (they get their own grids), or x / divisors (input smoothing)."""
     transforms: dict[str, Any] = {name: functools.partial(zero_columns, columns=columns) for name, (columns, _, _) in outliers.items()}
-    transforms.update({name: functools.partial(_divided, divisors=d) for name, d in divisors.items()})
+    transforms.update({name: functools.partial(smoothed, divisors=d) for name, d in divisors.items()})
     return transforms
-
-
-def _divided(x: torch.Tensor, divisors: torch.Tensor) -> torch.Tensor:
-    return x / divisors.to(x.dtype)
 
 
 def _check_disjoint(divisors: dict[str, torch.Tensor], outliers: dict[str, Any]) -> None:
@@ -221,14 +213,26 @@ def _check_disjoint(divisors: dict[str, torch.Tensor], outliers: dict[str, Any])
         )
 
 
-def _static_column_ranges(
-    model: nn.Module, the_plan: Plan, patterns: tuple[str, ...], algorithm: str, data: Any, recipe: Recipe, progress: bool,
-    parallel: Any, *, with_weights: bool,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(min, max) per input column of each Linear (or GPT-2 Conv1D) with static inputs (and
-    quantized weights if `with_weights`) that `patterns` select (all if empty), from one pass
-    over the calibration data, merged over ranks."""
-    from ptqkit.calibration.hooks import input_column_ranges
+def _static_decompositions(
+    model: nn.Module, the_plan: Plan, stages: Any, data: Any, recipe: Recipe, progress: bool, parallel: Any
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """(input smoothing divisors, calibrated outlier columns) of the layers each selects, from
+    one pass over the calibration data for the input column ranges both need."""
+    smoothing, outlier_channels = stages.input_decomposition(InputSmoothingConfig), stages.input_decomposition(OutlierChannelsConfig)
+    smoothed_layers = _decomposition_layers(the_plan, smoothing.layers, "input_smoothing", with_weights=True) if smoothing else []
+    outlier_layers = _decomposition_layers(the_plan, outlier_channels.layers, "outlier_channels", with_weights=False) if outlier_channels else []
+    if not smoothed_layers and not outlier_layers:
+        return {}, {}
+    ranges = _static_column_ranges(model, list(dict.fromkeys(smoothed_layers + outlier_layers)), data, recipe, progress, parallel)
+    divisors = _smoothing_divisors({n: ranges[n] for n in smoothed_layers if n in ranges}, smoothing.alpha) if smoothing else {}
+    outliers = _outlier_columns({n: ranges[n] for n in outlier_layers if n in ranges}, outlier_channels) if outlier_channels else {}
+    _check_disjoint(divisors, outliers)
+    return divisors, outliers
+
+
+def _decomposition_layers(the_plan: Plan, patterns: tuple[str, ...], algorithm: str, *, with_weights: bool) -> list[str]:
+    """The Linear (or GPT-2 Conv1D) layers with static inputs (and quantized weights if
+    `with_weights`) that `patterns` select, all of them if empty; a pattern matching none is an error."""
     from ptqkit.targets import no_match_error, pattern_matches
 
     candidates = [
@@ -239,7 +243,16 @@ def _static_column_ranges(
     for pattern in patterns:
         if not any(pattern_matches(pattern, name) for name in candidates):
             raise no_match_error(f"{algorithm}.layers", pattern, candidates, "no Linear with static inputs")
-    names = [name for name in candidates if not patterns or any(pattern_matches(p, name) for p in patterns)]
+    return [name for name in candidates if not patterns or any(pattern_matches(p, name) for p in patterns)]
+
+
+def _static_column_ranges(
+    model: nn.Module, names: list[str], data: Any, recipe: Recipe, progress: bool, parallel: Any
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(min, max) per input column of each named layer, from one pass over the calibration data,
+    merged over ranks."""
+    from ptqkit.calibration.hooks import input_column_ranges
+
     batches, samples, total = _calibration_batches(data, recipe, parallel)
     ranges = input_column_ranges(model, names, batches, max_samples=samples, progress=progress, total_batches=total)
     if parallel is not None:
@@ -251,28 +264,23 @@ def _static_column_ranges(
     return ranges
 
 
-def _smoothing_divisors(
-    model: nn.Module, the_plan: Plan, config: InputSmoothingConfig, data: Any, recipe: Recipe, progress: bool, parallel: Any
-) -> dict[str, torch.Tensor]:
-    """Input smoothing divisors [in] of each selected Linear with static inputs and weights."""
-    ranges = _static_column_ranges(model, the_plan, config.layers, "input_smoothing", data, recipe, progress, parallel, with_weights=True)
+def _smoothing_divisors(ranges: dict[str, tuple[torch.Tensor, torch.Tensor]], alpha: float) -> dict[str, torch.Tensor]:
+    """Input smoothing divisors [in] of each layer from its input column ranges."""
     divisors = {}
     for name, (low, high) in ranges.items():
         try:
-            divisors[name] = smoothing_divisors(torch.maximum(low.abs(), high.abs()), config.alpha)
+            divisors[name] = smoothing_divisors(torch.maximum(low.abs(), high.abs()), alpha)
         except ValueError as exc:
             raise CalibrationDataError(f"input_smoothing: layer {name!r}: {exc}") from None
-    logger.info("input_smoothing: %d layer(s), alpha %g", len(divisors), config.alpha)
+    logger.info("input_smoothing: %d layer(s), alpha %g", len(divisors), alpha)
     return divisors
 
 
 def _outlier_columns(
-    model: nn.Module, the_plan: Plan, config: OutlierChannelsConfig, data: Any, recipe: Recipe, progress: bool, parallel: Any
+    ranges: dict[str, tuple[torch.Tensor, torch.Tensor]], config: OutlierChannelsConfig
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The calibrated outlier input columns of each Linear (or GPT-2 Conv1D) with static
-    inputs and their calibration ranges, (columns, min, max), from one pass over the
-    calibration data; layers without outliers are left out."""
-    ranges = _static_column_ranges(model, the_plan, config.layers, "outlier_channels", data, recipe, progress, parallel, with_weights=False)
+    """The calibrated outlier input columns of each layer and their calibration ranges,
+    (columns, min, max), from its input column ranges; layers without outliers are left out."""
     found = {}
     for name, (low, high) in ranges.items():
         columns = choose_outlier_columns(torch.maximum(low.abs(), high.abs()), config.ratio, config.max_columns)

@@ -25,7 +25,7 @@ import torch
 
 from ptqkit.errors import ConfigError
 
-__all__ = ["InputSmoothingConfig", "smoothing_divisors"]
+__all__ = ["InputSmoothingConfig", "smoothed", "smoothing_divisors"]
 
 _FLOOR = 1e-5  # a channel whose calibration max is below this share of the largest counts as this
 
@@ -56,3 +56,8 @@ def smoothing_divisors(column_absmax: torch.Tensor, alpha: float) -> torch.Tenso
         raise ValueError(f"input_smoothing needs finite per-column maxima with a positive one, got max {peak}")
     absmax = absmax.clamp(min=_FLOOR * peak)
     return (absmax / absmax.median()).pow(alpha).float()
+
+
+def smoothed(x: torch.Tensor, divisors: torch.Tensor) -> torch.Tensor:
+    """x [..., C] / divisors [C] in x's dtype: what a smoothed layer's quantizer quantizes."""
+    return x / divisors.to(x.dtype)

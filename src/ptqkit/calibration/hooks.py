@@ -99,7 +99,7 @@ def input_column_ranges(
             low, high = torch.minimum(ranges[name][0], low), torch.maximum(ranges[name][1], high)
         ranges[name] = (low, high)
 
-    run_with_input_hooks(model, {name: update for name in names}, batches, "finding outlier channels", max_samples, progress, total_batches)
+    run_with_input_hooks(model, {name: update for name in names}, batches, "input column ranges", max_samples, progress, total_batches)
     return ranges
 
 

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ptqkit.algorithms.input_smoothing import smoothed
 from ptqkit.calibration.hooks import batch_length, limited_batches
 from ptqkit.calibration.samples import call_model
 from ptqkit.errors import CalibrationDataError, ConfigError
@@ -141,7 +142,7 @@ class _InputStats:
         self.seen += x.numel()
         qparams = quantizer.qparams if quantizer is not None else None
         if qparams is not None and qparams.qtype.is_integer:
-            seen = x / quantizer.divisors.float() if isinstance(quantizer, SmoothedInputQuantizer) else x  # what it quantizes
+            seen = smoothed(x, quantizer.divisors) if isinstance(quantizer, SmoothedInputQuantizer) else x  # what it quantizes
             scale = qparams.granularity.expand(qparams.scale, x.shape).float()
             zero = qparams.granularity.expand(qparams.zero_point, x.shape).float()
             lowest, highest = (qparams.qtype.qmin - zero) * scale, (qparams.qtype.qmax - zero) * scale

@@ -112,7 +112,9 @@ class SmoothedInputQuantizer(InputQuantizer):
         self.register_buffer("divisors", divisors.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x / self.divisors.to(x.dtype))
+        from ptqkit.algorithms.input_smoothing import smoothed
+
+        return super().forward(smoothed(x, self.divisors))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, divided by per-channel divisors in [{float(self.divisors.min()):.3g}, {float(self.divisors.max()):.3g}]"
