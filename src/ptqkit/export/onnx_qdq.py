@@ -10,7 +10,7 @@ The float graph comes from the dynamo exporter (`onnx_graph.export_float_onnx`) 
   DequantizeLinear (dynamic). Gemm becomes MatMul + Add. ONNX Runtime fuses these into
   MatMulIntegerToFloat (static) and DynamicQuantizeMatMul (dynamic) — measured with ORT 1.32.
   A static layer's bias Add is written into that MatMulIntegerToFloat itself unless ORT folds
-  it into SkipLayerNormalization (`lone_bias_add`).
+  it into SkipLayerNormalization (`kernel_bias_add`).
 - Static inputs with input smoothing (algorithms.input_smoothing): Div(divisors) before the
   QuantizeLinear, shared by the layers reading one tensor with the same divisors.
 - Static inputs with calibrated outlier columns (algorithms.outlier_channels): the per-tensor
@@ -265,10 +265,10 @@ def _dequantized_operands(
 
 
 def _rewrite_matmul(
-    b: _Builder, node: Any, ln: LayerNode, module: QuantizedModule, cache: dict, lone_bias: tuple[str, str] | None = None
+    b: _Builder, node: Any, ln: LayerNode, module: QuantizedModule, cache: dict, kernel_bias: tuple[str, str] | None = None
 ) -> tuple[list[Any], str]:
-    """The integer form of a MatMul/Gemm layer; `lone_bias` = (bias initializer, output) of the
-    bias Add after a static layer's MatMul that ORT would leave unfused (see `lone_bias_add`):
+    """The integer form of a MatMul/Gemm layer; `kernel_bias` = (bias initializer, output) of the
+    bias Add after a static layer's MatMul that goes into the kernel (see `kernel_bias_add`):
     then one MatMulIntegerToFloat with the bias writes that Add's output."""
     name = ln.module
     codes, scale, zero, axis = _weight_tensors(module, ln.weight_layout, b.uint8_weights)
@@ -284,8 +284,8 @@ def _rewrite_matmul(
     outliers = _outlier_columns(module)
     if outliers is not None:
         codes = _with_outlier_rows(codes, zero, *outliers)
-    if lone_bias is not None:
-        return _matmul_integer_to_float(b, node, name, module, (codes, scale, zero), lone_bias, cache)
+    if kernel_bias is not None:
+        return _matmul_integer_to_float(b, node, name, module, (codes, scale, zero), kernel_bias, cache)
     x, wq, wdq, nodes = _dequantized_operands(b, node.input[0], name, module, (codes, scale, zero, axis), cache)
     if node.op_type == "MatMul":
         nodes.append(_make_node("MatMul", [x, wdq], list(node.output), node.name))
@@ -298,7 +298,7 @@ def _rewrite_matmul(
     return nodes, wq
 
 
-def lone_bias_add(graph: Any, node: Any, readers: dict[str, list[int]], inits: dict[str, Any]) -> tuple[int, str, str] | None:
+def kernel_bias_add(graph: Any, node: Any, readers: dict[str, list[int]], inits: dict[str, Any]) -> tuple[int, str, str] | None:
     """(index, bias initializer, output) of the Add that adds a 1-D constant bias to a MatMul's
     only output, unless ORT folds that bias into SkipLayerNormalization (the sum goes on into a
     residual Add that a LayerNormalization reads); else None. ORT leaves the bias Add after the
@@ -325,7 +325,7 @@ def _feeds_layer_norm(graph: Any, node: Any, readers: dict[str, list[int]]) -> b
 
 def _matmul_integer_to_float(
     b: _Builder, node: Any, name: str, module: QuantizedModule, weights: tuple[np.ndarray, np.ndarray, np.ndarray],
-    lone_bias: tuple[str, str], cache: dict,
+    kernel_bias: tuple[str, str], cache: dict,
 ) -> tuple[list[Any], str]:
     """A static layer as one com.microsoft MatMulIntegerToFloat with its bias: the kernel ORT
     would make of QuantizeLinear -> DequantizeLinear -> MatMul, with the following bias Add inside."""
@@ -336,7 +336,7 @@ def _matmul_integer_to_float(
     q, s, z, nodes = make(b, node.input[0], name, quantizer, *args, cache)
     wq = b.const(f"{name}.weight_quantized", codes)
     ws, wz = b.const(f"{name}.weight_scale", scale.reshape(-1)), b.const(f"{name}.weight_zero_point", zero.reshape(-1))
-    bias, out = lone_bias
+    bias, out = kernel_bias
     nodes.append(_make_node("MatMulIntegerToFloat", [q, wq, s, ws, z, wz, bias], [out], node.name, domain=MS_DOMAIN))
     return nodes, wq
 
@@ -530,11 +530,11 @@ def insert_qdq(
         module = modules[name]
         node = graph.node[ln.node_index]
         _check_float_weight(name, numpy_helper.to_array(inits[ln.weight_name]), module, ln.weight_layout)
-        lone_bias = lone_bias_add(graph, node, readers, inits) if _static(module) and isinstance(module, QuantLinear) else None
+        kernel_bias = kernel_bias_add(graph, node, readers, inits) if _static(module) and isinstance(module, QuantLinear) else None
         if name in out_quantizers and not np.any(module.weight_zero_point.numpy() != 0):
             nodes, wq = _rewrite_qlinear_conv(b, node, ln, module, cache, out_quantizers[name])
-        elif lone_bias is not None:
-            add_index, bias, out = lone_bias
+        elif kernel_bias is not None:
+            add_index, bias, out = kernel_bias
             nodes, wq = _rewrite_matmul(b, node, ln, module, cache, (bias, out))
             replacements[add_index], fused_bias = [], True
         else:
