@@ -16,7 +16,7 @@ same group size as the decoder layers). `--embeddings` does the same for the emb
 For each configuration: decode tokens/s (prefill excluded), prefill latency of the prompt, greedy
 agreement with torch FP32 (first diverging position; teacher-forced top-1 on FP32's own
 continuation) and with ptqkit's simulated model in torch, perplexity of the graph that ran on
-Shakespeare windows no calibration reads (w4a16 is data-free), and the ONNX file size. All
+held-out Python documentation windows (`llm_data.eval_windows`; w4a16 is data-free), and the ONNX file size. All
 sessions use the same `intra_op_num_threads`, spinning off; configurations run round-robin in
 one process, best of `--rounds`. One thread by default: on this 2-core machine, shared with other
 jobs, torch with 2 threads fell from 37 to 10 tok/s (a 2-layer model) whenever another process
@@ -43,12 +43,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
+from llm_data import eval_windows  # noqa: E402
 from llm_decode import (  # noqa: E402
     PROMPT,
     greedy,
     load_model,
     memory_bandwidth_gbs,
-    ppl_windows,
     teacher_forced_agreement,
     weight_bytes_per_token,
 )
@@ -141,7 +141,7 @@ def main() -> None:
     parser.add_argument("--levels", type=int, nargs="+", default=[0, 4], help="MatMulNBits accuracy levels")
     parser.add_argument("--heads", nargs="+", choices=HEADS, default=list(HEADS), help="lm_head precision (with each group)")
     parser.add_argument("--embeddings", nargs="+", choices=HEADS, default=["fp32"], help="embedding table precision (GatherBlockQuantized)")
-    parser.add_argument("--ppl-windows", type=int, default=4, help="256-token Shakespeare windows for perplexity (0: skip)")
+    parser.add_argument("--ppl-windows", type=int, default=4, help="512-token Python documentation windows for perplexity (0: skip)")
     parser.add_argument("--rounds", type=int, default=3, help="round-robin passes; the best tok/s of each is kept")
     parser.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers (a smoke test)")
     parser.add_argument("--onnx-dir", type=Path, default=None, help="keep (and reuse) the exported graphs here")
@@ -186,7 +186,7 @@ def main() -> None:
             print(f"exported int4 g{group} {what} in {time.perf_counter() - start:.0f} s: {kernels}", flush=True)
     windows = None
     if args.ppl_windows:
-        windows = ppl_windows(tokenizer, args.ppl_windows)
+        windows = eval_windows(tokenizer, args.ppl_windows)
 
     # warm-up, then round-robin best-of-rounds
     for run in torch_runs.values():
@@ -258,7 +258,7 @@ def main() -> None:
     RESULTS.write_text(json.dumps({
         "benchmark": "llm_decode_ort",
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to FP32); lm_head tied to the embeddings",
-        "perplexity": f"{0 if windows is None else len(windows)} windows x 256 tokens (llm_decode.ppl_windows)",
+        "perplexity": f"{0 if windows is None else len(windows)} windows x 512 tokens of Python documentation (llm_data.eval_windows)",
         "graph": "KV-cached decoder (DynamicCache built from past tensors), torch.onnx dynamo opset 18, batch 1: "
                  "ptqkit.export.onnx_decoder (pq.export(kv_cache=True) for int4)",
         "prompt_tokens": int(ids.shape[1]),

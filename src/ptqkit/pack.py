@@ -108,9 +108,12 @@ def pack(
     - 4-bit grouped weights (group 32/64/128/256 dividing in_features) -> `torch._weight_int4pack_mm_for_cpu`.
     Activations are cast to `activation_dtype` (bf16 default: fp32 activations made both kernels
     8-15x slower here) and outputs back to the input dtype.
-    `float_linear_dtype` (e.g. torch.bfloat16): also run the float `nn.Linear` layers the recipe
-    left unquantized (an LLM's kept lm_head) in that dtype — a tied FP32 lm_head otherwise caps
-    decode speed-ups. Layers no kernel can take stay simulated and are listed in
+    `float_linear_dtype` (torch.bfloat16 or torch.float16): also run the float `nn.Linear` layers
+    the recipe left unquantized (an LLM's kept lm_head) in that dtype — a tied FP32 lm_head
+    otherwise caps decode speed-ups. Which 16-bit format is faster depends on the CPU: on an
+    AVX-512 machine without AMX, SmolLM2's 49152 x 576 head took 1.9-2.6 ms per token in fp16 and
+    5.3-6.2 ms in bf16 (fp16 also keeps 3 more mantissa bits); AMX runs bf16 natively.
+    `benchmarks/llm_decode.py` measures both. Layers no kernel can take stay simulated and are listed in
     `result.ptqkit_pack_report`; with `strict=True` they raise ConfigError instead.
     """
     if backend not in BACKENDS:
