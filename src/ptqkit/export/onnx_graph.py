@@ -26,6 +26,7 @@ __all__ = [
     "ExampleInputs",
     "LayerNode",
     "MS_DOMAIN",
+    "bias_add_after",
     "consumer_indices",
     "export_float_onnx",
     "find_layer_nodes",
@@ -254,6 +255,20 @@ def consumer_indices(graph: Any) -> dict[str, list[int]]:
         for name in node.input:
             out.setdefault(name, []).append(index)
     return out
+
+
+def bias_add_after(graph: Any, node: Any, readers: dict[str, list[int]], inits: dict[str, Any]) -> tuple[int, str] | None:
+    """(index, bias initializer) of the Add that is the only reader of `node`'s first output and
+    adds a 1-D constant to it — a layer's bias a fused kernel can take in; else None (also when
+    that output is a graph output, which folding the Add would remove)."""
+    users = readers.get(node.output[0], [])
+    if len(users) != 1 or graph.node[users[0]].op_type != "Add" or node.output[0] in {o.name for o in graph.output}:
+        return None
+    add = graph.node[users[0]]
+    others = [name for name in add.input if name != node.output[0]]
+    if len(others) != 1 or others[0] not in inits or len(inits[others[0]].dims) != 1:
+        return None
+    return users[0], others[0]
 
 
 def use_ms_domain_(proto: Any) -> None:

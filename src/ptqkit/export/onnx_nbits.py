@@ -40,6 +40,7 @@ from ptqkit.errors import ExportError
 from ptqkit.export.onnx_graph import (
     MS_DOMAIN,
     LayerNode,
+    bias_add_after,
     consumer_indices,
     initializer_map,
     replace_nodes_,
@@ -249,20 +250,15 @@ def _fusable_bias_add(graph: Any, node: Any, consumers: dict, inits: dict, modul
     """Index of the Add that adds `module.bias` to the MatMul's output (None if there is none)."""
     from onnx import numpy_helper
 
-    if module.bias is None or node.output[0] in {o.name for o in graph.output}:
+    found = bias_add_after(graph, node, consumers, inits) if module.bias is not None else None
+    if found is None:
         return None
-    users = consumers.get(node.output[0], [])
-    if len(users) != 1 or graph.node[users[0]].op_type != "Add":
-        return None
-    add = graph.node[users[0]]
-    other = [i for i in add.input if i != node.output[0]]
-    if len(other) != 1 or other[0] not in inits:
-        return None
-    value = numpy_helper.to_array(inits[other[0]])
+    add_index, name = found
+    value = numpy_helper.to_array(inits[name])
     bias = module.bias.detach().cpu().float().numpy()
     if value.shape != bias.shape or not np.array_equal(value.astype(np.float32), bias):
         return None
-    return users[0]
+    return add_index
 
 
 def insert_matmul_nbits(

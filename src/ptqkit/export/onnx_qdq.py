@@ -45,6 +45,7 @@ from ptqkit.errors import ExportError
 from ptqkit.export.onnx_graph import (
     MS_DOMAIN,
     LayerNode,
+    bias_add_after,
     consumer_indices,
     initializer_map,
     replace_nodes_,
@@ -306,17 +307,17 @@ def kernel_bias_add(graph: Any, node: Any, readers: dict[str, list[int]], inits:
     with the bias inside the kernel, round-robin median of 20), and fuses it with a GELU into
     BiasGelu, which ran 35 ms where MatMulIntegerToFloat's bias and a Gelu ran 19 (MiniLM's six
     feed-forward layers, ORT profile)."""
-    users = readers.get(node.output[0], [])
-    if node.op_type != "MatMul" or len(users) != 1 or graph.node[users[0]].op_type != "Add":
+    found = bias_add_after(graph, node, readers, inits) if node.op_type == "MatMul" else None
+    if found is None:
         return None
-    add = graph.node[users[0]]
-    bias = add.input[1] if add.input[0] == node.output[0] else add.input[0]
-    if bias not in inits or len(inits[bias].dims) != 1 or add.output[0] in {o.name for o in graph.output}:
+    add_index, bias = found
+    out = graph.node[add_index].output[0]
+    if out in {o.name for o in graph.output}:
         return None
-    after = [graph.node[i] for i in readers.get(add.output[0], [])]
+    after = [graph.node[i] for i in readers.get(out, [])]
     if not after or any(_feeds_layer_norm(graph, n, readers) for n in after if n.op_type == "Add"):
         return None
-    return users[0], bias, add.output[0]
+    return add_index, bias, out
 
 
 def _feeds_layer_norm(graph: Any, node: Any, readers: dict[str, list[int]]) -> bool:

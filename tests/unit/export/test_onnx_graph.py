@@ -1,4 +1,5 @@
-"""The float ONNX graph: GELU written in the order ONNX Runtime fuses, with the same bits."""
+"""The float ONNX graph: GELU written in the order ONNX Runtime fuses, with the same bits; the
+bias Add a fused kernel can take in."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +12,13 @@ from torch import nn
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from ptqkit.export.onnx_graph import export_float_onnx, gelu_in_fusable_order_  # noqa: E402
+from ptqkit.export.onnx_graph import (  # noqa: E402
+    bias_add_after,
+    consumer_indices,
+    export_float_onnx,
+    gelu_in_fusable_order_,
+    initializer_map,
+)
 from ptqkit.export.ort_check import make_session, run_session  # noqa: E402
 
 
@@ -72,3 +79,32 @@ def test_other_erf_patterns_are_left_alone(tmp_path: Path) -> None:
     assert gelu_in_fusable_order_(proto.graph) == 0
     make_session(tmp_path / "not_gelu.onnx", optimized_path=tmp_path / "opt.onnx")
     assert "Erf" in _op_types(tmp_path / "opt.onnx")
+
+
+def _matmul_then_add(bias_shape: tuple[int, ...], *, matmul_is_output: bool = False, second_reader: bool = False) -> object:
+    """x [2, 4] -> MatMul(W [4, 3]) -> Add(bias) -> y, with variations the bias search must refuse."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if matmul_is_output:
+        outputs.append(helper.make_tensor_value_info("mm", TensorProto.FLOAT, None))
+    if second_reader:
+        nodes.append(helper.make_node("Relu", ["mm"], ["r"]))
+        outputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
+    inits = [numpy_helper.from_array(np.ones((4, 3), np.float32), "W"), numpy_helper.from_array(np.ones(bias_shape, np.float32), "b")]
+    return helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])], outputs, inits)
+
+
+@pytest.mark.parametrize(
+    ("bias_shape", "variation", "expected"),
+    [
+        ((3,), {}, (1, "b")),
+        ((1, 3), {}, None),  # not a 1-D bias
+        ((3,), {"matmul_is_output": True}, None),  # folding the Add would remove a graph output
+        ((3,), {"second_reader": True}, None),  # another node reads the MatMul's output
+    ],
+)
+def test_bias_add_after_finds_only_a_foldable_bias(bias_shape: tuple[int, ...], variation: dict, expected: object) -> None:
+    graph = _matmul_then_add(bias_shape, **variation)
+    assert bias_add_after(graph, graph.node[0], consumer_indices(graph), initializer_map(graph)) == expected
