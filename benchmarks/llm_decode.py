@@ -4,7 +4,10 @@ For each configuration: decode tokens/s (prefill excluded; a KV-cached loop of s
 greedy agreement with FP32 (first position where the generated text diverges, and teacher-forced
 top-1 agreement on FP32's own continuation), the weight bytes read per decode step, and that
 traffic x tokens/s as a fraction of the memory bandwidth measured in the same run (a large copy),
-and perplexity on held-out Python documentation windows (`llm_data.eval_windows`). The RTN rows
+and perplexity on held-out Python documentation windows (`llm_data.eval_windows`). A copy of the
+model whose every Linear returns zeros is timed alike: its step time is what the framework
+(the Hugging Face forward in eager PyTorch, the KV cache, attention, norms) costs with no matmul
+at all, so FP32's step time over it bounds the speed-up any matmul kernel can bring. The RTN rows
 are data-free; the GPTQ row calibrates on the "What's New" pages (`llm_data.calibration_windows`,
 disjoint from the evaluation documents). The lm_head rows compare the 16-bit formats and int8:
 which 16-bit format is faster is a property of the CPU (on an AVX-512 machine without AMX, fp16
@@ -94,6 +97,27 @@ def weight_bytes_per_token(model: nn.Module) -> int:
     return total
 
 
+class NoMatmul(nn.Module):
+    """Stands in for a Linear and returns zeros of its output shape: the decode floor (no matmul)."""
+
+    def __init__(self, out_features: int) -> None:
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def without_matmuls(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose every nn.Linear is a NoMatmul (its tokens mean nothing)."""
+    floor = copy.deepcopy(model)
+    for parent in list(floor.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, NoMatmul(child.out_features))
+    return floor
+
+
 @torch.inference_mode()
 def greedy(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[list[int], float]:
     """(generated ids, decode seconds for new_tokens - 1 single-token steps after the prefill)."""
@@ -170,16 +194,21 @@ def main() -> None:
             run, simulated, kernels = model, [], ["torch fp32"]
         greedy(run, ids, 4)  # warm-up
         runs.append((label, run, simulated, kernels))
+    floor_model = without_matmuls(model)
+    greedy(floor_model, ids, 4)
     # Round-robin over the configurations, best of `rounds`: other jobs on the machine then bias
     # every configuration alike instead of whichever happened to run while they did.
     best: dict[str, float] = {}
     generated: dict[str, list[int]] = {}
+    floor_ms = float("inf")
     for round_ in range(args.rounds):
         for label, run, _, _ in runs:
             tokens, seconds = greedy(run, ids, args.tokens)
             best[label] = max(best.get(label, 0.0), (args.tokens - 1) / seconds)
             generated[label] = tokens
             print(f"round {round_}: {label:40s} {(args.tokens - 1) / seconds:7.1f} tok/s", flush=True)
+        _, seconds = greedy(floor_model, ids, args.tokens)
+        floor_ms = min(floor_ms, seconds / (args.tokens - 1) * 1e3)
     reference = generated[runs[0][0]]
     windows = eval_windows(tokenizer, args.ppl_windows) if args.ppl_windows else None
     results = []
@@ -203,6 +232,10 @@ def main() -> None:
     fp32 = results[0]["tokens_per_s"]
     header = f"{'config':40s} {'tok/s':>7s} {'x fp32':>7s} {'diverge@':>8s} {'TF top1':>7s} {'ppl':>6s} {'MB/tok':>7s} {'BW frac':>7s} {'sim':>4s}"
     print(f"\nSmolLM2-135M decode, batch 1, {args.tokens} greedy tokens, {args.threads} threads, memcpy bandwidth {bandwidth:.1f} GB/s")
+    print(
+        f"decode step with no matmul (every Linear returns zeros): {floor_ms:.1f} ms/token; "
+        f"FP32 takes {1e3 / fp32:.1f}, so no matmul kernel can make this framework more than {1e3 / fp32 / floor_ms:.1f}x faster"
+    )
     print(header)
     for r in results:
         r["speedup_vs_fp32"] = r["tokens_per_s"] / fp32
@@ -223,6 +256,8 @@ def main() -> None:
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "memcpy_bandwidth_gbs": bandwidth,
+        "no_matmul_ms_per_token": floor_ms,
+        "max_speedup_from_matmuls": 1e3 / fp32 / floor_ms,
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
         "results": results,
