@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,12 +28,14 @@ from ptqkit.nn.packed import (
 )
 from ptqkit.targets import replace_module
 
-__all__ = ["BACKENDS", "PackedLayer", "PackReport", "pack"]
+__all__ = ["BACKENDS", "FASTEST", "PackedLayer", "PackReport", "fastest_float_dtype", "pack"]
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("torch",)
 SIMULATED = "simulated"
+FASTEST = "fastest"  # float_linear_dtype: time bf16 and fp16 on this CPU and take the faster
+SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -94,12 +97,47 @@ def _choose(module: QuantizedModule, activation_dtype: torch.dtype) -> tuple[nn.
     return None, f"{module.weight_spec.qtype.name} weights: torch has 8- and 4-bit kernels only"
 
 
+def fastest_float_dtype(linear: nn.Linear, reps: int = 20) -> tuple[torch.dtype, dict[str, float]]:
+    """(the 16-bit dtype in which `linear` runs one row fastest on this CPU, ms per call of each).
+
+    One row is a decode step's shape. Which format wins is a property of the machine: on an
+    AVX-512 CPU without AMX fp16 ran SmolLM2's 49152 x 576 head 2-3x faster than bf16; AMX
+    runs bf16 natively."""
+    timings: dict[torch.dtype, float] = {}
+    with torch.inference_mode():
+        for dtype in SIXTEEN_BIT:
+            weight = linear.weight.detach().to(dtype)  # [N, K]
+            row = torch.ones(1, linear.in_features, dtype=dtype)  # [1, K]
+            for _ in range(3):  # warm-up: first calls pick and prepare the kernel
+                torch.nn.functional.linear(row, weight)
+            start = time.perf_counter()
+            for _ in range(reps):
+                torch.nn.functional.linear(row, weight)
+            timings[dtype] = (time.perf_counter() - start) / reps * 1e3
+    best = min(timings, key=timings.__getitem__)
+    return best, {str(dtype).removeprefix("torch."): ms for dtype, ms in timings.items()}
+
+
+def _float_linear_dtype(model: nn.Module, requested: torch.dtype | str | None) -> tuple[torch.dtype | None, str]:
+    """(dtype for the float Linears, why): `FASTEST` is decided on the largest float Linear."""
+    if requested != FASTEST:
+        return requested, f"float layer run in {requested}"
+    floats = [m for m in model.modules() if type(m) is nn.Linear]
+    if not floats:
+        return None, ""
+    largest = max(floats, key=lambda m: m.weight.numel())
+    dtype, timings = fastest_float_dtype(largest)
+    measured = ", ".join(f"{name} {ms:.3f} ms" for name, ms in timings.items())
+    logger.info("pack: float Linears run in %s (one row through a %d x %d Linear: %s)", dtype, largest.out_features, largest.in_features, measured)
+    return dtype, f"float layer run in {dtype}, the faster here (one row, {largest.out_features} x {largest.in_features}: {measured})"
+
+
 def pack(
     qmodel: nn.Module,
     backend: str = "torch",
     *,
     activation_dtype: torch.dtype = torch.bfloat16,
-    float_linear_dtype: torch.dtype | None = None,
+    float_linear_dtype: torch.dtype | str | None = None,
     strict: bool = False,
 ) -> nn.Module:
     """A copy of `qmodel` whose weight-only QuantLinear layers run on packed CPU kernels.
@@ -113,19 +151,26 @@ def pack(
     otherwise caps decode speed-ups. Which 16-bit format is faster depends on the CPU: on an
     AVX-512 machine without AMX, SmolLM2's 49152 x 576 head took 1.9-2.6 ms per token in fp16 and
     5.3-6.2 ms in bf16 (fp16 also keeps 3 more mantissa bits); AMX runs bf16 natively.
-    `benchmarks/llm_decode.py` measures both. Layers no kernel can take stay simulated and are listed in
+    `float_linear_dtype="fastest"` times both on the largest float Linear (one row) and takes the
+    faster; the report says what it measured. fp16 holds values up to 65504 only: keep bf16 for
+    layers whose outputs can exceed that. Layers no kernel can take stay simulated and are listed in
     `result.ptqkit_pack_report`; with `strict=True` they raise ConfigError instead.
     """
     if backend not in BACKENDS:
         raise ConfigError(f"pack: backend {backend!r} is unknown; valid: {', '.join(BACKENDS)}")
-    for what, dtype in (("activation_dtype", activation_dtype), ("float_linear_dtype", float_linear_dtype)):
-        if dtype is not None and dtype not in ACTIVATION_DTYPES:
-            raise ConfigError(f"pack: {what}={dtype!r} is not supported; valid: {', '.join(map(str, ACTIVATION_DTYPES))}")
+    if activation_dtype not in ACTIVATION_DTYPES:
+        raise ConfigError(f"pack: activation_dtype={activation_dtype!r} is not supported; valid: {', '.join(map(str, ACTIVATION_DTYPES))}")
+    if float_linear_dtype is not None and float_linear_dtype != FASTEST and float_linear_dtype not in ACTIVATION_DTYPES:
+        raise ConfigError(
+            f"pack: float_linear_dtype={float_linear_dtype!r} is not supported; "
+            f"valid: None, {FASTEST!r}, {', '.join(map(str, ACTIVATION_DTYPES))}"
+        )
     if not any(isinstance(m, QuantizedModule) for m in qmodel.modules()):
         raise ConfigError(
             f"pack: {type(qmodel).__name__} has no ptqkit quantized modules; pass the model returned by ptqkit.quantize(...)"
         )
     model = copy.deepcopy(qmodel)
+    float_dtype, float_reason = _float_linear_dtype(model, float_linear_dtype)
     layers: list[PackedLayer] = []
     replacements: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
@@ -136,9 +181,9 @@ def pack(
             else:
                 replacements[name] = packed
                 layers.append(PackedLayer(name, packed.kernel))
-        elif float_linear_dtype is not None and type(module) is nn.Linear:
-            replacements[name] = CastLinear(module, float_linear_dtype)
-            layers.append(PackedLayer(name, CastLinear.kernel, f"float layer run in {float_linear_dtype}"))
+        elif float_dtype is not None and type(module) is nn.Linear:
+            replacements[name] = CastLinear(module, float_dtype)
+            layers.append(PackedLayer(name, CastLinear.kernel, float_reason))
     report = PackReport(backend=backend, activation_dtype=str(activation_dtype), layers=tuple(layers))
     if report.simulated:
         summary = "; ".join(f"{l.name}: {l.reason}" for l in report.simulated)

@@ -38,14 +38,16 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 def test_int4_g64_packs_every_projection_and_matches_simulation(smollm2) -> None:
     model, ids = smollm2
     qmodel = pq.quantize(model, pq.Recipe.from_preset("w4a16", group_size=64), progress=False)
-    packed = pack(qmodel, float_linear_dtype=torch.bfloat16)
+    packed = pack(qmodel, float_linear_dtype="fastest")  # the lm_head in bf16 or fp16, whichever runs faster here
     report = packed.ptqkit_pack_report
     kernels = [layer.kernel for layer in report.layers]
     assert kernels.count("int4_grouped") == 7 * 30 and not report.simulated
-    assert {l.name for l in report.layers if l.kernel == "float_linear"} == {"lm_head"}
+    heads = [l for l in report.layers if l.kernel == "float_linear"]
+    assert [l.name for l in heads] == ["lm_head"] and "the faster here (one row, 49152 x 576: bfloat16 " in heads[0].reason
     sim, fast = _logits(qmodel, ids), _logits(packed, ids)
-    # measured here: SQNR 37.0 dB vs the simulated model, top-1 agreement 1.000 (bf16 activations,
-    # bf16 scales and a bf16 lm_head are the only differences)
+    # measured here: an AVX-512 CPU without AMX picked fp16 (1.9 vs 4.2 ms): SQNR 36.3 dB vs the
+    # simulated model, top-1 agreement 1.000; with a bf16 head 35.9 dB and 0.972 (bf16 activations
+    # and scales in the int4 layers and the 16-bit head are the only differences)
     assert pq.sqnr_db(sim, fast) > 30.0
     assert (sim.argmax(-1) == fast.argmax(-1)).double().mean() >= 0.95
 

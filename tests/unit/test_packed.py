@@ -19,7 +19,7 @@ from ptqkit.nn.packed import (
     int8_dynamic_refusal,
     int8_refusal,
 )
-from ptqkit.pack import pack
+from ptqkit.pack import fastest_float_dtype, pack
 from ptqkit.primitives import qparams_from_tensor
 from ptqkit.qtypes import PerChannel, PerGroup
 from ptqkit.recipe import Recipe, Scheme
@@ -172,6 +172,25 @@ def test_pack_errors() -> None:
         pack(qmodel, activation_dtype=torch.int8)
     with pytest.raises(ConfigError, match=r"Sequential has no ptqkit quantized modules"):
         pack(_linear(64, 16))
+    with pytest.raises(ConfigError, match=r"float_linear_dtype='fast' is not supported; valid: None, 'fastest', torch.bfloat16"):
+        pack(qmodel, float_linear_dtype="fast")
+
+
+def test_fastest_float_dtype_measures_both_16_bit_formats() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 512)).eval()
+    qmodel = pq.quantize(model, Recipe(scheme=Scheme(weights=QuantSpec(qtype="int8", granularity=PerChannel(0))), ignore=("1",)), progress=False)
+    packed = pack(qmodel, float_linear_dtype="fastest")
+    head = packed[1]
+    assert isinstance(head, CastLinear) and head.activation_dtype in (torch.bfloat16, torch.float16)
+    reason = {l.name: l.reason for l in packed.ptqkit_pack_report.layers}["1"]
+    assert f"float layer run in {head.activation_dtype}, the faster here (one row, 512 x 32: bfloat16 " in reason
+    assert "float16" in reason.split("bfloat16", 1)[1]  # both timings are reported
+    x = torch.randn(3, 64)
+    assert _rel(packed(x), qmodel(x)) < SIM_TOL  # 16-bit head weights and activations (module comment)
+    dtype, timings = fastest_float_dtype(model[1], reps=2)
+    assert set(timings) == {"bfloat16", "float16"} and all(ms > 0 for ms in timings.values())
+    assert dtype == min((torch.bfloat16, torch.float16), key=lambda d: timings[str(d).removeprefix("torch.")])
 
 
 def test_pack_returns_a_copy_and_fp32_activations_work() -> None:
