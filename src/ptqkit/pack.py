@@ -8,8 +8,8 @@ layer left on the simulated path into a ConfigError.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,24 +98,24 @@ def _choose(module: QuantizedModule, activation_dtype: torch.dtype) -> tuple[nn.
 
 
 def fastest_float_dtype(linear: nn.Linear, reps: int = 20) -> tuple[torch.dtype, dict[str, float]]:
-    """(the 16-bit dtype in which `linear` runs one row fastest on this CPU, ms per call of each).
+    """(the 16-bit dtype in which `linear` runs one row fastest on this CPU, median ms per call of each).
 
-    One row is a decode step's shape. Which format wins is a property of the machine: on an
-    AVX-512 CPU without AMX fp16 ran SmolLM2's 49152 x 576 head 2-3x faster than bf16; AMX
+    One row is a decode step's shape; the two formats' calls alternate (`time_alternating`) so
+    that the machine's drift hits both alike. Which format wins is a property of the machine: on
+    an AVX-512 CPU without AMX fp16 ran SmolLM2's 49152 x 576 head 2-3x faster than bf16; AMX
     runs bf16 natively."""
-    timings: dict[torch.dtype, float] = {}
+    from ptqkit.eval.bench import time_alternating
+
+    calls = []
+    for dtype in SIXTEEN_BIT:
+        weight = linear.weight.detach().to(dtype)  # [N, K]
+        row = torch.ones(1, linear.in_features, dtype=dtype)  # [1, K]
+        calls.append(functools.partial(torch.nn.functional.linear, row, weight))
     with torch.inference_mode():
-        for dtype in SIXTEEN_BIT:
-            weight = linear.weight.detach().to(dtype)  # [N, K]
-            row = torch.ones(1, linear.in_features, dtype=dtype)  # [1, K]
-            for _ in range(3):  # warm-up: first calls pick and prepare the kernel
-                torch.nn.functional.linear(row, weight)
-            start = time.perf_counter()
-            for _ in range(reps):
-                torch.nn.functional.linear(row, weight)
-            timings[dtype] = (time.perf_counter() - start) / reps * 1e3
-    best = min(timings, key=timings.__getitem__)
-    return best, {str(dtype).removeprefix("torch."): ms for dtype, ms in timings.items()}
+        timings = time_alternating(*calls, warmup=3, reps=reps, batch=1)  # warm-up: first calls pick the kernel
+    medians = {dtype: timing.median_ms for dtype, timing in zip(SIXTEEN_BIT, timings)}
+    best = min(medians, key=medians.__getitem__)
+    return best, {str(dtype).removeprefix("torch."): ms for dtype, ms in medians.items()}
 
 
 def _float_linear_dtype(model: nn.Module, requested: torch.dtype | str | None) -> tuple[torch.dtype | None, str]:
