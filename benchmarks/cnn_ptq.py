@@ -30,9 +30,15 @@ import torch
 
 import ptqkit as pq
 from ptqkit.algorithms import AdaRoundConfig, BiasCorrectionConfig, BNFoldConfig, CLEConfig
-from ptqkit.eval.metrics import logits_of, mean_softmax_kl, output_sqnr_db, top1_agreement, topk_agreement
-from ptqkit.qtypes import PerChannel, PerTensor
-from ptqkit.spec import QuantSpec
+from ptqkit.core.qtypes import PerChannel, PerTensor
+from ptqkit.core.spec import QuantSpec
+from ptqkit.eval.metrics import (
+    logits_of,
+    mean_softmax_kl,
+    output_sqnr_db,
+    top1_agreement,
+    topk_agreement,
+)
 
 logger = logging.getLogger("cnn_ptq")
 RESULTS = Path(__file__).parent / "results" / "cnn_ptq.json"
@@ -130,7 +136,12 @@ def onnx_rows(
     """Latency (batch `batch`) and top-1 agreement with torch FP32 on all eval crops for ORT FP32,
     ptqkit's export and ORT's own quantize_static (QDQ, per-channel, MinMax, same calibration crops)."""
     import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     from ptqkit.export.onnx_graph import export_float_onnx
     from ptqkit.export.ort_check import make_session

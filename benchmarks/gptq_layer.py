@@ -28,8 +28,8 @@ from ptqkit.algorithms import (
     gptq_quantize_weight,
     rtn_quantize_weight,
 )
-from ptqkit.qtypes import PerChannel, PerGroup
-from ptqkit.spec import QuantSpec
+from ptqkit.core.qtypes import PerChannel, PerGroup
+from ptqkit.core.spec import QuantSpec
 from tests.reference.gptq_reference import reference_gptq
 
 SHAPES = {"up_proj": (1536, 576), "down_proj": (576, 1536)}

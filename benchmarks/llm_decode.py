@@ -35,14 +35,14 @@ from torch import nn
 
 import ptqkit as pq
 from ptqkit.algorithms import GPTQConfig
+from ptqkit.core.qtypes import PerChannel
+from ptqkit.core.spec import QuantSpec
+from ptqkit.engine.recipe import Override, Scheme
 from ptqkit.eval.metrics import perplexity
+from ptqkit.export.pack import pack
 from ptqkit.models.hf_cache import cached_forward, output_cache
 from ptqkit.nn.modules import QuantizedModule
 from ptqkit.nn.packed import CastLinear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
-from ptqkit.pack import pack
-from ptqkit.qtypes import PerChannel
-from ptqkit.recipe import Override, Scheme
-from ptqkit.spec import QuantSpec
 
 sys.path.insert(0, str(Path(__file__).parent))
 from llm_data import calibration_windows, eval_windows  # noqa: E402
@@ -170,7 +170,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fp32 and int4 g64 + bf16 head only")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("ptqkit.pack").setLevel(logging.ERROR)  # layers left simulated are counted in the table/JSON
+    logging.getLogger("ptqkit.export.pack").setLevel(logging.ERROR)  # layers left simulated are counted in the table/JSON
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     model, tokenizer = load_model()

@@ -54,12 +54,12 @@ from llm_decode import (  # noqa: E402
 )
 
 import ptqkit as pq  # noqa: E402
+from ptqkit.core.qtypes import PerChannel  # noqa: E402
+from ptqkit.core.spec import QuantSpec  # noqa: E402
+from ptqkit.engine.recipe import Override, Scheme  # noqa: E402
 from ptqkit.eval.metrics import perplexity  # noqa: E402
 from ptqkit.export import REPORT_FILE, NBitsOptions  # noqa: E402
 from ptqkit.export.onnx_decoder import OrtDecoder, export_cached_decoder  # noqa: E402
-from ptqkit.qtypes import PerChannel  # noqa: E402
-from ptqkit.recipe import Override, Scheme  # noqa: E402
-from ptqkit.spec import QuantSpec  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "llm_decode_ort.json"
 

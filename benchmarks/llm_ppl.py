@@ -51,7 +51,7 @@ def build_recipe(name: str):
 
     import ptqkit as pq
     from ptqkit.algorithms import AWQConfig, GPTQConfig, RTNConfig, SmoothQuantConfig
-    from ptqkit.qtypes import PerChannel, QType
+    from ptqkit.core.qtypes import PerChannel, QType
 
     scheme_name, method = name.split("/")
     if scheme_name.startswith("w8a8"):
@@ -76,9 +76,9 @@ def build_recipe(name: str):
 def run_one(name: str, windows_file: Path) -> dict:
     """Quantize with one configuration and measure perplexity (runs in a subprocess)."""
     import torch
+    from llm_data import load_windows
 
     import ptqkit as pq
-    from llm_data import load_windows
     from ptqkit.eval.metrics import perplexity
     from ptqkit.models.zoo import load_smollm2
 
@@ -155,6 +155,7 @@ def main() -> None:
     if args.quick:
         args.samples, args.window, args.eval_windows = 16, 256, 8
     from llm_data import calibration_windows, eval_windows, save_windows
+
     from ptqkit.models.zoo import load_smollm2
 
     _, tokenizer = load_smollm2()

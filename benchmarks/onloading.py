@@ -2,8 +2,8 @@
 
 Each path runs in its own child process (a clean peak resident set): "in memory" loads the
 float model and runs `pq.quantize` + `pq.save`; "onloading" runs
-`ptqkit.onloading.quantize_onloaded` with the weights left on disk. Both children compute the
-memory plan (`ptqkit.memory_plan`) first, from the config alone. Reported: predicted and
+`ptqkit.engine.onloading.quantize_onloaded` with the weights left on disk. Both children compute the
+memory plan (`ptqkit.engine.memory_plan`) first, from the config alone. Reported: predicted and
 measured peak RSS, wall time, and whether both artifacts hold byte-identical tensors. Prints a
 table and writes benchmarks/results/onloading.json.
 
@@ -33,11 +33,12 @@ def child(path: str, out: str, samples: int, seq: int, batch: int, threads: int)
     import torch
 
     import ptqkit as pq
-    from ptqkit.memory_plan import plan_memory
+    from ptqkit.engine.memory_plan import plan_memory
+    from ptqkit.engine.onloading import quantize_onloaded
+    from ptqkit.engine.recipe import CalibrationSettings
+    from ptqkit.engine.weight_store import build_skeleton
     from ptqkit.models.hf import load_hf_model, load_hf_tokenizer
     from ptqkit.models.zoo import smollm2_fp32_dir
-    from ptqkit.onloading import build_skeleton, quantize_onloaded
-    from ptqkit.recipe import CalibrationSettings
 
     sys.path.insert(0, str(Path(__file__).parent))
     from llm_data import calibration_windows
@@ -52,7 +53,7 @@ def child(path: str, out: str, samples: int, seq: int, batch: int, threads: int)
     plan = plan_memory(build_skeleton(model_dir), recipe, samples=samples, seq_len=seq, batch_size=batch, onload=onload)
     start = time.perf_counter()
     if onload:
-        quantize_onloaded(model_dir, recipe, calib, out, progress=False)
+        pq.save(quantize_onloaded(model_dir, recipe, calib, progress=False), out)
     else:
         model, _ = load_hf_model(model_dir)
         pq.save(pq.quantize(model, recipe, calib, progress=False), out)

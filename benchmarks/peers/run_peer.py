@@ -132,7 +132,10 @@ def applied_weight_args(model) -> dict[str, int]:
 def nncf_quantize(model, group_size: int | None, calibration: torch.Tensor, data_aware: bool):
     """`nncf.compress_weights` INT4_SYM, ratio 1.0, embedding and lm_head kept FP32 (backup NONE)."""
     import nncf
-    from nncf.quantization.advanced_parameters import AdvancedCompressionParameters, GroupSizeFallbackMode
+    from nncf.quantization.advanced_parameters import (
+        AdvancedCompressionParameters,
+        GroupSizeFallbackMode,
+    )
 
     # The torch backend traces the model with the dataset's first item even when data-free.
     items = [{"input_ids": row[None]} for row in (calibration if data_aware else calibration[:1])]

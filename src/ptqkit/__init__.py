@@ -3,7 +3,8 @@
 Importing ptqkit loads torch and numpy only; onnx, onnxruntime, transformers and the other
 optional dependencies are imported lazily by the functions that need them.
 """
-from ptqkit.errors import (
+from ptqkit.calibration import CalibrationData
+from ptqkit.core.errors import (
     ArtifactError,
     CalibrationDataError,
     ConfigError,
@@ -12,7 +13,7 @@ from ptqkit.errors import (
     PTQError,
     UnsupportedModelError,
 )
-from ptqkit.primitives import (
+from ptqkit.core.primitives import (
     dequantize,
     fake_quantize,
     mse,
@@ -22,8 +23,8 @@ from ptqkit.primitives import (
     sqnr_db,
     unpack_lowbit,
 )
-from ptqkit.primitives import quantize as quantize_tensor  # `pq.quantize` quantizes models
-from ptqkit.qtypes import (
+from ptqkit.core.primitives import quantize as quantize_tensor  # `pq.quantize` quantizes models
+from ptqkit.core.qtypes import (
     FP4_E2M1,
     FP8_E4M3,
     FP8_E5M2,
@@ -39,25 +40,24 @@ from ptqkit.qtypes import (
     PerToken,
     QType,
 )
-from ptqkit.spec import QParams, QuantSpec
-from ptqkit.recipe import Recipe
-from ptqkit.calibration import CalibrationData
-from ptqkit.quantize import dequantize_model, plan, quantize, quantize_
-from ptqkit.eval.size import model_size
+from ptqkit.core.spec import QParams, QuantSpec
+from ptqkit.core.version import __version__
+from ptqkit.engine.quantize import dequantize_model, plan, quantize, quantize_
+from ptqkit.engine.recipe import Recipe
+from ptqkit.eval.bench import bench
+from ptqkit.eval.doctor import doctor
 from ptqkit.eval.evaluate import QuantReport, evaluate
 from ptqkit.eval.report import write_report as report
-from ptqkit.eval.doctor import doctor
-from ptqkit.eval.bench import bench
 from ptqkit.eval.sensitivity import sensitivity, suggest
+from ptqkit.eval.size import model_size
 from ptqkit.export import export
 from ptqkit.export.artifact import save_artifact as save
 from ptqkit.export.load import load_artifact as load
-from ptqkit.pack import pack
+from ptqkit.export.pack import pack
 from ptqkit.mixed_precision.search import search
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "ArtifactError",
     "CalibrationDataError",
     "ConfigError",

@@ -1,7 +1,7 @@
 """The `ptqkit` command: `quantize`, `export`, `eval`, `report`, `bench`, `doctor`, `search`, `inspect`.
 
 `ptqkit quantize --model M (--recipe FILE | --preset NAME) [--set key=value ...] --calib DATA
---out DIR [--format onnx]` writes a run directory (`ptqkit.runs`); `ptqkit quantize` with no
+--out DIR [--format onnx]` writes a run directory (`ptqkit.workflows.runs`); `ptqkit quantize` with no
 arguments runs the bundled MiniLM example. `ptqkit export DIR` exports a run to ONNX.
 `ptqkit eval DIR [--data DATA]` measures it against the float model (`eval.evaluate`);
 `ptqkit report DIR` also writes report.json and report.html; `ptqkit bench DIR` times it against
@@ -22,7 +22,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from ptqkit.errors import CalibrationDataError, ConfigError, PTQError, UnsupportedModelError
+from ptqkit.core.errors import CalibrationDataError, ConfigError, PTQError, UnsupportedModelError
 
 __all__ = ["EXIT_CODES", "main"]
 
@@ -41,8 +41,8 @@ def _write(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
 
 def _recipe(args: argparse.Namespace) -> Any:
     """The effective recipe: a file or a preset, with --set applied, validated once."""
-    from ptqkit.recipe import Recipe
-    from ptqkit.sources import apply_settings
+    from ptqkit.engine.recipe import Recipe
+    from ptqkit.workflows.sources import apply_settings
 
     if (args.recipe is None) == (args.preset is None):
         raise ConfigError("quantize: pass exactly one of --recipe FILE and --preset NAME (w8a8, w8a8_dynamic, w8a16, w4a16, fp8)")
@@ -64,7 +64,7 @@ def _recipe_data(args: argparse.Namespace, path: str, tokenizer: Any, recipe: An
 
 def _data(args: argparse.Namespace, path: str, tokenizer: Any, *, samples: int, batch_size: int, seed: int = 0) -> Any:
     """CalibrationData from `path` with the command's --text-field/--max-length/--image-size/--tensor-name."""
-    from ptqkit.sources import load_calibration
+    from ptqkit.workflows.sources import load_calibration
 
     return load_calibration(
         path, tokenizer=tokenizer, samples=samples, batch_size=batch_size, seed=seed, text_field=args.text_field,
@@ -116,8 +116,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         return 0
     if args.out is None:
         raise ConfigError("quantize: --out DIR is required (the run directory to write)")
-    from ptqkit.runs import quantize_run
-    from ptqkit.sources import load_model
+    from ptqkit.workflows.runs import quantize_run
+    from ptqkit.workflows.sources import load_model
 
     recipe = _recipe(args)
     formats = _formats(args.format)
@@ -156,8 +156,8 @@ def _memory_plan(args: argparse.Namespace, recipe: Any, *, onload: bool, calib: 
     """Predict the run's peak memory from the model's config and the calibration data's size
     (printed unless --quiet/--json) and refuse a run that cannot fit, before any weight is
     loaded (unless --no-memory-check)."""
-    from ptqkit.memory_plan import check_memory, plan_from_config
-    from ptqkit.onloading import tokens_per_sample
+    from ptqkit.engine.memory_plan import check_memory, plan_from_config
+    from ptqkit.engine.weight_store import tokens_per_sample
 
     settings = recipe.calibration
     samples, seq_len = settings.samples, args.max_length
@@ -174,7 +174,7 @@ def _memory_plan(args: argparse.Namespace, recipe: Any, *, onload: bool, calib: 
 
 def _quantize_onloaded(args: argparse.Namespace, recipe: Any) -> int:
     """`quantize --onload`: a Hugging Face model quantized block by block from disk."""
-    from ptqkit.runs import onload_run
+    from ptqkit.workflows.runs import onload_run
 
     if args.distributed or args.weights is not None or args.calib is None or not Path(args.model).expanduser().is_dir():
         raise ConfigError("quantize --onload: needs a Hugging Face model directory and --calib; not with --weights or --distributed")
@@ -194,13 +194,13 @@ def _is_writer(distributed: bool) -> bool:
     """Whether this process prints and writes: always, except on ranks other than 0."""
     if not distributed:
         return True
-    from ptqkit.distributed import DataParallel
+    from ptqkit.stats.distributed import DataParallel
 
     return DataParallel.current().is_writer
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from ptqkit.runs import export_run
+    from ptqkit.workflows.runs import export_run
 
     formats = _formats(args.format)
     if formats != ("onnx",):
@@ -215,7 +215,7 @@ def _evaluate_run(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, Any]:
     """(QuantReport, data description, float model, quantized model, data) of a run directory on
     --data (default: the run's example batch)."""
     from ptqkit.eval.evaluate import evaluate
-    from ptqkit.runs import open_run
+    from ptqkit.workflows.runs import open_run
 
     loaded, qmodel, example = open_run(args.run)
     if args.data is None:
@@ -271,7 +271,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from ptqkit.runs import bench_run
+    from ptqkit.workflows.runs import bench_run
 
     result = bench_run(args.run, runtime=args.runtime, threads=args.threads, warmup=args.warmup, reps=args.reps)
     data = result.to_dict()
@@ -289,7 +289,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from ptqkit.eval.doctor import doctor
-    from ptqkit.sources import load_model
+    from ptqkit.workflows.sources import load_model
 
     recipe = _recipe(args)
     loaded = load_model(args.model, args.weights)
@@ -305,7 +305,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 def _cmd_search(args: argparse.Namespace) -> int:
     from ptqkit.mixed_precision.search import decode_step_input, search
-    from ptqkit.sources import load_model
+    from ptqkit.workflows.sources import load_model
 
     loaded = load_model(args.model, args.weights)
     data = _data(args, args.data, loaded.tokenizer, samples=args.samples, batch_size=args.batch_size)
@@ -334,11 +334,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from ptqkit.recipe import PRESETS, Recipe
+    from ptqkit.engine.recipe import PRESETS, Recipe
 
     target = Path(args.target)
     if target.is_dir():
-        from ptqkit.runs import describe_run
+        from ptqkit.workflows.runs import describe_run
 
         info = describe_run(target)
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(info["layers_by_kind"].items()))

@@ -18,8 +18,8 @@ from transformers.models.llama import modeling_llama  # noqa: F401
 
 import ptqkit.algorithms.blockwise  # noqa: F401
 import ptqkit.cli  # noqa: F401
-import ptqkit.onloading  # noqa: F401
-from ptqkit.memory_plan import proc_status
+import ptqkit.engine.onloading  # noqa: F401
+from ptqkit.engine.memory_plan import proc_status
 
 if __name__ == "__main__":
     torch.ones(256, 256) @ torch.ones(256, 256)  # start the thread pool

@@ -26,7 +26,7 @@ import time
 import pytest
 import torch
 
-from ptqkit.errors import UnsupportedModelError
+from ptqkit.core.errors import UnsupportedModelError
 from ptqkit.models import corpora, zoo
 
 logger = logging.getLogger(__name__)

@@ -56,7 +56,7 @@ def test_mobilenet_v2_factory_weights_and_photo_folder(mobilenet_v2, photo_crops
     from PIL import Image
 
     from ptqkit.models import corpora, zoo
-    from ptqkit.runs import open_run
+    from ptqkit.workflows.runs import open_run
 
     folder = tmp_path / "photos"
     folder.mkdir()

@@ -12,9 +12,9 @@ import torch
 
 import ptqkit as pq
 from ptqkit.algorithms import AdaRoundConfig, BiasCorrectionConfig, BNFoldConfig, CLEConfig
+from ptqkit.core.qtypes import PerChannel, PerTensor
+from ptqkit.core.spec import QuantSpec
 from ptqkit.eval.metrics import logits_of, top1_agreement
-from ptqkit.qtypes import PerChannel, PerTensor
-from ptqkit.spec import QuantSpec
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 import ptqkit as pq
-from ptqkit.eval.metrics import embedding_cosine, logits_of, mean_pooled_embeddings, output_sqnr_db, perplexity, token_windows, top1_agreement
+from ptqkit.eval.metrics import (
+    embedding_cosine,
+    logits_of,
+    mean_pooled_embeddings,
+    output_sqnr_db,
+    perplexity,
+    token_windows,
+    top1_agreement,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import ptqkit as pq
-from ptqkit.qtypes import PerTensor
-from ptqkit.spec import QuantSpec
+from ptqkit.core.qtypes import PerTensor
+from ptqkit.core.spec import QuantSpec
 
 pytestmark = pytest.mark.integration
 

@@ -16,8 +16,8 @@ import torch
 
 import ptqkit as pq
 from ptqkit.algorithms import AWQConfig, GPTQConfig
+from ptqkit.core.qtypes import PerChannel
 from ptqkit.eval.metrics import perplexity, token_windows
-from ptqkit.qtypes import PerChannel
 
 pytestmark = pytest.mark.integration
 logger = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import torch
 import ptqkit as pq
 from ptqkit.export.artifact import save_artifact
 from ptqkit.export.load import load_artifact
-from ptqkit.pack import pack
+from ptqkit.export.pack import pack
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import ptqkit as pq
-
 from ptqkit.algorithms import AWQConfig, SmoothQuantConfig
 from ptqkit.algorithms.blockwise import transform_blocks_
 from ptqkit.eval.metrics import token_windows

@@ -14,8 +14,8 @@ from ptqkit.algorithms import (
     gptq_quantize_weight,
     rtn_quantize_weight,
 )
-from ptqkit.qtypes import PerChannel, PerGroup
-from ptqkit.spec import QuantSpec
+from ptqkit.core.qtypes import PerChannel, PerGroup
+from ptqkit.core.spec import QuantSpec
 from tests.reference.gptq_reference import reference_gptq
 
 OUT_F, IN_F, ROWS = 256, 512, 2048

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from ptqkit.cli import main
+from ptqkit.engine.recipe import Recipe
 from ptqkit.eval.metrics import output_sqnr_db
-from ptqkit.recipe import Recipe
 
 
 def test_inspect_preset_prints_yaml(capsys) -> None:
@@ -87,8 +87,8 @@ def test_quantize_a_factory_model_writes_a_run_directory(digits_files, capsys) -
 
 
 def test_open_run_rebuilds_the_folded_and_equalized_model(digits_files) -> None:
-    from ptqkit.runs import open_run
-    from ptqkit.sources import load_model
+    from ptqkit.workflows.runs import open_run
+    from ptqkit.workflows.sources import load_model
 
     recipe = str(next(r for r in RECIPES if r.name == "w8a8-cnn-cle-bc.yaml"))
     assert main(_quantize_args(digits_files, "--recipe", recipe, "--set", "calibration.samples=16")) == 0

@@ -8,7 +8,12 @@ import torch
 from torch import nn
 
 import ptqkit as pq
-from ptqkit.errors import ConfigError
+from ptqkit.core.errors import ConfigError
+from ptqkit.core.primitives import qparams_from_tensor
+from ptqkit.core.qtypes import PerChannel, PerGroup
+from ptqkit.core.spec import QuantSpec
+from ptqkit.engine.recipe import Override, Recipe, Scheme
+from ptqkit.export.pack import fastest_float_dtype, pack
 from ptqkit.nn.modules import QuantLinear
 from ptqkit.nn.packed import (
     CastLinear,
@@ -19,11 +24,6 @@ from ptqkit.nn.packed import (
     int8_dynamic_refusal,
     int8_refusal,
 )
-from ptqkit.pack import fastest_float_dtype, pack
-from ptqkit.primitives import qparams_from_tensor
-from ptqkit.qtypes import PerChannel, PerGroup
-from ptqkit.recipe import Recipe, Scheme
-from ptqkit.spec import QuantSpec
 
 # Tolerances (bf16 activations, fp32 accumulation, bf16 output):
 # vs a float64 reference that uses the same bf16-rounded x, scales and zeros: the only errors left are
@@ -106,7 +106,7 @@ def test_unsupported_layers_stay_simulated_and_are_reported(caplog: pytest.LogCa
     model = nn.Sequential(nn.Linear(576, 64), nn.ReLU(), nn.Linear(64, 40), nn.ReLU(), nn.Linear(40, 32)).eval()
     spec = QuantSpec(qtype="int4", granularity=PerGroup(128), symmetric=True)
     qmodel = _quantize(model, spec)
-    with caplog.at_level(logging.WARNING, logger="ptqkit.pack"):
+    with caplog.at_level(logging.WARNING, logger="ptqkit.export.pack"):
         packed = pack(qmodel)
     report = packed.ptqkit_pack_report
     kernels = {layer.name: layer.kernel for layer in report.layers}
@@ -129,8 +129,8 @@ def test_mixed_model_reports_every_layer() -> None:
         scheme=Scheme(weights=QuantSpec(qtype="int8", granularity=PerChannel(0))),
         ignore=("3",),
         overrides=(
-            pq.recipe.Override(match=("1",), scheme=Scheme(weights=QuantSpec(qtype="int4", granularity=PerGroup(32)))),
-            pq.recipe.Override(match=("2",), scheme=Scheme(weights=QuantSpec(qtype="int8", granularity=PerChannel(0), symmetric=False))),
+            Override(match=("1",), scheme=Scheme(weights=QuantSpec(qtype="int4", granularity=PerGroup(32)))),
+            Override(match=("2",), scheme=Scheme(weights=QuantSpec(qtype="int8", granularity=PerChannel(0), symmetric=False))),
         ),
     )
     qmodel = pq.quantize(model, recipe, progress=False)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import ptqkit as pq
-from ptqkit.errors import ConfigError, NonFiniteError
-from ptqkit.primitives import MIN_SCALE, round_values
+from ptqkit.core.errors import ConfigError, NonFiniteError
+from ptqkit.core.primitives import MIN_SCALE, round_values
 
 
 def test_rounding_modes_on_ties() -> None:

@@ -1,7 +1,7 @@
 """The progress bar: what it shows when enabled, nothing when disabled."""
 from __future__ import annotations
 
-from ptqkit.progress import peak_rss_bytes, progress_bar
+from ptqkit.core.progress import peak_rss_bytes, progress_bar
 
 
 def test_bar_shows_count_step_and_peak_memory(capsys) -> None:

@@ -115,13 +115,22 @@ granularities = st.sampled_from([pq.PerTensor(), pq.PerChannel(0), pq.PerChannel
     st.booleans(),
     st.sampled_from(["half_even", "half_away", "stochastic"]),
     st.booleans(),
-    st.dictionaries(st.sampled_from(["percentile", "bins", "momentum", "mode"]), st.one_of(st.integers(0, 4096), st.floats(0, 1), st.text(max_size=5), st.booleans()), max_size=3),
+    st.sampled_from([
+        ("minmax", {}),
+        ("ema_minmax", {"momentum": 0.25}),
+        ("percentile", {"percentile": 99.9, "bins": 512}),
+        ("mse", {"bins": 64, "grid": 20, "min_ratio": 0.5}),
+        ("kl", {"bins": 4096, "levels": 0, "stride": 1}),
+    ]),
 )
-def test_quant_spec_json_round_trip(qtype, granularity, symmetric, rounding, dynamic, options) -> None:
+def test_quant_spec_json_round_trip(qtype, granularity, symmetric, rounding, dynamic, observer) -> None:
     qt = pq.QType.parse(qtype)
     if not qt.is_integer:
         symmetric, rounding = True, "half_even"
-    spec = pq.QuantSpec(qtype=qt, granularity=granularity, symmetric=symmetric, rounding=rounding, dynamic=dynamic, observer_options=options)
+    name, options = observer  # options are checked against the observer when the spec is built
+    spec = pq.QuantSpec(
+        qtype=qt, granularity=granularity, symmetric=symmetric, rounding=rounding, dynamic=dynamic, observer=name, observer_options=options
+    )
     back = pq.QuantSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
     assert back == spec
     assert back.to_dict() == spec.to_dict()

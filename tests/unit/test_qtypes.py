@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import ptqkit as pq
-from ptqkit.errors import ConfigError
-from ptqkit.qtypes import NF4_LEVELS, granularity_from_dict
+from ptqkit.core.errors import ConfigError
+from ptqkit.core.qtypes import NF4_LEVELS, granularity_from_dict
 
 
 @pytest.mark.parametrize(

@@ -10,10 +10,10 @@ from torch import nn
 
 import ptqkit as pq
 from ptqkit.calibration.data import CalibrationData
-from ptqkit.errors import CalibrationDataError, ConfigError, UnsupportedModelError
+from ptqkit.core.errors import CalibrationDataError, ConfigError, UnsupportedModelError
+from ptqkit.engine.quantize import dequantize_model, quantize, quantize_
+from ptqkit.engine.recipe import CalibrationSettings, Recipe
 from ptqkit.nn import QuantConv, QuantLinear
-from ptqkit.quantize import dequantize_model, quantize, quantize_
-from ptqkit.recipe import CalibrationSettings, Recipe
 
 
 def _mlp(seed: int = 0) -> nn.Sequential:

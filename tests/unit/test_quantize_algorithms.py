@@ -7,8 +7,8 @@ from torch import nn
 
 import ptqkit as pq
 from ptqkit.algorithms import BNFoldConfig, CLEConfig, RTNConfig
-from ptqkit.errors import CalibrationDataError, ConfigError
-from ptqkit.recipe import Recipe
+from ptqkit.core.errors import CalibrationDataError, ConfigError
+from ptqkit.engine.recipe import Recipe
 
 
 def _cnn() -> nn.Sequential:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 import ptqkit as pq
-from ptqkit.errors import ConfigError
-from ptqkit.recipe import PRESETS, Recipe
+from ptqkit.core.errors import ConfigError
+from ptqkit.engine.recipe import PRESETS, Override, Recipe, Scheme
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -52,7 +52,7 @@ def test_every_default_is_written() -> None:
 
 def test_overrides_round_trip(tmp_path: Path) -> None:
     base = Recipe.from_preset("w8a8")
-    override = pq.recipe.Override(match=("classifier", "re:features\\.0\\..*"), scheme=pq.recipe.Scheme(weights=base.scheme.weights))
+    override = Override(match=("classifier", "re:features\\.0\\..*"), scheme=Scheme(weights=base.scheme.weights))
     recipe = Recipe(scheme=base.scheme, overrides=(override,), name="mixed")
     assert Recipe.load(recipe.save(tmp_path / "m.yaml")) == recipe
 

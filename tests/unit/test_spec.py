@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ptqkit as pq
-from ptqkit.errors import ConfigError, NonFiniteError
+from ptqkit.core.errors import ConfigError, NonFiniteError
 
 
 def test_defaults_and_string_qtype() -> None:
@@ -24,7 +24,7 @@ def test_json_round_trip_is_exact() -> None:
         granularity=pq.PerGroup(128),
         symmetric=False,
         rounding="stochastic",
-        observer="minmax",
+        observer="ema_minmax",
         observer_options={"momentum": 0.9},
     )
     text = json.dumps(spec.to_dict(), sort_keys=True)

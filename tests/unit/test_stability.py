@@ -7,7 +7,7 @@ import torch
 
 import ptqkit as pq
 from ptqkit.calibration.stability import range_stability, relative_changes
-from ptqkit.errors import ConfigError
+from ptqkit.core.errors import ConfigError
 from ptqkit.observers import make_observer
 
 

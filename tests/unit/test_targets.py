@@ -5,9 +5,9 @@ import pytest
 from torch import nn
 
 import ptqkit as pq
-from ptqkit.errors import ConfigError, UnsupportedModelError
-from ptqkit.recipe import Override, Recipe, Scheme
-from ptqkit.targets import pattern_matches, resolve_plan
+from ptqkit.core.errors import ConfigError, UnsupportedModelError
+from ptqkit.engine.recipe import Override, Recipe, Scheme
+from ptqkit.engine.targets import pattern_matches, resolve_plan
 
 
 class Block(nn.Module):

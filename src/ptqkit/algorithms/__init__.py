@@ -12,13 +12,13 @@ from ptqkit.algorithms.bias_correction import BiasCorrectionConfig
 from ptqkit.algorithms.bn_fold import BNFoldConfig
 from ptqkit.algorithms.cle import CLEConfig
 from ptqkit.algorithms.gptq import GPTQConfig, gptq_quantize_weight
-from ptqkit.algorithms.hessian import HessianAccumulator
 from ptqkit.algorithms.input_smoothing import InputSmoothingConfig
 from ptqkit.algorithms.llm_int8 import LLMInt8Config
 from ptqkit.algorithms.outlier_channels import OutlierChannelsConfig
 from ptqkit.algorithms.rtn import RTNConfig, rtn_qparams, rtn_quantize_weight
 from ptqkit.algorithms.smoothquant import SmoothQuantConfig
 from ptqkit.algorithms.weight_quant import SCALE_RULES, WeightQuantResult, weight_qparams
+from ptqkit.stats.hessian import HessianAccumulator
 
 __all__ = [
     "ALGORITHMS",

@@ -18,7 +18,7 @@ Convolutions on large feature maps train on random conv_patch × conv_patch wind
 zero-padded input: at 112 × 112 on MobileNetV2 a step is about 10x cheaper, with the same loss
 in expectation.
 The quantization grid (scale and zero point) is fixed beforehand, e.g. by RTN's min-max or
-MSE search (`ptqkit.primitives` / `ptqkit.algorithms.rtn`).
+MSE search (`ptqkit.core.primitives` / `ptqkit.algorithms.rtn`).
 """
 from __future__ import annotations
 
@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptqkit.algorithms.weight_quant import WeightQuantResult
-from ptqkit.errors import CalibrationDataError, ConfigError
-from ptqkit.optim import adam_step_
-from ptqkit.primitives import check_finite
-from ptqkit.spec import QParams
+from ptqkit.core.errors import CalibrationDataError, ConfigError
+from ptqkit.core.optim import adam_step_
+from ptqkit.core.primitives import check_finite
+from ptqkit.core.spec import QParams
 
 __all__ = ["AdaRoundConfig", "ConvGeometry", "ACTIVATIONS", "rectified_sigmoid", "adaround_weight", "layer_output"]
 

@@ -30,9 +30,9 @@ from ptqkit.algorithms.bn_fold import FoldedPair
 from ptqkit.algorithms.cle import ChannelClippedReLU, EqualizationResult, layer_groups
 from ptqkit.algorithms.cle_graph import LAYERS, passes_through
 from ptqkit.algorithms.rtn import round_to_grid
-from ptqkit.calibration.graph_pass import trace
-from ptqkit.errors import ConfigError
-from ptqkit.spec import QParams, QuantSpec
+from ptqkit.core.errors import ConfigError
+from ptqkit.core.spec import QParams, QuantSpec
+from ptqkit.stats.graph_pass import trace
 
 __all__ = [
     "ChannelGaussian",

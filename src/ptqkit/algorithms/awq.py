@@ -29,11 +29,11 @@ from torch import nn
 
 from ptqkit.algorithms.channel_scaling import input_columns, rescale_group_, set_input_columns_
 from ptqkit.algorithms.weight_quant import expand_qparams, quant_dequant, weight_qparams
-from ptqkit.calibration.input_stats import InputStatistics, StatsRequest
-from ptqkit.errors import ConfigError
-from ptqkit.mappings import ScaleGroup
-from ptqkit.qtypes import PerChannel, PerGroup
-from ptqkit.spec import QuantSpec
+from ptqkit.core.errors import ConfigError
+from ptqkit.core.qtypes import PerChannel, PerGroup
+from ptqkit.core.spec import QuantSpec
+from ptqkit.models.mappings import ScaleGroup
+from ptqkit.stats.input_stats import InputStatistics, StatsRequest
 
 __all__ = ["AWQConfig", "awq_scales", "awq_search_scales", "awq_clip_ratios", "awq_block_"]
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ptqkit.errors import ConfigError
-from ptqkit.primitives import check_finite
+from ptqkit.core.errors import ConfigError
+from ptqkit.core.primitives import check_finite
 
 __all__ = [
     "BiasCorrectionConfig",

@@ -29,8 +29,12 @@ from ptqkit.algorithms.gptq import GPTQConfig
 from ptqkit.algorithms.pipeline import Stages, quantize_weight
 from ptqkit.algorithms.smoothquant import SmoothQuantConfig, smoothquant_block_
 from ptqkit.algorithms.weight_quant import WeightQuantResult
-from ptqkit.calibration.input_stats import InputStatistics, StatsRequest
-from ptqkit.calibration.sequential import (
+from ptqkit.core.errors import UnsupportedModelError
+from ptqkit.core.progress import progress_bar
+from ptqkit.core.spec import QuantSpec
+from ptqkit.models.mappings import ScaleGroup, find_block_list, resolve_scale_groups
+from ptqkit.stats.input_stats import InputStatistics, StatsRequest
+from ptqkit.stats.sequential import (
     BlockCall,
     calls_from_batches,
     capture_block_inputs,
@@ -39,10 +43,6 @@ from ptqkit.calibration.sequential import (
     observe_inputs,
     shared_inputs,
 )
-from ptqkit.errors import UnsupportedModelError
-from ptqkit.mappings import ScaleGroup, find_block_list, resolve_scale_groups
-from ptqkit.progress import progress_bar
-from ptqkit.spec import QuantSpec
 
 __all__ = ["quantize_blocks_", "transform_blocks_"]
 
@@ -80,7 +80,7 @@ def quantize_blocks_(
     block transforms run and the model stays float. `reduce` combines each block's statistics
     with other processes' (data-parallel calibration: `DataParallel.merge_statistics`).
     `onload` reads each block's weights before it runs and receives its results after (layer
-    onloading: `ptqkit.onloading`); they are then not returned."""
+    onloading: `ptqkit.engine.onloading`); they are then not returned."""
     with fused_attention(model):
         return _quantize_blocks(model, targets, stages, batches, max_samples, progress, quantize_weights, reduce, onload)
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ptqkit.errors import ConfigError
-from ptqkit.mappings import resolve_fold_pairs
-from ptqkit.primitives import check_finite
-from ptqkit.targets import replace_module
+from ptqkit.core.errors import ConfigError
+from ptqkit.core.primitives import check_finite
+from ptqkit.models.mappings import resolve_fold_pairs
+from ptqkit.nn.tree import replace_module
 
 __all__ = ["BNFoldConfig", "FoldedPair", "fold_batchnorm", "fold_batchnorm_", "find_fold_pairs"]
 

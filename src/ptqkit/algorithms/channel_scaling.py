@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ptqkit.errors import UnsupportedModelError
+from ptqkit.core.errors import UnsupportedModelError
 
 __all__ = ["scale_channels_", "rescale_group_", "input_columns", "set_input_columns_"]
 

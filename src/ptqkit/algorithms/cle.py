@@ -31,10 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ptqkit.errors import ConfigError
-from ptqkit.mappings import CLEChain, resolve_cle_chains
-from ptqkit.primitives import check_finite
-from ptqkit.targets import replace_module
+from ptqkit.core.errors import ConfigError
+from ptqkit.core.primitives import check_finite
+from ptqkit.models.mappings import CLEChain, resolve_cle_chains
+from ptqkit.nn.tree import replace_module
 
 __all__ = [
     "CLEConfig",
@@ -280,7 +280,7 @@ def equalize_(
     """Cross-layer equalization of `chains`, in place. Fold batch norms first. By default the
     chains come from the model's torch.fx graph (`cle_graph`); for a model that does not trace,
     from one forward of `example` (a calibration batch) with hooks (`cle_capture`), or without
-    one from the mapping tables (`ptqkit.mappings.resolve_cle_chains`).
+    one from the mapping tables (`ptqkit.models.mappings.resolve_cle_chains`).
 
     Ineligible chains (a non-homogeneous activation, an unfolded BN, mismatched channels) are
     skipped with a logged reason. Returns one `EqualizationResult` per chain."""

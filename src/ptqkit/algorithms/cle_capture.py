@@ -24,8 +24,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ptqkit.algorithms.cle_graph import BATCHNORMS, LAYERS, join_links, passes_through
-from ptqkit.calibration.sequential import run_batch
-from ptqkit.mappings import CLEChain
+from ptqkit.models.mappings import CLEChain
+from ptqkit.stats.sequential import run_batch
 
 __all__ = ["captured_cle_chains"]
 

@@ -20,8 +20,8 @@ from typing import Any
 
 from torch import nn
 
-from ptqkit.calibration.graph_pass import trace
-from ptqkit.mappings import CLEChain
+from ptqkit.models.mappings import CLEChain
+from ptqkit.stats.graph_pass import trace
 
 __all__ = ["BATCHNORMS", "LAYERS", "graph_cle_chains", "join_links", "passes_through"]
 

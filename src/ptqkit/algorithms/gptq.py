@@ -43,11 +43,11 @@ from ptqkit.algorithms.weight_quant import (
     expand_qparams,
     quant_dequant,
 )
-from ptqkit.errors import CalibrationDataError, ConfigError, NonFiniteError
-from ptqkit.threads import one_thread
-from ptqkit.primitives import dequantize
-from ptqkit.qtypes import PerChannel, PerGroup
-from ptqkit.spec import QParams, QuantSpec
+from ptqkit.core.errors import CalibrationDataError, ConfigError, NonFiniteError
+from ptqkit.core.primitives import dequantize
+from ptqkit.core.qtypes import PerChannel, PerGroup
+from ptqkit.core.spec import QParams, QuantSpec
+from ptqkit.core.threads import one_thread
 
 __all__ = ["GPTQConfig", "gptq_quantize_weight", "inverse_hessian_cholesky"]
 

@@ -23,7 +23,8 @@ from typing import ClassVar
 
 import torch
 
-from ptqkit.errors import ConfigError
+from ptqkit.core.errors import ConfigError
+from ptqkit.nn.act_quant import smoothed
 
 __all__ = ["InputSmoothingConfig", "smoothed", "smoothing_divisors"]
 
@@ -56,8 +57,3 @@ def smoothing_divisors(column_absmax: torch.Tensor, alpha: float) -> torch.Tenso
         raise ValueError(f"input_smoothing needs finite per-column maxima with a positive one, got max {peak}")
     absmax = absmax.clamp(min=_FLOOR * peak)
     return (absmax / absmax.median()).pow(alpha).float()
-
-
-def smoothed(x: torch.Tensor, divisors: torch.Tensor) -> torch.Tensor:
-    """x [..., C] / divisors [C] in x's dtype: what a smoothed layer's quantizer quantizes."""
-    return x / divisors.to(x.dtype)

@@ -34,12 +34,12 @@ from ptqkit.algorithms.bias_correction import BiasCorrectionConfig, output_mean_
 from ptqkit.algorithms.cle import ChannelClippedReLU
 from ptqkit.algorithms.rtn import round_to_grid
 from ptqkit.algorithms.weight_quant import WeightQuantResult
-from ptqkit.calibration.graph_pass import run_lockstep, trace
-from ptqkit.calibration.hooks import limited_batches
-from ptqkit.calibration.sequential import StopForward, calls_from_batches, run_batch
-from ptqkit.errors import CalibrationDataError, ConfigError
-from ptqkit.progress import progress_bar
-from ptqkit.spec import QParams, QuantSpec
+from ptqkit.core.errors import CalibrationDataError, ConfigError
+from ptqkit.core.progress import progress_bar
+from ptqkit.core.spec import QParams, QuantSpec
+from ptqkit.stats.graph_pass import run_lockstep, trace
+from ptqkit.stats.hooks import limited_batches
+from ptqkit.stats.sequential import StopForward, calls_from_batches, run_batch
 
 __all__ = ["LAYER_KINDS", "RECONSTRUCT_THROUGH", "call_order", "capture_inputs", "quantize_layers_"]
 

@@ -17,9 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
-from ptqkit.errors import ConfigError
+from ptqkit.core.errors import ConfigError
+from ptqkit.nn.act_quant import outlier_columns, split_outliers
 
 __all__ = ["LLMInt8Config", "outlier_columns", "split_outliers"]
 
@@ -34,16 +33,3 @@ class LLMInt8Config:
     def __post_init__(self) -> None:
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not self.threshold > 0:
             raise ConfigError(f"llm_int8.threshold: {self.threshold!r} must be a positive number")
-
-
-def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Boolean mask [C] of the input columns with any |x| > threshold, for x [..., C]."""
-    return (x.detach().abs() > threshold).reshape(-1, x.shape[-1]).any(0)  # [C]
-
-
-def split_outliers(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x with outlier columns zeroed, x on the outlier columns only, the mask [C]); the two
-    parts add up to x exactly."""
-    mask = outlier_columns(x, threshold)  # [C]
-    outliers = x * mask.to(x.dtype)  # [..., C]
-    return x - outliers, outliers, mask

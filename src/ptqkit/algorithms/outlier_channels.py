@@ -31,7 +31,7 @@ from typing import ClassVar
 
 import torch
 
-from ptqkit.errors import ConfigError
+from ptqkit.core.errors import ConfigError
 
 __all__ = ["OutlierChannelsConfig", "choose_outlier_columns", "column_multiples", "zero_columns"]
 

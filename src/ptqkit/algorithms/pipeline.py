@@ -40,8 +40,8 @@ from ptqkit.algorithms.outlier_channels import OutlierChannelsConfig
 from ptqkit.algorithms.rtn import RTNConfig, rtn_qparams, rtn_quantize_weight
 from ptqkit.algorithms.smoothquant import SmoothQuantConfig
 from ptqkit.algorithms.weight_quant import WeightQuantResult
-from ptqkit.errors import ConfigError
-from ptqkit.spec import QParams, QuantSpec
+from ptqkit.core.errors import ConfigError
+from ptqkit.core.spec import QParams, QuantSpec
 
 logger = logging.getLogger(__name__)
 

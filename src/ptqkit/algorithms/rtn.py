@@ -25,9 +25,9 @@ from ptqkit.algorithms.weight_quant import (
     quant_dequant,
     weight_qparams,
 )
-from ptqkit.errors import ConfigError
-from ptqkit.primitives import dequantize, quantize
-from ptqkit.spec import QParams, QuantSpec
+from ptqkit.core.errors import ConfigError
+from ptqkit.core.primitives import dequantize, quantize
+from ptqkit.core.spec import QParams, QuantSpec
 
 __all__ = ["RTNConfig", "round_to_grid", "rtn_candidates", "rtn_qparams", "rtn_quantize_weight"]
 

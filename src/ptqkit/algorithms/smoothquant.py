@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from ptqkit.algorithms.channel_scaling import input_columns, rescale_group_
-from ptqkit.calibration.input_stats import InputStatistics, StatsRequest
-from ptqkit.errors import ConfigError
-from ptqkit.mappings import ScaleGroup
+from ptqkit.core.errors import ConfigError
+from ptqkit.models.mappings import ScaleGroup
+from ptqkit.stats.input_stats import InputStatistics, StatsRequest
 
 __all__ = ["SmoothQuantConfig", "smoothing_scales", "smoothquant_block_"]
 

@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from ptqkit.errors import ConfigError
-from ptqkit.primitives import MIN_SCALE, check_finite, qparams_from_range, round_values
-from ptqkit.qtypes import PerChannel, PerGroup, PerTensor
-from ptqkit.spec import QParams, QuantSpec
+from ptqkit.core.errors import ConfigError
+from ptqkit.core.primitives import MIN_SCALE, check_finite, qparams_from_range, round_values
+from ptqkit.core.qtypes import PerChannel, PerGroup, PerTensor
+from ptqkit.core.spec import QParams, QuantSpec
 
 __all__ = [
     "SCALE_RULES",

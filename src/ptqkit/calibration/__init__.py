@@ -1,6 +1,6 @@
 """Calibration data and sampling (`CalibrationData`, `call_model`).
 
-Hooks (`ptqkit.calibration.hooks`) and range-stability tracking live in their own modules and
+Hooks (`ptqkit.stats.hooks`) and range-stability tracking live in their own modules and
 are imported from there; this package import stays light (torch only).
 """
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Sequenc
 
 import torch
 
-from ptqkit.calibration import sampling
+import ptqkit.calibration.sampling as sampling
 from ptqkit.calibration.samples import (
     ModelInput,
     as_sample,
@@ -34,12 +34,12 @@ from ptqkit.calibration.samples import (
     collate,
     count_samples,
     describe_tensors,
-    pick_samples,
     hash_samples,
-    validate_samples,
+    pick_samples,
     split_batch,
+    validate_samples,
 )
-from ptqkit.errors import CalibrationDataError, ConfigError
+from ptqkit.core.errors import CalibrationDataError, ConfigError
 
 __all__ = ["CalibrationData", "ModelInput", "call_model"]
 

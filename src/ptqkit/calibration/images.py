@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from ptqkit.errors import CalibrationDataError, ConfigError
+from ptqkit.core.errors import CalibrationDataError, ConfigError
 
 __all__ = ["IMAGE_SUFFIXES", "list_images", "load_image", "describe_transform", "prepare_images"]
 

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence, Union
 import torch
 from torch import nn
 
-from ptqkit.errors import CalibrationDataError
+from ptqkit.core.errors import CalibrationDataError
 
 __all__ = [
     "ModelInput",

@@ -20,7 +20,7 @@ from typing import Any, Hashable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 
-from ptqkit.errors import CalibrationDataError, ConfigError
+from ptqkit.core.errors import CalibrationDataError, ConfigError
 
 __all__ = [
     "check_limit",

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 
-from ptqkit.errors import ConfigError
+from ptqkit.core.errors import ConfigError
 
 __all__ = ["RangeStability", "range_stability", "relative_changes"]
 

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ptqkit.errors import CalibrationDataError, ConfigError
+from ptqkit.core.errors import CalibrationDataError, ConfigError
 
 __all__ = ["read_texts", "tokenize", "JSONL_SUFFIXES", "SPLITS", "prepare_text"]
 

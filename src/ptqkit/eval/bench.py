@@ -3,7 +3,7 @@ side in one process: same inputs, same thread count, calls alternating (float, q
 ...) after a warm-up, so that drift of the machine hits both equally.
 
 Runtimes:
-- "torch": the float model against `ptqkit.pack(qmodel)` (weight-only layers on packed int8/int4
+- "torch": the float model against `ptqkit.export.pack(qmodel)` (weight-only layers on packed int8/int4
   CPU kernels; whatever no kernel takes stays on the simulated dequantize-then-matmul path, and
   the result lists it). A W8A8 model has no torch integer kernel here: it runs simulated, which
   is a measurement of the simulation, not of a deployment, and the result says so.
@@ -15,10 +15,7 @@ A quantized model slower than the float one gets a headline that says so first.
 """
 from __future__ import annotations
 
-import statistics
-import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,27 +23,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ptqkit.calibration.hooks import batch_length
 from ptqkit.calibration.samples import call_model
-from ptqkit.errors import ConfigError
-from ptqkit.progress import current_rss_bytes
-from ptqkit.threads import torch_threads
+from ptqkit.core.errors import ConfigError
+from ptqkit.core.progress import current_rss_bytes
+from ptqkit.core.threads import torch_threads
+from ptqkit.core.timing import Timing, time_alternating
+from ptqkit.stats.hooks import batch_length
 
 __all__ = ["BenchResult", "Timing", "bench", "bench_onnx", "current_rss_bytes", "time_alternating"]
 
 RUNTIMES = ("torch", "onnxruntime")
-
-
-@dataclass(frozen=True)
-class Timing:
-    """One model's measurements: per-call latency (ms) median and 90th percentile, samples per
-    second at the median, the highest resident set seen after its calls."""
-
-    median_ms: float
-    p90_ms: float
-    throughput_per_s: float
-    rss_peak_bytes: int
-    calls: int
 
 
 @dataclass(frozen=True)
@@ -73,38 +59,13 @@ class BenchResult:
         return f"{self.runtime}, batch {self.batch}, {self.threads} thread(s): {verdict}"
 
     def to_dict(self) -> dict[str, Any]:
-        from ptqkit.machine import describe
+        from ptqkit.core.machine import describe
 
         return {
             "runtime": self.runtime, "batch": self.batch, "threads": self.threads, "speedup": self.speedup,
             "float": asdict(self.float), "quantized": asdict(self.quantized), "kernels": self.kernels,
             "note": self.note, "headline": self.headline(), "machine": describe(),
         }
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-    return ordered[index]
-
-
-def time_alternating(float_call: Callable[[], Any], quant_call: Callable[[], Any], warmup: int, reps: int, batch: int) -> tuple[Timing, Timing]:
-    for _ in range(warmup):
-        float_call()
-        quant_call()
-    times: dict[str, list[float]] = {"float": [], "quantized": []}
-    rss = {"float": 0, "quantized": 0}
-    for _ in range(reps):
-        for key, call in (("float", float_call), ("quantized", quant_call)):
-            start = time.perf_counter()
-            call()
-            times[key].append(1000 * (time.perf_counter() - start))
-            rss[key] = max(rss[key], current_rss_bytes())
-    timings = []
-    for key in ("float", "quantized"):
-        median = statistics.median(times[key])
-        timings.append(Timing(median, _percentile(times[key], 0.9), 1000 * batch / median, rss[key], reps))
-    return timings[0], timings[1]
 
 
 def _check(warmup: int, reps: int, threads: int) -> None:
@@ -115,7 +76,7 @@ def _check(warmup: int, reps: int, threads: int) -> None:
 
 def bench(model: nn.Module, qmodel: nn.Module, example: Any, *, threads: int | None = None, warmup: int = 3, reps: int = 20) -> BenchResult:
     """Time `model` against `qmodel` in torch on `example` (one batch), alternating calls."""
-    from ptqkit.pack import pack
+    from ptqkit.export.pack import pack
 
     threads = threads or torch.get_num_threads()
     _check(warmup, reps, threads)

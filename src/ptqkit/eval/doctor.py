@@ -32,11 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ptqkit.calibration.hooks import limited_batches
 from ptqkit.calibration.samples import call_model
-from ptqkit.errors import ConfigError
+from ptqkit.core.errors import ConfigError
+from ptqkit.core.qtypes import PerTensor
 from ptqkit.eval.evaluate import QuantReport, batches_of, evaluate
-from ptqkit.qtypes import PerTensor
+from ptqkit.stats.hooks import limited_batches
 
 __all__ = ["DoctorConfig", "DoctorResult", "Finding", "FINDING_IDS", "doctor", "findings_from"]
 
@@ -302,10 +302,10 @@ def doctor(
 ) -> DoctorResult:
     """Quantize `model` with `recipe` on `calib`, evaluate it on `eval_data` (default: `calib`)
     and run every check. Returns the findings, most severe first."""
-    import ptqkit as pq
+    from ptqkit.engine.quantize import quantize
 
     config = config or DoctorConfig()
-    qmodel = pq.quantize(model, recipe, calib, progress=progress)
+    qmodel = quantize(model, recipe, calib, progress=progress)
     report = evaluate(qmodel, model, batches_of(eval_data if eval_data is not None else calib), max_samples=max_samples)
     found = findings_from(qmodel, report, config)
     mismatch = _mismatch(model, qmodel, calib, eval_data, config, max_samples)

@@ -36,12 +36,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptqkit.algorithms.input_smoothing import smoothed
-from ptqkit.calibration.hooks import batch_length, limited_batches
 from ptqkit.calibration.samples import call_model
-from ptqkit.errors import CalibrationDataError, ConfigError
+from ptqkit.core.errors import CalibrationDataError, ConfigError
 from ptqkit.eval.metrics import mean_softmax_kl, top1_agreement, topk_agreement
 from ptqkit.nn.act_quant import SmoothedInputQuantizer
 from ptqkit.nn.modules import QuantizedModule
+from ptqkit.stats.hooks import batch_length, limited_batches
 
 __all__ = [
     "REPORT_SCHEMA_VERSION", "LayerReport", "QuantReport", "batches_of", "evaluate", "float_equivalent", "main_tensor", "model_metrics",
@@ -290,17 +290,18 @@ def evaluate(
     per_layer: bool = True,
     histogram_layers: int = 5,
 ) -> QuantReport:
-    """Measure `qmodel` (from `ptqkit.quantize`) against the float `reference` on `data` (a
+    """Measure `qmodel` (from `ptqkit.engine.quantize`) against the float `reference` on `data` (a
     CalibrationData or an iterable of batches: tensors, tuples or dicts). `labels` [N] (class
     ids, in sample order) add accuracy for classifiers; a CalibrationData with labels that are
     class names is not used for accuracy. `per_layer=False` measures the model-wide metrics only
     (the report's `layers` is then empty). The `histogram_layers` worst layers also get input
     histograms (one more pass)."""
-    import ptqkit as pq
+    from ptqkit.core.primitives import sqnr_db
+    from ptqkit.eval.size import model_size
 
     info = getattr(qmodel, "ptqkit_info", None)
     if info is None:
-        raise ConfigError("evaluate: qmodel has no ptqkit_info; pass the model returned by ptqkit.quantize(...)")
+        raise ConfigError("evaluate: qmodel has no ptqkit_info; pass the model returned by ptqkit.engine.quantize(...)")
     from ptqkit.algorithms.pipeline import split_algorithms
 
     if not hasattr(data, "batches") and not isinstance(data, (list, tuple)):
@@ -355,7 +356,7 @@ def evaluate(
         qmod, fmod = q_modules[layer.name], f_modules[layer.name]
         weight_db = None
         if isinstance(qmod, QuantizedModule) and not rescaled:
-            weight_db = float(pq.sqnr_db(_float_weight(fmod, layer.module_type).float(), qmod.to_float().weight.float()))
+            weight_db = float(sqnr_db(_float_weight(fmod, layer.module_type).float(), qmod.to_float().weight.float()))
         stats = inputs.get(layer.name)
         quantizer = getattr(qmod, "input_quantizer", None)
         layers.append(LayerReport(
@@ -372,7 +373,7 @@ def evaluate(
             outlier_ratio=stats.outlier_ratio() if stats else None,
             note=f"{', '.join(rescaled)} rescaled weights and inputs: compared end to end only" if rescaled else None,
         ))
-    size = pq.model_size(qmodel)
+    size = model_size(qmodel)
     report = QuantReport(
         metrics=metrics,
         layers=tuple(layers),

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptqkit.errors import ConfigError
-from ptqkit.primitives import sqnr_db
+from ptqkit.core.errors import ConfigError
+from ptqkit.core.primitives import sqnr_db
 
 __all__ = [
     "perplexity",
@@ -51,7 +51,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, *, 
     starts = list(range(0, len(windows), batch_size))
     parallel = None
     if distributed:
-        from ptqkit.distributed import DataParallel
+        from ptqkit.stats.distributed import DataParallel
 
         parallel = DataParallel.current()
         starts = [starts[index] for index in parallel.my_batches(len(starts))]

@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ptqkit.core.machine import describe as describe_machine
 from ptqkit.eval.evaluate import QuantReport
-from ptqkit.machine import describe as describe_machine
 
 __all__ = ["headline", "write_report"]
 

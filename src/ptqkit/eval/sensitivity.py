@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ptqkit.errors import ConfigError
+from ptqkit.core.errors import ConfigError
 from ptqkit.eval.evaluate import float_equivalent, model_metrics
-from ptqkit.targets import replace_module
+from ptqkit.nn.tree import replace_module
 
 __all__ = ["LayerSensitivity", "Suggestion", "degradation", "model_metrics", "sensitivity", "suggest", "task_metric"]
 
@@ -74,7 +74,7 @@ def sensitivity(
     most damaging first. Memory: two float copies of the model."""
     info = getattr(qmodel, "ptqkit_info", None)
     if info is None:
-        raise ConfigError("sensitivity: qmodel has no ptqkit_info; pass the model returned by ptqkit.quantize(...)")
+        raise ConfigError("sensitivity: qmodel has no ptqkit_info; pass the model returned by ptqkit.engine.quantize(...)")
     names = list(layers) if layers is not None else [layer.name for layer in info.plan.layers]
     return _rank(float_equivalent(model, info.recipe), qmodel, names, data, max_samples, labels)
 
@@ -137,12 +137,12 @@ def suggest(
     """Quantize, rank the layers by sensitivity, measure the gain of excluding each of the
     `candidates` most sensitive ones, and return the recipe with the best (at most
     `max_exclude`, each gaining more than `min_gain`) excluded, measured again."""
-    import ptqkit as pq
+    from ptqkit.engine.quantize import quantize
 
     for name, value, low in (("candidates", candidates, 1), ("max_exclude", max_exclude, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ConfigError(f"suggest: {name}={value!r} must be an integer >= {low}")
-    qmodel = pq.quantize(model, recipe, calib, progress=progress)
+    qmodel = quantize(model, recipe, calib, progress=progress)
     reference = float_equivalent(model, recipe)
     ranked = _rank(reference, qmodel, [layer.name for layer in qmodel.ptqkit_info.plan.layers], eval_data, max_samples, labels)
     base = model_metrics(reference, qmodel, eval_data, max_samples=max_samples, labels=labels)
@@ -161,7 +161,7 @@ def suggest(
     chosen = tuple(name for name, gain in sorted(gains.items(), key=lambda kv: -kv[1]) if gain > min_gain)[:max_exclude]
     suggested = replace(recipe, ignore=tuple(recipe.ignore) + tuple(n for n in chosen if n not in recipe.ignore))
     if chosen:
-        requantized = pq.quantize(model, suggested, calib, progress=progress)
+        requantized = quantize(model, suggested, calib, progress=progress)
         measured = model_metrics(float_equivalent(model, suggested), requantized, eval_data, max_samples=max_samples, labels=labels)[metric]
     else:
         measured = baseline

@@ -20,7 +20,7 @@ import torch
 
 import ptqkit as pq
 from ptqkit.eval.metrics import embedding_cosine, mean_pooled_embeddings
-from ptqkit.runs import open_run
+from ptqkit.workflows.runs import open_run
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +57,10 @@ def run(
     show_plan: bool = True,
 ) -> dict[str, Any]:
     """Quantize MiniLM to W8A8 and compare embeddings with FP32. With `out_dir`, also write a run
-    directory there (artifact, recipe, ONNX export: see `ptqkit.runs`)."""
+    directory there (artifact, recipe, ONNX export: see `ptqkit.workflows.runs`)."""
     from ptqkit.models.zoo import load_minilm, minilm_path
-    from ptqkit.runs import quantize_run
-    from ptqkit.sources import LoadedModel
+    from ptqkit.workflows.runs import quantize_run
+    from ptqkit.workflows.sources import LoadedModel
 
     model, tokenizer = load_minilm()
     recipe = pq.Recipe.from_preset("w8a8", name="example-minilm-w8a8")

@@ -18,7 +18,8 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from ptqkit.errors import ExportError
+from ptqkit.core.errors import ExportError
+from ptqkit.export.layers import FLOAT_ONNX_FILE, ONNX_FILE, REPORT_FILE, LayerExport
 from ptqkit.export.onnx_nbits import NBitsOptions
 
 __all__ = ["FORMATS", "ExportResult", "LayerExport", "NBitsOptions", "export"]
@@ -26,22 +27,6 @@ __all__ = ["FORMATS", "ExportResult", "LayerExport", "NBitsOptions", "export"]
 logger = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "safetensors")
-ONNX_FILE = "model.onnx"
-FLOAT_ONNX_FILE = "model.fp32.onnx"
-REPORT_FILE = "export_report.json"
-
-
-@dataclass(frozen=True)
-class LayerExport:
-    """One quantized module in the ONNX export: how it was written and what ORT ran it on."""
-
-    module: str
-    form: str  # "static", "dynamic", "dynamic_per_token", "weight_only", "matmul_nbits", "float" or "not_found"
-    kernel: str  # op that consumed the quantized (or kept float) weight in ORT's optimized graph ("" if none)
-    integer: bool
-    note: str = ""
-
-
 @dataclass(frozen=True)
 class ExportResult:
     """What `export` wrote and what it verified."""
@@ -81,7 +66,7 @@ def export(
     matmul_nbits: NBitsOptions | None = None,
     kv_cache: bool = False,
 ) -> ExportResult:
-    """Export `qmodel` (from `ptqkit.quantize`) to `out_dir` in the given formats.
+    """Export `qmodel` (from `ptqkit.engine.quantize`) to `out_dir` in the given formats.
 
     - "onnx": `model.onnx` with int8 weights and ptqkit's activation QParams (see
       `ptqkit.export.onnx_qdq`), plus `export_report.json`. The float graph is checked against
@@ -109,7 +94,7 @@ def export(
     formats = _check_formats(formats)
     if not hasattr(qmodel, "ptqkit_info"):
         raise ExportError(
-            f"export: {type(qmodel).__name__} has no ptqkit_info; pass the model returned by ptqkit.quantize(...)"
+            f"export: {type(qmodel).__name__} has no ptqkit_info; pass the model returned by ptqkit.engine.quantize(...)"
         )
     if kv_cache and "onnx" not in formats:
         raise ExportError(f"export: kv_cache=True applies to the 'onnx' format only; formats are {list(formats)}")

@@ -4,7 +4,7 @@ An artifact is a directory holding
 
 - `model.safetensors`: every tensor of the model's state dict. Integer weight codes are stored at
   their width: 8-bit codes as int8/uint8 (`<layer>.weight_codes`), 4-/2-bit codes packed along
-  the last axis with `ptqkit.primitives.pack_lowbit` (`<layer>.weight_packed`, uint8, low bits
+  the last axis with `ptqkit.core.primitives.pack_lowbit` (`<layer>.weight_packed`, uint8, low bits
   first), fp8 codes as float8. Scales and zero points are tensors; everything else keeps its float
   dtype. Tensors that share storage (tied embeddings) are stored once and listed as aliases.
 - `quantization.json`: format version, the recipe, the plan (per-layer weight/input specs),
@@ -34,11 +34,11 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ptqkit.errors import ArtifactError
+from ptqkit.core.errors import ArtifactError
+from ptqkit.core.primitives import pack_lowbit
+from ptqkit.core.spec import QuantSpec
 from ptqkit.nn.act_quant import OutlierColumnsQuantizer, SmoothedInputQuantizer
-from ptqkit.nn.modules import QuantConv, QuantizedModule
-from ptqkit.primitives import pack_lowbit
-from ptqkit.spec import QuantSpec
+from ptqkit.nn.modules import InputOnly, QuantConv, QuantizedModule
 
 __all__ = [
     "FORMAT_NAME",
@@ -83,8 +83,6 @@ def file_sha256(path: Path) -> str:
 
 def _module_record(name: str, module: nn.Module, layer: Any) -> dict[str, Any]:
     """The JSON record of one quantized (or input-only) module."""
-    from ptqkit.quantize import _InputOnly
-
     record: dict[str, Any] = {"name": name, "plan_type": layer.module_type, "reason": layer.reason}
     quantizer = module.input_quantizer
     record["inputs"] = None if quantizer is None else quantizer.spec.to_dict()
@@ -98,7 +96,7 @@ def _module_record(name: str, module: nn.Module, layer: Any) -> dict[str, Any]:
         "scale": qparams.scale.tolist(),
         "zero_point": qparams.zero_point.tolist(),
     }
-    if isinstance(module, _InputOnly):
+    if isinstance(module, InputOnly):
         record.update(module="InputOnly", weights=None)
         return record
     assert isinstance(module, QuantizedModule), type(module)
@@ -119,8 +117,6 @@ def _module_record(name: str, module: nn.Module, layer: Any) -> dict[str, Any]:
 
 def _collect(qmodel: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str], list[dict[str, Any]]]:
     """(tensors to write, aliases name -> stored name, per-layer records) of a quantized model."""
-    from ptqkit.quantize import _InputOnly
-
     info = qmodel.ptqkit_info
     layers = {layer.name: layer for layer in info.plan.layers}
     records = []
@@ -130,10 +126,10 @@ def _collect(qmodel: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]
             module = qmodel.get_submodule(name)
         except AttributeError:
             raise ArtifactError(f"save_artifact: planned layer {name!r} is missing from the model") from None
-        if not isinstance(module, (QuantizedModule, _InputOnly)):
+        if not isinstance(module, (QuantizedModule, InputOnly)):
             raise ArtifactError(
                 f"save_artifact: layer {name!r} is a {type(module).__name__}, not a ptqkit quantized module; "
-                "save the model returned by ptqkit.quantize (packed models from ptqkit.pack cannot be saved: "
+                "save the model returned by ptqkit.engine.quantize (packed models from ptqkit.export.pack cannot be saved: "
                 "save before packing, pack after loading)"
             )
         record = _module_record(name, module, layer)
@@ -160,9 +156,9 @@ def _collect(qmodel: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]
 def _versions() -> dict[str, str]:
     import safetensors
 
-    import ptqkit
+    from ptqkit.core.version import __version__
 
-    return {"ptqkit": ptqkit.__version__, "torch": torch.__version__, "safetensors": safetensors.__version__}
+    return {"ptqkit": __version__, "torch": torch.__version__, "safetensors": safetensors.__version__}
 
 
 def _strategy(spec: QuantSpec) -> dict[str, Any]:
@@ -224,7 +220,7 @@ def _fsync(path: Path) -> None:
 
 
 def save_artifact(qmodel: nn.Module, out_dir: str | Path, *, metrics: Mapping[str, Any] | None = None) -> Path:
-    """Write `qmodel` (returned by `ptqkit.quantize`) as a ptqkit artifact in `out_dir`.
+    """Write `qmodel` (returned by `ptqkit.engine.quantize`) as a ptqkit artifact in `out_dir`.
 
     The write is atomic (temporary directory + rename); an existing artifact in `out_dir` is
     replaced, other files there are kept. `metrics` (JSON-able) is stored in quantization.json.
@@ -236,7 +232,7 @@ def save_artifact(qmodel: nn.Module, out_dir: str | Path, *, metrics: Mapping[st
     info = getattr(qmodel, "ptqkit_info", None)
     if info is None:
         raise ArtifactError(
-            f"save_artifact: {type(qmodel).__name__} has no ptqkit_info; pass the model returned by ptqkit.quantize(...)"
+            f"save_artifact: {type(qmodel).__name__} has no ptqkit_info; pass the model returned by ptqkit.engine.quantize(...)"
         )
     out_dir = Path(out_dir)
     tensors, aliases, records = _collect(qmodel)

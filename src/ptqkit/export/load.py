@@ -16,7 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ptqkit.errors import ArtifactError, PTQError
+from ptqkit.core.errors import ArtifactError, PTQError
+from ptqkit.core.primitives import unpack_lowbit
+from ptqkit.core.spec import QParams, QuantSpec
 from ptqkit.export.artifact import (
     CONFIG_FILE,
     FORMAT_NAME,
@@ -31,10 +33,8 @@ from ptqkit.nn.act_quant import (
     OutlierKeepingQuantizer,
     SmoothedInputQuantizer,
 )
-from ptqkit.nn.modules import QuantConv, QuantEmbedding, QuantLinear
-from ptqkit.primitives import unpack_lowbit
-from ptqkit.spec import QParams, QuantSpec
-from ptqkit.targets import replace_module
+from ptqkit.nn.modules import InputOnly, QuantConv, QuantEmbedding, QuantLinear
+from ptqkit.nn.tree import replace_module
 
 __all__ = ["load_artifact", "read_manifest"]
 
@@ -243,11 +243,9 @@ def _skeleton_weight(module: nn.Module, layer: dict[str, Any], path: Path) -> to
 
 def _build(module: nn.Module, layer: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> nn.Module:
     """The quantized replacement of one skeleton module, from the artifact's tensors."""
-    from ptqkit.quantize import _InputOnly
-
     inputs = _input_quantizer(layer, tensors, path)
     if layer["module"] == "InputOnly":
-        return _InputOnly(module, inputs)
+        return InputOnly(module, inputs)
     name = layer["name"]
     spec = _spec(layer["weights"], f"{path.parent / QUANT_FILE}: layers[{name!r}].weights")
     _skeleton_weight(module, layer, path)  # raises ArtifactError when the skeleton weight does not match
@@ -304,9 +302,9 @@ def load_artifact(out_dir: str | Path, model_skeleton_or_hf_dir: nn.Module | str
     or None to use the artifact's own `config.json`. The result has the same QuantLinear/QuantConv/
     QuantEmbedding modules with bit-identical codes and QParams, and `ptqkit_info` restored.
     """
-    from ptqkit.quantize import QuantizationInfo
-    from ptqkit.recipe import Recipe
-    from ptqkit.targets import LayerPlan, Plan
+    from ptqkit.engine.quantize import QuantizationInfo
+    from ptqkit.engine.recipe import Recipe
+    from ptqkit.engine.targets import LayerPlan, Plan
 
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)

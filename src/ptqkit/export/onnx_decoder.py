@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ptqkit.errors import ConfigError, ExportError
+from ptqkit.core.errors import ConfigError, ExportError
 from ptqkit.models.hf_cache import cache_keyword, cached_forward, output_cache
 
 __all__ = [

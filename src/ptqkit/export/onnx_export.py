@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from ptqkit.errors import ExportError
+from ptqkit.core.errors import ExportError
 
 __all__ = ["export_onnx"]
 
@@ -124,7 +124,8 @@ def export_onnx(
     """
     import onnx
 
-    from ptqkit.export import FLOAT_ONNX_FILE, ONNX_FILE, LayerExport
+    from ptqkit.engine.quantize import dequantize_model
+    from ptqkit.export.layers import FLOAT_ONNX_FILE, ONNX_FILE, LayerExport
     from ptqkit.export.onnx_gather import (
         find_gather_nodes,
         gather_layout,
@@ -141,7 +142,6 @@ def export_onnx(
     )
     from ptqkit.export.onnx_qdq import check_exportable, insert_qdq, quantized_modules
     from ptqkit.export.ort_check import compare_outputs, cpu_has_vnni, layer_kernels, make_session
-    from ptqkit.quantize import dequantize_model
 
     if weight_dtype not in ("auto", "int8", "uint8"):
         raise ExportError(f"export: onnx_weight_dtype={weight_dtype!r} is unknown; valid: auto, int8, uint8")

@@ -25,7 +25,8 @@ import logging
 import math
 from typing import Any, Sequence
 
-from ptqkit.errors import ExportError
+from ptqkit.core.errors import ExportError
+from ptqkit.core.qtypes import PerChannel, PerGroup, PerTensor
 from ptqkit.export.onnx_graph import (
     MS_DOMAIN,
     LayerNode,
@@ -37,7 +38,6 @@ from ptqkit.export.onnx_graph import (
 from ptqkit.export.onnx_nbits import NBitsLayout, nbits_tensors, pow2_divisor
 from ptqkit.export.onnx_qdq import LayerRewrite
 from ptqkit.nn.modules import QuantEmbedding, QuantizedModule
-from ptqkit.qtypes import PerChannel, PerGroup, PerTensor
 
 __all__ = ["find_gather_nodes", "gather_layout", "gather_refusal", "insert_gather_block_quantized", "quantized_embeddings"]
 

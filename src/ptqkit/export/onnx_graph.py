@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ptqkit.errors import ExportError
+from ptqkit.core.errors import ExportError
 
 __all__ = [
     "ExampleInputs",

@@ -36,7 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ptqkit.errors import ExportError
+from ptqkit.core.errors import ExportError
+from ptqkit.core.primitives import pack_lowbit
+from ptqkit.core.qtypes import PerChannel, PerGroup, PerTensor
 from ptqkit.export.onnx_graph import (
     MS_DOMAIN,
     LayerNode,
@@ -48,8 +50,6 @@ from ptqkit.export.onnx_graph import (
 )
 from ptqkit.export.onnx_qdq import LayerRewrite, _check_float_weight
 from ptqkit.nn.modules import QuantizedModule, QuantLinear
-from ptqkit.primitives import pack_lowbit
-from ptqkit.qtypes import PerChannel, PerGroup, PerTensor
 
 __all__ = [
     "ACCURACY_LEVELS",

@@ -25,8 +25,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ptqkit.core.primitives import MIN_SCALE
 from ptqkit.export.onnx_graph import MS_DOMAIN
-from ptqkit.primitives import MIN_SCALE
 
 __all__ = ["per_token_matmul_nodes"]
 

@@ -41,7 +41,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ptqkit.errors import ExportError
+from ptqkit.core.errors import ExportError
+from ptqkit.core.qtypes import PerChannel, PerTensor, PerToken
+from ptqkit.core.spec import QParams, QuantSpec
 from ptqkit.export.onnx_graph import (
     MS_DOMAIN,
     LayerNode,
@@ -54,8 +56,6 @@ from ptqkit.export.onnx_graph import (
 from ptqkit.export.onnx_pertoken import per_token_matmul_nodes
 from ptqkit.nn.act_quant import OutlierColumnsQuantizer, SmoothedInputQuantizer
 from ptqkit.nn.modules import QuantConv, QuantizedModule, QuantLinear
-from ptqkit.qtypes import PerChannel, PerTensor, PerToken
-from ptqkit.spec import QParams, QuantSpec
 
 __all__ = ["LayerRewrite", "quantized_modules", "check_exportable", "insert_qdq"]
 

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ptqkit.errors import ExportError
+from ptqkit.core.errors import ExportError
 from ptqkit.export.onnx_graph import ExampleInputs, flatten_example_inputs
 
 __all__ = ["INTEGER_OPS", "LayerKernel", "cpu_has_vnni", "make_session", "run_session", "layer_kernels", "compare_outputs"]
@@ -41,7 +41,7 @@ def cpu_has_vnni() -> bool:
 
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return True
-    from ptqkit.machine import cpu_flags
+    from ptqkit.core.machine import cpu_flags
 
     return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 

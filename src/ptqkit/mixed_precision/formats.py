@@ -19,7 +19,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ptqkit.errors import ConfigError
+from ptqkit.core.errors import ConfigError
+from ptqkit.core.primitives import qparams_from_tensor
+from ptqkit.core.qtypes import PerChannel, PerGroup
+from ptqkit.core.spec import QuantSpec
 from ptqkit.nn.modules import QuantLinear
 from ptqkit.nn.packed import (
     CastLinear,
@@ -30,10 +33,7 @@ from ptqkit.nn.packed import (
     int8_dynamic_refusal,
     int8_refusal,
 )
-from ptqkit.primitives import qparams_from_tensor
-from ptqkit.qtypes import PerChannel, PerGroup
-from ptqkit.spec import QuantSpec
-from ptqkit.targets import replace_module
+from ptqkit.nn.tree import replace_module
 
 __all__ = ["FORMATS", "WEIGHT_BITS", "apply_assignment", "format_module", "weight_bytes"]
 

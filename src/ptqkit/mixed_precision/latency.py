@@ -32,10 +32,10 @@ import torch
 from torch import nn
 
 from ptqkit.calibration.samples import call_model
-from ptqkit.errors import ConfigError
-from ptqkit.machine import cpu_name
+from ptqkit.core.errors import ConfigError
+from ptqkit.core.machine import cpu_name
+from ptqkit.core.threads import torch_threads
 from ptqkit.mixed_precision.formats import format_module
-from ptqkit.threads import torch_threads
 
 __all__ = ["LatencyTable", "linear_ms_inside", "linear_rows", "measure_ms"]
 

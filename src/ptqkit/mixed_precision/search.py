@@ -35,13 +35,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ptqkit.errors import ConfigError
+from ptqkit.core.errors import ConfigError
+from ptqkit.core.progress import progress_bar
+from ptqkit.core.threads import torch_threads
+from ptqkit.engine.targets import no_match_error, pattern_matches
 from ptqkit.eval.sensitivity import degradation, model_metrics, task_metric
 from ptqkit.mixed_precision.formats import apply_assignment, format_module, weight_bytes
 from ptqkit.mixed_precision.latency import LatencyTable, linear_ms_inside, linear_rows
-from ptqkit.progress import progress_bar
-from ptqkit.targets import no_match_error, pattern_matches
-from ptqkit.threads import torch_threads
 
 __all__ = ["SearchPoint", "SearchResult", "decode_step_input", "versus_uniform", "pareto_front", "proxy_rank_correlation", "search", "weight_sqnr_db"]
 
@@ -157,7 +157,7 @@ def search(
 
     `holdout_data`: evaluation data the search does not select on (step 4 of the module docstring)."""
     from ptqkit.calibration.samples import call_model
-    from ptqkit.eval.bench import time_alternating
+    from ptqkit.core.timing import time_alternating
 
     if not isinstance(stride, int) or stride < 1:
         raise ConfigError(f"search: stride={stride!r} must be an integer >= 1")
@@ -321,7 +321,7 @@ def decode_step_input(data: Any) -> dict[str, torch.Tensor]:
 
 def weight_sqnr_db(linear: nn.Linear, fmt: str) -> float:
     """SQNR (dB) of the layer's weight in `fmt` against its float weight: the data-free proxy."""
-    from ptqkit.primitives import sqnr_db
+    from ptqkit.core.primitives import sqnr_db
 
     module = format_module(linear, fmt)
     if isinstance(module, str):

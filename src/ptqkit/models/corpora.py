@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ptqkit.errors import CalibrationDataError, ConfigError, UnsupportedModelError
+from ptqkit.core.errors import CalibrationDataError, ConfigError, UnsupportedModelError
 from ptqkit.models.mobilenet_v2 import normalize_imagenet, to_float_chw
 
 __all__ = [

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptqkit.errors import ConfigError
-from ptqkit.optim import adam_step_
-from ptqkit.threads import one_thread
+from ptqkit.core.errors import ConfigError
+from ptqkit.core.optim import adam_step_
+from ptqkit.core.threads import one_thread
 
 __all__ = ["DigitsCNN", "TrainedDigits", "accuracy", "train_digits_cnn"]
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ptqkit.errors import ConfigError, UnsupportedModelError
+from ptqkit.core.errors import ConfigError, UnsupportedModelError
 
 __all__ = ["TASKS", "load_hf_model", "infer_task", "rebuild_from_state"]
 

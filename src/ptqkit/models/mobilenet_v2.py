@@ -7,7 +7,7 @@ here so that torchvision's ImageNet state dict (`mobilenet_v2-b0353104.pth`) loa
 [expand ConvBNReLU6 (when t != 1), depthwise ConvBNReLU6, 1x1 project conv, BN],
 ``features.18`` the 1x1 head to 1280 channels, and ``classifier.1`` the Linear layer.
 The class names (``InvertedResidual``, ``Conv2dNormActivation``) match torchvision's so that the
-CNN tables in ``ptqkit.mappings`` find the blocks.
+CNN tables in ``ptqkit.models.mappings`` find the blocks.
 
 Preprocessing follows torchvision's ``IMAGENET1K_V1`` transforms: resize the shorter side to
 256 (bilinear, antialiased), center-crop 224, scale to [0, 1], normalize with the ImageNet
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptqkit.errors import ConfigError
+from ptqkit.core.errors import ConfigError
 
 __all__ = [
     "IMAGENET_MEAN",

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ptqkit.errors import UnsupportedModelError
+from ptqkit.core.errors import UnsupportedModelError
 
 __all__ = [
     "package_dir",

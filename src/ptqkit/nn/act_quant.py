@@ -4,12 +4,37 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ptqkit.primitives import fake_quantize, qparams_from_tensor
-from ptqkit.qtypes import PerTensor
-from ptqkit.spec import QParams, QuantSpec
+from ptqkit.core.primitives import fake_quantize, qparams_from_tensor
+from ptqkit.core.qtypes import PerTensor
+from ptqkit.core.spec import QParams, QuantSpec
 
-__all__ = ["InputQuantizer", "OutlierKeepingQuantizer", "OutlierColumnsQuantizer", "SmoothedInputQuantizer"]
+__all__ = [
+    "InputQuantizer",
+    "OutlierKeepingQuantizer",
+    "OutlierColumnsQuantizer",
+    "SmoothedInputQuantizer",
+    "outlier_columns",
+    "split_outliers",
+    "smoothed",
+]
 
+
+def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Boolean mask [C] of the input columns with any |x| > threshold, for x [..., C]."""
+    return (x.detach().abs() > threshold).reshape(-1, x.shape[-1]).any(0)  # [C]
+
+
+def split_outliers(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x with outlier columns zeroed, x on the outlier columns only, the mask [C]); the two
+    parts add up to x exactly."""
+    mask = outlier_columns(x, threshold)  # [C]
+    outliers = x * mask.to(x.dtype)  # [..., C]
+    return x - outliers, outliers, mask
+
+
+def smoothed(x: torch.Tensor, divisors: torch.Tensor) -> torch.Tensor:
+    """x [..., C] / divisors [C] in x's dtype: what a smoothed layer's quantizer quantizes."""
+    return x / divisors.to(x.dtype)
 
 class InputQuantizer(nn.Module):
     """Fake-quantizes a module's input.
@@ -63,8 +88,6 @@ class OutlierKeepingQuantizer(InputQuantizer):
         return float(self._outliers_seen) / seen if seen else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ptqkit.algorithms.llm_int8 import split_outliers
-
         regular, outliers, mask = split_outliers(x, self.outlier_threshold)
         self._columns_seen += mask.numel()
         self._outliers_seen += mask.sum()
@@ -112,8 +135,6 @@ class SmoothedInputQuantizer(InputQuantizer):
         self.register_buffer("divisors", divisors.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ptqkit.algorithms.input_smoothing import smoothed
-
         return super().forward(smoothed(x, self.divisors))
 
     def extra_repr(self) -> str:

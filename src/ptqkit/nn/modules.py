@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ptqkit.core.primitives import dequantize, quantize
+from ptqkit.core.spec import QParams, QuantSpec
 from ptqkit.nn.act_quant import InputQuantizer, SmoothedInputQuantizer
-from ptqkit.primitives import dequantize, quantize
-from ptqkit.spec import QParams, QuantSpec
 
-__all__ = ["QuantizedModule", "QuantLinear", "QuantConv", "QuantEmbedding", "quantized_weight"]
+__all__ = ["QuantizedModule", "QuantLinear", "QuantConv", "QuantEmbedding", "InputOnly", "quantized_weight"]
 
 
 def quantized_weight(weight: torch.Tensor, qparams: QParams, spec: QuantSpec) -> torch.Tensor:
@@ -184,3 +184,15 @@ class QuantEmbedding(QuantizedModule):
     def to_float(self) -> nn.Embedding:
         emb = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx, dtype=self._weight.dtype)
         return self._fill_float(emb)
+
+
+class InputOnly(nn.Module):
+    """A float module whose input is fake-quantized (a scheme with inputs but no weights)."""
+
+    def __init__(self, module: nn.Module, input_quantizer: InputQuantizer | None) -> None:
+        super().__init__()
+        self.module = module
+        self.input_quantizer = input_quantizer
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return self.module(self.input_quantizer(x) if self.input_quantizer is not None else x, *args, **kwargs)

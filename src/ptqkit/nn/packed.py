@@ -35,8 +35,8 @@ import warnings
 import torch
 from torch import nn
 
+from ptqkit.core.qtypes import PerChannel, PerGroup, PerTensor
 from ptqkit.nn.modules import QuantLinear
-from ptqkit.qtypes import PerChannel, PerGroup, PerTensor
 
 __all__ = [
     "INT4_GROUP_SIZES",

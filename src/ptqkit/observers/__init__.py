@@ -6,13 +6,13 @@ from typing import Any
 
 import torch
 
-from ptqkit.errors import ConfigError
+from ptqkit.core.errors import ConfigError
+from ptqkit.core.spec import QuantSpec
 from ptqkit.observers.base import Observer
 from ptqkit.observers.kl import KLObserver
 from ptqkit.observers.minmax import EMAMinMaxObserver, MinMaxObserver
 from ptqkit.observers.mse import MSEObserver
 from ptqkit.observers.percentile import PercentileObserver
-from ptqkit.spec import QuantSpec
 
 __all__ = ["OBSERVERS", "Observer", "make_observer", "observer_from_state"]
 

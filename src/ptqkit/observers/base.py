@@ -8,36 +8,19 @@ merged (`merge_`) so statistics from several processes combine.
 from __future__ import annotations
 
 import abc
-from dataclasses import MISSING, fields
 from typing import Any, ClassVar
 
 import torch
 
-from ptqkit.errors import ConfigError
-from ptqkit.primitives import check_finite, qparams_from_range
-from ptqkit.qtypes import Granularity, PerChannel, PerTensor, PerToken
-from ptqkit.spec import QParams, QuantSpec
+from ptqkit.core.errors import ConfigError
+from ptqkit.core.observer_options import parse_options
+from ptqkit.core.primitives import check_finite, qparams_from_range
+from ptqkit.core.qtypes import Granularity, PerChannel, PerTensor, PerToken
+from ptqkit.core.spec import QParams, QuantSpec
 
 __all__ = ["STATE_VERSION", "Observer", "parse_options"]
 
 STATE_VERSION = 1
-
-
-def parse_options(options_type: type, raw: dict[str, Any], observer: str) -> Any:
-    """Build an observer's frozen options dataclass from `spec.observer_options`."""
-    valid = {f.name: f for f in fields(options_type)}
-    unknown = sorted(set(raw) - set(valid))
-    if unknown:
-        described = (
-            ", ".join(
-                f"{n} (default {f.default!r})" for n, f in valid.items() if f.default is not MISSING
-            )
-            or "none"
-        )
-        raise ConfigError(
-            f"observer {observer!r}: unknown option(s) {unknown}; valid options: {described}"
-        )
-    return options_type(**raw)
 
 
 class Observer(abc.ABC):

@@ -5,18 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from ptqkit.errors import ConfigError
+from ptqkit.core.errors import ConfigError
 from ptqkit.observers.base import Observer
 from ptqkit.observers.histogram import PowerOfTwoHistogram
 
 __all__ = ["HistogramObserver", "check_bins"]
-
-
-def check_bins(observer: str, bins: object) -> None:
-    if not isinstance(bins, int) or isinstance(bins, bool) or bins < 8 or bins & (bins - 1):
-        raise ConfigError(
-            f"observer {observer!r}: bins={bins!r} must be a power of two >= 8 (bins per sign)"
-        )
 
 
 class HistogramObserver(Observer):

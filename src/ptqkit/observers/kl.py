@@ -10,40 +10,14 @@ Asymmetric specs use that threshold on each side, never beyond the observed min/
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
-from ptqkit.errors import ConfigError
-from ptqkit.observers.hist_observer import HistogramObserver, check_bins
-from ptqkit.qtypes import PerTensor
+from ptqkit.core.observer_options import KLOptions
+from ptqkit.core.qtypes import PerTensor
+from ptqkit.observers.hist_observer import HistogramObserver
 
 __all__ = ["KLObserver", "kl_threshold_bin"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class KLOptions:
-    """`bins` per sign of the histogram; `levels`: quantized bins per side (0 = from the qtype:
-    half the number of codes, 128 for 8 bits); `stride`: coarse scan step (1 = every bin)."""
-
-    bins: int = 2048
-    levels: int = 0
-    stride: int = 8
-
-    def __post_init__(self) -> None:
-        check_bins("kl", self.bins)
-        if not isinstance(self.stride, int) or isinstance(self.stride, bool) or self.stride < 1:
-            raise ConfigError(f"observer 'kl': stride={self.stride!r} must be a positive integer")
-        if (
-            not isinstance(self.levels, int)
-            or isinstance(self.levels, bool)
-            or self.levels < 0
-            or self.levels > self.bins
-        ):
-            raise ConfigError(
-                f"observer 'kl': levels={self.levels!r} must be 0 (automatic) or in 1..bins ({self.bins})"
-            )
 
 
 def _expand_quantized(sliced: np.ndarray, nonzero: np.ndarray, levels: int) -> np.ndarray:

@@ -3,38 +3,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ptqkit.errors import ConfigError
+from ptqkit.core.errors import ConfigError
+from ptqkit.core.observer_options import EMAOptions, MinMaxOptions
+from ptqkit.core.qtypes import PerChannel, PerGroup, PerTensor
 from ptqkit.observers.base import Observer
-from ptqkit.qtypes import PerChannel, PerGroup, PerTensor
 
 __all__ = ["EMAMinMaxObserver", "MinMaxObserver"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class MinMaxOptions:
-    """`minmax` has no options."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class EMAOptions:
-    """`momentum`: weight of the running value (0 <= momentum < 1); each batch moves the range
-    by (1 - momentum) towards that batch's own range."""
-
-    momentum: float = 0.9
-
-    def __post_init__(self) -> None:
-        if (
-            not isinstance(self.momentum, (int, float))
-            or isinstance(self.momentum, bool)
-            or not 0.0 <= self.momentum < 1.0
-        ):
-            raise ConfigError(
-                f"observer 'ema_minmax': momentum={self.momentum!r} must be in [0, 1)"
-            )
 
 
 class MinMaxObserver(Observer):

@@ -9,36 +9,16 @@ keep one histogram row per channel.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ptqkit.errors import ConfigError
-from ptqkit.observers.hist_observer import HistogramObserver, check_bins
-from ptqkit.primitives import fake_quantize, qparams_from_range
-from ptqkit.qtypes import PerChannel, PerTensor
+from ptqkit.core.observer_options import MSEOptions
+from ptqkit.core.primitives import fake_quantize, qparams_from_range
+from ptqkit.core.qtypes import PerChannel, PerTensor
+from ptqkit.observers.hist_observer import HistogramObserver
 
 __all__ = ["MSEObserver"]
 
 _MAX_ELEMENTS = 1 << 22  # histogram cells evaluated per call (~ 4M: tens of MB of temporaries)
-
-
-@dataclass(frozen=True, kw_only=True)
-class MSEOptions:
-    """`bins` per sign (0 = 2048 per tensor, 256 per channel); `grid` candidate ratios from
-    `min_ratio` to 1."""
-
-    bins: int = 0
-    grid: int = 100
-    min_ratio: float = 0.01
-
-    def __post_init__(self) -> None:
-        if self.bins != 0:
-            check_bins("mse", self.bins)
-        if not isinstance(self.grid, int) or isinstance(self.grid, bool) or self.grid < 2:
-            raise ConfigError(f"observer 'mse': grid={self.grid!r} must be an integer >= 2")
-        if not isinstance(self.min_ratio, (int, float)) or not 0.0 < self.min_ratio < 1.0:
-            raise ConfigError(f"observer 'mse': min_ratio={self.min_ratio!r} must be in (0, 1)")
 
 
 class MSEObserver(HistogramObserver):

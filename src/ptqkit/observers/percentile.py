@@ -8,34 +8,13 @@ observed min/max.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ptqkit.errors import ConfigError
-from ptqkit.observers.hist_observer import HistogramObserver, check_bins
-from ptqkit.qtypes import PerTensor
+from ptqkit.core.observer_options import PercentileOptions
+from ptqkit.core.qtypes import PerTensor
+from ptqkit.observers.hist_observer import HistogramObserver
 
 __all__ = ["PercentileObserver"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class PercentileOptions:
-    """`percentile` in (50, 100]; `bins` per sign of the histogram (a power of two)."""
-
-    percentile: float = 99.99
-    bins: int = 2048
-
-    def __post_init__(self) -> None:
-        if (
-            not isinstance(self.percentile, (int, float))
-            or isinstance(self.percentile, bool)
-            or not 50.0 < self.percentile <= 100.0
-        ):
-            raise ConfigError(
-                f"observer 'percentile': percentile={self.percentile!r} must be in (50, 100]"
-            )
-        check_bins("percentile", self.bins)
 
 
 def _cumulative_index(counts: torch.Tensor, share: float) -> int:

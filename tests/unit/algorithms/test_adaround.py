@@ -14,10 +14,10 @@ from ptqkit.algorithms.adaround import (
     adaround_weight,
     rectified_sigmoid,
 )
-from ptqkit.errors import CalibrationDataError, ConfigError
-from ptqkit.primitives import dequantize, qparams_from_tensor, quantize
-from ptqkit.qtypes import FP8_E4M3, INT4, PerChannel
-from ptqkit.spec import QuantSpec
+from ptqkit.core.errors import CalibrationDataError, ConfigError
+from ptqkit.core.primitives import dequantize, qparams_from_tensor, quantize
+from ptqkit.core.qtypes import FP8_E4M3, INT4, PerChannel
+from ptqkit.core.spec import QuantSpec
 
 _SPEC = QuantSpec(qtype=INT4, granularity=PerChannel(0))
 _FAST = AdaRoundConfig(iterations=200, batch_size=64, lr=1e-2, seed=0)

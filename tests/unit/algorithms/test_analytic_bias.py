@@ -16,11 +16,11 @@ from ptqkit.algorithms import AdaRoundConfig, BiasCorrectionConfig, BNFoldConfig
 from ptqkit.algorithms.analytic_bias import activation_bounds, input_links
 from ptqkit.algorithms.bn_fold import fold_batchnorm, fold_batchnorm_
 from ptqkit.algorithms.cle import ChannelClippedReLU, equalize_
-from ptqkit.calibration.graph_pass import trace
-from ptqkit.errors import ConfigError
-from ptqkit.qtypes import PerChannel
-from ptqkit.recipe import Recipe
-from ptqkit.spec import QuantSpec
+from ptqkit.core.errors import ConfigError
+from ptqkit.core.qtypes import PerChannel
+from ptqkit.core.spec import QuantSpec
+from ptqkit.engine.recipe import Recipe
+from ptqkit.stats.graph_pass import trace
 
 INT4 = QuantSpec(qtype="int4", granularity=PerChannel(0), symmetric=True)
 ANALYTIC = BiasCorrectionConfig(mode="analytic")

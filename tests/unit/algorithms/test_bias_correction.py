@@ -18,10 +18,10 @@ from ptqkit.algorithms.bias_correction import (
     expected_activation_from_bn,
     output_mean_correction,
 )
-from ptqkit.errors import ConfigError, NonFiniteError
-from ptqkit.primitives import fake_quantize, qparams_from_tensor
-from ptqkit.qtypes import INT4, PerChannel
-from ptqkit.spec import QuantSpec
+from ptqkit.core.errors import ConfigError, NonFiniteError
+from ptqkit.core.primitives import fake_quantize, qparams_from_tensor
+from ptqkit.core.qtypes import INT4, PerChannel
+from ptqkit.core.spec import QuantSpec
 
 
 def _quantize_up(w: torch.Tensor) -> torch.Tensor:

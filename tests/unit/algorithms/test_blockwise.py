@@ -10,9 +10,9 @@ from torch import nn
 
 import ptqkit as pq
 from ptqkit.algorithms import AWQConfig, GPTQConfig, RTNConfig, SmoothQuantConfig
-from ptqkit.calibration.sequential import fused_attention
-from ptqkit.errors import ConfigError, UnsupportedModelError
+from ptqkit.core.errors import ConfigError, UnsupportedModelError
 from ptqkit.nn.modules import QuantLinear
+from ptqkit.stats.sequential import fused_attention
 
 from .tiny_transformers import FAMILIES, outputs, tiny_llama, token_batch
 

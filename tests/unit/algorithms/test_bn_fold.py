@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ptqkit.algorithms.bn_fold import FoldedPair, find_fold_pairs, fold_batchnorm, fold_batchnorm_
-from ptqkit.errors import ConfigError, NonFiniteError
+from ptqkit.core.errors import ConfigError, NonFiniteError
 
 
 def _randomize_bn(model: nn.Module, seed: int = 0) -> None:

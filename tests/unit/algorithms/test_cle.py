@@ -18,11 +18,11 @@ from ptqkit.algorithms.cle import (
     equalization_scales,
     equalize_,
 )
-from ptqkit.errors import ConfigError
-from ptqkit.mappings import CLEChain, resolve_cle_chains
-from ptqkit.primitives import fake_quantize, qparams_from_tensor, sqnr_db
-from ptqkit.qtypes import INT8
-from ptqkit.spec import QuantSpec
+from ptqkit.core.errors import ConfigError
+from ptqkit.core.primitives import fake_quantize, qparams_from_tensor, sqnr_db
+from ptqkit.core.qtypes import INT8
+from ptqkit.core.spec import QuantSpec
+from ptqkit.models.mappings import CLEChain, resolve_cle_chains
 
 
 # ---- a torchvision-layout MobileNetV2 in miniature ------------------------------------------

@@ -11,9 +11,9 @@ from ptqkit.algorithms.bn_fold import fold_batchnorm_
 from ptqkit.algorithms.cle import equalize_
 from ptqkit.algorithms.cle_capture import captured_cle_chains
 from ptqkit.algorithms.cle_graph import graph_cle_chains
-from ptqkit.calibration.graph_pass import trace
-from ptqkit.mappings import CLEChain
+from ptqkit.models.mappings import CLEChain
 from ptqkit.models.mobilenet_v2 import MobileNetV2
+from ptqkit.stats.graph_pass import trace
 
 
 class _Untraceable(nn.Module):

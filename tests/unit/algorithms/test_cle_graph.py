@@ -10,7 +10,7 @@ from torch import nn
 
 from ptqkit.algorithms.cle import ChannelClippedReLU, equalize_
 from ptqkit.algorithms.cle_graph import graph_cle_chains
-from ptqkit.mappings import CLEChain
+from ptqkit.models.mappings import CLEChain
 
 
 class _Residual(nn.Module):
@@ -95,7 +95,7 @@ def test_untraceable_model_falls_back_to_the_tables(caplog) -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.b(self.a(x)) if x.sum() > 0 else x  # control flow on a value: fx cannot trace
 
-    with caplog.at_level(logging.INFO, logger="ptqkit.calibration.graph_pass"):
+    with caplog.at_level(logging.INFO, logger="ptqkit.stats.graph_pass"):
         assert graph_cle_chains(DataDependent()) is None
         assert equalize_(DataDependent()) == []  # no table row names it either
     assert "does not trace with torch.fx" in caplog.text
@@ -104,7 +104,7 @@ def test_untraceable_model_falls_back_to_the_tables(caplog) -> None:
 def test_an_equalized_model_still_traces() -> None:
     """CLE's ChannelClippedReLU is a leaf for the tracer, so the layer-by-layer engine can run
     its one-pass graph after CLE."""
-    from ptqkit.calibration.graph_pass import trace
+    from ptqkit.stats.graph_pass import trace
 
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU6(), nn.Conv2d(8, 4, 1)).eval()
     equalize_(model)

@@ -17,10 +17,10 @@ from ptqkit.algorithms import (
     gptq_quantize_weight,
     rtn_quantize_weight,
 )
-from ptqkit.errors import CalibrationDataError, ConfigError, NonFiniteError
-from ptqkit.primitives import dequantize
-from ptqkit.qtypes import PerChannel, PerGroup, PerTensor
-from ptqkit.spec import QuantSpec
+from ptqkit.core.errors import CalibrationDataError, ConfigError, NonFiniteError
+from ptqkit.core.primitives import dequantize
+from ptqkit.core.qtypes import PerChannel, PerGroup, PerTensor
+from ptqkit.core.spec import QuantSpec
 
 INT4_CHANNEL = QuantSpec(qtype="int4", granularity=PerChannel(0))
 
@@ -245,7 +245,7 @@ def test_errors() -> None:
 
 
 def test_configs_round_trip_through_a_recipe() -> None:
-    from ptqkit.recipe import Recipe
+    from ptqkit.engine.recipe import Recipe
 
     recipe = dataclasses.replace(
         Recipe.from_preset("w4a16"),

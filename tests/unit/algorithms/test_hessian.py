@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ptqkit.algorithms import HessianAccumulator
-from ptqkit.errors import CalibrationDataError, ConfigError
+from ptqkit.core.errors import CalibrationDataError, ConfigError
 
 
 def _inputs(rows: int = 600, features: int = 48, seed: int = 0) -> torch.Tensor:

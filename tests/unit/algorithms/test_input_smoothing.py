@@ -11,7 +11,7 @@ import torch
 import ptqkit as pq
 from ptqkit.algorithms import InputSmoothingConfig
 from ptqkit.algorithms.input_smoothing import smoothing_divisors
-from ptqkit.errors import ArtifactError, ConfigError
+from ptqkit.core.errors import ArtifactError, ConfigError
 from ptqkit.export.load import load_artifact
 from ptqkit.nn.act_quant import SmoothedInputQuantizer
 

@@ -18,12 +18,12 @@ from ptqkit.algorithms import (
 )
 from ptqkit.algorithms.cle import ChannelClippedReLU
 from ptqkit.algorithms.layerwise import call_order, capture_inputs, quantize_layers_
-from ptqkit.errors import CalibrationDataError, ConfigError
+from ptqkit.core.errors import CalibrationDataError, ConfigError
+from ptqkit.core.primitives import qparams_from_tensor
+from ptqkit.core.qtypes import PerChannel
+from ptqkit.core.spec import QuantSpec
+from ptqkit.engine.recipe import Recipe
 from ptqkit.nn.modules import QuantConv, QuantLinear
-from ptqkit.primitives import qparams_from_tensor
-from ptqkit.qtypes import PerChannel
-from ptqkit.recipe import Recipe
-from ptqkit.spec import QuantSpec
 
 INT4 = QuantSpec(qtype="int4", granularity=PerChannel(0), symmetric=True)
 

@@ -9,7 +9,7 @@ import torch
 import ptqkit as pq
 from ptqkit.algorithms import LLMInt8Config
 from ptqkit.algorithms.llm_int8 import outlier_columns, split_outliers
-from ptqkit.errors import ConfigError, ExportError
+from ptqkit.core.errors import ConfigError, ExportError
 from ptqkit.export import artifact
 from ptqkit.export.load import load_artifact
 from ptqkit.nn.act_quant import OutlierKeepingQuantizer

@@ -9,10 +9,10 @@ import torch
 import ptqkit as pq
 from ptqkit.algorithms import OutlierChannelsConfig
 from ptqkit.algorithms.outlier_channels import choose_outlier_columns, column_multiples
-from ptqkit.errors import ArtifactError, ConfigError
+from ptqkit.core.errors import ArtifactError, ConfigError
+from ptqkit.core.spec import QParams
 from ptqkit.export.load import load_artifact
 from ptqkit.nn.act_quant import InputQuantizer, OutlierColumnsQuantizer
-from ptqkit.spec import QParams
 
 from .tiny_transformers import check_bert_artifact_round_trip, outputs, tiny_bert
 from .wide_column import export_and_check_against_simulation, quantized_two_readers

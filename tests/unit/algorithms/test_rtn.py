@@ -12,10 +12,10 @@ import torch
 
 from ptqkit.algorithms import ALGORITHMS, RTNConfig, rtn_quantize_weight, weight_qparams
 from ptqkit.algorithms.rtn import rtn_candidates
-from ptqkit.errors import ConfigError, NonFiniteError
-from ptqkit.primitives import dequantize, qparams_from_tensor, quantize
-from ptqkit.qtypes import PerChannel, PerGroup, PerTensor, PerToken
-from ptqkit.spec import QuantSpec
+from ptqkit.core.errors import ConfigError, NonFiniteError
+from ptqkit.core.primitives import dequantize, qparams_from_tensor, quantize
+from ptqkit.core.qtypes import PerChannel, PerGroup, PerTensor, PerToken
+from ptqkit.core.spec import QuantSpec
 
 
 def _weight(out_f: int = 24, in_f: int = 100, seed: int = 0) -> torch.Tensor:

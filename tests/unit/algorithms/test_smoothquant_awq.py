@@ -13,10 +13,10 @@ from ptqkit.algorithms import AWQConfig, SmoothQuantConfig
 from ptqkit.algorithms.awq import _fake_quant, awq_clip_ratios, awq_scales, awq_search_scales
 from ptqkit.algorithms.blockwise import transform_blocks_
 from ptqkit.algorithms.smoothquant import smoothing_scales
-from ptqkit.errors import ConfigError, UnsupportedModelError
-from ptqkit.mappings import find_block_list, resolve_scale_groups
-from ptqkit.qtypes import PerChannel, PerGroup, QType
-from ptqkit.spec import QuantSpec
+from ptqkit.core.errors import ConfigError, UnsupportedModelError
+from ptqkit.core.qtypes import PerChannel, PerGroup, QType
+from ptqkit.core.spec import QuantSpec
+from ptqkit.models.mappings import find_block_list, resolve_scale_groups
 
 from .tiny_transformers import FAMILIES, outputs, tiny_llama, token_batch
 
@@ -80,7 +80,7 @@ def test_scale_groups_follow_the_table_and_skip_grouped_query_attention(caplog: 
     model = tiny_llama()  # 4 query heads, 2 key/value heads: v_proj is 32 wide, o_proj reads 64
     name, blocks = find_block_list(model)
     assert name == "model.layers" and len(blocks) == 2
-    with caplog.at_level("INFO", logger="ptqkit.mappings"):
+    with caplog.at_level("INFO", logger="ptqkit.models.mappings"):
         groups = resolve_scale_groups(blocks[0], "model.layers.0")
     assert [g.source for g in groups] == [
         "model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm", "model.layers.0.mlp.up_proj"

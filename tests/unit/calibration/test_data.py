@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ptqkit.calibration import CalibrationData, call_model
-from ptqkit.errors import CalibrationDataError, ConfigError
+from ptqkit.core.errors import CalibrationDataError, ConfigError
 
 
 def _x(n: int = 20, *shape: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 
 from ptqkit.calibration import CalibrationData
 from ptqkit.calibration.images import describe_transform
-from ptqkit.errors import CalibrationDataError, ConfigError
+from ptqkit.core.errors import CalibrationDataError, ConfigError
 
 Image = pytest.importorskip("PIL.Image")
 skdata = pytest.importorskip("skimage.data")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ptqkit.calibration.input_stats import InputStatistics, StatsRequest
-from ptqkit.errors import CalibrationDataError
+from ptqkit.core.errors import CalibrationDataError
+from ptqkit.stats.input_stats import InputStatistics, StatsRequest
 
 
 def _batches() -> list[torch.Tensor]:

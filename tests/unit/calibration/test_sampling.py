@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ptqkit.calibration import sampling
-from ptqkit.errors import CalibrationDataError, ConfigError
+from ptqkit.core.errors import CalibrationDataError, ConfigError
 
 
 def test_select_all_when_no_limit_or_limit_too_large() -> None:

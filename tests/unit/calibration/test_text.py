@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ptqkit.calibration import CalibrationData, call_model
-from ptqkit.errors import CalibrationDataError, ConfigError
+from ptqkit.core.errors import CalibrationDataError, ConfigError
 
 TEXTS = [
     "Now is the winter of our discontent made glorious summer by this sun of York.",

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import ptqkit as pq
 from ptqkit.algorithms import AWQConfig, GPTQConfig, SmoothQuantConfig
-from ptqkit.recipe import CalibrationSettings
+from ptqkit.engine.recipe import CalibrationSettings
 
 from ..algorithms.tiny_transformers import tiny_llama, token_batch
 

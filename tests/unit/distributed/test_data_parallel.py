@@ -1,4 +1,4 @@
-"""Data-parallel calibration (`ptqkit.distributed`): 2 ranks on gloo, launched with torchrun as
+"""Data-parallel calibration (`ptqkit.stats.distributed`): 2 ranks on gloo, launched with torchrun as
 a user would, give the same quantized model as one process on the same data; the pieces
 (sharding, statistics merges, refusals) are checked on their own."""
 from __future__ import annotations
@@ -15,13 +15,13 @@ from safetensors.torch import load_file
 
 import ptqkit as pq
 from ptqkit.algorithms import AdaRoundConfig
-from ptqkit.algorithms.hessian import HessianAccumulator
-from ptqkit.calibration.hooks import limited_batches
-from ptqkit.calibration.input_stats import InputStatistics, StatsRequest
-from ptqkit.distributed import DataParallel, shard_ranges
-from ptqkit.errors import ConfigError
+from ptqkit.core.errors import ConfigError
+from ptqkit.core.threads import torch_threads
 from ptqkit.eval.metrics import perplexity
-from ptqkit.threads import torch_threads
+from ptqkit.stats.distributed import DataParallel, shard_ranges
+from ptqkit.stats.hessian import HessianAccumulator
+from ptqkit.stats.hooks import limited_batches
+from ptqkit.stats.input_stats import InputStatistics, StatsRequest
 
 from .cases import CASES, EXACT, SUMMED, eval_windows, model_and_data
 

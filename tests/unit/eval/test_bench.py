@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 import ptqkit as pq
-from ptqkit.errors import ConfigError
+from ptqkit.core.errors import ConfigError
+from ptqkit.engine.recipe import Recipe
 from ptqkit.eval.bench import BenchResult, Timing, bench, current_rss_bytes
-from ptqkit.recipe import Recipe
 
 
 def _mlp() -> nn.Sequential:

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 import ptqkit as pq
-from ptqkit.errors import ConfigError
+from ptqkit.core.errors import ConfigError
+from ptqkit.core.qtypes import PerTensor
+from ptqkit.core.spec import QuantSpec
+from ptqkit.engine.recipe import Recipe
 from ptqkit.eval.doctor import DoctorConfig, doctor
-from ptqkit.qtypes import PerTensor
-from ptqkit.recipe import Recipe
-from ptqkit.spec import QuantSpec
 
 
 def _gen(seed: int) -> torch.Generator:

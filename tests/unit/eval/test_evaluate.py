@@ -12,10 +12,10 @@ import ptqkit as pq
 from ptqkit.algorithms import BNFoldConfig, CLEConfig
 from ptqkit.algorithms.bn_fold import fold_batchnorm_
 from ptqkit.algorithms.cle import equalize_
-from ptqkit.errors import ConfigError
+from ptqkit.core.errors import ConfigError
+from ptqkit.engine.recipe import Recipe
 from ptqkit.eval.evaluate import evaluate, float_equivalent
 from ptqkit.eval.metrics import mean_softmax_kl, top1_agreement, topk_agreement
-from ptqkit.recipe import Recipe
 
 
 def _sqnr(reference: torch.Tensor, candidate: torch.Tensor) -> float:
@@ -74,7 +74,8 @@ def test_per_layer_numbers_match_independent_computations(cnn_case) -> None:
         logits_fp, logits_q = equivalent(data), qmodel(data)
     assert layers["0"].output_sqnr_db == pytest.approx(isolated, abs=1e-6)
     assert layers["0"].accumulated_sqnr_db == pytest.approx(isolated, abs=1e-6)  # nothing upstream
-    assert layers["7"].accumulated_sqnr_db == pytest.approx(_sqnr(logits_fp, logits_q), abs=1e-6)  # the output layer
+    # the output layer; float32 sums in another order: 1.3e-6 dB apart on an Intel Xeon (AMX), 0 on AMD EPYC
+    assert layers["7"].accumulated_sqnr_db == pytest.approx(_sqnr(logits_fp, logits_q), abs=1e-5)
     assert layers["7"].accumulated_sqnr_db < layers["7"].output_sqnr_db  # error builds up along the network
     assert layers["0"].input_min == pytest.approx(float(data.min())) and layers["0"].input_max == pytest.approx(float(data.max()))
     per_channel = data.abs().amax(dim=(0, 2, 3))

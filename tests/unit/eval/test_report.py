@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 import ptqkit as pq
+from ptqkit.engine.recipe import Recipe
 from ptqkit.eval.evaluate import evaluate
 from ptqkit.eval.report import headline, write_report
-from ptqkit.recipe import Recipe
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 import ptqkit as pq
-from ptqkit.errors import ConfigError
+from ptqkit.core.errors import ConfigError
+from ptqkit.core.qtypes import PerTensor
+from ptqkit.core.spec import QuantSpec
+from ptqkit.engine.recipe import Recipe
 from ptqkit.eval.sensitivity import degradation, model_metrics, sensitivity, suggest, task_metric
-from ptqkit.qtypes import PerTensor
-from ptqkit.recipe import Recipe
-from ptqkit.spec import QuantSpec
 
 W4 = QuantSpec(qtype="int4", granularity=PerTensor(), symmetric=True)
 

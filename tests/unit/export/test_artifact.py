@@ -11,14 +11,14 @@ from safetensors import safe_open
 from torch import nn
 
 import ptqkit as pq
-from ptqkit.errors import ArtifactError
+from ptqkit.core.errors import ArtifactError
+from ptqkit.core.primitives import unpack_lowbit
+from ptqkit.core.qtypes import PerChannel, PerGroup
+from ptqkit.core.spec import QuantSpec
+from ptqkit.engine.recipe import Override, Recipe, Scheme
 from ptqkit.export.artifact import MODEL_FILE, QUANT_FILE, save_artifact
 from ptqkit.export.load import load_artifact
 from ptqkit.nn.modules import QuantConv, QuantEmbedding, QuantizedModule, QuantLinear
-from ptqkit.primitives import unpack_lowbit
-from ptqkit.qtypes import PerChannel, PerGroup
-from ptqkit.recipe import Override, Recipe, Scheme
-from ptqkit.spec import QuantSpec
 
 
 class Toy(nn.Module):
@@ -158,9 +158,9 @@ def test_overwrite_keeps_foreign_files_and_leaves_no_temporaries(tmp_path: Path)
 
 
 def test_save_errors(tmp_path: Path) -> None:
-    with pytest.raises(ArtifactError, match=r"Toy has no ptqkit_info; pass the model returned by ptqkit.quantize"):
+    with pytest.raises(ArtifactError, match=r"Toy has no ptqkit_info; pass the model returned by ptqkit.engine.quantize"):
         save_artifact(_toy(), tmp_path / "a")
-    from ptqkit.pack import pack
+    from ptqkit.export.pack import pack
 
     packed = pack(pq.quantize(_toy(), RECIPES["w8a16"], progress=False))
     with pytest.raises(ArtifactError, match=r"layer 'proj' is a Int8WeightOnlyLinear.*save before packing"):

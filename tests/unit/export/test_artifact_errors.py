@@ -18,12 +18,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import ptqkit as pq
-from ptqkit.errors import ArtifactError
+from ptqkit.core.errors import ArtifactError
+from ptqkit.core.qtypes import PerChannel, PerGroup
+from ptqkit.core.spec import QuantSpec
+from ptqkit.engine.recipe import Override, Recipe, Scheme
 from ptqkit.export.artifact import MODEL_FILE, QUANT_FILE, file_sha256, save_artifact
 from ptqkit.export.load import load_artifact
-from ptqkit.recipe import Override, Recipe, Scheme
-from ptqkit.spec import QuantSpec
-from ptqkit.qtypes import PerChannel, PerGroup
 
 
 def _model(seed: int = 0) -> nn.Sequential:

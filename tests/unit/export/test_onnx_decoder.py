@@ -19,12 +19,12 @@ import torch
 from torch import nn
 
 import ptqkit as pq
-from ptqkit.errors import ConfigError, ExportError
+from ptqkit.core.errors import ConfigError, ExportError
+from ptqkit.core.qtypes import PerChannel
+from ptqkit.core.spec import QuantSpec
+from ptqkit.engine.recipe import Override, Scheme
 from ptqkit.export import NBitsOptions
 from ptqkit.models.hf_cache import cached_forward, output_cache
-from ptqkit.qtypes import PerChannel
-from ptqkit.recipe import Override, Scheme
-from ptqkit.spec import QuantSpec
 
 transformers = pytest.importorskip("transformers")
 onnx = pytest.importorskip("onnx")

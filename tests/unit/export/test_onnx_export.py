@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import ptqkit as pq
-from ptqkit.errors import ExportError
+from ptqkit.core.errors import ExportError
 from ptqkit.export import export
 
 onnx = pytest.importorskip("onnx")

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import ptqkit as pq
-from ptqkit.errors import ExportError
+from ptqkit.core.errors import ExportError
+from ptqkit.core.qtypes import PerChannel, PerGroup
+from ptqkit.core.spec import QuantSpec
+from ptqkit.engine.recipe import Override, Recipe, Scheme
 from ptqkit.export import NBitsOptions
-from ptqkit.qtypes import PerChannel, PerGroup
-from ptqkit.recipe import Override, Recipe, Scheme
-from ptqkit.spec import QuantSpec
 
 transformers = pytest.importorskip("transformers")
 onnx = pytest.importorskip("onnx")

@@ -15,7 +15,10 @@ import torch
 from torch import nn
 
 import ptqkit as pq
-from ptqkit.errors import ExportError
+from ptqkit.core.errors import ExportError
+from ptqkit.core.qtypes import PerChannel, PerGroup, PerTensor
+from ptqkit.core.spec import QuantSpec
+from ptqkit.engine.recipe import Recipe, Scheme
 from ptqkit.export import NBitsOptions, export
 from ptqkit.export.onnx_graph import LayerNode
 from ptqkit.export.onnx_nbits import (
@@ -26,9 +29,6 @@ from ptqkit.export.onnx_nbits import (
     routes_to_nbits,
 )
 from ptqkit.nn.modules import QuantLinear
-from ptqkit.qtypes import PerChannel, PerGroup, PerTensor
-from ptqkit.recipe import Recipe, Scheme
-from ptqkit.spec import QuantSpec
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -272,7 +272,7 @@ def test_export_w4a16_runs_every_layer_on_matmul_nbits(mlp: nn.Module, symmetric
 
 
 def test_export_keeps_unconvertible_layers_float_and_reports_them(mlp: nn.Module, tmp_path: Path) -> None:
-    from ptqkit.recipe import Override
+    from ptqkit.engine.recipe import Override
 
     nf4 = Override(match=("down",), scheme=Scheme(weights=QuantSpec(qtype="nf4", granularity=PerGroup(64))))
     recipe = Recipe(scheme=Scheme(weights=QuantSpec(qtype="int4", granularity=PerGroup(32))), overrides=(nf4,))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from ptqkit.errors import ConfigError
+from ptqkit.core.errors import ConfigError
 from ptqkit.mixed_precision.formats import FORMATS, format_module, weight_bytes
 from ptqkit.mixed_precision.latency import LatencyTable, linear_rows
 from ptqkit.nn.packed import Int4WeightOnlyLinear, Int8WeightOnlyLinear

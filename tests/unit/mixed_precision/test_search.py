@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from ptqkit.errors import ConfigError
+from ptqkit.core.errors import ConfigError
 from ptqkit.eval.sensitivity import model_metrics
 from ptqkit.mixed_precision.formats import apply_assignment
 from ptqkit.mixed_precision.search import (

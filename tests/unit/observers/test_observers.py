@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ptqkit as pq
-from ptqkit.errors import ConfigError, NonFiniteError
+from ptqkit.core.errors import ConfigError, NonFiniteError
 from ptqkit.observers import OBSERVERS, make_observer, observer_from_state
 
 
@@ -46,7 +46,7 @@ def _observe(spec: pq.QuantSpec, chunks) -> object:
 def _np_fake_quant_mse(
     x: np.ndarray, lo: float, hi: float, qtype: pq.QType, symmetric: bool
 ) -> float:
-    """Float64 reference, written independently of ptqkit.primitives."""
+    """Float64 reference, written independently of ptqkit.core.primitives."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
     qmin, qmax = float(qtype.qmin), float(qtype.qmax)
     if symmetric:
@@ -267,3 +267,21 @@ def test_per_token_specs_are_dynamic_and_need_no_observer() -> None:
         match=r"'minmax' does not support per_token granularity; valid: per_tensor, per_channel, per_group \(per-token parameters are computed",
     ):
         make_observer(spec)
+
+
+def test_every_observer_has_its_options_registered_in_core() -> None:
+    """The spec checks options against core's table; the observers must use the same classes."""
+    from ptqkit.core.observer_options import OBSERVER_OPTIONS
+    from ptqkit.observers import OBSERVERS
+
+    assert list(OBSERVERS) == list(OBSERVER_OPTIONS)
+    for name, observer in OBSERVERS.items():
+        assert observer.name == name and observer.options_type is OBSERVER_OPTIONS[name]
+
+
+def test_bad_observer_options_fail_when_the_recipe_loads() -> None:
+    data = pq.Recipe.from_preset("w8a8").to_dict()
+    data["scheme"]["inputs"]["observer"] = "kl"
+    data["scheme"]["inputs"]["observer_options"] = {"bins": 1000}
+    with pytest.raises(ConfigError, match=r"observer 'kl': bins=1000 must be a power of two >= 8"):
+        pq.Recipe.from_dict(data)

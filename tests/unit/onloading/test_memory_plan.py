@@ -1,4 +1,4 @@
-"""The up-front memory plan (`ptqkit.memory_plan`): its parts are the model's own sizes, a run
+"""The up-front memory plan (`ptqkit.engine.memory_plan`): its parts are the model's own sizes, a run
 that cannot fit is refused with the setting to change, and the memory available honours a
 limit set with setrlimit."""
 from __future__ import annotations
@@ -12,15 +12,15 @@ import pytest
 
 import ptqkit as pq
 from ptqkit.algorithms import GPTQConfig
-from ptqkit.errors import ConfigError
-from ptqkit.mappings import find_block_list
-from ptqkit.memory_plan import (
+from ptqkit.core.errors import ConfigError
+from ptqkit.engine.memory_plan import (
     MemoryPlan,
     available_memory,
     check_memory,
     plan_from_config,
     plan_memory,
 )
+from ptqkit.models.mappings import find_block_list
 
 from ..algorithms.tiny_transformers import tiny_llama
 
@@ -67,7 +67,7 @@ def test_preflight_reads_only_the_config(tmp_path: Path) -> None:
 
 def test_available_memory_honours_rlimit_data() -> None:
     script = (
-        "import json, resource; from ptqkit.memory_plan import proc_status, available_memory\n"
+        "import json, resource; from ptqkit.engine.memory_plan import proc_status, available_memory\n"
         "used = proc_status()['VmData']\n"
         "resource.setrlimit(resource.RLIMIT_DATA, (used + (300 << 20), resource.RLIM_INFINITY))\n"
         "print(json.dumps(available_memory()))\n"

@@ -1,4 +1,4 @@
-"""Layer onloading (`ptqkit.onloading`): a model saved to disk is quantized block by block with
+"""Layer onloading (`ptqkit.engine.onloading`): a model saved to disk is quantized block by block with
 its weights left there, and gives the very bytes `pq.quantize` + `pq.save` give on the loaded
 model; sharded and tied checkpoints; refusals."""
 from __future__ import annotations
@@ -11,8 +11,9 @@ from safetensors.torch import load_file, save_file
 
 import ptqkit as pq
 from ptqkit.algorithms import AWQConfig, BNFoldConfig, GPTQConfig
-from ptqkit.errors import ArtifactError, ConfigError, UnsupportedModelError
-from ptqkit.onloading import WeightStore, build_skeleton, quantize_onloaded
+from ptqkit.core.errors import ArtifactError, ConfigError, UnsupportedModelError
+from ptqkit.engine.onloading import quantize_onloaded
+from ptqkit.engine.weight_store import WeightStore, build_skeleton
 
 from ..algorithms.tiny_transformers import tiny_llama, token_batch
 
@@ -46,7 +47,7 @@ def _in_memory_bytes(model: torch.nn.Module, recipe: pq.Recipe, data, path: Path
 def test_onloaded_artifact_is_byte_identical_to_the_in_memory_one(tmp_path: Path, data, recipe: pq.Recipe) -> None:
     model = tiny_llama()
     source = _saved(model, tmp_path / "hf")
-    quantize_onloaded(source, recipe, data, tmp_path / "onloaded", progress=False)
+    pq.save(quantize_onloaded(source, recipe, data, progress=False), tmp_path / "onloaded")
     assert (tmp_path / "onloaded/model.safetensors").read_bytes() == _in_memory_bytes(model, recipe, data, tmp_path / "memory")
     loaded = pq.load(tmp_path / "onloaded", source)  # the artifact loads like any other, and runs
     ids = token_batch(samples=2, length=12, seed=4)
@@ -61,7 +62,7 @@ def test_sharded_checkpoint_with_tied_embeddings(tmp_path: Path, data) -> None:
     model = transformers.LlamaForCausalLM(config).eval()
     source = _saved(model, tmp_path / "hf", max_shard_size="60KB")
     assert (source / "model.safetensors.index.json").is_file()
-    quantize_onloaded(source, _gptq(), data, tmp_path / "onloaded", progress=False)
+    pq.save(quantize_onloaded(source, _gptq(), data, progress=False), tmp_path / "onloaded")
     assert (tmp_path / "onloaded/model.safetensors").read_bytes() == _in_memory_bytes(model, _gptq(), data, tmp_path / "memory")
 
 
@@ -74,9 +75,9 @@ def test_skeleton_allocates_no_weights(tmp_path: Path) -> None:
 def test_static_activations_and_cnn_algorithms_are_refused(tmp_path: Path, data) -> None:
     source = _saved(tiny_llama(), tmp_path / "hf")
     with pytest.raises(ConfigError, match="statically.*w8a8_dynamic"):
-        quantize_onloaded(source, pq.Recipe.from_preset("w8a8"), data, tmp_path / "out", progress=False)
+        quantize_onloaded(source, pq.Recipe.from_preset("w8a8"), data, progress=False)
     with pytest.raises(ConfigError, match="onloading runs the block-by-block engine"):
-        quantize_onloaded(source, pq.Recipe.from_preset("w8a8_dynamic", algorithms=(BNFoldConfig(),)), data, tmp_path / "out", progress=False)
+        quantize_onloaded(source, pq.Recipe.from_preset("w8a8_dynamic", algorithms=(BNFoldConfig(),)), data, progress=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -88,11 +89,11 @@ def test_missing_and_mismatched_weights_name_the_file_and_tensor(tmp_path: Path,
     tensors["model.layers.1.mlp.up_proj.weight"] = torch.zeros(3, 3)
     save_file(tensors, str(source / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ArtifactError, match="model.layers.1.mlp.up_proj.weight.*shape \\(3, 3\\)"):
-        quantize_onloaded(source, _gptq(), data, tmp_path / "out", progress=False)
+        quantize_onloaded(source, _gptq(), data, progress=False)
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, str(source / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ArtifactError, match="'model.layers.1.mlp.up_proj.weight' is not in"):
-        quantize_onloaded(source, _gptq(), data, tmp_path / "out", progress=False)
+        quantize_onloaded(source, _gptq(), data, progress=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -108,7 +109,7 @@ def test_unreadable_safetensors_files_and_calibration_are_refused_by_name(tmp_pa
         WeightStore(tmp_path)
     source = _saved(tiny_llama(), tmp_path / "hf")
     with pytest.raises(ConfigError, match="non-empty CalibrationData"):
-        quantize_onloaded(source, _gptq(), [torch.zeros(2, 3)], tmp_path / "out", progress=False)
+        quantize_onloaded(source, _gptq(), [torch.zeros(2, 3)], progress=False)
 
 
 def test_cli_onload_needs_a_model_directory_and_calibration(tmp_path: Path, capsys) -> None:

@@ -19,9 +19,9 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from ptqkit.calibration.hooks import limited_batches
 from ptqkit.calibration.samples import call_model
-from ptqkit.errors import CalibrationDataError, PTQError
+from ptqkit.core.errors import CalibrationDataError, PTQError
+from ptqkit.stats.hooks import limited_batches
 
 __all__ = [
     "BlockCall",

@@ -9,7 +9,7 @@ plus, in bytes:
   while loading), the float model, the copy `quantize` works on, the block engine's results
   (codes, 1 byte per weight, and dequantized floats) and the quantized layers (codes and their
   dequantized float cache) built while the float copy still exists;
-- with onloading (`ptqkit.onloading`): the weights outside the blocks, one float block, the
+- with onloading (`ptqkit.engine.onloading`): the weights outside the blocks, one float block, the
   integer codes of every quantized layer, and, when the artifact is written, its tensors
   (packed codes and the outside weights) twice: collected, then serialized by safetensors;
 - both: the calibration activations the block engine keeps (each block's inputs and outputs for
@@ -28,9 +28,9 @@ from typing import Any
 
 from torch import nn
 
-from ptqkit.errors import ConfigError, UnsupportedModelError
-from ptqkit.progress import current_rss_bytes
-from ptqkit.recipe import Recipe
+from ptqkit.core.errors import ConfigError, UnsupportedModelError
+from ptqkit.core.progress import current_rss_bytes
+from ptqkit.engine.recipe import Recipe
 
 __all__ = ["MemoryPlan", "plan_memory", "plan_from_config", "available_memory", "check_memory", "proc_status"]
 
@@ -73,8 +73,8 @@ def plan_memory(
     """The memory plan of quantizing `model` (a skeleton on the meta device is enough: only
     shapes are read) with `recipe` on `samples` sequences of `seq_len` tokens."""
     from ptqkit.algorithms.pipeline import split_algorithms
-    from ptqkit.mappings import require_block_list
-    from ptqkit.targets import resolve_plan
+    from ptqkit.engine.targets import resolve_plan
+    from ptqkit.models.mappings import require_block_list
 
     list_name, blocks = require_block_list(model, "the memory plan models block-by-block runs")
     stages = split_algorithms(recipe.algorithms)
@@ -180,7 +180,7 @@ def check_memory(plan: MemoryPlan, available: tuple[int, str] | None = None) -> 
         return
     largest = max(plan.parts, key=lambda name: plan.parts[name])
     advice = (
-        "quantize with onloading (`ptqkit quantize --onload`, or ptqkit.onloading.quantize_onloaded): the weights stay on disk"
+        "quantize with onloading (`ptqkit quantize --onload`, or ptqkit.engine.onloading.quantize_onloaded): the weights stay on disk"
         if not plan.onload
         else "lower calibration.samples, --max-length or calibration.batch_size, or free memory"
     )
@@ -196,7 +196,7 @@ def plan_from_config(model_dir: str | Path, recipe: Recipe, *, samples: int, seq
     """The plan of a run on the Hugging Face model in `model_dir`, from its config alone (the
     model is built on the meta device: no weight is read). None for a model without repeated
     blocks."""
-    from ptqkit.onloading import build_skeleton
+    from ptqkit.engine.weight_store import build_skeleton
 
     try:
         return plan_memory(build_skeleton(model_dir), recipe, samples=samples, seq_len=seq_len, batch_size=batch_size, onload=onload)

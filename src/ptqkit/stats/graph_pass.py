@@ -19,8 +19,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from ptqkit.calibration.sequential import BlockCall
-from ptqkit.errors import CalibrationDataError, PTQError
+from ptqkit.core.errors import CalibrationDataError, PTQError
+from ptqkit.stats.sequential import BlockCall
 
 __all__ = ["run_lockstep", "trace"]
 

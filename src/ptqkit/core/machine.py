@@ -39,7 +39,7 @@ def describe() -> dict[str, Any]:
     """CPU model, core count, integer-dot-product ISA flags and versions of this process."""
     import torch
 
-    import ptqkit
+    from ptqkit.core.version import __version__
 
     flags = cpu_flags()
     return {
@@ -47,5 +47,5 @@ def describe() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "isa": {name: name in flags for name in ISA_FLAGS},
         "torch_threads": torch.get_num_threads(),
-        "versions": {"ptqkit": ptqkit.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        "versions": {"ptqkit": __version__, "torch": torch.__version__, "python": platform.python_version()},
     }

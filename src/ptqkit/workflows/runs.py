@@ -24,9 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ptqkit.errors import ArtifactError, ConfigError
-from ptqkit.recipe import Recipe
-from ptqkit.sources import LoadedModel, load_model
+from ptqkit.core.errors import ArtifactError, ConfigError
+from ptqkit.engine.quantize import quantize
+from ptqkit.engine.recipe import Recipe
+from ptqkit.eval.size import model_size
+from ptqkit.export import export
+from ptqkit.export.artifact import save_artifact
+from ptqkit.export.load import load_artifact
+from ptqkit.workflows.sources import LoadedModel, load_model
 
 __all__ = ["RunFiles", "bench_run", "describe_run", "export_run", "open_run", "output_sqnr_on", "quantize_run"]
 
@@ -64,8 +69,8 @@ class RunFiles:
 def output_sqnr_on(model: nn.Module, qmodel: nn.Module, example: Any) -> float:
     """SQNR (dB) of the quantized model's main output against the float model's, on `example`."""
     from ptqkit.calibration.samples import call_model
+    from ptqkit.core.primitives import sqnr_db
     from ptqkit.eval.evaluate import main_tensor
-    from ptqkit.primitives import sqnr_db
 
     reference = main_tensor(call_model(model, example)).float()
     candidate = main_tensor(call_model(qmodel, example)).float()
@@ -102,14 +107,13 @@ def quantize_run(
     summary (also written to summary.json). With `distributed` every rank calibrates on its
     share of the data and rank 0 alone writes; the other ranks wait for it and return
     {"rank": r, "written_by": 0}."""
-    import ptqkit as pq
 
     files = RunFiles(Path(out_dir))
     start = time.perf_counter()
-    qmodel = pq.quantize(loaded.model, recipe, calib, progress=progress, distributed=distributed)
+    qmodel = quantize(loaded.model, recipe, calib, progress=progress, distributed=distributed)
     seconds = time.perf_counter() - start
     if distributed:
-        from ptqkit.distributed import DataParallel
+        from ptqkit.stats.distributed import DataParallel
 
         parallel = DataParallel.current()
         if not parallel.is_writer:
@@ -133,10 +137,9 @@ def _write_run(
     *,
     ranks: int = 1,
 ) -> dict[str, Any]:
-    import ptqkit as pq
 
     example = next(iter(calib.batches())) if calib is not None and len(calib) else None
-    size = pq.model_size(qmodel)
+    size = model_size(qmodel)
     summary: dict[str, Any] = {
         "recipe": recipe.name,
         "quantize_seconds": round(seconds, 3),
@@ -148,7 +151,7 @@ def _write_run(
         "model_quantized_bytes": size.total_quantized_bytes,
         "output_sqnr_db": output_sqnr_on(loaded.model, qmodel, example) if example is not None else None,
     }
-    pq.save(qmodel, files.root, metrics=summary)
+    save_artifact(qmodel, files.root, metrics=summary)
     recipe.save(files.recipe)
     files.source.write_text(json.dumps(loaded.source, indent=2) + "\n", encoding="utf-8")
     if example is not None:
@@ -164,14 +167,14 @@ def onload_run(
     model_dir: str | Path, recipe: Recipe, calib: Any, out_dir: str | Path, *, progress: bool = True, memory_check: bool = True
 ) -> dict[str, Any]:
     """Quantize the Hugging Face model in `model_dir` with layer onloading (its weights stay on
-    disk; `ptqkit.onloading`) and write the run directory; returns the summary."""
+    disk; `ptqkit.engine.onloading`) and write the run directory; returns the summary."""
+    from ptqkit.core.progress import peak_rss_bytes
+    from ptqkit.engine.onloading import quantize_onloaded
     from ptqkit.export.load import read_manifest
-    from ptqkit.onloading import quantize_onloaded
-    from ptqkit.progress import peak_rss_bytes
 
     files = RunFiles(Path(out_dir))
     start = time.perf_counter()
-    quantize_onloaded(model_dir, recipe, calib, files.root, progress=progress, memory_check=memory_check)
+    save_artifact(quantize_onloaded(model_dir, recipe, calib, progress=progress, memory_check=memory_check), files.root)
     seconds = time.perf_counter() - start
     manifest = read_manifest(files.root)
     recipe.save(files.recipe)
@@ -211,13 +214,12 @@ def open_run(out_dir: str | Path) -> tuple[LoadedModel, nn.Module, Any]:
     factory model the float model has the recipe's pre-transforms applied (same function)."""
     import copy
 
-    import ptqkit as pq
 
     files = RunFiles(Path(out_dir))
     manifest = _read_manifest(files.root)
     recipe = Recipe.from_dict(manifest["recipe"])
     loaded = _float_model(files, recipe)
-    qmodel = pq.load(files.root, copy.deepcopy(loaded.model))
+    qmodel = load_artifact(files.root, copy.deepcopy(loaded.model))
     return loaded, qmodel, _load_example(files.example)
 
 
@@ -230,14 +232,13 @@ def _read_manifest(root: Path) -> dict[str, Any]:
 def export_run(out_dir: str | Path, *, qmodel: nn.Module | None = None, strict: bool = False, keep_float: bool = False) -> dict[str, Any]:
     """Export a run directory's quantized model to ONNX: onnx/model.onnx + onnx/export_report.json
     (+ onnx/model.fp32.onnx with `keep_float`); the onnx/ folder is replaced as a whole, atomically."""
-    import ptqkit as pq
 
     files = RunFiles(Path(out_dir))
     if qmodel is None:
         _, qmodel, example = open_run(files.root)
     else:
         example = _load_example(files.example)
-    result = pq.export(qmodel, files.onnx_dir, ("onnx",), example_inputs=example, strict=strict, keep_float=keep_float)
+    result = export(qmodel, files.onnx_dir, ("onnx",), example_inputs=example, strict=strict, keep_float=keep_float)
     integer = sum(layer.integer for layer in result.layers)
     return {
         "file": str(result.files["onnx"]), "integer_layers": integer, "float_layers": list(result.float_layers),

@@ -1,6 +1,6 @@
 """`pack(qmodel)`: swap simulated weight-only layers for packed modules on real CPU kernels.
 
-Every module `ptqkit.quantize` produced is accounted for in a `PackReport` (attached to the
+Every module `ptqkit.engine.quantize` produced is accounted for in a `PackReport` (attached to the
 result as `ptqkit_pack_report` and logged): which kernel it runs on, or why it stays on the
 simulated (dequantize-then-matmul) path. Nothing is left behind silently; `strict=True` turns any
 layer left on the simulated path into a ConfigError.
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ptqkit.errors import ConfigError
+from ptqkit.core.errors import ConfigError
 from ptqkit.nn.modules import QuantizedModule, QuantLinear
 from ptqkit.nn.packed import (
     ACTIVATION_DTYPES,
@@ -26,7 +26,7 @@ from ptqkit.nn.packed import (
     int4_refusal,
     int8_refusal,
 )
-from ptqkit.targets import replace_module
+from ptqkit.nn.tree import replace_module
 
 __all__ = ["BACKENDS", "FASTEST", "PackedLayer", "PackReport", "fastest_float_dtype", "pack"]
 
@@ -104,7 +104,7 @@ def fastest_float_dtype(linear: nn.Linear, reps: int = 20) -> tuple[torch.dtype,
     that the machine's drift hits both alike. Which format wins is a property of the machine: on
     an AVX-512 CPU without AMX fp16 ran SmolLM2's 49152 x 576 head 2-3x faster than bf16; AMX
     runs bf16 natively."""
-    from ptqkit.eval.bench import time_alternating
+    from ptqkit.core.timing import time_alternating
 
     calls = []
     for dtype in SIXTEEN_BIT:
@@ -167,7 +167,7 @@ def pack(
         )
     if not any(isinstance(m, QuantizedModule) for m in qmodel.modules()):
         raise ConfigError(
-            f"pack: {type(qmodel).__name__} has no ptqkit quantized modules; pass the model returned by ptqkit.quantize(...)"
+            f"pack: {type(qmodel).__name__} has no ptqkit quantized modules; pass the model returned by ptqkit.engine.quantize(...)"
         )
     model = copy.deepcopy(qmodel)
     float_dtype, float_reason = _float_linear_dtype(model, float_linear_dtype)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ptqkit.errors import CalibrationDataError, ConfigError
+from ptqkit.core.errors import CalibrationDataError, ConfigError
 
 __all__ = ["HessianAccumulator"]
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ptqkit.errors import CalibrationDataError, ConfigError
+from ptqkit.core.errors import CalibrationDataError, ConfigError
 
 __all__ = ["StatsRequest", "InputStatistics"]
 
@@ -44,7 +44,9 @@ class InputStatistics:
     """The requested statistics of one input [..., channels]; `name` appears in errors."""
 
     def __init__(self, channels: int, request: StatsRequest, name: str) -> None:
-        from ptqkit.algorithms.hessian import HessianAccumulator  # (ptqkit.algorithms imports this module)
+        from ptqkit.stats.hessian import (
+            HessianAccumulator,  # (ptqkit.algorithms imports this module)
+        )
 
         self.channels = channels
         self.request = request
@@ -105,7 +107,7 @@ class InputStatistics:
 
     @classmethod
     def from_state(cls, channels: int, request: StatsRequest, name: str, state: dict[str, Any]) -> "InputStatistics":
-        from ptqkit.algorithms.hessian import HessianAccumulator
+        from ptqkit.stats.hessian import HessianAccumulator
 
         stats = cls(channels, request, name)
         stats.absmax = None if state["absmax"] is None else state["absmax"].clone()

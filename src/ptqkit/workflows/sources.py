@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ptqkit.errors import CalibrationDataError, ConfigError, UnsupportedModelError
+from ptqkit.core.errors import CalibrationDataError, ConfigError, UnsupportedModelError
 
 __all__ = ["LoadedModel", "apply_settings", "load_calibration", "load_model", "read_tensor_file"]
 
@@ -173,7 +173,7 @@ def _parse_setting(setting: str) -> tuple[list[str], Any]:
     key, sep, text = setting.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {setting!r}: expected key.path=value, e.g. scheme.weights.granularity.size=64")
-    from ptqkit.recipe import _import_yaml
+    from ptqkit.engine.recipe import _import_yaml
 
     try:
         value = _import_yaml().safe_load(text) if text.strip() else None

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from ptqkit.calibration.data import call_model
-from ptqkit.errors import CalibrationDataError, NonFiniteError, PTQError
-from ptqkit.primitives import check_finite
-from ptqkit.progress import progress_bar
-from ptqkit.spec import QuantSpec
+from ptqkit.core.errors import CalibrationDataError, NonFiniteError, PTQError
+from ptqkit.core.primitives import check_finite
+from ptqkit.core.progress import progress_bar
+from ptqkit.core.spec import QuantSpec
 
 __all__ = ["calibrate_inputs", "input_column_ranges", "run_with_input_hooks", "batch_length", "slice_batch", "limited_batches"]
 

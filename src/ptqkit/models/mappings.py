@@ -30,7 +30,7 @@ from typing import Iterator
 
 from torch import nn
 
-from ptqkit.errors import ConfigError, UnsupportedModelError
+from ptqkit.core.errors import ConfigError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 

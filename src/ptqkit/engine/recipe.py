@@ -11,9 +11,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ptqkit.errors import ConfigError
-from ptqkit.qtypes import PerChannel, PerGroup, PerTensor, PerToken
-from ptqkit.spec import QuantSpec, check_config_keys
+from ptqkit.core.errors import ConfigError
+from ptqkit.core.qtypes import PerChannel, PerGroup, PerTensor, PerToken
+from ptqkit.core.spec import QuantSpec, check_config_keys
 
 __all__ = ["Scheme", "Override", "CalibrationSettings", "Recipe", "PRESETS", "SUPPORTED_MODULE_TYPES", "RECIPE_VERSION"]
 

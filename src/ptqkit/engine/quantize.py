@@ -24,18 +24,19 @@ from ptqkit.algorithms.outlier_channels import (
     column_multiples,
     zero_columns,
 )
-from ptqkit.errors import CalibrationDataError, ConfigError
+from ptqkit.core.errors import CalibrationDataError, ConfigError
+from ptqkit.core.primitives import qparams_from_tensor
+from ptqkit.core.spec import QParams, QuantSpec
+from ptqkit.engine.recipe import Recipe
+from ptqkit.engine.targets import LayerPlan, Plan, resolve_plan
 from ptqkit.nn.act_quant import (
     InputQuantizer,
     OutlierColumnsQuantizer,
     OutlierKeepingQuantizer,
     SmoothedInputQuantizer,
 )
-from ptqkit.nn.modules import QuantConv, QuantEmbedding, QuantizedModule, QuantLinear
-from ptqkit.primitives import qparams_from_tensor
-from ptqkit.recipe import Recipe
-from ptqkit.spec import QParams, QuantSpec
-from ptqkit.targets import LayerPlan, Plan, replace_module, resolve_plan
+from ptqkit.nn.modules import InputOnly, QuantConv, QuantEmbedding, QuantizedModule, QuantLinear
+from ptqkit.nn.tree import replace_module
 
 __all__ = ["QuantizationInfo", "plan", "quantize", "quantize_", "dequantize_model", "weight_qparams", "convert_layer"]
 
@@ -73,7 +74,7 @@ def quantize_(
     required when the recipe has static (calibrated) input activations.
 
     With `distributed=True` (every rank of a torch.distributed job calls it with the same
-    model, recipe and data; see `ptqkit.distributed`) each rank calibrates on its share of the
+    model, recipe and data; see `ptqkit.stats.distributed`) each rank calibrates on its share of the
     batches and the statistics are merged, so every rank returns the same model.
     """
     from ptqkit.algorithms.pipeline import TransformContext, apply_pre_transforms, split_algorithms
@@ -149,7 +150,7 @@ def _as_calibration_data(calib: Any, recipe: Recipe) -> Any:
 
 
 def _data_parallel(stages: Any) -> Any:
-    from ptqkit.distributed import DataParallel
+    from ptqkit.stats.distributed import DataParallel
 
     if stages.layerwise:
         algorithms = [type(c).__name__ for c in (stages.weight_quantizer, *stages.data_corrections) if c is not None]
@@ -233,7 +234,7 @@ def _static_decompositions(
 def _decomposition_layers(the_plan: Plan, patterns: tuple[str, ...], algorithm: str, *, with_weights: bool) -> list[str]:
     """The Linear (or GPT-2 Conv1D) layers with static inputs (and quantized weights if
     `with_weights`) that `patterns` select, all of them if empty; a pattern matching none is an error."""
-    from ptqkit.targets import no_match_error, pattern_matches
+    from ptqkit.engine.targets import no_match_error, pattern_matches
 
     candidates = [
         layer.name for layer in the_plan.layers
@@ -251,7 +252,7 @@ def _static_column_ranges(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(min, max) per input column of each named layer, from one pass over the calibration data,
     merged over ranks."""
-    from ptqkit.calibration.hooks import input_column_ranges
+    from ptqkit.stats.hooks import input_column_ranges
 
     batches, samples, total = _calibration_batches(data, recipe, parallel)
     ranges = input_column_ranges(model, names, batches, max_samples=samples, progress=progress, total_batches=total)
@@ -297,7 +298,7 @@ def _calibrate(
     model: nn.Module, specs: dict[str, QuantSpec], data: Any, recipe: Recipe, progress: bool, parallel: Any,
     transforms: dict[str, Any],
 ) -> dict[str, Any]:
-    from ptqkit.calibration.hooks import calibrate_inputs
+    from ptqkit.stats.hooks import calibrate_inputs
 
     batches, samples, total = _calibration_batches(data, recipe, parallel)
     observers = calibrate_inputs(
@@ -402,7 +403,7 @@ def convert_layer(
     multiplied by divisors[c] before it is quantized)."""
     inputs = _input_quantizer(layer, observer, stages.input_decomposition(LLMInt8Config), outliers, divisors)
     if layer.weights is None:
-        return _InputOnly(module, inputs)
+        return InputOnly(module, inputs)
     quantizer = stages.weight_quantizer
     if result is not None and layer.module_type in ("Conv1d", "Conv2d"):
         return QuantConv(module, result.qparams, layer.weights, inputs, codes=result.codes)
@@ -419,25 +420,13 @@ def convert_layer(
     return QuantConv(module, weight_qparams(module.weight, layer.weights, quantizer), layer.weights, inputs)
 
 
-class _InputOnly(nn.Module):
-    """A float module whose input is fake-quantized (a scheme with inputs but no weights)."""
-
-    def __init__(self, module: nn.Module, input_quantizer: InputQuantizer | None) -> None:
-        super().__init__()
-        self.module = module
-        self.input_quantizer = input_quantizer
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        return self.module(self.input_quantizer(x) if self.input_quantizer is not None else x, *args, **kwargs)
-
-
 def dequantize_model(qmodel: nn.Module) -> nn.Module:
     """A float copy of a quantized model: dequantized weights, no input quantization."""
     model = copy.deepcopy(qmodel)
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantizedModule):
             replace_module(model, name, module.to_float())
-        elif isinstance(module, _InputOnly):
+        elif isinstance(module, InputOnly):
             replace_module(model, name, module.module)
     if hasattr(model, "ptqkit_info"):
         del model.ptqkit_info

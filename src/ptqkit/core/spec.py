@@ -8,8 +8,9 @@ from typing import Any, Mapping
 
 import torch
 
-from ptqkit.errors import ConfigError, NonFiniteError
-from ptqkit.qtypes import Granularity, PerTensor, PerToken, QType, granularity_from_dict
+from ptqkit.core.errors import ConfigError, NonFiniteError
+from ptqkit.core.observer_options import OBSERVER_OPTIONS, parse_options
+from ptqkit.core.qtypes import Granularity, PerTensor, PerToken, QType, granularity_from_dict
 
 __all__ = ["QuantSpec", "QParams", "ROUNDING_MODES", "check_config_keys"]
 
@@ -74,10 +75,8 @@ class QuantSpec:
             raise ConfigError("per-token granularity needs dynamic=true: token counts are only known at run time")
         if not isinstance(self.observer, str) or not self.observer:
             raise ConfigError(f"observer must be a non-empty name, got {self.observer!r}")
-        from ptqkit.observers import OBSERVERS  # lazy: observers import this module
-
-        if self.observer not in OBSERVERS:
-            raise ConfigError(f"observer {self.observer!r} is unknown; valid: {', '.join(OBSERVERS)}")
+        if self.observer not in OBSERVER_OPTIONS:
+            raise ConfigError(f"observer {self.observer!r} is unknown; valid: {', '.join(OBSERVER_OPTIONS)}")
         options = dict(self.observer_options)
         for key, value in options.items():
             if not isinstance(key, str) or not isinstance(value, _OPTION_TYPES):
@@ -85,6 +84,7 @@ class QuantSpec:
                     f"observer_options[{key!r}] = {value!r}: keys must be strings and values "
                     "bool/int/float/str"
                 )
+        parse_options(OBSERVER_OPTIONS[self.observer], options, self.observer)  # unknown keys, bad values
         object.__setattr__(self, "observer_options", MappingProxyType(options))
 
     def __deepcopy__(self, memo: dict) -> "QuantSpec":

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
-from ptqkit.errors import ConfigError
+from ptqkit.core.errors import ConfigError
 
 __all__ = ["DataParallel", "shard_ranges", "init_from_environment"]
 
@@ -104,7 +104,7 @@ class DataParallel:
 
     def shard(self, batches: Iterable[Any], max_samples: int, total_batches: int) -> Iterator[Any]:
         """This rank's batches among those holding the first `max_samples` samples."""
-        from ptqkit.calibration.hooks import limited_batches
+        from ptqkit.stats.hooks import limited_batches
 
         mine = self.my_batches(total_batches)
         for index, (batch, _) in enumerate(limited_batches(batches, max_samples)):
@@ -136,7 +136,7 @@ class DataParallel:
     def merge_statistics(self, stats: Mapping[str, Any]) -> dict[str, Any]:
         """Block statistics (`InputStatistics`) of every rank merged in rank order. Names that
         share one statistics object (q/k/v reading one input) still share the merged one."""
-        from ptqkit.calibration.input_stats import InputStatistics
+        from ptqkit.stats.input_stats import InputStatistics
 
         leaders = {id(s): name for name, s in reversed(list(stats.items()))}  # first name of each object
         local = {name: stats[name] for name in leaders.values()}

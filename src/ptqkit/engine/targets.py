@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ptqkit.errors import ConfigError, UnsupportedModelError
-from ptqkit.recipe import SUPPORTED_MODULE_TYPES, Recipe, Scheme
-from ptqkit.spec import QuantSpec
+from ptqkit.core.errors import ConfigError, UnsupportedModelError
+from ptqkit.core.spec import QuantSpec
+from ptqkit.engine.recipe import SUPPORTED_MODULE_TYPES, Recipe, Scheme
 
-__all__ = ["LayerPlan", "Plan", "resolve_plan", "module_kind", "no_match_error", "pattern_matches", "replace_module"]
+__all__ = ["LayerPlan", "Plan", "resolve_plan", "module_kind", "no_match_error", "pattern_matches"]
 
 
 @dataclass(frozen=True)
@@ -189,12 +189,3 @@ def resolve_plan(model: nn.Module, recipe: Recipe) -> Plan:
             f"after ignore {list(recipe.ignore)}"
         )
     return Plan(tuple(layers), tuple(skipped))
-
-
-def replace_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
-    """Put `module` at the dotted `name` inside `model`; returns the module it replaced."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    previous = getattr(parent, child)
-    setattr(parent, child, module)
-    return previous

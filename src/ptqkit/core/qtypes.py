@@ -13,7 +13,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from ptqkit.errors import ConfigError
+from ptqkit.core.errors import ConfigError
 
 __all__ = [
     "QType",

@@ -11,9 +11,9 @@ import math
 
 import torch
 
-from ptqkit.errors import ConfigError, NonFiniteError
-from ptqkit.qtypes import FP4_E2M1_MAGNITUDES, Granularity, PerTensor, QType
-from ptqkit.spec import ROUNDING_MODES, QParams, QuantSpec
+from ptqkit.core.errors import ConfigError, NonFiniteError
+from ptqkit.core.qtypes import FP4_E2M1_MAGNITUDES, Granularity, PerTensor, QType
+from ptqkit.core.spec import ROUNDING_MODES, QParams, QuantSpec
 
 __all__ = [
     "check_finite",

@@ -1,0 +1,3 @@
+"""The package version, importable from every tier."""
+
+__version__ = "0.1.0"
