@@ -100,6 +100,219 @@ def _no_kv_cache(model: nn.Module) -> Iterator[None]:
         config.use_cache = previous
 
 
+@dataclass(frozen=True)
+class _Route:
+    """One quantized module and the lowering it takes: `form` is "matmul_nbits" (weight-only
+    low-bit Linear), "qdq" (int8 QDQ) or "gather_block_quantized" (embedding); `refusal` says
+    why it has no such form and stays a float MatMul/Gather (None: it is rewritten)."""
+
+    name: str
+    module: Any
+    form: str
+    refusal: str | None = None
+
+
+@dataclass(frozen=True)
+class _Routes:
+    """Every quantized module's `_Route`, Linear/Conv modules first (model order), then embeddings."""
+
+    layers: tuple[_Route, ...]
+
+    def modules(self, *forms: str) -> dict[str, Any]:
+        return {r.name: r.module for r in self.layers if r.form in forms}
+
+    def refused(self, *forms: str) -> dict[str, str]:
+        """Module -> why it stays float, for `forms` (all forms if none given)."""
+        return {r.name: r.refusal for r in self.layers if r.refusal is not None and (not forms or r.form in forms)}
+
+    def module(self, name: str) -> Any:
+        return next(r.module for r in self.layers if r.name == name)
+
+
+@dataclass(frozen=True)
+class _Rewritten:
+    """The integer graph and what became of each quantized module in it."""
+
+    proto: Any
+    rewrites: tuple[Any, ...]  # onnx_qdq.LayerRewrite per rewritten module (MatMulNBits, QDQ, GatherBlockQuantized)
+    kept_float: dict[str, Any]  # refused module -> its LayerNode: float MatMul/Gather with the dequantized weight
+    missing: dict[str, str]  # module -> why it was not found in the graph
+
+    def merged_with(self, later: _Rewritten) -> _Rewritten:
+        """`later` rewrote this graph further: its proto, the records of both."""
+        return _Rewritten(later.proto, self.rewrites + later.rewrites, self.kept_float | later.kept_float, self.missing | later.missing)
+
+
+@dataclass(frozen=True)
+class _OrtRun:
+    """The integer graph in ONNX Runtime: the kernel that took each layer's weight, and the outputs vs torch."""
+
+    kernels: dict[str, Any]  # module -> ort_check.LayerKernel
+    comparison: dict[str, float]  # ort_check.compare_outputs of the ORT outputs vs the simulated model
+
+
+def _checked_nbits(qmodel: nn.Module, weight_dtype: str, nbits: Any, kv_cache: Any) -> Any:
+    """Validate the export options (before anything is copied); return `nbits` (defaults for None)."""
+    from ptqkit.export.onnx_nbits import NBitsOptions
+
+    if weight_dtype not in ("auto", "int8", "uint8"):
+        raise ExportError(f"export: onnx_weight_dtype={weight_dtype!r} is unknown; valid: auto, int8, uint8")
+    if nbits is None:
+        nbits = NBitsOptions()
+    if not isinstance(nbits, NBitsOptions):
+        raise ExportError(f"export: matmul_nbits must be a ptqkit.export.onnx_nbits.NBitsOptions or None, got {type(nbits).__name__}")
+    if not isinstance(kv_cache, bool):
+        raise ExportError(f"export: kv_cache must be True or False, got {kv_cache!r}")
+    if kv_cache:
+        from ptqkit.export.onnx_decoder import decoder_shape
+
+        decoder_shape(qmodel)  # not a causal LM with a cache: fail before anything is copied
+    return nbits
+
+
+def _uint8_weights(weight_dtype: str) -> bool:
+    from ptqkit.export.ort_check import cpu_has_vnni
+
+    return weight_dtype == "uint8" or (weight_dtype == "auto" and not cpu_has_vnni())
+
+
+def _route(qmodel: nn.Module, nbits: Any, strict: bool) -> _Routes:
+    """Each quantized module's lowering, checked before the (slow) graph capture."""
+    from ptqkit.export.onnx_gather import gather_refusal, quantized_embeddings
+    from ptqkit.export.onnx_nbits import nbits_refusal, routes_to_nbits
+    from ptqkit.export.onnx_qdq import check_exportable, quantized_modules
+
+    modules = quantized_modules(qmodel)
+    if not modules:
+        raise ExportError("export: the model has no QuantLinear/QuantConv modules; nothing to write as integer ONNX")
+    low_bit = {name for name, m in modules.items() if routes_to_nbits(m, nbits)}
+    for name, module in modules.items():
+        if name not in low_bit:
+            check_exportable(name, module)  # fail before the (slow) graph capture
+    layers = [_Route(name, m, "matmul_nbits", nbits_refusal(m)) if name in low_bit else _Route(name, m, "qdq") for name, m in modules.items()]
+    layers += [_Route(name, m, "gather_block_quantized", gather_refusal(m)) for name, m in quantized_embeddings(qmodel).items()]
+    routes = _Routes(tuple(layers))
+    refused = routes.refused()
+    if refused and strict:
+        raise ExportError(f"export (strict): {len(refused)} weight-only module(s) have no MatMulNBits/GatherBlockQuantized form: {refused}")
+    return routes
+
+
+def _kv_cache_check(proto: Any) -> dict[str, Any]:
+    layers = (len(proto.graph.input) - 2) // 2
+    return {
+        "layers": layers, "inputs": [i.name for i in proto.graph.input][:4], "outputs": [o.name for o in proto.graph.output][:3],
+        "checked_on": "prefill of the example prompt (empty cache) + one decode step",
+    }
+
+
+def _float_graph_check(plan: _GraphPlan, float_model: nn.Module, float_path: Path, tolerance: float) -> dict[str, float]:
+    """ORT on the float graph vs torch on the dequantized model; a difference over `tolerance` is a capture bug."""
+    from ptqkit.export.ort_check import compare_outputs, make_session
+
+    fp32 = compare_outputs(_outputs(plan, float_model), _ort_outputs(plan, make_session(float_path)))
+    if fp32["max_abs"] > tolerance * max(1.0, fp32["ref_absmax"]):
+        raise ExportError(
+            f"export: the float ONNX graph disagrees with torch (max abs difference {fp32['max_abs']:.3g}, "
+            f"tolerance {tolerance:g} x max(1, |output| max {fp32['ref_absmax']:.3g})); the graph capture is wrong"
+        )
+    return fp32
+
+
+def _rewrite_linears(proto: Any, routes: _Routes, prefix: str, nbits: Any, uint8_weights: bool, strict: bool) -> _Rewritten:
+    """Linear/Conv modules: MatMulNBits for the low-bit weight-only ones, then int8 QDQ for the rest."""
+    from ptqkit.export.onnx_nbits import insert_matmul_nbits
+    from ptqkit.export.onnx_qdq import insert_qdq
+
+    found, missing = _find_modules(proto, list(routes.modules("matmul_nbits", "qdq")), prefix)
+    if missing and strict:
+        raise ExportError(f"export (strict): {len(missing)} quantized module(s) not found in the ONNX graph: {missing}")
+    refused, nbits_modules, qdq_modules = routes.refused(), routes.modules("matmul_nbits"), routes.modules("qdq")
+    kept_float = {name: found[name] for name in refused if name in found}  # float MatMul with the dequantized weight
+    to_nbits = {name: ln for name, ln in found.items() if name in nbits_modules and name not in refused}
+    proto, nbits_rewrites = insert_matmul_nbits(proto, to_nbits, nbits_modules, nbits)
+    if to_nbits:  # node indices moved: map the QDQ modules again
+        found, _ = _find_modules(proto, [name for name in found if name in qdq_modules], prefix)
+    proto, rewrites = insert_qdq(proto, {n: ln for n, ln in found.items() if n in qdq_modules}, qdq_modules, uint8_weights=uint8_weights)
+    return _Rewritten(proto, tuple(nbits_rewrites + rewrites), kept_float, missing)
+
+
+def _rewrite_embeddings(proto: Any, routes: _Routes, prefix: str, strict: bool) -> _Rewritten:
+    """Quantized embeddings: their Gather becomes GatherBlockQuantized (refused ones stay float)."""
+    from ptqkit.export.onnx_gather import find_gather_nodes, insert_gather_block_quantized
+
+    embeddings = routes.modules("gather_block_quantized")
+    gathers, gather_missing = find_gather_nodes(proto, list(embeddings), prefix)
+    if gather_missing and strict:
+        raise ExportError(f"export (strict): {len(gather_missing)} quantized embedding(s) not found in the ONNX graph: {gather_missing}")
+    refused = routes.refused()
+    kept_float = {name: gathers[name] for name in refused if name in gathers}
+    to_gather = {name: ln for name, ln in gathers.items() if name not in refused}
+    proto, gather_rewrites = insert_gather_block_quantized(proto, to_gather, embeddings)
+    return _Rewritten(proto, tuple(gather_rewrites), kept_float, gather_missing)
+
+
+def _matmul_nbits_check(routes: _Routes, nbits: Any, rewritten: _Rewritten) -> dict[str, Any]:
+    layers = sum(r.form == "matmul_nbits" for r in rewritten.rewrites)
+    return {"accuracy_level": nbits.accuracy_level, "layers": layers, "kept_float": routes.refused("matmul_nbits")}
+
+
+def _run_in_ort(onnx_path: Path, plan: _GraphPlan, qmodel: nn.Module, rewritten: _Rewritten) -> _OrtRun:
+    """Run the saved integer graph: which kernel consumed each weight, and the outputs vs the simulated model."""
+    from ptqkit.export.ort_check import compare_outputs, layer_kernels, make_session
+
+    with tempfile.TemporaryDirectory() as scratch:
+        optimized = Path(scratch) / "optimized.onnx"
+        session = make_session(onnx_path, optimized_path=optimized)
+        weights = {r.module: r.weight_initializer for r in rewritten.rewrites} | {n: ln.weight_name for n, ln in rewritten.kept_float.items()}
+        kernels = {k.module: k for k in layer_kernels(optimized, weights)}
+        quantized = compare_outputs(_outputs(plan, qmodel), _ort_outputs(plan, session))
+    return _OrtRun(kernels, quantized)
+
+
+def _rewritten_layer(r: Any, k: Any, routes: _Routes) -> Any:
+    """The `LayerExport` of rewrite `r` that ORT ran on kernel `k`."""
+    from ptqkit.export.layers import LayerExport
+    from ptqkit.export.onnx_gather import gather_layout
+    from ptqkit.export.onnx_nbits import nbits_layout
+
+    note = "" if k.integer else ("weight-only: DequantizeLinear + float kernel" if r.form == "weight_only" else "fused to a float kernel")
+    if r.form == "matmul_nbits":
+        layout = nbits_layout(routes.module(r.module))
+        note = f"{layout.bits}-bit, block {layout.block_size}" + (f"; {layout.note}" if layout.note else "") + (f"; {note}" if note else "")
+    elif r.form == "gather_block_quantized":
+        layout = gather_layout(routes.module(r.module))
+        note = f"{layout.bits}-bit rows, block {layout.block_size}" + (f"; {layout.note}" if layout.note else "")
+    return LayerExport(r.module, r.form, k.op_type, k.integer, note)
+
+
+def _layer_records(rewritten: _Rewritten, kernels: dict[str, Any], routes: _Routes) -> list[Any]:
+    """One `LayerExport` per quantized module: rewritten, kept float, then not found."""
+    from ptqkit.export.layers import LayerExport
+
+    refused = routes.refused()
+    layers = [_rewritten_layer(r, kernels[r.module], routes) for r in rewritten.rewrites]
+    layers += [LayerExport(n, "float", kernels[n].op_type, False, f"kept float: {refused[n]}") for n in rewritten.kept_float]
+    layers += [LayerExport(name, "not_found", "", False, why) for name, why in rewritten.missing.items()]
+    return layers
+
+
+def _check_integer_kernels(layers: list[Any], strict: bool) -> None:
+    """Warn about (strict: refuse) quantized modules that ORT did not run on an integer kernel."""
+    stayed_float = [f"{l.module} ({l.kernel or 'no kernel'}: {l.note})" for l in layers if not l.integer]
+    if stayed_float:
+        logger.warning("%d of %d quantized module(s) stayed float in ONNX Runtime: %s", len(stayed_float), len(layers), stayed_float)
+        if strict:
+            raise ExportError(f"export (strict): {len(stayed_float)} quantized module(s) did not run on an integer kernel: {stayed_float}")
+
+
+def _kernel_counts(layers: list[Any]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for l in layers:
+        counts[l.kernel or "none"] = counts.get(l.kernel or "none", 0) + 1
+    return counts
+
+
 def export_onnx(
     qmodel: nn.Module,
     out_dir: Path,
@@ -125,124 +338,35 @@ def export_onnx(
     import onnx
 
     from ptqkit.engine.quantize import dequantize_model
-    from ptqkit.export.layers import FLOAT_ONNX_FILE, ONNX_FILE, LayerExport
-    from ptqkit.export.onnx_gather import (
-        find_gather_nodes,
-        gather_layout,
-        gather_refusal,
-        insert_gather_block_quantized,
-        quantized_embeddings,
-    )
-    from ptqkit.export.onnx_nbits import (
-        NBitsOptions,
-        insert_matmul_nbits,
-        nbits_layout,
-        nbits_refusal,
-        routes_to_nbits,
-    )
-    from ptqkit.export.onnx_qdq import check_exportable, insert_qdq, quantized_modules
-    from ptqkit.export.ort_check import compare_outputs, cpu_has_vnni, layer_kernels, make_session
+    from ptqkit.export.layers import FLOAT_ONNX_FILE, ONNX_FILE
 
-    if weight_dtype not in ("auto", "int8", "uint8"):
-        raise ExportError(f"export: onnx_weight_dtype={weight_dtype!r} is unknown; valid: auto, int8, uint8")
-    if nbits is None:
-        nbits = NBitsOptions()
-    if not isinstance(nbits, NBitsOptions):
-        raise ExportError(f"export: matmul_nbits must be a ptqkit.export.onnx_nbits.NBitsOptions or None, got {type(nbits).__name__}")
-    if not isinstance(kv_cache, bool):
-        raise ExportError(f"export: kv_cache must be True or False, got {kv_cache!r}")
-    if kv_cache:
-        from ptqkit.export.onnx_decoder import decoder_shape
-
-        decoder_shape(qmodel)  # not a causal LM with a cache: fail before anything is copied
-    uint8_weights = weight_dtype == "uint8" or (weight_dtype == "auto" and not cpu_has_vnni())
-    modules = quantized_modules(qmodel)
-    if not modules:
-        raise ExportError("export: the model has no QuantLinear/QuantConv modules; nothing to write as integer ONNX")
-    nbits_modules = {name: m for name, m in modules.items() if routes_to_nbits(m, nbits)}
-    qdq_modules = {name: m for name, m in modules.items() if name not in nbits_modules}
-    for name, module in qdq_modules.items():
-        check_exportable(name, module)  # fail before the (slow) graph capture
-    nbits_refused = {name: why for name, m in nbits_modules.items() if (why := nbits_refusal(m)) is not None}
-    embeddings = quantized_embeddings(qmodel)
-    refused = nbits_refused | {name: why for name, m in embeddings.items() if (why := gather_refusal(m)) is not None}
-    if refused and strict:
-        raise ExportError(f"export (strict): {len(refused)} weight-only module(s) have no MatMulNBits/GatherBlockQuantized form: {refused}")
+    nbits = _checked_nbits(qmodel, weight_dtype, nbits, kv_cache)
+    uint8_weights = _uint8_weights(weight_dtype)
+    routes = _route(qmodel, nbits, strict)
     float_model = dequantize_model(qmodel).eval()
     float_path = out_dir / FLOAT_ONNX_FILE
     plan = _plan(float_model, example_inputs, kv_cache=kv_cache, opset=opset, dynamic=dynamic)
     proto = plan.capture(float_path)
 
-    checks: dict[str, Any] = {}
-    if kv_cache:
-        layers = (len(proto.graph.input) - 2) // 2
-        checks["kv_cache"] = {
-            "layers": layers, "inputs": [i.name for i in proto.graph.input][:4], "outputs": [o.name for o in proto.graph.output][:3],
-            "checked_on": "prefill of the example prompt (empty cache) + one decode step",
-        }
-    fp32 = compare_outputs(_outputs(plan, float_model), _ort_outputs(plan, make_session(float_path)))
-    checks["fp32_ort_vs_torch"] = fp32
-    if fp32["max_abs"] > fp32_tolerance * max(1.0, fp32["ref_absmax"]):
-        raise ExportError(
-            f"export: the float ONNX graph disagrees with torch (max abs difference {fp32['max_abs']:.3g}, "
-            f"tolerance {fp32_tolerance:g} x max(1, |output| max {fp32['ref_absmax']:.3g})); the graph capture is wrong"
-        )
+    checks: dict[str, Any] = {"kv_cache": _kv_cache_check(proto)} if kv_cache else {}
+    checks["fp32_ort_vs_torch"] = _float_graph_check(plan, float_model, float_path, fp32_tolerance)
     if not keep_float:
         float_path.unlink()
 
-    found, missing = _find_modules(proto, list(modules), plan.prefix)
-    if missing and strict:
-        raise ExportError(f"export (strict): {len(missing)} quantized module(s) not found in the ONNX graph: {missing}")
-    kept_float = {name: found[name] for name in refused if name in found}  # float MatMul with the dequantized weight
-    to_nbits = {name: ln for name, ln in found.items() if name in nbits_modules and name not in refused}
-    proto, nbits_rewrites = insert_matmul_nbits(proto, to_nbits, nbits_modules, nbits)
-    if to_nbits:  # node indices moved: map the QDQ modules again
-        found, _ = _find_modules(proto, [name for name in found if name in qdq_modules], plan.prefix)
-    proto, rewrites = insert_qdq(proto, {n: ln for n, ln in found.items() if n in qdq_modules}, qdq_modules, uint8_weights=uint8_weights)
-    gathers, gather_missing = find_gather_nodes(proto, list(embeddings), plan.prefix)
-    if gather_missing and strict:
-        raise ExportError(f"export (strict): {len(gather_missing)} quantized embedding(s) not found in the ONNX graph: {gather_missing}")
-    missing |= gather_missing
-    kept_float |= {name: gathers[name] for name in refused if name in gathers}
-    to_gather = {name: ln for name, ln in gathers.items() if name not in refused}
-    proto, gather_rewrites = insert_gather_block_quantized(proto, to_gather, embeddings)
-    rewrites = nbits_rewrites + rewrites + gather_rewrites
+    linears = _rewrite_linears(proto, routes, plan.prefix, nbits, uint8_weights, strict)
+    rewritten = linears.merged_with(_rewrite_embeddings(linears.proto, routes, plan.prefix, strict))
     checks["weight_dtype"] = "uint8" if uint8_weights else "int8"
-    if nbits_modules:
-        checks["matmul_nbits"] = {"accuracy_level": nbits.accuracy_level, "layers": len(nbits_rewrites), "kept_float": nbits_refused}
+    if routes.modules("matmul_nbits"):
+        checks["matmul_nbits"] = _matmul_nbits_check(routes, nbits, rewritten)
     onnx_path = out_dir / ONNX_FILE
-    onnx.save_model(proto, str(onnx_path))
+    onnx.save_model(rewritten.proto, str(onnx_path))
 
-    with tempfile.TemporaryDirectory() as scratch:
-        optimized = Path(scratch) / "optimized.onnx"
-        session = make_session(onnx_path, optimized_path=optimized)
-        weights = {r.module: r.weight_initializer for r in rewrites} | {n: ln.weight_name for n, ln in kept_float.items()}
-        kernels = {k.module: k for k in layer_kernels(optimized, weights)}
-        quantized = compare_outputs(_outputs(plan, qmodel), _ort_outputs(plan, session))
-    checks["quantized_ort_vs_simulated"] = quantized
-    checks["int8_ort_vs_simulated"] = quantized  # the name before MatMulNBits (same numbers)
+    ort = _run_in_ort(onnx_path, plan, qmodel, rewritten)
+    checks["quantized_ort_vs_simulated"] = ort.comparison
+    checks["int8_ort_vs_simulated"] = ort.comparison  # the name before MatMulNBits (same numbers)
 
-    layers = []
-    for r in rewrites:
-        k = kernels[r.module]
-        note = "" if k.integer else ("weight-only: DequantizeLinear + float kernel" if r.form == "weight_only" else "fused to a float kernel")
-        if r.form == "matmul_nbits":
-            layout = nbits_layout(nbits_modules[r.module])
-            note = f"{layout.bits}-bit, block {layout.block_size}" + (f"; {layout.note}" if layout.note else "") + (f"; {note}" if note else "")
-        elif r.form == "gather_block_quantized":
-            layout = gather_layout(embeddings[r.module])
-            note = f"{layout.bits}-bit rows, block {layout.block_size}" + (f"; {layout.note}" if layout.note else "")
-        layers.append(LayerExport(r.module, r.form, k.op_type, k.integer, note))
-    layers += [LayerExport(n, "float", kernels[n].op_type, False, f"kept float: {refused[n]}") for n in kept_float]
-    layers += [LayerExport(name, "not_found", "", False, why) for name, why in missing.items()]
-    stayed_float = [f"{l.module} ({l.kernel or 'no kernel'}: {l.note})" for l in layers if not l.integer]
-    if stayed_float:
-        logger.warning("%d of %d quantized module(s) stayed float in ONNX Runtime: %s", len(stayed_float), len(layers), stayed_float)
-        if strict:
-            raise ExportError(f"export (strict): {len(stayed_float)} quantized module(s) did not run on an integer kernel: {stayed_float}")
-    counts: dict[str, int] = {}
-    for l in layers:
-        counts[l.kernel or "none"] = counts.get(l.kernel or "none", 0) + 1
-    checks["kernels"] = counts
-    logger.info("ONNX export: %s; ORT vs simulated max abs %.3g", counts, quantized["max_abs"])
+    layers = _layer_records(rewritten, ort.kernels, routes)
+    _check_integer_kernels(layers, strict)
+    checks["kernels"] = counts = _kernel_counts(layers)
+    logger.info("ONNX export: %s; ORT vs simulated max abs %.3g", counts, ort.comparison["max_abs"])
     return tuple(layers), checks
