@@ -38,7 +38,7 @@ from torch import nn
 from ptqkit.algorithms.input_smoothing import smoothed
 from ptqkit.calibration.samples import call_model
 from ptqkit.core.errors import CalibrationDataError, ConfigError
-from ptqkit.eval.metrics import mean_softmax_kl, top1_agreement, topk_agreement
+from ptqkit.eval.metrics import finite_rows, mean_softmax_kl, top1_agreement, topk_agreement
 from ptqkit.nn.act_quant import SmoothedInputQuantizer
 from ptqkit.nn.modules import QuantizedModule
 from ptqkit.stats.hooks import batch_length, limited_batches
@@ -118,6 +118,8 @@ class _Energy:
         self.noise += float((candidate.detach().double() - ref).pow(2).sum())
 
     def db(self) -> float | None:
+        if not (math.isfinite(self.signal) and math.isfinite(self.noise)):
+            return -math.inf  # NaN/Inf outputs: the worst SQNR, never NaN
         if self.signal == 0 and self.noise == 0:
             return None
         if self.noise == 0:
@@ -197,7 +199,7 @@ class _Model:
             mask = batch.get("attention_mask") if isinstance(batch, dict) else None
             weights = mask.unsqueeze(-1).float() if mask is not None else torch.ones(ref.shape[:2] + (1,))
             pool = lambda h: (h * weights).sum(1) / weights.sum(1).clamp_min(1e-9)  # noqa: E731  [N, H]
-            cosine = F.cosine_similarity(pool(ref), pool(cand), dim=-1)  # [N]
+            cosine = F.cosine_similarity(pool(ref), pool(cand), dim=-1).nan_to_num(nan=-1.0)  # [N]; NaN: the worst
             self.mean("embedding_cosine_mean", float(cosine.sum()), cosine.numel())
             self.minimum["embedding_cosine_min"] = min(self.minimum.get("embedding_cosine_min", 1.0), float(cosine.min()))
 
@@ -209,7 +211,7 @@ class _Model:
         self.mean("softmax_kl", mean_softmax_kl(ref, cand) * n, n)
         if labels is not None:
             self.mean("accuracy_float", float((ref.argmax(-1) == labels).sum()), n)
-            self.mean("accuracy_quantized", float((cand.argmax(-1) == labels).sum()), n)
+            self.mean("accuracy_quantized", float(((cand.argmax(-1) == labels) & finite_rows(cand)).sum()), n)
 
     def _causal_lm(self, ref: torch.Tensor, cand: torch.Tensor, batch: dict) -> None:
         targets = batch["input_ids"][:, 1:]  # [N, T-1]
@@ -220,6 +222,7 @@ class _Model:
             return
         for key, logits in (("float", ref), ("quantized", cand)):
             nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).double(), targets.reshape(-1), reduction="none")
+            nll = nll.nan_to_num(nan=math.inf)  # NaN logits: infinite perplexity
             self.mean(f"nll_{key}", float(nll[keep.reshape(-1)].sum()), tokens)
         kept_ref, kept_cand = ref[:, :-1][keep], cand[:, :-1][keep]  # [tokens, vocab]: predictions of real next tokens
         self.mean("next_token_agreement", top1_agreement(kept_ref, kept_cand) * tokens, tokens)
@@ -279,6 +282,110 @@ def model_metrics(
     return _compare_outputs(float_model, candidate, data, max_samples, labels)[0]
 
 
+@dataclass
+class _LayerProbe:
+    """One planned layer in evaluate's pass: forward hooks on its quantized and float modules
+    gather the isolated and accumulated output energies and the quantized layer's input statistics."""
+
+    layer: Any  # the plan's layer (name, module_type, weights, inputs)
+    qmodule: nn.Module
+    fmodule: nn.Module
+    isolate: bool  # run the float layer on the quantized layer's inputs (not with block transforms)
+    comparing: list[bool]  # shared by all probes: True while a float layer runs on the quantized model's inputs
+    isolated: _Energy = field(default_factory=_Energy)
+    accumulated: _Energy = field(default_factory=_Energy)
+    inputs: _InputStats | None = None  # created on the first float input
+    float_output: torch.Tensor | None = None  # the float model's output of this layer, waiting for the quantized one
+
+    def on_quantized(self, module: nn.Module, args: tuple, output: Any) -> None:
+        x = args[0] if args else None
+        if not isinstance(output, torch.Tensor):
+            return
+        if self.float_output is not None:
+            reference, self.float_output = self.float_output, None
+            self.accumulated.add(reference, output)
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            if self.isolate:
+                self.comparing[0] = True
+                try:
+                    self.isolated.add(self.fmodule(x), output)
+                finally:
+                    self.comparing[0] = False
+            channel_dim = 1 if self.layer.module_type in ("Conv1d", "Conv2d") else x.ndim - 1  # [N, C, ...] or [..., C]
+            if self.inputs is None:
+                self.inputs = _InputStats(channel_dim)
+            self.inputs.add(x, getattr(module, "input_quantizer", None))
+
+    def on_float(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and not self.comparing[0]:
+            self.float_output = output
+
+    def report(self, rescaled: list[str]) -> LayerReport:
+        from ptqkit.core.primitives import sqnr_db
+
+        layer, stats = self.layer, self.inputs
+        weight_db = None
+        if isinstance(self.qmodule, QuantizedModule) and not rescaled:
+            weight_db = float(sqnr_db(_float_weight(self.fmodule, layer.module_type).float(), self.qmodule.to_float().weight.float()))
+        quantizer = getattr(self.qmodule, "input_quantizer", None)
+        return LayerReport(
+            name=layer.name,
+            module_type=layer.module_type,
+            weights=_describe(layer.weights),
+            inputs=_describe(layer.inputs),
+            weight_sqnr_db=weight_db,
+            output_sqnr_db=None if rescaled else self.isolated.db(),
+            accumulated_sqnr_db=self.accumulated.db(),
+            input_min=stats.low if stats else None,
+            input_max=stats.high if stats else None,
+            clip_rate=stats.clip_rate(quantizer) if stats else None,
+            outlier_ratio=stats.outlier_ratio() if stats else None,
+            note=f"{', '.join(rescaled)} rescaled weights and inputs: compared end to end only" if rescaled else None,
+        )
+
+
+def _layer_probes(qmodel: nn.Module, float_model: nn.Module, plan: Any, rescaled: list[str]) -> list[_LayerProbe]:
+    """A probe per planned layer present in both models (same names)."""
+    q_modules, f_modules = dict(qmodel.named_modules()), dict(float_model.named_modules())
+    comparing = [False]
+    return [
+        _LayerProbe(layer, q_modules[layer.name], f_modules[layer.name], not rescaled, comparing)
+        for layer in plan.layers if layer.name in q_modules and layer.name in f_modules
+    ]
+
+
+def _compare_with_probes(
+    float_model: nn.Module, qmodel: nn.Module, data: Any, max_samples: int, labels: torch.Tensor | None, probes: list[_LayerProbe]
+) -> tuple[dict[str, float], int]:
+    """`_compare_outputs` with the probes' hooks on, removed on any exit."""
+    def drop_float_outputs() -> None:
+        for probe in probes:
+            probe.float_output = None
+
+    handles = []
+    for probe in probes:
+        handles.append(probe.qmodule.register_forward_hook(probe.on_quantized))
+        handles.append(probe.fmodule.register_forward_hook(probe.on_float))
+    try:  # the float model runs first on each batch, so its layer outputs wait for the quantized ones
+        return _compare_outputs(float_model, qmodel, data, max_samples, labels, after_batch=drop_float_outputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _size_summary(qmodel: nn.Module) -> dict[str, Any]:
+    from ptqkit.eval.size import model_size
+
+    size = model_size(qmodel)
+    return {
+        "float_bytes": size.total_float_bytes,
+        "quantized_bytes": size.total_quantized_bytes,
+        "quantized_layers": size.quantized_layers,
+        "layer_weight_ratio": size.ratio,
+        "bytes_by_dtype": _bytes_by_dtype(qmodel),
+    }
+
+
 @torch.no_grad()
 def evaluate(
     qmodel: nn.Module,
@@ -296,9 +403,6 @@ def evaluate(
     class names is not used for accuracy. `per_layer=False` measures the model-wide metrics only
     (the report's `layers` is then empty). The `histogram_layers` worst layers also get input
     histograms (one more pass)."""
-    from ptqkit.core.primitives import sqnr_db
-    from ptqkit.eval.size import model_size
-
     info = getattr(qmodel, "ptqkit_info", None)
     if info is None:
         raise ConfigError("evaluate: qmodel has no ptqkit_info; pass the model returned by ptqkit.engine.quantize(...)")
@@ -309,81 +413,12 @@ def evaluate(
     stages = split_algorithms(info.recipe.algorithms)
     rescaled = [type(c).__name__ for c in stages.block_transforms]
     float_model = float_equivalent(reference, info.recipe)
-    q_modules, f_modules = dict(qmodel.named_modules()), dict(float_model.named_modules())
-    plans = [layer for layer in info.plan.layers if layer.name in q_modules and layer.name in f_modules] if per_layer else []
-    isolated = {layer.name: _Energy() for layer in plans}
-    accumulated = {layer.name: _Energy() for layer in plans}
-    inputs: dict[str, _InputStats] = {}
-    float_outputs: dict[str, torch.Tensor] = {}
-    handles = []
-    comparing = [False]  # True while a float layer runs on the quantized model's inputs
-
-    def q_hook(name: str, module_type: str) -> Any:
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            x = args[0] if args else None
-            if not isinstance(output, torch.Tensor):
-                return
-            if name in float_outputs:
-                accumulated[name].add(float_outputs.pop(name), output)
-            if isinstance(x, torch.Tensor) and x.is_floating_point():
-                if not rescaled:
-                    comparing[0] = True
-                    try:
-                        isolated[name].add(f_modules[name](x), output)
-                    finally:
-                        comparing[0] = False
-                channel_dim = 1 if module_type in ("Conv1d", "Conv2d") else x.ndim - 1  # [N, C, ...] or [..., C]
-                stats = inputs.setdefault(name, _InputStats(channel_dim))
-                stats.add(x, getattr(module, "input_quantizer", None))
-        return hook
-
-    def f_hook(name: str) -> Any:
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if isinstance(output, torch.Tensor) and not comparing[0]:
-                float_outputs[name] = output
-        return hook
-
-    for layer in plans:
-        handles.append(q_modules[layer.name].register_forward_hook(q_hook(layer.name, layer.module_type)))
-        handles.append(f_modules[layer.name].register_forward_hook(f_hook(layer.name)))
-    try:  # the float model runs first on each batch, so its layer outputs wait for the quantized ones
-        metrics, samples = _compare_outputs(float_model, qmodel, data, max_samples, labels, after_batch=float_outputs.clear)
-    finally:
-        for handle in handles:
-            handle.remove()
-    layers = []
-    for layer in plans:
-        qmod, fmod = q_modules[layer.name], f_modules[layer.name]
-        weight_db = None
-        if isinstance(qmod, QuantizedModule) and not rescaled:
-            weight_db = float(sqnr_db(_float_weight(fmod, layer.module_type).float(), qmod.to_float().weight.float()))
-        stats = inputs.get(layer.name)
-        quantizer = getattr(qmod, "input_quantizer", None)
-        layers.append(LayerReport(
-            name=layer.name,
-            module_type=layer.module_type,
-            weights=_describe(layer.weights),
-            inputs=_describe(layer.inputs),
-            weight_sqnr_db=weight_db,
-            output_sqnr_db=None if rescaled else isolated[layer.name].db(),
-            accumulated_sqnr_db=accumulated[layer.name].db(),
-            input_min=stats.low if stats else None,
-            input_max=stats.high if stats else None,
-            clip_rate=stats.clip_rate(quantizer) if stats else None,
-            outlier_ratio=stats.outlier_ratio() if stats else None,
-            note=f"{', '.join(rescaled)} rescaled weights and inputs: compared end to end only" if rescaled else None,
-        ))
-    size = model_size(qmodel)
+    probes = _layer_probes(qmodel, float_model, info.plan, rescaled) if per_layer else []
+    metrics, samples = _compare_with_probes(float_model, qmodel, data, max_samples, labels, probes)
     report = QuantReport(
         metrics=metrics,
-        layers=tuple(layers),
-        size={
-            "float_bytes": size.total_float_bytes,
-            "quantized_bytes": size.total_quantized_bytes,
-            "quantized_layers": size.quantized_layers,
-            "layer_weight_ratio": size.ratio,
-            "bytes_by_dtype": _bytes_by_dtype(qmodel),
-        },
+        layers=tuple(probe.report(rescaled) for probe in probes),
+        size=_size_summary(qmodel),
         samples=samples,
         recipe=info.recipe.to_dict(),
     )

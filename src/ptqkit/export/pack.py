@@ -101,9 +101,8 @@ def fastest_float_dtype(linear: nn.Linear, reps: int = 20) -> tuple[torch.dtype,
     """(the 16-bit dtype in which `linear` runs one row fastest on this CPU, median ms per call of each).
 
     One row is a decode step's shape; the two formats' calls alternate (`time_alternating`) so
-    that the machine's drift hits both alike. Which format wins is a property of the machine: on
-    an AVX-512 CPU without AMX fp16 ran SmolLM2's 49152 x 576 head 2-3x faster than bf16; AMX
-    runs bf16 natively."""
+    that the machine's drift hits both alike. Which format wins is a property of the machine:
+    CPUs with AMX run bf16 natively, others can run fp16 faster."""
     from ptqkit.core.timing import time_alternating
 
     calls = []
@@ -145,12 +144,11 @@ def pack(
     - int8 symmetric per-channel weights -> `torch._weight_int8pack_mm`;
     - 4-bit grouped weights (group 32/64/128/256 dividing in_features) -> `torch._weight_int4pack_mm_for_cpu`.
     Activations are cast to `activation_dtype` (bf16 default: fp32 activations made both kernels
-    8-15x slower here) and outputs back to the input dtype.
+    8-15x slower) and outputs back to the input dtype.
     `float_linear_dtype` (torch.bfloat16 or torch.float16): also run the float `nn.Linear` layers
     the recipe left unquantized (an LLM's kept lm_head) in that dtype — a tied FP32 lm_head
-    otherwise caps decode speed-ups. Which 16-bit format is faster depends on the CPU: on an
-    AVX-512 machine without AMX, SmolLM2's 49152 x 576 head took 1.9-2.6 ms per token in fp16 and
-    5.3-6.2 ms in bf16 (fp16 also keeps 3 more mantissa bits); AMX runs bf16 natively.
+    otherwise caps decode speed-ups. Which 16-bit format is faster depends on the CPU
+    (`fastest_float_dtype`); fp16 keeps 3 more mantissa bits.
     `float_linear_dtype="fastest"` times both on the largest float Linear (one row) and takes the
     faster; the report says what it measured. fp16 holds values up to 65504 only: keep bf16 for
     layers whose outputs can exceed that. Layers no kernel can take stay simulated and are listed in

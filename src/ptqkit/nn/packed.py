@@ -10,22 +10,20 @@
 - `Int8DynamicLinear`: `torch.ops.quantized.linear_dynamic` (fbgemm / oneDNN), int8 symmetric
   per-channel weights and activations quantized per tensor at run time (w8a8 dynamic). The
   activations take 7 bits ("reduce_range"): with 8 bits, the AVX2 kernel's u8 x s8 pair sums
-  saturate int16 and the output was silently wrong (error 5-15% of the output norm against an
-  exact float64 emulation of the same quantization, on random 384x1536 layers); with 7 bits it
-  equals the emulation within 1e-7.
+  saturate int16 and the output is silently wrong; with 7 bits it equals an exact float64
+  emulation of the same quantization.
 - `CastLinear`: a float Linear run in another dtype (the LLM's kept lm_head in bf16).
 
-Kernel constraints, measured with torch 2.13 on an AVX2 CPU (no AVX-512/AMX) unless said:
+Kernel constraints (torch 2.13):
 - both kernels take 2-D activations only (inputs are flattened to [M, K] and reshaped back);
 - `_weight_int8pack_mm` crashes the process (segfault) when K is not a multiple of 8 on AVX2,
-  and with bf16 activations on an AVX512-BF16 CPU when K is not a multiple of 16 (K = 8, 24,
-  40, 56, 72, 100, 120 crashed; 16, 32, 48, 64, 80, 96, 112 ran; fp16 and fp32 ran for all), so
-  layers with K % 16 != 0 are refused before the kernel is called;
+  and with bf16 activations on AVX512-BF16 CPUs when K is not a multiple of 16, so layers with
+  K % 16 != 0 are refused before the kernel is called;
 - the int4 kernel needs N % 16 == 0, a group size of 32, 64, 128 or 256, and K % group == 0
   (SmolLM2's K = 576 is 4.5 x 128: g128 cannot run there, g64 can);
-- activations in float32 made both kernels 8-15x slower than bf16 (int8 576x1536: 887 us fp32 vs
-  92 us bf16; int4 g64: 1969 vs 145 us), so bf16 activations are the default. Kernel scales are
-  held in the activation dtype, so bf16 rounds them (relative error <= 2^-9).
+- activations in float32 made both kernels 8-15x slower than bf16, so bf16 activations are the
+  default. Kernel scales are held in the activation dtype, so bf16 rounds them (relative error
+  <= 2^-9).
 `int8_refusal` / `int4_refusal` say why a module cannot take a kernel (None when it can).
 """
 from __future__ import annotations

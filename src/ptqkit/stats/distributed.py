@@ -16,7 +16,8 @@ How the work is split and combined:
   result is byte-identical to one process. Sums (AWQ's mean |x|, GPTQ's Gram sums) are float64
   sums of float32 values, added in another order than one process adds them; they are used in
   float32, so they equal one process's except where a value sits on a float32 rounding
-  boundary (measured: SmolLM2 GPTQ int4 on 2 ranks gave the one-process artifact byte for byte).
+  boundary (tests/integration/test_distributed_real_models.py compares SmolLM2 GPTQ int4 on 2
+  ranks with one process).
 
 The gathered objects are plain tensors and ints, exchanged with `all_gather_object` between the
 ranks of one job (never read from a file).

@@ -62,9 +62,8 @@ def fused_attention(model: nn.Module) -> Iterator[None]:
     restore its attention implementation.
 
     ptqkit loads models with eager attention (it exports to ONNX exactly), but eager attention
-    materializes every [heads, T, T] score matrix: on SmolLM2-135M at 512 tokens SDPA made the
-    whole forward 1.5x faster here. Calibration statistics change only by float rounding (the
-    logits differed by at most 6e-5 on values up to 36). Models that do not support SDPA keep
+    materializes every [heads, T, T] score matrix, which SDPA does not. Calibration statistics
+    change only by float rounding. Models that do not support SDPA keep
     their implementation. Only the block-by-block engine uses it: it observes Linear inputs,
     never the attention internals that SDPA fuses away.
     """
