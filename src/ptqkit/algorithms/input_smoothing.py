@@ -12,9 +12,8 @@ ONNX graph, shared by the layers reading the same tensor):
 with s_c = (max|x_c| / median_c max|x_c|)^α from calibration data. The step of channel c is the
 tensor's step times s_c: a wide channel gets a coarser grid, the others a finer one. s depends
 on the input alone (not on the weights, unlike SmoothQuant's max|W_c|^(1-α) term), so every
-layer reading one tensor gets the same s: all-MiniLM-L6-v2 (Hamlet calibration), smoothing the
-inputs of query/key/value and the feed-forward input: embedding cosine 0.9932 -> 0.9959 at
-α = 0.5 and 0.9961 at α = 0.7, where SmoothQuant's form gave 0.9960 / 0.9962.
+layer reading one tensor gets the same s, as accurate as SmoothQuant's form on
+all-MiniLM-L6-v2 within 0.0001 of embedding cosine.
 """
 from __future__ import annotations
 

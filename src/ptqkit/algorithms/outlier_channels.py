@@ -2,10 +2,9 @@
 get a coarser step, an integer multiple of the per-tensor one, chosen once from calibration data,
 so that the static per-tensor activation range fits the other channels.
 
-BERT-style encoders carry a handful of fixed hidden channels far above the rest: on
-all-MiniLM-L6-v2 (Hamlet calibration) the feed-forward output layer of block 0 sees one input
-channel reaching 24.6 while the median channel's max is 1.4, so a per-tensor uint8 range spends
-most of its 256 steps on one channel. As in LLM.int8() (Dettmers et al., 2022) the product is
+BERT-style encoders carry a handful of fixed hidden channels far above the rest (all-MiniLM-L6-v2:
+the GELU outputs feeding the feed-forward output layers), so a per-tensor uint8 range spends
+most of its 256 steps on a few channels. As in LLM.int8() (Dettmers et al., 2022) the product is
 split by input column, but the columns are fixed at calibration (as Atom, Zhao et al. 2023, keeps
 calibrated outlier channels apart) and stay integer:
 
@@ -19,9 +18,8 @@ outlier column appended and the weight's rows for them repeated (see `export.onn
 
 A column is an outlier when its calibration max |x| exceeds `ratio` times the median column's;
 at most `max_columns` per layer, largest first. Each outlier costs the int8 kernel m_c more
-input columns: cheap on a long reduction (MiniLM's 1536-wide feed-forward output: +3% for 5
-columns, ORT on AVX-512 VNNI), dear where they cross a block of the kernel (384 -> 385 columns:
-+20% on a 384 x 1536 layer), hence `layers`.
+input columns: cheap on a long reduction (MiniLM's 1536-wide feed-forward output), dear where
+they cross a block of the kernel (a 384-wide input going to 385), hence `layers`.
 """
 from __future__ import annotations
 

@@ -316,8 +316,9 @@ def _w8a8() -> Recipe:
 
 def _w8a8_dynamic() -> Recipe:
     # Per-token asymmetric uint8: on all-MiniLM-L6-v2 embedding cosine to FP32 was 0.9990 per
-    # token against 0.9933 per tensor. ONNX export runs it on MatMulIntegerToFloat with the per-row scale and
-    # zero point applied on the output side (ORT takes a scalar activation zero point).
+    # token against 0.9933 per tensor. ONNX export runs it on MatMulIntegerToFloat with the
+    # per-row scale and zero point applied on the output side (ORT takes a scalar activation zero
+    # point).
     inputs = QuantSpec(qtype="uint8", granularity=PerToken(), symmetric=False, dynamic=True)
     return Recipe(name="w8a8_dynamic", scheme=Scheme(weights=_int8_weights(), inputs=inputs))
 

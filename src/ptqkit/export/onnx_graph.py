@@ -122,8 +122,8 @@ def gelu_in_fusable_order_(graph: Any) -> int:
 
     The dynamo exporter writes GELU as `x * (0.5 * (1 + erf(x / sqrt(2))))`; ORT's GeluFusion
     (ORT 1.32) matches `(x * (1 + erf(x / sqrt(2)))) * 0.5` but not this order, so each GELU ran
-    as five elementwise kernels. Multiplying by 0.5 is exact in binary floating point, so both orders give the
-    same bits; only the two Mul nodes change inputs (in place).
+    as five elementwise kernels. Multiplying by 0.5 is exact in binary floating point, so both
+    orders give the same bits; only the two Mul nodes change inputs (in place).
     """
     scalars = _scalar_initializers(graph)
     consumers = consumer_indices(graph)

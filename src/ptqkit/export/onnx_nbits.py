@@ -18,10 +18,10 @@ go into a 4-bit container, int5..int7 into an 8-bit one, same values):
   one ptqkit group — also the ragged last group (SmolLM2's K = 576 = 4 x 128 + 64: block 128,
   5 blocks, the last one half padding). Per-channel and per-tensor scales are repeated per block.
 
-Measured with ORT 1.32 on an AVX2 CPU (single MatMulNBits vs float64 numpy): relative error
-<= 2e-6 at accuracy_level 0 for 2/4/8 bits, block sizes 16..1024, ragged K, with and without
-zero points; accuracy_level 4 (int8 activations per block) 4e-3..1e-2. The CPU kernel refuses
-bits other than 2/4/8 and 2-bit blocks above 256.
+At accuracy_level 0 ORT's kernel (1.32) equals a float64 computation to float rounding for
+2/4/8 bits, any block size, ragged K, with and without zero points; accuracy_level 4 (int8
+activations per block) does not. The CPU kernel refuses bits other than 2/4/8 and 2-bit blocks
+above 256.
 
 Layers that have no such form (float formats such as nf4/fp8, groups whose size has no
 power-of-two divisor >= 16, quantized inputs) are refused with a reason; the export keeps
@@ -84,18 +84,12 @@ class NBitsOptions:
     - `int8`: also write int8 per-channel / per-tensor weight-only layers (w8a16) as 8-bit
       MatMulNBits. Default False: they stay DequantizeLinear + MatMul (ORT folds that to a float
       MatMul); 8-bit MatMulNBits at accuracy_level 0 was ~20x slower than the float MatMul in
-      ORT 1.32 on an AVX2 CPU (SmolLM2 shapes 576x1536 / 1536x576, batch 1, 1 thread: 3.2 / 2.9
-      ms vs 0.18 / 0.14 ms). Per-group int8 always goes to MatMulNBits (QDQ here has no
+      ORT 1.32 at batch 1. Per-group int8 always goes to MatMulNBits (QDQ here has no
       per-group form).
 
-    Measured end to end (benchmarks/llm_decode_ort.py, SmolLM2-135M KV-cached decode, 1 thread):
-    int4 g128 at level 0 1.10x ORT FP32 tokens/s (35.3 vs 32.0), level 4 2.11x, on a quiet
-    machine (an earlier run under load gave 1.4x and 2.2x); level 0 reproduced the simulated
-    model's 128 greedy tokens, level 4 diverged from them after 14. A later run (2026-12-03, 2
-    threads, AVX-512 VNNI, int4 g64): level 4 60.4 vs level 0 56.7 tok/s with the FP32 lm_head
-    (perplexity 58.03 vs 57.28), and with an 8-bit lm_head (`int8=True`) 86.6 vs 16.3; there
-    both levels kept the simulated model's 128 greedy tokens. Level 0 stays the default because
-    only it is the simulated model by construction; pass 4 for speed and check the agreement.
+    Level 0 stays the default because only it is the simulated model by construction; level 4
+    is faster, markedly so for an 8-bit lm_head (`int8=True`): pass 4 for speed and check the
+    agreement (`benchmarks/llm_decode_ort.py` measures both).
     """
 
     accuracy_level: int = 0

@@ -93,8 +93,8 @@ def _copies_for(module: nn.Module) -> int:
 @torch.inference_mode()
 def linear_ms_inside(model: nn.Module, example: Any, *, threads: int, warmup: int = 2, reps: int = 5) -> dict[str, float]:
     """Median time (ms) each nn.Linear of `model` takes inside one call on `example`, timed with
-    forward hooks. A float Linear is slower inside the model than alone (SmolLM2 decode step,
-    2 threads: up_proj 0.33 ms inside, 0.11 ms alone), so predictions subtract these."""
+    forward hooks. A float Linear can be several times slower inside the model than alone, so
+    predictions subtract these."""
     times: dict[str, list[float]] = {}
     current: dict[str, float] = {}
     started: dict[str, float] = {}
