@@ -1,7 +1,9 @@
 """Weight and model algorithms: maths as pure functions plus thin frozen configs.
 
-`ALGORITHMS` maps the name used in recipes to the config class (one explicit dict, no
-discovery). Every registered config is a frozen keyword-only dataclass of plain JSON values.
+`ALGORITHMS` maps the name used in recipes to the config class and `REGISTRY` each config class
+to its row (stage, engine, statistics, memory estimate, handler): both come from the rows of
+`algorithms.registry`, the one place an algorithm is registered. Every registered config is a
+frozen keyword-only dataclass of plain JSON values.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from ptqkit.algorithms.gptq import GPTQConfig, gptq_quantize_weight
 from ptqkit.algorithms.input_smoothing import InputSmoothingConfig
 from ptqkit.algorithms.llm_int8 import LLMInt8Config
 from ptqkit.algorithms.outlier_channels import OutlierChannelsConfig
+from ptqkit.algorithms.registry import ALGORITHMS, REGISTRY, Algorithm, Engine, Stage
 from ptqkit.algorithms.rtn import RTNConfig, rtn_qparams, rtn_quantize_weight
 from ptqkit.algorithms.smoothquant import SmoothQuantConfig
 from ptqkit.algorithms.weight_quant import SCALE_RULES, WeightQuantResult, weight_qparams
@@ -22,6 +25,10 @@ from ptqkit.stats.hessian import HessianAccumulator
 
 __all__ = [
     "ALGORITHMS",
+    "REGISTRY",
+    "Algorithm",
+    "Engine",
+    "Stage",
     "AdaRoundConfig",
     "AWQConfig",
     "BNFoldConfig",
@@ -41,17 +48,3 @@ __all__ = [
     "rtn_quantize_weight",
     "weight_qparams",
 ]
-
-ALGORITHMS: dict[str, type] = {
-    "rtn": RTNConfig,
-    "gptq": GPTQConfig,
-    "awq": AWQConfig,
-    "smoothquant": SmoothQuantConfig,
-    "llm_int8": LLMInt8Config,
-    "outlier_channels": OutlierChannelsConfig,
-    "input_smoothing": InputSmoothingConfig,
-    "bn_fold": BNFoldConfig,
-    "cle": CLEConfig,
-    "bias_correction": BiasCorrectionConfig,
-    "adaround": AdaRoundConfig,
-}

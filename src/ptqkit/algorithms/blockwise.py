@@ -23,11 +23,9 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 import torch
 from torch import nn
 
-from ptqkit.algorithms.awq import AWQConfig, awq_block_
 from ptqkit.algorithms.channel_scaling import input_columns, set_input_columns_
-from ptqkit.algorithms.gptq import GPTQConfig
 from ptqkit.algorithms.pipeline import Stages, quantize_weight
-from ptqkit.algorithms.smoothquant import SmoothQuantConfig, smoothquant_block_
+from ptqkit.algorithms.registry import Engine, algorithm_of
 from ptqkit.algorithms.weight_quant import WeightQuantResult
 from ptqkit.core.errors import UnsupportedModelError
 from ptqkit.core.progress import progress_bar
@@ -143,21 +141,22 @@ def transform_blocks_(
 
 
 def _requests(stages: Stages, groups: list[ScaleGroup], targets: Mapping[str, QuantSpec], quantize_weights: bool) -> dict[str, StatsRequest]:
+    """Per module name, the statistics the stage's algorithms declared in their registry rows:
+    each block transform's of its scale groups' projections and of every target, and the
+    weight quantizer's of every target."""
     requests: dict[str, StatsRequest] = {}
 
-    def ask(name: str, request: StatsRequest) -> None:
-        requests[name] = requests.get(name, StatsRequest()) | request
+    def ask(names: Iterable[str], request: StatsRequest | None) -> None:
+        for name in names if request is not None else ():
+            requests[name] = requests.get(name, StatsRequest()) | request
 
     for config in stages.block_transforms:
-        for group in groups:
-            for name in group.projections:
-                ask(name, config.stats_request())
-        if isinstance(config, AWQConfig) and config.clip:
-            for name in targets:
-                ask(name, StatsRequest(rows_per_call=config.rows_per_call))
-    if quantize_weights and isinstance(stages.weight_quantizer, GPTQConfig):
-        for name in targets:
-            ask(name, StatsRequest(hessian=True))
+        row = algorithm_of(config)
+        ask([name for group in groups for name in group.projections], row.group_stats(config) if row.group_stats else None)
+        ask(targets, row.layer_stats(config) if row.layer_stats else None)
+    quantizer = stages.weight_quantizer
+    if quantize_weights and quantizer is not None and algorithm_of(quantizer).engine_of(quantizer) is Engine.BLOCKS:
+        ask(targets, algorithm_of(quantizer).layer_stats(quantizer))
     return requests
 
 
@@ -199,16 +198,17 @@ def _quantize_stage(
         stats = dict(reduce(stats))
     details: dict[str, Any] = {}
     for config in stages.block_transforms:
-        if isinstance(config, SmoothQuantConfig):
-            details["smoothquant"] = smoothquant_block_(config, modules, groups, stats)
-        else:
-            details["awq"] = awq_block_(config, modules, groups, stats, dict(targets))
+        row = algorithm_of(config)
+        details[row.name] = row.handler(config, modules, groups, stats, dict(targets))
     results: dict[str, WeightQuantResult] = {}
+    quantizer = stages.weight_quantizer
+    needs_hessian = quantizer is not None and algorithm_of(quantizer).engine_of(quantizer) is Engine.BLOCKS
+    quantizer_name = algorithm_of(quantizer).name.upper() if needs_hessian else ""
     for name, spec in targets.items() if quantize_weights else ():
         module = modules[name]
         hessian = stats[name].hessian.hessian() if name in stats and stats[name].hessian is not None else None
-        if isinstance(stages.weight_quantizer, GPTQConfig) and hessian is None:
-            logger.warning("layer %r was never called on calibration data: round-to-nearest instead of GPTQ", name)
+        if needs_hessian and hessian is None:
+            logger.warning("layer %r was never called on calibration data: round-to-nearest instead of %s", name, quantizer_name)
             result = quantize_weight(input_columns(module).detach(), spec, None, name=name)
         else:
             result = quantize_weight(input_columns(module).detach(), spec, stages.weight_quantizer, hessian, name=name)

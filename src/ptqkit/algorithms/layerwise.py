@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ptqkit.algorithms.adaround import AdaRoundConfig, ConvGeometry, adaround_weight, layer_output
-from ptqkit.algorithms.bias_correction import BiasCorrectionConfig, output_mean_correction
+from ptqkit.algorithms.adaround import ConvGeometry, layer_output
 from ptqkit.algorithms.cle import ChannelClippedReLU
+from ptqkit.algorithms.registry import Engine, algorithm_of
 from ptqkit.algorithms.rtn import round_to_grid
 from ptqkit.algorithms.weight_quant import WeightQuantResult
 from ptqkit.core.errors import CalibrationDataError, ConfigError
@@ -138,11 +138,11 @@ def quantize_layers_(
     gives each layer's quantization grid. Returns the weight results (the model's float
     weights now hold the dequantized values, its biases the corrected ones) and per-layer
     details. Targets of other kinds (embeddings, 1-D convolutions) are left to conversion."""
-    correct = any(isinstance(c, BiasCorrectionConfig) for c in corrections)
     for config in corrections:
-        if isinstance(config, BiasCorrectionConfig) and config.mode != "empirical":
-            raise ConfigError(f"bias_correction mode {config.mode!r} is data-free; it runs in algorithms.analytic_bias")
-    adaround = weight_quantizer if isinstance(weight_quantizer, AdaRoundConfig) else None
+        if algorithm_of(config).engine_of(config) is not Engine.LAYERS:
+            raise ConfigError(f"{algorithm_of(config).name} {config!r} is data-free; it runs on the whole model, not layer by layer")
+    correction = corrections[0] if corrections else None  # one post-correction per recipe
+    reconstruct = weight_quantizer if weight_quantizer is not None and algorithm_of(weight_quantizer).engine is Engine.LAYERS else None
     skipped = sorted(name for name, (kind, _) in targets.items() if kind not in LAYER_KINDS)
     if skipped:
         logger.info("layer-by-layer algorithms skip %d layer(s) of other kinds (quantized at conversion): %s", len(skipped), skipped)
@@ -163,7 +163,7 @@ def quantize_layers_(
         def visit(name: str, x_fp: torch.Tensor, x_q: torch.Tensor) -> None:
             module = model.get_submodule(name)
             results[name], details[name] = _quantize_layer(
-                name, module, targets[name][1], grids, adaround, correct, x_fp, x_q, activations.get(name)
+                name, module, targets[name][1], grids, reconstruct, correction, x_fp, x_q, activations.get(name)
             )
             advance(1, current=name)
 
@@ -184,29 +184,31 @@ def _quantize_layer(
     module: nn.Module,
     spec: QuantSpec,
     grids: Callable[[torch.Tensor, QuantSpec], QParams],
-    adaround: AdaRoundConfig | None,
-    correct: bool,
+    reconstruct: Any,
+    correction: Any,
     x_fp: torch.Tensor,
     x_q: torch.Tensor,
     activation: nn.Module | None,
 ) -> tuple[WeightQuantResult, dict[str, Any]]:
+    """One layer: its integer weight by `reconstruct` (a layer-engine weight quantizer, learning
+    the rounding from its inputs) or round-to-nearest, then the output shift of `correction`."""
     conv = _conv_geometry(module)
     weight = module.weight.detach()
     qparams = grids(weight, spec)
-    if adaround is not None:
+    if reconstruct is not None:
         with torch.enable_grad():
-            result = adaround_weight(
-                weight, x_fp, qparams, adaround, bias=module.bias, conv=conv,
+            result = algorithm_of(reconstruct).handler(
+                weight, x_fp, qparams, reconstruct, bias=module.bias, conv=conv,
                 activation=activation if activation is not None else "identity", quant_inputs=x_q,
             )
         detail = dict(result.details)
         detail["activation"] = type(activation).__name__ if activation is not None else "identity"
     else:
         result, detail = round_to_grid(weight, qparams, spec), {}
-    if correct:
+    if correction is not None:
         mean_fp = _channel_means(layer_output(weight, x_fp, None, conv), conv)
         mean_q = _channel_means(layer_output(result.dequantized, x_q, None, conv), conv)
-        shift = output_mean_correction(mean_fp, mean_q)  # [out]
+        shift = algorithm_of(correction).handler_of(correction)(mean_fp, mean_q)  # [out]
         if module.bias is None:
             module.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype), requires_grad=False)
         module.bias.add_(shift.to(module.bias.dtype))

@@ -118,20 +118,13 @@ def _hidden_size(model: nn.Module, blocks: nn.ModuleList) -> int:
 
 
 def _statistics_bytes(stages: Any, block: nn.Module, calls: int) -> int:
-    """GPTQ: one float64 [in, in] Gram sum per Linear (an upper bound: q/k/v share one) plus five working
-    copies of the largest (the damped copy, its Cholesky factor, the inverse and its factor, a
-    permuted copy); AWQ: the sampled rows of every call."""
-    from ptqkit.algorithms.awq import AWQConfig
-    from ptqkit.algorithms.gptq import GPTQConfig
+    """One block's statistics: the sum of each block-engine algorithm's own estimate (its
+    registry row's `memory`: GPTQ's Hessians and working copies, AWQ's sampled rows)."""
+    from ptqkit.algorithms.registry import algorithm_of
 
     inputs = [shape[1] for shape in _linear_shapes(block)]
-    size = 0
-    if isinstance(stages.weight_quantizer, GPTQConfig):
-        size += sum(width * width for width in inputs) * 8 + 5 * max(inputs, default=0) ** 2 * _FLOAT_BYTES  # float64 sums
-    for config in stages.block_transforms:
-        if isinstance(config, AWQConfig):
-            size += calls * config.rows_per_call * sum(set(inputs)) * _FLOAT_BYTES
-    return size
+    configs = [c for c in (stages.weight_quantizer, *stages.block_transforms) if c is not None]
+    return sum(algorithm_of(c).memory(c, inputs, calls) for c in configs if algorithm_of(c).memory is not None)
 
 
 def available_memory() -> tuple[int, str]:

@@ -16,14 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ptqkit.algorithms.input_smoothing import InputSmoothingConfig, smoothed, smoothing_divisors
+from ptqkit.algorithms.input_smoothing import smoothing_divisors
 from ptqkit.algorithms.llm_int8 import LLMInt8Config
-from ptqkit.algorithms.outlier_channels import (
-    OutlierChannelsConfig,
-    choose_outlier_columns,
-    column_multiples,
-    zero_columns,
-)
+from ptqkit.algorithms.outlier_channels import OutlierChannelsConfig, choose_outlier_columns, column_multiples, zero_columns
+from ptqkit.algorithms.registry import algorithm_of
 from ptqkit.core.errors import CalibrationDataError, ConfigError
 from ptqkit.core.primitives import qparams_from_tensor
 from ptqkit.core.spec import QParams, QuantSpec
@@ -34,6 +30,7 @@ from ptqkit.nn.act_quant import (
     OutlierColumnsQuantizer,
     OutlierKeepingQuantizer,
     SmoothedInputQuantizer,
+    smoothed,
 )
 from ptqkit.nn.modules import InputOnly, QuantConv, QuantEmbedding, QuantizedModule, QuantLinear
 from ptqkit.nn.tree import replace_module
@@ -175,26 +172,28 @@ def _calibration_batches(data: Any, recipe: Recipe, parallel: Any) -> tuple[Any,
 
 
 def _check_input_decomposition(stages: Any, the_plan: Plan, static_inputs: dict[str, QuantSpec], recipe: Recipe) -> None:
-    """llm_int8 splits dynamically quantized inputs per call; outlier_channels and
-    input_smoothing change statically quantized ones from calibration data (input_smoothing
-    also the float weights, so no other algorithm may have quantized them from the originals)."""
+    """Each input decomposition needs the input quantization its registry row names: llm_int8
+    splits dynamically quantized inputs per call; outlier_channels and input_smoothing change
+    statically quantized ones from calibration data (input_smoothing also rescales the float
+    weights, so no other algorithm may have quantized them from the originals)."""
     for decomposition in stages.input_decompositions:
-        if isinstance(decomposition, (OutlierChannelsConfig, InputSmoothingConfig)) and not static_inputs:
+        row = algorithm_of(decomposition)
+        if row.inputs == "static" and not static_inputs:
             raise ConfigError(
-                f"{decomposition.name} works on a static activation range, but recipe {recipe.name!r} has no static input "
+                f"{row.name} works on a static activation range, but recipe {recipe.name!r} has no static input "
                 "quantization; use it with 'w8a8' or recipes/w8a8-encoder.yaml"
             )
-    if stages.input_decomposition(InputSmoothingConfig) is not None and (stages.blockwise or stages.layerwise or stages.analytic_correction is not None):
-        others = [type(c).__name__ for c in (*stages.block_transforms, stages.weight_quantizer, *stages.post_corrections) if c is not None]
-        raise ConfigError(
-            f"input_smoothing scales the weights' input columns at conversion, after {others} would have computed "
-            f"weights or biases from the unscaled ones; recipe {recipe.name!r}: drop one of them"
-        )
-    if stages.input_decomposition(LLMInt8Config) is not None and (static_inputs or not any(layer.inputs for layer in the_plan.layers)):
-        raise ConfigError(
-            f"llm_int8 decomposes dynamically quantized inputs, but recipe {recipe.name!r} has "
-            f"{'static' if static_inputs else 'no'} input quantization; use it with 'w8a8_dynamic'"
-        )
+        if row.rescales_weights and (stages.blockwise or stages.layerwise or stages.analytic_correction is not None):
+            others = [type(c).__name__ for c in (*stages.block_transforms, stages.weight_quantizer, *stages.post_corrections) if c is not None]
+            raise ConfigError(
+                f"{row.name} scales the weights' input columns at conversion, after {others} would have computed "
+                f"weights or biases from the unscaled ones; recipe {recipe.name!r}: drop one of them"
+            )
+        if row.inputs == "dynamic" and (static_inputs or not any(layer.inputs for layer in the_plan.layers)):
+            raise ConfigError(
+                f"{row.name} decomposes dynamically quantized inputs, but recipe {recipe.name!r} has "
+                f"{'static' if static_inputs else 'no'} input quantization; use it with 'w8a8_dynamic'"
+            )
 
 
 def _observed_inputs(outliers: dict[str, Any], divisors: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -219,7 +218,7 @@ def _static_decompositions(
 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """(input smoothing divisors, calibrated outlier columns) of the layers each selects, from
     one pass over the calibration data for the input column ranges both need."""
-    smoothing, outlier_channels = stages.input_decomposition(InputSmoothingConfig), stages.input_decomposition(OutlierChannelsConfig)
+    smoothing, outlier_channels = stages.input_decomposition("input_smoothing"), stages.input_decomposition("outlier_channels")
     smoothed_layers = _decomposition_layers(the_plan, smoothing.layers, "input_smoothing", with_weights=True) if smoothing else []
     outlier_layers = _decomposition_layers(the_plan, outlier_channels.layers, "outlier_channels", with_weights=False) if outlier_channels else []
     if not smoothed_layers and not outlier_layers:
@@ -347,10 +346,9 @@ def _first_batch(data: Any, recipe: Recipe) -> Any:
 def _run_analytic_correction(model: nn.Module, the_plan: Plan, stages: Any, context: Any) -> None:
     """Data-free bias correction of every targeted Conv2d/Linear fed by a folded layer, on the
     grid conversion will quantize its weight on."""
-    from ptqkit.algorithms.analytic_bias import analytic_bias_correct_
-
+    correction = stages.analytic_correction
     targets = {layer.name: (layer.module_type, layer.weights) for layer in the_plan.layers if layer.weights is not None}
-    analytic_bias_correct_(
+    algorithm_of(correction).handler_of(correction)(
         model, targets, lambda weight, spec: weight_qparams(weight, spec, stages.weight_quantizer), context.gaussians
     )
 
@@ -358,9 +356,9 @@ def _run_analytic_correction(model: nn.Module, the_plan: Plan, stages: Any, cont
 def weight_qparams(weight: torch.Tensor, spec: QuantSpec, quantizer: Any = None) -> QParams:
     """Parameters of a weight (layout [out, in, ...]): the recipe's weight quantizer (e.g. RTN
     with an MSE clip search) if it has one, else the spec's observer (min-max by default)."""
-    from ptqkit.algorithms.pipeline import WEIGHT_QUANTIZERS, quantize_weight_params
+    from ptqkit.algorithms.pipeline import is_data_free, quantize_weight_params
 
-    if type(quantizer) in WEIGHT_QUANTIZERS:  # GPTQ runs block by block; elsewhere: the observer
+    if is_data_free(quantizer):  # GPTQ runs block by block, AdaRound layer by layer; elsewhere: the observer
         qparams = quantize_weight_params(weight.detach(), spec, quantizer)
         return QParams(qparams.scale, qparams.zero_point, qparams.qtype, spec.granularity)
     if spec.observer == "minmax":
@@ -401,7 +399,7 @@ def convert_layer(
     the layer's calibrated outlier input columns and their ranges (outlier_channels);
     `divisors` its input smoothing divisors (input_smoothing: the weight's input column c is
     multiplied by divisors[c] before it is quantized)."""
-    inputs = _input_quantizer(layer, observer, stages.input_decomposition(LLMInt8Config), outliers, divisors)
+    inputs = _input_quantizer(layer, observer, stages.input_decomposition("llm_int8"), outliers, divisors)
     if layer.weights is None:
         return InputOnly(module, inputs)
     quantizer = stages.weight_quantizer
