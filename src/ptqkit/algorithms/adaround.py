@@ -205,6 +205,88 @@ class _Windows:
         return x, self.target[idx, :, oy : oy + ph, ox : ox + pw], self.geometry
 
 
+@dataclass(frozen=True)
+class _Grid:
+    """The weight on its fixed quantization grid: ⌊W/s⌋ and the rest in [0, 1) that is rounded
+    down (0) or up (1), soft (h(V)) while learning."""
+
+    scale: torch.Tensor  # [weight shape]
+    zero: torch.Tensor  # [weight shape]
+    qmin: float
+    qmax: float
+    floor: torch.Tensor  # ⌊W/s⌋ [weight shape]
+    rest: torch.Tensor  # W/s - ⌊W/s⌋, in [0, 1)
+
+    def codes(self, up: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(self.floor + up + self.zero, self.qmin, self.qmax)
+
+    def soft_weight(self, h: torch.Tensor) -> torch.Tensor:
+        return self.scale * (self.codes(h) - self.zero)
+
+    def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        return (codes - self.zero) * self.scale
+
+
+def _grid(w: torch.Tensor, qparams: QParams) -> _Grid:
+    qtype, g = qparams.qtype, qparams.granularity
+    try:
+        scale = g.expand(qparams.scale, w.shape).to(torch.float32).expand(w.shape)  # [weight shape]
+        zero = g.expand(qparams.zero_point, w.shape).to(torch.float32).expand(w.shape)  # [weight shape]
+    except (RuntimeError, ConfigError) as exc:
+        raise ConfigError(f"adaround: qparams {g!r} with scale {tuple(qparams.scale.shape)} do not fit weight {tuple(w.shape)}: {exc}") from None
+    w_floor = torch.floor(w / scale)  # [weight shape]
+    return _Grid(scale, zero, float(qtype.qmin), float(qtype.qmax), w_floor, w / scale - w_floor)
+
+
+@dataclass(frozen=True)
+class _Reconstruction:
+    """The objective: f(W̃ x + b) against the float layer's f(W x + b) (`target`), summed over
+    output channels and averaged over samples and positions."""
+
+    x_q: torch.Tensor  # the quantized layer's inputs
+    target: torch.Tensor  # [N, ...]
+    bias: torch.Tensor | None
+    conv: ConvGeometry | None
+    activation: str | nn.Module
+
+    def output(self, w: torch.Tensor, x: torch.Tensor, conv: ConvGeometry | None) -> torch.Tensor:
+        return _activation(layer_output(w, x, self.bias, conv), self.activation)
+
+    def error(self, out: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+        return (out - goal).pow(2).sum(dim=1 if self.conv is not None else -1).mean()
+
+    def loss(self, wq: torch.Tensor) -> float:
+        """On all inputs, `wq` fixed (no gradient)."""
+        with torch.no_grad():
+            return float(self.error(self.output(wq, self.x_q, self.conv), self.target))
+
+
+def _regularizer_beta(it: int, warm: int, config: AdaRoundConfig) -> float:
+    """β annealed linearly from beta_range[0] after the warm-up to beta_range[1] at the end."""
+    beta_start, beta_end = config.beta_range
+    progress = (it - warm) / max(config.iterations - warm, 1)
+    return beta_end + (beta_start - beta_end) * (1.0 - progress)
+
+
+def _learn_rounding(grid: _Grid, problem: _Reconstruction, window: _Windows, n: int, config: AdaRoundConfig) -> torch.Tensor:
+    """V after `config.iterations` Adam steps on random batches (and windows) of the `n` inputs."""
+    v = _inverse_rectified_sigmoid(grid.rest).clone().requires_grad_(True)
+    adam_m, adam_v = torch.zeros_like(v), torch.zeros_like(v)  # Adam moments (β1 0.9, β2 0.999)
+    gen = torch.Generator().manual_seed(config.seed)
+    warm = int(config.warmup * config.iterations)
+    for it in range(config.iterations):
+        idx = torch.randint(0, n, (min(config.batch_size, n),), generator=gen)
+        x_step, goal, geometry = window.sample(idx, gen)
+        h = rectified_sigmoid(v)
+        loss = problem.error(problem.output(grid.soft_weight(h), x_step, geometry), goal)
+        if it >= warm and config.reg_weight > 0:
+            beta = _regularizer_beta(it, warm, config)
+            loss = loss + config.reg_weight * (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
+        (grad,) = torch.autograd.grad(loss, v)
+        adam_step_(v, grad, adam_m, adam_v, step=it + 1, lr=config.lr)
+    return v
+
+
 def adaround_weight(
     weight: torch.Tensor,
     inputs: torch.Tensor,
@@ -229,71 +311,30 @@ def adaround_weight(
     if not isinstance(config, AdaRoundConfig):
         raise ConfigError(f"adaround: config must be an AdaRoundConfig, got {type(config).__name__}")
     _check_inputs(weight, inputs, quant_inputs, qparams, conv, activation)
-    qtype, g = qparams.qtype, qparams.granularity
     w = weight.detach().to(torch.float32)
-    try:
-        scale = g.expand(qparams.scale, w.shape).to(torch.float32).expand(w.shape)  # [weight shape]
-        zero = g.expand(qparams.zero_point, w.shape).to(torch.float32).expand(w.shape)  # [weight shape]
-    except (RuntimeError, ConfigError) as exc:
-        raise ConfigError(f"adaround: qparams {g!r} with scale {tuple(qparams.scale.shape)} do not fit weight {tuple(w.shape)}: {exc}") from None
-    qmin, qmax = float(qtype.qmin), float(qtype.qmax)
+    grid = _grid(w, qparams)
     b = None if bias is None else bias.detach().to(torch.float32)
     x_fp = inputs.detach().to(torch.float32)
     x_q = x_fp if quant_inputs is None else quant_inputs.detach().to(torch.float32)
-
-    w_floor = torch.floor(w / scale)  # [weight shape]
-    rest = w / scale - w_floor  # in [0, 1)
-
-    def soft_weight(h: torch.Tensor) -> torch.Tensor:
-        return scale * (torch.clamp(w_floor + h + zero, qmin, qmax) - zero)
-
     with torch.no_grad():
         target = _activation(layer_output(w, x_fp, b, conv), activation)  # [N, ...]
-    channel_dim = 1 if conv is not None else -1
-
-    def recon(out: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
-        return (out - goal).pow(2).sum(dim=channel_dim).mean()
-
-    def recon_loss(wq: torch.Tensor) -> float:
-        with torch.no_grad():
-            return float(recon(_activation(layer_output(wq, x_q, b, conv), activation), target))
-
+    problem = _Reconstruction(x_q, target, b, conv, activation)
     window = _Windows(x_q, target, conv, tuple(w.shape[-2:]), config.conv_patch)
-
-    nearest_codes = torch.clamp(w_floor + torch.round(rest) + zero, qmin, qmax)  # half-even, as RTN
-    nearest = (nearest_codes - zero) * scale
-    v = _inverse_rectified_sigmoid(rest).clone().requires_grad_(True)
-    adam_m, adam_v = torch.zeros_like(v), torch.zeros_like(v)  # Adam moments (β1 0.9, β2 0.999)
-    gen = torch.Generator().manual_seed(config.seed)
-    n = x_fp.shape[0]
-    warm = int(config.warmup * config.iterations)
-    beta_start, beta_end = config.beta_range
-    for it in range(config.iterations):
-        idx = torch.randint(0, n, (min(config.batch_size, n),), generator=gen)
-        x_step, goal, geometry = window.sample(idx, gen)
-        h = rectified_sigmoid(v)
-        out = _activation(layer_output(soft_weight(h), x_step, b, geometry), activation)
-        loss = recon(out, goal)
-        if it >= warm and config.reg_weight > 0:
-            progress = (it - warm) / max(config.iterations - warm, 1)
-            beta = beta_end + (beta_start - beta_end) * (1.0 - progress)
-            loss = loss + config.reg_weight * (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
-        (grad,) = torch.autograd.grad(loss, v)
-        adam_step_(v, grad, adam_m, adam_v, step=it + 1, lr=config.lr)
+    v = _learn_rounding(grid, problem, window, x_fp.shape[0], config)
 
     with torch.no_grad():
-        up = (v >= 0).to(torch.float32)
-        codes_f = torch.clamp(w_floor + up + zero, qmin, qmax)  # [weight shape]
-        dequantized = (codes_f - zero) * scale
+        nearest_codes = grid.codes(torch.round(grid.rest))  # half-even, as RTN
+        codes_f = grid.codes((v >= 0).to(torch.float32))  # [weight shape]
+        dequantized = grid.dequantize(codes_f)
         details = {
-            "loss_nearest": recon_loss(nearest),
-            "loss_adaround": recon_loss(dequantized),
+            "loss_nearest": problem.loss(grid.dequantize(nearest_codes)),
+            "loss_adaround": problem.loss(dequantized),
             "flipped": float((codes_f != nearest_codes).float().mean()),
             "iterations": config.iterations,
         }
     logger.debug("adaround: loss nearest %.4g -> adaround %.4g", details["loss_nearest"], details["loss_adaround"])
     return WeightQuantResult(
-        codes=codes_f.to(qtype.storage_dtype),
+        codes=codes_f.to(qparams.qtype.storage_dtype),
         qparams=qparams,
         dequantized=dequantized.to(weight.dtype),
         details=details,
