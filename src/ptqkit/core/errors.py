@@ -9,6 +9,8 @@ __all__ = [
     "ArtifactError",
     "ExportError",
     "NonFiniteError",
+    "OutputPathError",
+    "UntrustedCodeError",
 ]
 
 
@@ -38,3 +40,12 @@ class ExportError(PTQError):
 
 class NonFiniteError(PTQError, ValueError):
     """A tensor or range holds NaN or Inf where finite numbers are required."""
+
+
+class OutputPathError(ConfigError):
+    """An output ptqkit refuses to write: the current directory or a parent, a symbolic link, a
+    non-empty directory ptqkit did not create, or one another process is writing."""
+
+
+class UntrustedCodeError(ConfigError):
+    """A run directory names code (a model factory) that the user has not allowed to run."""

@@ -265,10 +265,9 @@ class Recipe:
         path = Path(path)
         text = self.to_yaml() if path.suffix in (".yaml", ".yml") else self.to_json()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-        return path
+        from ptqkit.core.atomic import write_text
+
+        return write_text(path, text)  # temp file + fsync + rename; a symlink at `path` is refused
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":

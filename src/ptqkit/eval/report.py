@@ -8,8 +8,6 @@ import datetime
 import html
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -276,14 +274,9 @@ def _plain(value: Any) -> Any:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from ptqkit.core.atomic import write_text
+
+    write_text(path, text)  # temp file + fsync + rename; a symlink at `path` is refused
 
 
 def write_report(

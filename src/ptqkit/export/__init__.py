@@ -2,22 +2,24 @@
 Runtime's MatMulNBits; verified to run on ORT's integer kernels) and the ptqkit safetensors artifact.
 
 `export(qmodel, out_dir, formats=("onnx",), example_inputs=...)` writes into a temporary
-directory next to `out_dir` and renames it into place at the end, so a failed or killed export
-never leaves a half-written `out_dir`. onnx / onnxruntime are imported only when "onnx" is asked for.
+directory next to `out_dir` and swaps it into place at the end (`ptqkit.core.atomic`), so a failed
+or killed export never leaves a half-written `out_dir`. Files of an existing `out_dir` that the
+export does not write (e.g. a saved artifact) are kept; a non-empty directory holding no ptqkit
+artifact or export is refused (OutputPathError). export_report.json records the SHA-256 of every
+ONNX file and, when known, of the artifact the export was made from (`artifact_sha256`), so that
+stale exports are recognised. onnx / onnxruntime are imported only when "onnx" is asked for.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from torch import nn
 
+from ptqkit.core import atomic
 from ptqkit.core.errors import ExportError
 from ptqkit.export.layers import FLOAT_ONNX_FILE, ONNX_FILE, REPORT_FILE, LayerExport
 from ptqkit.export.onnx_nbits import NBitsOptions
@@ -27,6 +29,15 @@ __all__ = ["FORMATS", "ExportResult", "LayerExport", "NBitsOptions", "export"]
 logger = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "safetensors")
+_EXPORT_FILES = (ONNX_FILE, FLOAT_ONNX_FILE, REPORT_FILE)
+_ARTIFACT_FILES = ("model.safetensors", "quantization.json", "config.json")  # ptqkit.export.artifact.ARTIFACT_FILES
+
+
+def _written_by_ptqkit(directory: Path) -> bool:
+    """Whether `directory` holds a ptqkit artifact or export (ptqkit.export.artifact.written_by_ptqkit)."""
+    return any((directory / name).is_file() for name in (_ARTIFACT_FILES[1], REPORT_FILE))
+
+
 @dataclass(frozen=True)
 class ExportResult:
     """What `export` wrote and what it verified."""
@@ -65,6 +76,7 @@ def export(
     onnx_weight_dtype: str = "auto",
     matmul_nbits: NBitsOptions | None = None,
     kv_cache: bool = False,
+    artifact_sha256: str | None = None,
 ) -> ExportResult:
     """Export `qmodel` (from `ptqkit.engine.quantize`) to `out_dir` in the given formats.
 
@@ -90,7 +102,26 @@ def export(
       mapping with input_ids); the checks run it as a prefill and then one decode step. A model
       that is not a causal LM with a KV cache raises ExportError naming what it lacks.
     - "safetensors": the ptqkit artifact (`ptqkit.export.artifact.save_artifact`).
+    `artifact_sha256`: the SHA-256 of the model.safetensors `qmodel` was loaded from, recorded
+    in export_report.json (with "safetensors", the artifact written alongside is recorded).
     """
+    formats = _check_arguments(qmodel, formats, example_inputs, kv_cache)
+    onnx_options = {
+        "strict": strict, "opset": opset, "dynamic": dynamic_shapes, "keep_float": keep_float, "fp32_tolerance": fp32_tolerance,
+        "weight_dtype": onnx_weight_dtype, "nbits": matmul_nbits, "kv_cache": kv_cache,
+    }
+    out_dir = Path(out_dir)
+    with atomic.build_directory(out_dir, owned=_written_by_ptqkit) as build:
+        result, artifact_sha256 = _write_formats(qmodel, build.path, out_dir, formats, example_inputs, onnx_options, artifact_sha256)
+        if "onnx" in formats:
+            _write_report(build.path, result, artifact_sha256)
+        replaced = (_EXPORT_FILES if "onnx" in formats else ()) + (_ARTIFACT_FILES if "safetensors" in formats else ())
+        build.carry(lambda entry: entry.name not in replaced)
+        build.commit()
+    return result
+
+
+def _check_arguments(qmodel: nn.Module, formats: Sequence[str], example_inputs: Any, kv_cache: bool) -> tuple[str, ...]:
     formats = _check_formats(formats)
     if not hasattr(qmodel, "ptqkit_info"):
         raise ExportError(
@@ -100,43 +131,47 @@ def export(
         raise ExportError(f"export: kv_cache=True applies to the 'onnx' format only; formats are {list(formats)}")
     if "onnx" in formats and example_inputs is None:
         raise ExportError("export: formats include 'onnx' but example_inputs is None; pass the inputs of one forward call")
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        files: dict[str, Path] = {}
-        layers: tuple[LayerExport, ...] = ()
-        checks: dict[str, Any] = {}
-        if "onnx" in formats:
-            from ptqkit.export.onnx_export import export_onnx
+    return formats
 
-            layers, checks = export_onnx(
-                qmodel, tmp, example_inputs, strict=strict, opset=opset, dynamic=dynamic_shapes,
-                keep_float=keep_float, fp32_tolerance=fp32_tolerance, weight_dtype=onnx_weight_dtype,
-                nbits=matmul_nbits, kv_cache=kv_cache,
-            )
-            files["onnx"] = out_dir / ONNX_FILE
-            files["report"] = out_dir / REPORT_FILE
-            if keep_float:
-                files["onnx_fp32"] = out_dir / FLOAT_ONNX_FILE
-        if "safetensors" in formats:
-            try:
-                from ptqkit.export.artifact import save_artifact
-            except ModuleNotFoundError as exc:
-                raise ExportError(
-                    "export: format 'safetensors' needs ptqkit.export.artifact.save_artifact, which is not "
-                    f"available in this installation ({exc}); export formats=('onnx',) instead"
-                ) from exc
-            save_artifact(qmodel, tmp)
-            files["safetensors"] = out_dir / "model.safetensors"
-        result = ExportResult(out_dir=out_dir, files=files, layers=layers, checks=checks)
-        if "onnx" in formats:
-            (tmp / REPORT_FILE).write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True))
-        _replace_dir(tmp, out_dir)
-        return result
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+def _write_formats(
+    qmodel: nn.Module, tmp: Path, out_dir: Path, formats: tuple[str, ...], example_inputs: Any, onnx_options: dict[str, Any],
+    artifact_sha256: str | None,
+) -> tuple[ExportResult, str | None]:
+    """Write the formats into the temporary directory `tmp`; (the result, naming files under
+    `out_dir`, and the SHA-256 of the artifact the export comes from or was written with)."""
+    files: dict[str, Path] = {}
+    layers: tuple[LayerExport, ...] = ()
+    checks: dict[str, Any] = {}
+    if "onnx" in formats:
+        from ptqkit.export.onnx_export import export_onnx
+
+        layers, checks = export_onnx(qmodel, tmp, example_inputs, **onnx_options)
+        files["onnx"] = out_dir / ONNX_FILE
+        files["report"] = out_dir / REPORT_FILE
+        if onnx_options["keep_float"]:
+            files["onnx_fp32"] = out_dir / FLOAT_ONNX_FILE
+    if "safetensors" in formats:
+        try:
+            from ptqkit.export.artifact import write_artifact_files
+        except ModuleNotFoundError as exc:
+            raise ExportError(
+                "export: format 'safetensors' needs ptqkit.export.artifact.save_artifact, which is not "
+                f"available in this installation ({exc}); export formats=('onnx',) instead"
+            ) from exc
+        artifact_sha256 = write_artifact_files(qmodel, tmp)
+        files["safetensors"] = out_dir / "model.safetensors"
+    return ExportResult(out_dir=out_dir, files=files, layers=layers, checks=checks), artifact_sha256
+
+
+def _write_report(tmp: Path, result: ExportResult, artifact_sha256: str | None) -> None:
+    """export_report.json: the result, the SHA-256 of each ONNX file, and of the source artifact."""
+    report = result.to_dict()
+    report["files_sha256"] = {
+        name: atomic.file_sha256(tmp / name) for name in (ONNX_FILE, FLOAT_ONNX_FILE) if (tmp / name).is_file()
+    }
+    report["artifact_sha256"] = artifact_sha256
+    atomic.write_text(tmp / REPORT_FILE, json.dumps(report, indent=2, sort_keys=True))
 
 
 def _check_formats(formats: Sequence[str]) -> tuple[str, ...]:
@@ -147,16 +182,3 @@ def _check_formats(formats: Sequence[str]) -> tuple[str, ...]:
     if unknown or not formats:
         raise ExportError(f"export: unknown format(s) {unknown or 'none given'}; valid: {', '.join(FORMATS)}")
     return formats
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move `tmp` to `out_dir`; an existing `out_dir` is swapped out first and removed after."""
-    old = None
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise ExportError(f"export: {out_dir} exists and is not a directory")
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.rename(out_dir, old / "previous")
-    os.rename(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -16,27 +16,29 @@ An artifact is a directory holding
   `ignore`, `format`, `quantization_status`). Its `quant_method` is "ptqkit", not
   "compressed-tensors", because the tensor layout differs (codes as int8, not int32-packed).
 
-Writes go to a temporary directory next to `out_dir`, which is renamed into place at the end, so a
-process killed while saving leaves the previous artifact or none, never a half-written one. Files
-in an existing `out_dir` that are not part of the artifact (e.g. an ONNX export) are carried over.
+Writes go to a temporary directory next to `out_dir`, which is swapped into place at the end
+(`ptqkit.core.atomic`), so a process killed while saving leaves the previous artifact or none, never
+a half-written one; `out_dir` is locked while it is written. Files in an existing `out_dir` that
+are not part of the artifact (e.g. an ONNX export) are carried over, except an ONNX export whose
+export_report.json records another artifact's SHA-256 (stale). A non-empty directory that holds
+no ptqkit artifact or export is refused (OutputPathError), never rebuilt.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from ptqkit.core import atomic
+from ptqkit.core.atomic import file_sha256
 from ptqkit.core.errors import ArtifactError
 from ptqkit.core.primitives import pack_lowbit
 from ptqkit.core.spec import QuantSpec
+from ptqkit.export.layers import FLOAT_ONNX_FILE, ONNX_FILE, REPORT_FILE
 from ptqkit.nn.act_quant import OutlierColumnsQuantizer, SmoothedInputQuantizer
 from ptqkit.nn.modules import InputOnly, QuantConv, QuantizedModule
 
@@ -48,6 +50,8 @@ __all__ = [
     "CONFIG_FILE",
     "ARTIFACT_FILES",
     "save_artifact",
+    "write_artifact_files",
+    "written_by_ptqkit",
     "file_sha256",
     "codes_storage",
     "compressed_tensors_config",
@@ -70,15 +74,6 @@ def codes_storage(spec: QuantSpec) -> str:
     if qtype.storage_dtype.is_floating_point or qtype.bits not in _PACKABLE_BITS:
         return "raw"
     return "packed"
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 8 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(8 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _module_record(name: str, module: nn.Module, layer: Any) -> dict[str, Any]:
@@ -205,36 +200,36 @@ def _hf_config(qmodel: nn.Module) -> dict[str, Any] | None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    atomic.write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+EXPORT_FILES = (ONNX_FILE, FLOAT_ONNX_FILE, REPORT_FILE)
+ARTIFACT_SHA_KEY = "artifact_sha256"  # what derived files (ONNX export report, bench.json, ...) record
+
+
+def written_by_ptqkit(directory: Path) -> bool:
+    """Whether `directory` holds a ptqkit artifact or ONNX export (the only non-empty directories
+    ptqkit rebuilds)."""
+    return any((Path(directory) / name).is_file() for name in (QUANT_FILE, REPORT_FILE))
+
+
+def recorded_artifact_sha(report: Path) -> str | None:
+    """The artifact SHA-256 a derived JSON file records, or None (absent, unreadable, not recorded)."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        data = json.loads(report.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    value = data.get(ARTIFACT_SHA_KEY) if isinstance(data, dict) else None
+    return value if isinstance(value, str) else None
 
 
-def save_artifact(qmodel: nn.Module, out_dir: str | Path, *, metrics: Mapping[str, Any] | None = None) -> Path:
-    """Write `qmodel` (returned by `ptqkit.engine.quantize`) as a ptqkit artifact in `out_dir`.
-
-    The write is atomic (temporary directory + rename); an existing artifact in `out_dir` is
-    replaced, other files there are kept. `metrics` (JSON-able) is stored in quantization.json.
-    Saving the same quantized model twice gives byte-identical `model.safetensors`.
-    Raises ArtifactError if `qmodel` is not a ptqkit-quantized model.
-    """
-    from safetensors.torch import save_file
-
+def _prepare(qmodel: nn.Module, metrics: Mapping[str, Any] | None) -> tuple[dict[str, torch.Tensor], dict[str, Any], Any, list[Any]]:
+    """(tensors, manifest without model_sha256, HF config or None, layer records) of `qmodel`."""
     info = getattr(qmodel, "ptqkit_info", None)
     if info is None:
         raise ArtifactError(
             f"save_artifact: {type(qmodel).__name__} has no ptqkit_info; pass the model returned by ptqkit.engine.quantize(...)"
         )
-    out_dir = Path(out_dir)
     tensors, aliases, records = _collect(qmodel)
     float_dtypes = {str(p.dtype).removeprefix("torch.") for p in qmodel.parameters() if p.is_floating_point()}
     config = _hf_config(qmodel)
@@ -255,59 +250,65 @@ def save_artifact(qmodel: nn.Module, out_dir: str | Path, *, metrics: Mapping[st
         "aliases": aliases,
         "metrics": dict(metrics) if metrics is not None else None,
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        model_path = tmp / MODEL_FILE
-        # One metadata key only: safetensors keeps metadata in a hash map whose order varies per
-        # process, so two keys would make the header (and the file) non-deterministic.
-        save_file(tensors, str(model_path), metadata={"format": "pt"})
-        _fsync(model_path)
-        manifest["model_sha256"] = file_sha256(model_path)
-        _write_json(tmp / QUANT_FILE, manifest)
-        if config is not None:
-            config["quantization_config"] = compressed_tensors_config(records, manifest["skipped"])
-            _write_json(tmp / CONFIG_FILE, config)
-        _carry_foreign_files(out_dir, tmp)
-        _fsync(tmp)
-        _swap_in(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("saved ptqkit artifact to %s (%d tensors, %d quantized layers)", out_dir, len(tensors), len(records))
+    return tensors, manifest, config, records
+
+
+def save_artifact(qmodel: nn.Module, out_dir: str | Path, *, metrics: Mapping[str, Any] | None = None) -> Path:
+    """Write `qmodel` (returned by `ptqkit.engine.quantize`) as a ptqkit artifact in `out_dir`.
+
+    The write is atomic (temporary directory + rename); an existing artifact in `out_dir` is
+    replaced, other files there are kept. `metrics` (JSON-able) is stored in quantization.json.
+    Saving the same quantized model twice gives byte-identical `model.safetensors`.
+    Raises ArtifactError if `qmodel` is not a ptqkit-quantized model; OutputPathError if `out_dir`
+    is the current directory or a parent, a symbolic link, a non-empty directory holding no ptqkit
+    artifact or export, or is being written by another process.
+    """
+    out_dir = Path(out_dir)
+    prepared = _prepare(qmodel, metrics)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ArtifactError(f"save_artifact: {out_dir} exists and is not a directory; choose another out_dir")
+    with atomic.build_directory(out_dir, owned=written_by_ptqkit) as build:
+        sha = _write_files(build.path, *prepared)
+        stale = _stale_export(out_dir, sha)
+        build.carry(lambda entry: entry.name not in ARTIFACT_FILES and entry.name not in stale)
+        atomic.fsync_path(build.path)
+        _swap_in(build.path, out_dir)
+    logger.info("saved ptqkit artifact to %s (%d tensors, %d quantized layers)", out_dir, len(prepared[0]), len(prepared[3]))
     return out_dir
 
 
-def _carry_foreign_files(out_dir: Path, tmp: Path) -> None:
-    """Hard-link (or copy) files of an existing `out_dir` that are not artifact files into `tmp`."""
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise ArtifactError(f"save_artifact: {out_dir} exists and is not a directory; choose another out_dir")
-    for entry in out_dir.iterdir():
-        if entry.name in ARTIFACT_FILES:
-            continue
-        target = tmp / entry.name
-        if entry.is_dir():
-            shutil.copytree(entry, target, copy_function=_link_or_copy)
-        else:
-            _link_or_copy(entry, target)
+def _write_files(directory: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], config: Any, records: list[Any]) -> str:
+    """Write the artifact files into the (new, empty) `directory`; returns model.safetensors' SHA-256."""
+    from safetensors.torch import save_file
+
+    model_path = directory / MODEL_FILE
+    # One metadata key only: safetensors keeps metadata in a hash map whose order varies per
+    # process, so two keys would make the header (and the file) non-deterministic.
+    save_file(tensors, str(model_path), metadata={"format": "pt"})
+    atomic.fsync_path(model_path)
+    manifest["model_sha256"] = file_sha256(model_path)
+    _write_json(directory / QUANT_FILE, manifest)
+    if config is not None:
+        config["quantization_config"] = compressed_tensors_config(records, manifest["skipped"])
+        _write_json(directory / CONFIG_FILE, config)
+    return manifest["model_sha256"]
 
 
-def _link_or_copy(src: str | Path, dst: str | Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+def write_artifact_files(qmodel: nn.Module, directory: str | Path, *, metrics: Mapping[str, Any] | None = None) -> str:
+    """Write `qmodel`'s artifact files into `directory`, an empty directory the caller builds and
+    swaps in itself (a run directory, `ptqkit.workflows.runs`); returns model.safetensors' SHA-256."""
+    return _write_files(Path(directory), *_prepare(qmodel, metrics))
+
+
+def _stale_export(out_dir: Path, sha: str) -> set[str]:
+    """The ONNX export files of `out_dir` when its export_report.json was made from another artifact."""
+    recorded = recorded_artifact_sha(out_dir / REPORT_FILE) if out_dir.is_dir() else None
+    if recorded is None or recorded == sha:
+        return set()
+    logger.info("dropping the ONNX export in %s: it was made from another artifact (sha256 %s)", out_dir, recorded)
+    return set(EXPORT_FILES)
 
 
 def _swap_in(tmp: Path, out_dir: Path) -> None:
-    """Rename `tmp` to `out_dir`; an existing `out_dir` is moved aside first and removed after."""
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.rename(out_dir, old / "previous")
-    os.rename(tmp, out_dir)
-    _fsync(out_dir.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Put the finished artifact `tmp` at `out_dir` in one step (`ptqkit.core.atomic.swap_in`)."""
+    atomic.swap_in(tmp, out_dir)

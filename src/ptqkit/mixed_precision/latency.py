@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -148,15 +146,10 @@ class LatencyTable:
         return {str(k): float(v) for k, v in data["entries"].items()}
 
     def _write(self) -> None:
+        from ptqkit.core.atomic import write_text
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
-                json.dump({"version": CACHE_VERSION, "entries": self._entries}, out, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text(self.path, json.dumps({"version": CACHE_VERSION, "entries": self._entries}, indent=1, sort_keys=True))
 
     def key(self, linear: nn.Linear, fmt: str, tokens: int) -> str:
         return (

@@ -132,6 +132,13 @@ def _verify_copy(model: Any, tokenizer: Any, directory: Path) -> None:
             raise UnsupportedModelError(f"the FP32 copy at {directory} differs from the GGUF model at {name!r}")
 
 
+def _save_copy(model: Any, tokenizer: Any, directory: Path, source: Path) -> None:
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    _verify_copy(model, tokenizer, directory)
+    (directory / _DONE).write_text(f"converted from {source}\n", encoding="utf-8")
+
+
 def smollm2_fp32_dir(*, use_cache: bool = True) -> Path:
     """A local HF directory holding SmolLM2 dequantized to FP32 (safetensors + tokenizer).
 
@@ -151,23 +158,21 @@ def smollm2_fp32_dir(*, use_cache: bool = True) -> Path:
     model, tokenizer = load_hf_model(directory, task="causal_lm", gguf_file=filename)
     model = rebuild_from_state(model)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=root))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _verify_copy(model, tokenizer, tmp)
-        (tmp / _DONE).write_text(f"converted from {directory / filename}\n", encoding="utf-8")
-        if not use_cache:
-            return tmp
-        if target.exists():  # a stale or half-written copy from another process
-            shutil.rmtree(target, ignore_errors=True)
+    if not use_cache:
+        tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=root))
         try:
-            tmp.rename(target)
-        except OSError:  # another process won the race: use its copy
+            _save_copy(model, tokenizer, tmp, directory / filename)
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            raise
+        return tmp
+    from ptqkit.core.atomic import build_directory
+
+    # built aside and swapped in once, under a lock on `target` (a second process waits, then uses this copy)
+    with build_directory(target, blocking=True) as build:
+        if not (target / _DONE).is_file():  # a missing, stale or half-written copy
+            _save_copy(model, tokenizer, build.path, directory / filename)
+            build.commit()
     logger.info("converted %s to FP32 at %s in %.1f s", filename, target, time.perf_counter() - start)
     return target
 

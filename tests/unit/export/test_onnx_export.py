@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import ptqkit as pq
-from ptqkit.core.errors import ExportError
+from ptqkit.core.errors import ExportError, OutputPathError
 from ptqkit.export import export
 
 onnx = pytest.importorskip("onnx")
@@ -189,14 +189,22 @@ def test_int8_storage_keeps_int8_initializers(model: nn.Module, tmp_path: Path) 
 def test_strict_fails_on_layers_that_stay_float_and_keeps_previous_output(model: nn.Module, tmp_path: Path) -> None:
     qmodel = pq.quantize(model, pq.Recipe.from_preset("w8a16"), progress=False)  # weight-only conv -> float Conv
     out = tmp_path / "o"
-    out.mkdir()
+    first = export(qmodel, out, example_inputs=_inputs(3))  # non-strict: reported
+    assert first.float_layers == ("conv",)
     (out / "keep.txt").write_text("previous export")
+    previous = (out / "model.onnx").read_bytes()
     with pytest.raises(ExportError, match=r"strict.*did not run on an integer kernel: \['conv \(DequantizeLinear"):
         export(qmodel, out, example_inputs=_inputs(3), strict=True)
-    assert (out / "keep.txt").read_text() == "previous export"
-    assert [p.name for p in tmp_path.iterdir()] == ["o"]  # no temp directory left behind
-    result = export(qmodel, out, example_inputs=_inputs(3))  # non-strict: reported, then replaces the old dir
-    assert result.float_layers == ("conv",) and not (out / "keep.txt").exists()
+    assert (out / "keep.txt").read_text() == "previous export" and (out / "model.onnx").read_bytes() == previous
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]  # no temp directory or lock file left behind
+    result = export(qmodel, out, example_inputs=_inputs(3))  # replaces the export; the user's file is kept (issue 28)
+    assert result.float_layers == ("conv",) and (out / "keep.txt").read_text() == "previous export"
+    mine = tmp_path / "mine"  # a directory holding only the user's own files is never rebuilt
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(OutputPathError, match=r"'.*mine' is not empty \(notes.txt\) and was not written by ptqkit"):
+        export(qmodel, mine, example_inputs=_inputs(3))
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
 def test_bad_arguments_raise_typed_errors(model: nn.Module, static_export, tmp_path: Path) -> None:
