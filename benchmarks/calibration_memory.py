@@ -28,6 +28,8 @@ from pathlib import Path
 OBSERVERS = ("minmax", "ema_minmax", "percentile", "mse", "kl")
 SHAPE = (32, 128, 768)
 POOL = 4  # distinct batches generated up front and rescaled per step (generation is not what we measure)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_record import make_record, write_record  # noqa: E402
 
 
 def _status_mb(key: str) -> float:
@@ -91,13 +93,11 @@ def run_one(observer: str, batches: int, threads: int) -> dict[str, float]:
 
 
 def _write(path: Path, rows: list[dict], threads: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        json.dumps(
-            {"shape": SHAPE, "threads": threads, "machine": platform.machine(), "rows": rows},
-            indent=2,
-        )
-    )
+    table = [[r["observer"], r["batches"], f"{r['peak_rss_growth_mb']:.1f}", f"{r['ms_per_batch']:.1f}", f"{r['state_kb']:.1f}"] for r in rows]
+    write_record(path, make_record(
+        "calibration_memory", f"observer memory and time by calibration length (batches of {SHAPE}, {threads} threads)",
+        ["observer", "batches", "peak RSS growth MB", "ms/batch", "state KB"], table,
+        data={"shape": SHAPE, "threads": threads, "machine": platform.machine(), "rows": rows}))
 
 
 def main(argv: list[str] | None = None) -> int:

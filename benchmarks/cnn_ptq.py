@@ -15,7 +15,6 @@ FP32 and torch FP32 (same thread count, spinning off), with the kernels ORT ran.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
@@ -42,6 +41,8 @@ from ptqkit.eval.metrics import (
 
 logger = logging.getLogger("cnn_ptq")
 RESULTS = Path(__file__).parent / "results" / "cnn_ptq.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_record import make_record, write_record  # noqa: E402
 
 INT8_PER_TENSOR = QuantSpec(qtype="int8", granularity=PerTensor(), symmetric=True)
 INT8_PER_CHANNEL = QuantSpec(qtype="int8", granularity=PerChannel(0), symmetric=True)
@@ -259,8 +260,24 @@ def main() -> None:
             print(f"{name:40} {ms:10.2f} {onnx['speedup_vs_torch_fp32'][name]:13.2f}x {onnx['top1_agreement_vs_fp32'][name]:14.4f}")
         print(f"ptqkit simulated top-1 vs FP32 {onnx['simulated_top1_agreement_vs_fp32']:.4f}; ORT int8 vs simulated "
               f"{onnx['top1_agreement_vs_fp32']['ptqkit W8A8 (ORT) vs simulated']:.4f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2, default=str))
+    mnv2 = [[name, f"{r['top1_agreement']:.4f}", f"{r['top5_agreement']:.4f}", f"{r['mean_kl']:.4f}", f"{r['logit_sqnr_db']:.2f}",
+             f"{r['quantize_seconds']:.1f}"] for name, r in results["mobilenet_v2"].items()]
+    write_record(args.out, make_record(
+        "cnn_ptq", f"MobileNetV2 (torchvision ImageNet weights): agreement with its own FP32 outputs on {args.eval} crops of the bundled photos",
+        ["MobileNetV2", "top-1", "top-5", "softmax KL", "logit SQNR dB", "quantize s"], mnv2,
+        notes=f"{args.calib} calibration crops; AdaRound {args.iterations} iterations per layer.", data=results))
+    if "digits" in results:
+        digits = [[name, f"{r['accuracy']:.4f}"] for name, r in results["digits"].items() if isinstance(r, dict)]
+        write_record(args.out.with_name(args.out.stem + "_digits.json"), make_record(
+            "cnn_ptq", f"digits CNN: accuracy on {results['digits']['test_samples']} held-out images", ["configuration", "accuracy"], digits))
+    if "onnx" in results:
+        onnx = results["onnx"]
+        ort = [[name, f"{ms:.2f}", f"{onnx['speedup_vs_torch_fp32'][name]:.2f}", f"{onnx['top1_agreement_vs_fp32'][name]:.4f}"]
+               for name, ms in onnx["latency_ms"].items()]
+        write_record(args.out.with_name(args.out.stem + "_onnx.json"), make_record(
+            "cnn_ptq", f"MobileNetV2 in ONNX Runtime {onnx['onnxruntime']} (batch {onnx['batch']}, {onnx['threads']} threads)",
+            ["model", "latency ms", "x torch FP32", "top-1 vs FP32"], ort,
+            notes=f"ptqkit's kernels {onnx['kernels']}; ptqkit simulated top-1 vs FP32 {onnx['simulated_top1_agreement_vs_fp32']:.4f}"))
     print(f"\nwrote {args.out}")
 
 

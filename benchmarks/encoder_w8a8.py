@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import logging
 import os
 import statistics
@@ -38,6 +37,9 @@ import ptqkit as pq
 
 logger = logging.getLogger("encoder_w8a8")
 RESULTS = Path(__file__).parent / "results" / "encoder_w8a8.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_record import make_record, write_record  # noqa: E402
+
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
@@ -257,7 +259,14 @@ def write_results(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     meta = {"threads": args.threads, "batch": args.batch, "seq": args.seq, "reps": args.reps, "torch": torch.__version__,
             "onnxruntime": __import__("onnxruntime").__version__, "cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg()}
-    RESULTS.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    table = [[r["model"], r["variant"], f"{r['latency_ms']:.1f}", f"{r['min_ms']:.1f}", f"{r['speedup_vs_torch_fp32']:.2f}",
+              f"{r['size_mb']:.1f}", f"{r['cosine']:.4f}"] for r in rows if "error" not in r]
+    write_record(RESULTS, make_record(
+        "encoder_w8a8", f"encoders in ONNX Runtime (batch {args.batch} x {args.seq} tokens, {args.threads} threads, round-robin "
+        f"median and fastest of {args.reps} rounds; cosine of mean-pooled embeddings to torch FP32)",
+        ["model", "variant", "median ms", "min ms", "x torch FP32", "MB", "cosine"], table,
+        notes="; ".join(f"{r['model']} {r['variant']} failed: {r['error'][:200]}" for r in rows if "error" in r),
+        data={"meta": meta, "rows": rows}))
     sys.stdout.write(f"wrote {RESULTS}\n")
 
 

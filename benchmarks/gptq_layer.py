@@ -11,7 +11,6 @@ benchmarks/results/gptq_layer.json.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -21,6 +20,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # for tests.reference.gptq_reference
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_record import make_record, write_record  # noqa: E402
 
 from ptqkit.algorithms import (
     GPTQConfig,
@@ -145,7 +146,15 @@ def main() -> None:
         "processor": platform.processor(),
         "rows": ROWS,
     }
-    out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+    table = [[r["layer"], f"{r['shape'][0]}x{r['shape'][1]}", r["config"], f"{r['gptq_s']:.3f}", f"{r['rtn_s']:.4f}",
+              "-" if r.get("reference_s") is None else f"{r['reference_s']:.2f}",
+              "-" if r.get("reference_s") is None else f"{r['speedup_vs_reference']:.1f}",
+              "-" if r.get("reference_s") is None else f"{r['code_mismatch']:.2e}",
+              "-" if r.get("reference_s") is None else f"{r['error_vs_reference']:.5f}", f"{r['gptq_over_rtn_error']:.3f}"] for r in rows]
+    write_record(out, make_record(
+        "gptq_layer", f"GPTQ on single layers against RTN and the reference implementation ({args.threads} threads)",
+        ["layer", "shape", "config", "gptq s", "rtn s", "reference s", "x reference", "code mismatch", "error / reference", "gptq / rtn error"],
+        table, data={"meta": meta, "results": rows}))
     print(f"wrote {out.relative_to(ROOT)}")
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import os
 import platform
@@ -48,6 +47,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from llm_data import calibration_windows, eval_windows  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "llm_decode.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_record import make_record, write_record  # noqa: E402
+
 PROMPT = "The old lighthouse keeper climbed the stairs every evening, and on the night of the storm he"
 
 
@@ -244,7 +246,7 @@ def main() -> None:
             f"{r['teacher_forced_top1']:7.3f} {r['perplexity'] or float('nan'):6.2f} {r['weight_mb_per_token']:7.1f} {r['bandwidth_fraction']:7.2f} {r['simulated_layers']:4d}"
         )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
+    data = {
         "benchmark": "llm_decode",
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to FP32)",
         "prompt_tokens": int(ids.shape[1]),
@@ -261,7 +263,15 @@ def main() -> None:
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
         "results": results,
-    }, indent=2) + "\n")
+    }
+    table = [[r["config"], f"{r['tokens_per_s']:.1f}", f"{r['speedup_vs_fp32']:.2f}", r["first_divergence"], f"{r['teacher_forced_top1']:.3f}",
+              "-" if r["perplexity"] is None else f"{r['perplexity']:.2f}", f"{r['weight_mb_per_token']:.0f}", r["simulated_layers"]] for r in results]
+    write_record(RESULTS, make_record(
+        "llm_decode", f"SmolLM2-135M decode on torch kernels (batch 1, {args.tokens} greedy tokens, {args.threads} threads, best of {args.rounds} rounds)",
+        ["config", "tok/s", "x torch FP32", "first token unlike FP32", "teacher-forced top-1", "perplexity", "MB/token", "simulated layers"], table,
+        notes=f"Every Linear returning zeros: {floor_ms:.1f} ms per token against FP32's {1e3 / fp32:.1f} (no matmul kernel can make this "
+              f"framework more than {1e3 / fp32 / floor_ms:.1f}x faster); memcpy bandwidth {bandwidth:.1f} GB/s. {data['perplexity']}.",
+        data=data))
     print(f"wrote {RESULTS}")
 
 

@@ -62,7 +62,8 @@ from ptqkit.export import REPORT_FILE, NBitsOptions  # noqa: E402
 from ptqkit.export.onnx_decoder import OrtDecoder, export_cached_decoder  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "llm_decode_ort.json"
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_record import make_record, write_record  # noqa: E402
 
 HEADS = ("fp32", "int8", "int4")
 
@@ -255,7 +256,7 @@ def main() -> None:
     import onnxruntime
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
+    data = {
         "benchmark": "llm_decode_ort",
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to FP32); lm_head tied to the embeddings",
         "perplexity": f"{0 if windows is None else len(windows)} windows x 512 tokens of Python documentation (llm_data.eval_windows)",
@@ -274,7 +275,17 @@ def main() -> None:
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
         "results": results,
-    }, indent=2) + "\n")
+    }
+    table = [[r["config"], f"{r['tokens_per_s']:.1f}", f"{r['speedup_vs_ort_fp32']:.2f}", f"{r['speedup_vs_torch_fp32']:.2f}",
+              "-" if r["prefill_ms"] is None else f"{r['prefill_ms']:.1f}", r["first_divergence_vs_fp32"], f"{r['teacher_forced_top1_vs_fp32']:.3f}",
+              "-" if r["perplexity"] is None else f"{r['perplexity']:.2f}", r["first_divergence_vs_simulated_int4"],
+              "-" if r.get("onnx_mb") is None else f"{r['onnx_mb']:.0f}", f"{r['weight_mb_per_token']:.1f}"] for r in results]
+    write_record(RESULTS, make_record(
+        "llm_decode_ort", f"SmolLM2-135M decode in ONNX Runtime (batch 1, prompt {ids.shape[1]} tokens, {args.tokens} greedy tokens, "
+        f"{args.threads} threads, best of {args.rounds} rounds)",
+        ["config", "tok/s", "x ORT FP32", "x torch FP32", "prefill ms", "first token unlike FP32", "teacher-forced top-1", "perplexity",
+         "first token unlike simulated int4", "ONNX MB", "MB/token"], table,
+        notes=f"memcpy bandwidth {bandwidth:.1f} GB/s; onnxruntime {onnxruntime.__version__}. {data['perplexity']}.", data=data))
     print(f"wrote {RESULTS}")
     if args.onnx_dir is None:
         import shutil

@@ -52,6 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from llm_data import CALIBRATION_SOURCES, calibration_windows, eval_windows, save_windows  # noqa: E402
 from llm_ppl import run_child  # noqa: E402
+from results_record import make_record, write_record  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -205,8 +206,13 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg": os.getloadavg()},
         "rows": rows,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    table_rows = [[r["name"], f"{r['ppl']:.3f}" if r.get("ppl") else "-", f"{r['quantize_s']:.1f}" if r.get("quantize_s") is not None else "-",
+                   f"{r['peak_rss_mib']:.0f}" if r.get("peak_rss_mib") else "-", f"{r['loadavg_1min']:.1f}" if "loadavg_1min" in r else "-",
+                   (r.get("error") or "")[:200]] for r in rows]
+    write_record(out, make_record(
+        "llm_peers", f"SmolLM2-135M with the peers (calibration {args.calibration} {args.samples} x {args.window} tokens, "
+        f"eval {len(evaluation)} x {evaluation.shape[1]} tokens of Python docs)",
+        ["config", "perplexity", "quantize s", "peak RSS MiB", "load (1 min)", "error"], table_rows, data=result))
     logger.info("wrote %s", out)
 
 

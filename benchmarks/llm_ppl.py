@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from llm_data import CALIBRATION_SOURCES  # noqa: E402
+from results_record import make_record, write_record  # noqa: E402
 
 RESULTS_DIR = Path(__file__).parent / "results"
 WEIGHTS = {"int4-pc": (4, None), "int4-g128": (4, 128), "int4-g64": (4, 64), "int3-g128": (3, 128)}
@@ -179,7 +180,14 @@ def main() -> None:
     }
     print_table(rows, meta)
     results = args.out or RESULTS_DIR / f"llm_ppl_{tag}.json"
-    results.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+    table = [[r["config"], f"{r['ppl']:.3f}", f"{r['gap_recovered']:.0%}" if "gap_recovered" in r else "", f"{r['quantize_s']:.1f}",
+              f"{r['peak_rss_mb']:.0f}"] for r in rows if "error" not in r]
+    write_record(results, make_record(
+        "llm_ppl", f"SmolLM2-135M perplexity (calibration {args.calibration} {args.samples} x {args.window} tokens, "
+        f"eval {args.eval_windows} x 512 tokens of Python docs)",
+        ["config", "perplexity", "gap recovered", "quantize s", "peak RSS MB"], table,
+        notes="; ".join(f"{r['config']} failed: {r['error'][:200]}" for r in rows if "error" in r),
+        data={"meta": meta, "results": rows}))
     print(f"wrote {results}")
 
 

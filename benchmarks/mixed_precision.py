@@ -23,14 +23,30 @@ documentation pages) and must stay within the budget there too.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
 RESULTS = Path(__file__).parent / "results" / "mixed_precision.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_record import make_record, write_record  # noqa: E402
+
+
+def search_record(data: dict, title: str) -> dict:
+    """The result record of one search: a row per measured point, fastest first."""
+    front = set(data["front"])
+    rows = [[p["name"], f"{p['metric']:.4f}", "-" if p["holdout_degradation"] is None else f"{p['holdout_degradation']:+.4f}",
+             f"{p['measured_ms']:.2f}", f"{p['predicted_ms']:.2f}", f"{p['float_ms']:.2f}", f"{p['float_ms'] / p['measured_ms']:.2f}",
+             f"{p['weight_bytes'] / 1e6:.2f}", "*" if p["name"] in front else ""]
+            for p in sorted(data["points"], key=lambda p: p["measured_ms"])]
+    chosen = data["chosen"]["name"] if data["chosen"] else None
+    return make_record("mixed_precision", title,
+                       ["point", data["metric"], "held-out degradation", "ms", "predicted ms", "float ms", "x float", "MB", "front"], rows,
+                       notes=f"chosen: {chosen} {data['why_none'] or ''}; against uniform: {data['versus_uniform']}; "
+                             f"proxy rank correlation: {data['proxy_rank_correlation']}", data=data)
 
 
 def main() -> None:
@@ -56,7 +72,7 @@ def main() -> None:
     if args.smollm2:
         out = args.out if args.out != RESULTS else RESULTS.with_name("mixed_precision_smollm2.json")
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(run_search_smollm2(args), indent=2))
+        write_record(out, search_record(run_search_smollm2(args), f"SmolLM2 per-layer search (decode step, budget {args.max_degradation})"))
         print(f"wrote {out}")
         return
 
@@ -94,8 +110,14 @@ def main() -> None:
     results = {"threads": args.threads, "batch": args.batch, "tokens": args.tokens, "rows": rows}
     if args.search:
         results["search"] = run_search(model, tokenizer, example, args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    table_rows = [[name, f"{row['predicted_ms']:.1f}", f"{row['measured_ms']:.1f}", f"{row['error']:+.1%}", f"{row['speedup_vs_fp32']:.2f}"]
+                  for name, row in rows.items()]
+    write_record(args.out, make_record(
+        "mixed_precision", f"MiniLM per-layer latency table against end-to-end latency (batch {args.batch} x {args.tokens} tokens, {args.threads} threads)",
+        ["config", "predicted ms", "measured ms", "error", "x fp32"], table_rows, data=results))
+    if args.search:
+        write_record(args.out.with_name(args.out.stem + "_search.json"),
+                     search_record(results["search"], f"MiniLM per-layer search (budget {args.max_degradation})"))
     print(f"wrote {args.out}")
 
 

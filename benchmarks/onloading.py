@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results" / "onloading.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_record import make_record, write_record  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -102,7 +105,12 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": "SmolLM2-135M (GGUF dequantized to FP32)", "recipe": "w4a16-gptq-llm", "samples": args.samples, "seq": args.seq,
             "batch": args.batch, "threads": args.threads, "identical_artifacts": identical}
-    RESULTS.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    table = [[r["path"], f"{r['peak_rss_bytes'] / 2**20:.0f}", f"{r['predicted_peak_bytes'] / 2**20:.0f}", f"{r['prediction_error']:+.1%}",
+              f"{r['peak_vs_in_memory']:.2f}", f"{r['seconds']:.1f}"] for r in rows]
+    write_record(RESULTS, make_record(
+        "onloading", f"SmolLM2 W4A16 GPTQ, {args.samples} x {args.seq} calibration tokens, each path in a fresh process",
+        ["path", "peak MiB", "predicted MiB", "prediction error", "x in memory", "seconds"], table,
+        notes=f"model.safetensors byte-identical between the paths: {identical}", data={"meta": meta, "rows": rows}))
     sys.stdout.write(f"wrote {RESULTS}\n")
 
 

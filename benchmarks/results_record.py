@@ -21,8 +21,9 @@ import datetime
 import json
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REQUIRED = ("benchmark", "title", "date", "machine", "command", "columns", "rows", "notes", "source")

@@ -83,3 +83,13 @@ def test_committed_page_is_up_to_date():
     page = results_page.build_page(results_page.load_records(_committed_records()))
     assert (ROOT / "benchmarks" / "RESULTS.md").read_text(encoding="utf-8") == page, (
         "benchmarks/RESULTS.md is out of date: run .venv/bin/python scripts/results_page.py")
+
+
+def test_make_record_names_date_machine_and_command(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["benchmarks/toy.py", "--reps", "3"])
+    record = results_record.make_record("toy", "a table", ["config", "ms"], [("fp32", 1.5)], data={"raw": 1})
+    assert set(results_page.REQUIRED) <= set(record) and record["source"] == "run"
+    assert len(record["date"]) == 10 and record["date"][4] == "-"
+    assert record["machine"]["cpu"] and "isa" in record["machine"] and "versions" in record["machine"]
+    assert record["command"].endswith("benchmarks/toy.py --reps 3")
+    assert record["rows"] == [["fp32", 1.5]] and record["data"] == {"raw": 1}
