@@ -15,12 +15,14 @@ unsupported model, 1 anything else. Progress bars go to stderr only when it is a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ptqkit.core.errors import CalibrationDataError, ConfigError, PTQError, UnsupportedModelError
 
@@ -70,6 +72,17 @@ def _data(args: argparse.Namespace, path: str, tokenizer: Any, *, samples: int, 
         path, tokenizer=tokenizer, samples=samples, batch_size=batch_size, seed=seed, text_field=args.text_field,
         max_length=args.max_length, image_size=args.image_size, tensor_name=args.tensor_name,
     )
+
+
+@contextlib.contextmanager
+def _naming_data(path: str | None) -> Iterator[None]:
+    """Prefix a CalibrationDataError raised while the model runs on the data with the data's file."""
+    try:
+        yield
+    except CalibrationDataError as exc:
+        if path is None or str(exc).startswith(str(path)):
+            raise
+        raise CalibrationDataError(f"{path}: {exc}") from exc
 
 
 def _formats(text: str) -> tuple[str, ...]:
@@ -136,9 +149,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         import ptqkit as pq
 
         sys.stderr.write(pq.plan(loaded.model, recipe).render() + "\n")
-    summary = quantize_run(
-        loaded, recipe, calib, args.out, formats=formats, progress=_show_progress(args), distributed=args.distributed
-    )
+    with _naming_data(args.calib):
+        summary = quantize_run(
+            loaded, recipe, calib, args.out, formats=formats, progress=_show_progress(args), distributed=args.distributed
+        )
     if writer:
         _write(args, summary, _render_summary(summary, args.out))
     return 0
@@ -224,7 +238,9 @@ def _evaluate_run(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, Any]:
         settings = qmodel.ptqkit_info.recipe.calibration
         data = _data(args, args.data, loaded.tokenizer, samples=args.samples, batch_size=settings.batch_size, seed=settings.seed)
         described = {"description": data.description, "fingerprint": data.fingerprint}
-    return evaluate(qmodel, loaded.model, data, max_samples=args.samples), described, loaded, qmodel, data
+    with _naming_data(args.data or str(Path(args.run) / "example_inputs.safetensors")):
+        report = evaluate(qmodel, loaded.model, data, max_samples=args.samples)
+    return report, described, loaded, qmodel, data
 
 
 def _render_report(report: Any) -> str:
@@ -479,11 +495,30 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Numeric options and their smallest valid value: checked before a command runs, so that
+# NaN, Inf and nonsense sizes are a one-line ConfigError naming the option.
+_FLOAT_OPTIONS = {"max_degradation": None, "time_limit": 0.0, "min_speedup": 0.0}
+_INT_OPTIONS = {"max_length": 1, "image_size": 1, "samples": 1, "threads": 1, "warmup": 0, "reps": 1, "stride": 1, "batch_size": 1}
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    for name, lowest in _FLOAT_OPTIONS.items():
+        value = getattr(args, name, None)
+        if value is not None and (not math.isfinite(value) or (lowest is not None and value < lowest)):
+            bound = f" >= {lowest:g}" if lowest is not None else ""
+            raise ConfigError(f"--{name.replace('_', '-')} {value!r}: must be a finite number{bound}")
+    for name, lowest in _INT_OPTIONS.items():
+        value = getattr(args, name, None)
+        if value is not None and value < lowest:
+            raise ConfigError(f"--{name.replace('_', '-')} {value}: must be an integer >= {lowest}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     level = logging.INFO if args.verbose else logging.ERROR if getattr(args, "quiet", False) else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
+        _check_numbers(args)
         return args.handler(args)
     except PTQError as exc:
         if args.debug:

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence, Union
 import torch
 from torch import nn
 
-from ptqkit.core.errors import CalibrationDataError
+from ptqkit.core.errors import CalibrationDataError, NonFiniteError
 
 __all__ = [
     "ModelInput",
@@ -245,9 +245,7 @@ def clone_sample(sample: ModelInput) -> ModelInput:
     return tuple(v.clone() for v in sample)
 
 
-def call_model(model: nn.Module, batch: ModelInput) -> Any:
-    """Run `model` on a batch: `model(**batch)` for a dict, `model(*batch)` for a tuple/list,
-    `model(batch)` for a Tensor."""
+def _call(model: nn.Module, batch: ModelInput) -> Any:
     if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (tuple, list)):
@@ -257,6 +255,43 @@ def call_model(model: nn.Module, batch: ModelInput) -> Any:
     raise CalibrationDataError(
         f"call_model: batch is a {type(batch).__name__}; expected a Tensor, tuple or dict of Tensors"
     )
+
+
+def _module_raising(model: nn.Module, batch: ModelInput) -> str | None:
+    """The name of the innermost module running when `model` raises NonFiniteError on `batch`
+    (found by running the batch again with pre-hooks; None if it does not raise again)."""
+    entered: list[str] = []
+    handles = [
+        module.register_forward_pre_hook(lambda *_, name=name: entered.append(name))
+        for name, module in model.named_modules()
+        if name
+    ]
+    try:
+        with torch.no_grad():
+            _call(model, batch)
+    except NonFiniteError:
+        return entered[-1] if entered else None
+    except Exception:  # noqa: BLE001 - only looking for the module; the first error is reported
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return None
+
+
+def call_model(model: nn.Module, batch: ModelInput) -> Any:
+    """Run `model` on a batch: `model(**batch)` for a dict, `model(*batch)` for a tuple/list,
+    `model(batch)` for a Tensor. A quantizer meeting NaN/Inf activations (finite inputs that
+    overflow in the model) is a CalibrationDataError naming the module."""
+    try:
+        return _call(model, batch)
+    except NonFiniteError as exc:
+        name = _module_raising(model, batch)
+        where = f"the input of module {name!r}" if name else "an activation of the model"
+        raise CalibrationDataError(
+            f"{where} holds NaN/Inf on this data ({exc}); the inputs are finite, so the activations "
+            "overflow in the model: check the data's scale and preprocessing, or the model's numerics in float"
+        ) from exc
 
 
 def describe_tensors(data: Any) -> str:

@@ -23,17 +23,21 @@ __all__ = [
 ]
 
 
+MAX_BINS = 2**20  # histogram bins per sign: 2048 by default; more only costs memory and time
+MAX_GRID = 10_000  # MSE candidate ratios (100 by default)
+
+
 def check_bins(observer: str, bins: object) -> None:
-    if not isinstance(bins, int) or isinstance(bins, bool) or bins < 8 or bins & (bins - 1):
+    if not isinstance(bins, int) or isinstance(bins, bool) or bins < 8 or bins > MAX_BINS or bins & (bins - 1):
         raise ConfigError(
-            f"observer {observer!r}: bins={bins!r} must be a power of two >= 8 (bins per sign)"
+            f"observer {observer!r}: bins={bins!r:.40} must be a power of two >= 8 (bins per sign), at most {MAX_BINS}"
         )
 
 
 def parse_options(options_type: type, raw: dict[str, Any], observer: str) -> Any:
     """Build an observer's frozen options dataclass from `spec.observer_options`."""
     valid = {f.name: f for f in fields(options_type)}
-    unknown = sorted(set(raw) - set(valid))
+    unknown = sorted(set(raw) - set(valid), key=str)
     if unknown:
         described = (
             ", ".join(
@@ -101,8 +105,8 @@ class MSEOptions:
     def __post_init__(self) -> None:
         if self.bins != 0:
             check_bins("mse", self.bins)
-        if not isinstance(self.grid, int) or isinstance(self.grid, bool) or self.grid < 2:
-            raise ConfigError(f"observer 'mse': grid={self.grid!r} must be an integer >= 2")
+        if not isinstance(self.grid, int) or isinstance(self.grid, bool) or not 2 <= self.grid <= MAX_GRID:
+            raise ConfigError(f"observer 'mse': grid={self.grid!r:.40} must be an integer >= 2, at most {MAX_GRID}")
         if not isinstance(self.min_ratio, (int, float)) or not 0.0 < self.min_ratio < 1.0:
             raise ConfigError(f"observer 'mse': min_ratio={self.min_ratio!r} must be in (0, 1)")
 

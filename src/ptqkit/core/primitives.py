@@ -251,10 +251,13 @@ def mse(reference: torch.Tensor, approx: torch.Tensor) -> float:
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB: 10·log10(Σ ref² / Σ (ref - approx)²), float64.
-    +inf when identical; -inf when the reference is all zeros but the approximation is not."""
+    +inf when identical; -inf when the reference is all zeros but the approximation is not, or
+    when either holds NaN/Inf (a comparison that cannot pass on NaN)."""
     ref = reference.detach().to(torch.float64)
     noise = (ref - approx.detach().to(torch.float64)).pow(2).sum().item()
     signal = ref.pow(2).sum().item()
+    if not (math.isfinite(noise) and math.isfinite(signal)):
+        return -math.inf
     if noise == 0.0:
         return math.inf
     if signal == 0.0:

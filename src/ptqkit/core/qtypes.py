@@ -199,6 +199,16 @@ NF4 = QType(format="nf4")
 Reduction = Callable[..., torch.Tensor]  # torch.amin / torch.amax style: op(t, dim=..., keepdim=...)
 
 
+# The largest group a PerGroup granularity accepts: a group longer than the tensor is one group,
+# so a bigger size only risks the allocation of `expand` (size x groups elements).
+MAX_GROUP_SIZE = 2**20
+
+
+def _check_axis(axis: Any, what: str) -> None:
+    if not isinstance(axis, int) or isinstance(axis, bool):
+        raise ConfigError(f"{what} axis={axis!r} must be an integer dimension index (e.g. 0 or -1)")
+
+
 def _normalize_axis(axis: int, ndim: int, what: str) -> int:
     if not -ndim <= axis < ndim:
         raise ConfigError(f"{what} axis={axis} is out of range for a tensor with {ndim} dimensions")
@@ -246,6 +256,9 @@ class PerChannel(Granularity):
     axis: int = 0
     kind: ClassVar[str] = "per_channel"
 
+    def __post_init__(self) -> None:
+        _check_axis(self.axis, "per-channel")
+
     def reduce(self, x: torch.Tensor, op: Reduction) -> torch.Tensor:
         axis = _normalize_axis(self.axis, x.ndim, "per-channel")
         rows = x.movedim(axis, 0).reshape(x.shape[axis], -1)  # [C, everything else]
@@ -268,8 +281,9 @@ class PerGroup(Granularity):
     kind: ClassVar[str] = "per_group"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1:
-            raise ConfigError(f"per-group size must be a positive integer, got {self.size!r}")
+        if not isinstance(self.size, int) or isinstance(self.size, bool) or not 1 <= self.size <= MAX_GROUP_SIZE:
+            raise ConfigError(f"per-group size must be a positive integer, got {self.size!r}; at most {MAX_GROUP_SIZE}")
+        _check_axis(self.axis, "per-group")
 
     def reduce(self, x: torch.Tensor, op: Reduction) -> torch.Tensor:
         axis = _normalize_axis(self.axis, x.ndim, "per-group")
@@ -314,13 +328,18 @@ def granularity_from_dict(data: Any, where: str = "granularity") -> Granularity:
     if isinstance(data, Granularity):
         return data
     if not isinstance(data, dict) or "kind" not in data:
-        raise ConfigError(f"{where}: expected a mapping with a 'kind' key, got {data!r}")
+        raise ConfigError(f"{where}: expected a mapping with a 'kind' key, got {data!r:.200}")
     kind = data["kind"]
-    if kind not in _GRANULARITIES:
+    if not isinstance(kind, str) or kind not in _GRANULARITIES:
         raise ConfigError(f"{where}.kind: {kind!r} is unknown; valid: {', '.join(_GRANULARITIES)}")
     cls = _GRANULARITIES[kind]
     fields = set(cls.__dataclass_fields__)  # type: ignore[attr-defined]
     unknown = set(data) - fields - {"kind"}
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} for {kind}; valid: {sorted(fields)}")
-    return cls(**{k: v for k, v in data.items() if k != "kind"})
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown, key=str)} for {kind}; valid: {sorted(fields)}")
+    try:
+        return cls(**{k: v for k, v in data.items() if k != "kind"})
+    except TypeError as exc:  # a required field is missing, e.g. per_group without size
+        raise ConfigError(f"{where}: {kind} needs {sorted(fields)}: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None

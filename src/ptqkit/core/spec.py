@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -22,9 +23,9 @@ def check_config_keys(data: Any, cls: type, where: str) -> dict[str, Any]:
     """`data` as a dict if it is a mapping whose keys are all fields of the dataclass `cls`;
     otherwise a ConfigError naming `where`, the unknown keys and the valid ones."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r:.200}")
     valid = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - valid)
+    unknown = sorted(set(data) - valid, key=str)  # YAML keys may be numbers too
     if unknown:
         close = [m for key in unknown for m in difflib.get_close_matches(str(key), sorted(valid), n=1)]
         hint = f" (did you mean {close[0]!r}?)" if len(close) == 1 else f" (did you mean {close}?)" if close else ""
@@ -62,7 +63,7 @@ class QuantSpec:
         for name in ("symmetric", "dynamic"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.rounding not in ROUNDING_MODES:
+        if not isinstance(self.rounding, str) or self.rounding not in ROUNDING_MODES:
             raise ConfigError(f"rounding {self.rounding!r} is unknown; valid: {', '.join(ROUNDING_MODES)}")
         if not self.qtype.is_integer and not self.symmetric:
             raise ConfigError(
@@ -77,13 +78,17 @@ class QuantSpec:
             raise ConfigError(f"observer must be a non-empty name, got {self.observer!r}")
         if self.observer not in OBSERVER_OPTIONS:
             raise ConfigError(f"observer {self.observer!r} is unknown; valid: {', '.join(OBSERVER_OPTIONS)}")
+        if not isinstance(self.observer_options, Mapping):
+            raise ConfigError(f"observer_options must be a mapping of option -> value, got {self.observer_options!r:.200}")
         options = dict(self.observer_options)
         for key, value in options.items():
             if not isinstance(key, str) or not isinstance(value, _OPTION_TYPES):
                 raise ConfigError(
-                    f"observer_options[{key!r}] = {value!r}: keys must be strings and values "
+                    f"observer_options[{key!r}] = {value!r:.200}: keys must be strings and values "
                     "bool/int/float/str"
                 )
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"observer_options[{key!r}] = {value!r}: must be a finite number")
         parse_options(OBSERVER_OPTIONS[self.observer], options, self.observer)  # unknown keys, bad values
         object.__setattr__(self, "observer_options", MappingProxyType(options))
 

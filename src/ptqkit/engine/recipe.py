@@ -7,6 +7,8 @@ is hidden.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -15,18 +17,44 @@ from ptqkit.core.errors import ConfigError
 from ptqkit.core.qtypes import PerChannel, PerGroup, PerTensor, PerToken
 from ptqkit.core.spec import QuantSpec, check_config_keys
 
-__all__ = ["Scheme", "Override", "CalibrationSettings", "Recipe", "PRESETS", "SUPPORTED_MODULE_TYPES", "RECIPE_VERSION"]
+__all__ = ["Scheme", "Override", "CalibrationSettings", "Recipe", "PRESETS", "SUPPORTED_MODULE_TYPES", "RECIPE_VERSION", "safe_yaml_load"]
 
 RECIPE_VERSION = 1
 # Class names the engine can replace with a quantized module ("Conv1D" is Hugging Face's GPT-2 layer).
 SUPPORTED_MODULE_TYPES = ("Linear", "Conv1d", "Conv2d", "Embedding", "Conv1D")
 DEFAULT_TARGETS = ("Linear", "Conv1d", "Conv2d", "Conv1D")
+MAX_RECIPE_BYTES = 1_000_000  # a recipe is a few kB; a bigger file is refused before it is parsed
+MAX_NAME_LENGTH = 200
+# The sampling seed seeds a torch.Generator, which takes 64 bits.
+SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 def _string_tuple(value: Any, where: str) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, Sequence) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(f"{where}: expected a list of non-empty strings, got {value!r}")
+        raise ConfigError(f"{where}: expected a list of non-empty strings, got {value!r:.200}")
     return tuple(value)
+
+
+def _pattern_tuple(value: Any, where: str) -> tuple[str, ...]:
+    """`_string_tuple`, with every "re:" pattern compiled now: a bad regular expression is a
+    ConfigError when the recipe loads, not first when the patterns are matched."""
+    patterns = _string_tuple(value, where)
+    for i, pattern in enumerate(patterns):
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except (re.error, RecursionError, OverflowError) as exc:
+                raise ConfigError(f"{where}[{i}]: {pattern!r:.200} is not a valid regular expression: {exc}") from None
+    return patterns
+
+
+def _check_finite_options(value: Any, where: str) -> None:
+    """ConfigError naming `where` for a NaN/Inf float anywhere in an algorithm option."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {value!r} is not a finite number")
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_finite_options(item, f"{where}[{i}]")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,7 +109,9 @@ class Override:
     scheme: Scheme
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "match", _string_tuple(self.match, "overrides[].match"))
+        object.__setattr__(self, "match", _pattern_tuple(self.match, "overrides[].match"))
+        if not isinstance(self.scheme, Scheme):
+            raise ConfigError(f"overrides[].scheme: expected a Scheme, got {self.scheme!r:.200}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"match": list(self.match), "scheme": self.scheme.to_dict()}
@@ -91,7 +121,7 @@ class Override:
         data = check_config_keys(data, cls, where)
         if "match" not in data or "scheme" not in data:
             raise ConfigError(f"{where}: an override needs both 'match' and 'scheme'")
-        return cls(match=_string_tuple(data["match"], f"{where}.match"), scheme=Scheme.from_dict(data["scheme"], f"{where}.scheme"))
+        return cls(match=_pattern_tuple(data["match"], f"{where}.match"), scheme=Scheme.from_dict(data["scheme"], f"{where}.scheme"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,8 +137,8 @@ class CalibrationSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"calibration.{name}: {value!r} must be a positive integer")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ConfigError(f"calibration.seed: {self.seed!r} must be an integer")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ConfigError(f"calibration.seed: {self.seed!r:.40} must be an integer in [-2**63, 2**64 - 1]")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -131,16 +161,18 @@ def _algorithm_from_dict(data: Any, where: str) -> Any:
     from ptqkit.algorithms import ALGORITHMS
 
     if not isinstance(data, Mapping) or "name" not in data:
-        raise ConfigError(f"{where}: expected a mapping with a 'name' key, got {data!r}")
+        raise ConfigError(f"{where}: expected a mapping with a 'name' key, got {data!r:.200}")
     name = data["name"]
-    if name not in ALGORITHMS:
+    if not isinstance(name, str) or name not in ALGORITHMS:
         raise ConfigError(f"{where}.name: {name!r} is not a known algorithm; valid: {sorted(ALGORITHMS)}")
     cls = ALGORITHMS[name]
     options = {k: v for k, v in data.items() if k != "name"}
     valid = {f.name for f in fields(cls)}
-    unknown = sorted(set(options) - valid)
+    unknown = sorted(set(options) - valid, key=str)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown} for {name}; valid keys: {sorted(valid)}")
+    for key, value in options.items():
+        _check_finite_options(value, f"{where}.{key}")
     try:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
     except (TypeError, ValueError) as exc:
@@ -174,14 +206,26 @@ class Recipe:
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
-        if self.version != RECIPE_VERSION:
-            raise ConfigError(f"version: {self.version!r} is not supported; this ptqkit reads version {RECIPE_VERSION}")
+        if not isinstance(self.version, int) or isinstance(self.version, bool) or self.version != RECIPE_VERSION:
+            raise ConfigError(f"version: {self.version!r:.40} is not supported; this ptqkit reads version {RECIPE_VERSION}")
+        if not isinstance(self.name, str) or not self.name or len(self.name) > MAX_NAME_LENGTH:
+            shown = f"a {type(self.name).__name__}" if not isinstance(self.name, str) else f"{len(self.name)} characters"
+            raise ConfigError(f"name: must be a non-empty string of at most {MAX_NAME_LENGTH} characters, got {shown}")
         if not isinstance(self.scheme, Scheme):
-            raise ConfigError(f"scheme: expected a Scheme, got {self.scheme!r}")
-        object.__setattr__(self, "targets", _string_tuple(self.targets, "targets"))
-        object.__setattr__(self, "ignore", _string_tuple(self.ignore, "ignore"))
+            raise ConfigError(f"scheme: expected a Scheme, got {self.scheme!r:.200}")
+        object.__setattr__(self, "targets", _pattern_tuple(self.targets, "targets"))
+        object.__setattr__(self, "ignore", _pattern_tuple(self.ignore, "ignore"))
+        for key in ("overrides", "algorithms"):
+            value = getattr(self, key)
+            if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+                raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
         object.__setattr__(self, "overrides", tuple(self.overrides))
         object.__setattr__(self, "algorithms", tuple(self.algorithms))
+        for i, override in enumerate(self.overrides):
+            if not isinstance(override, Override):
+                raise ConfigError(f"overrides[{i}]: expected an Override, got {override!r:.200}")
+        if not isinstance(self.calibration, CalibrationSettings):
+            raise ConfigError(f"calibration: expected CalibrationSettings, got {self.calibration!r:.200}")
         if not self.targets:
             raise ConfigError("targets: empty; name at least one module type (e.g. 'Linear') or name pattern")
         if not isinstance(self.keep_output_head, bool):
@@ -243,7 +287,10 @@ class Recipe:
         kwargs["scheme"] = Scheme.from_dict(data["scheme"], "scheme")
         for key in ("targets", "ignore"):
             if key in data:
-                kwargs[key] = _string_tuple(data[key], key)
+                kwargs[key] = _pattern_tuple(data[key], key)
+        for key in ("overrides", "algorithms"):
+            if data.get(key) is not None and not isinstance(data[key], list):
+                raise ConfigError(f"{where}.{key}: expected a list, got {type(data[key]).__name__} {data[key]!r:.200}")
         kwargs["overrides"] = tuple(
             Override.from_dict(o, f"overrides[{i}]") for i, o in enumerate(data.get("overrides") or [])
         )
@@ -273,20 +320,32 @@ class Recipe:
     def load(cls, path: str | Path) -> "Recipe":
         """Read a YAML or JSON recipe; errors name the file and the key path."""
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"recipe {str(path)!r} is a directory; pass a recipe file (.yaml/.json)")
         if not path.is_file():
+            if not path.suffix and len(path.parts) == 1:  # a bare name: a misspelled preset?
+                raise ConfigError(f"recipe {str(path)!r} is neither a preset ({', '.join(PRESETS)}) nor an existing recipe file")
             raise ConfigError(f"recipe file {str(path)!r} does not exist")
-        text = path.read_text(encoding="utf-8")
         try:
-            if path.suffix in (".yaml", ".yml"):
-                data = _import_yaml().safe_load(text)
-            else:
-                data = json.loads(text)
-        except ValueError as exc:  # json.JSONDecodeError and yaml.YAMLError's parse errors
-            raise ConfigError(f"recipe file {str(path)!r} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from None
-        except Exception as exc:  # yaml.YAMLError does not derive from ValueError
-            if type(exc).__module__.startswith("yaml"):
-                raise ConfigError(f"recipe file {str(path)!r} is not valid YAML: {exc}") from None
+            with path.open("rb") as handle:
+                raw = handle.read(MAX_RECIPE_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError(f"recipe file {str(path)!r} cannot be read: {exc}") from None
+        if len(raw) > MAX_RECIPE_BYTES:
+            raise ConfigError(f"recipe file {str(path)!r} is larger than {MAX_RECIPE_BYTES} bytes; a recipe is a few kB")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"recipe file {str(path)!r} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+        kind = "YAML" if path.suffix in (".yaml", ".yml") else path.suffix.lstrip(".") or "JSON"
+        try:
+            data = safe_yaml_load(text, f"recipe file {str(path)!r}") if kind == "YAML" else json.loads(text)
+        except ConfigError:
             raise
+        except ValueError as exc:  # json.JSONDecodeError, a too-long integer
+            raise ConfigError(f"recipe file {str(path)!r} is not valid {kind}: {exc}") from None
+        except RecursionError:
+            raise ConfigError(f"recipe file {str(path)!r}: {kind} nested too deeply") from None
         try:
             return cls.from_dict(data)
         except ConfigError as exc:
@@ -299,6 +358,32 @@ def _import_yaml() -> Any:
     except ImportError:  # pragma: no cover - depends on the environment
         raise ConfigError("YAML recipes need PyYAML: pip install 'ptqkit[cli]' (or use a .json recipe)") from None
     return yaml
+
+
+def safe_yaml_load(text: str, where: str) -> Any:
+    """`yaml.safe_load(text)` without aliases: a recipe never needs them, and nested aliases
+    (a "billion laughs") expand to gigabytes. Any YAML problem is a ConfigError naming `where`."""
+    yaml = _import_yaml()
+
+    class _NoAliasLoader(yaml.SafeLoader):  # type: ignore[misc, valid-type]
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise ConfigError(
+                    f"{where}: line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not accepted; "
+                    "write the value out"
+                )
+            return super().compose_node(parent, index)
+
+    loader = _NoAliasLoader(text)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: YAML nested too deeply") from None
+    finally:
+        loader.dispose()
 
 
 # ---- presets ------------------------------------------------------------------------------

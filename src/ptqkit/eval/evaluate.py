@@ -38,7 +38,7 @@ from torch import nn
 from ptqkit.algorithms.input_smoothing import smoothed
 from ptqkit.calibration.samples import call_model
 from ptqkit.core.errors import CalibrationDataError, ConfigError
-from ptqkit.eval.metrics import mean_softmax_kl, top1_agreement, topk_agreement
+from ptqkit.eval.metrics import finite_rows, mean_softmax_kl, top1_agreement, topk_agreement
 from ptqkit.nn.act_quant import SmoothedInputQuantizer
 from ptqkit.nn.modules import QuantizedModule
 from ptqkit.stats.hooks import batch_length, limited_batches
@@ -118,6 +118,8 @@ class _Energy:
         self.noise += float((candidate.detach().double() - ref).pow(2).sum())
 
     def db(self) -> float | None:
+        if not (math.isfinite(self.signal) and math.isfinite(self.noise)):
+            return -math.inf  # NaN/Inf outputs: the worst SQNR, never NaN
         if self.signal == 0 and self.noise == 0:
             return None
         if self.noise == 0:
@@ -197,7 +199,7 @@ class _Model:
             mask = batch.get("attention_mask") if isinstance(batch, dict) else None
             weights = mask.unsqueeze(-1).float() if mask is not None else torch.ones(ref.shape[:2] + (1,))
             pool = lambda h: (h * weights).sum(1) / weights.sum(1).clamp_min(1e-9)  # noqa: E731  [N, H]
-            cosine = F.cosine_similarity(pool(ref), pool(cand), dim=-1)  # [N]
+            cosine = F.cosine_similarity(pool(ref), pool(cand), dim=-1).nan_to_num(nan=-1.0)  # [N]; NaN: the worst
             self.mean("embedding_cosine_mean", float(cosine.sum()), cosine.numel())
             self.minimum["embedding_cosine_min"] = min(self.minimum.get("embedding_cosine_min", 1.0), float(cosine.min()))
 
@@ -209,7 +211,7 @@ class _Model:
         self.mean("softmax_kl", mean_softmax_kl(ref, cand) * n, n)
         if labels is not None:
             self.mean("accuracy_float", float((ref.argmax(-1) == labels).sum()), n)
-            self.mean("accuracy_quantized", float((cand.argmax(-1) == labels).sum()), n)
+            self.mean("accuracy_quantized", float(((cand.argmax(-1) == labels) & finite_rows(cand)).sum()), n)
 
     def _causal_lm(self, ref: torch.Tensor, cand: torch.Tensor, batch: dict) -> None:
         targets = batch["input_ids"][:, 1:]  # [N, T-1]
@@ -220,6 +222,7 @@ class _Model:
             return
         for key, logits in (("float", ref), ("quantized", cand)):
             nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).double(), targets.reshape(-1), reduction="none")
+            nll = nll.nan_to_num(nan=math.inf)  # NaN logits: infinite perplexity
             self.mean(f"nll_{key}", float(nll[keep.reshape(-1)].sum()), tokens)
         kept_ref, kept_cand = ref[:, :-1][keep], cand[:, :-1][keep]  # [tokens, vocab]: predictions of real next tokens
         self.mean("next_token_agreement", top1_agreement(kept_ref, kept_cand) * tokens, tokens)

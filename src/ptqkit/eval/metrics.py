@@ -23,6 +23,7 @@ __all__ = [
     "mean_softmax_kl",
     "logits_of",
     "output_sqnr_db",
+    "finite_rows",
 ]
 
 
@@ -94,13 +95,23 @@ def logits_of(model: nn.Module, inputs: torch.Tensor, batch_size: int = 64) -> t
     return torch.cat([model(inputs[i : i + batch_size]).float() for i in range(0, len(inputs), batch_size)])
 
 
+def finite_rows(*tensors: torch.Tensor) -> torch.Tensor:
+    """[...] True where every value along the last axis of every tensor is finite: a row holding
+    NaN/Inf on either side counts as a failed comparison, never as agreement."""
+    keep = torch.ones(tensors[0].shape[:-1], dtype=torch.bool)
+    for tensor in tensors:
+        keep &= torch.isfinite(tensor).all(-1).cpu()
+    return keep
+
+
 def top1_agreement(reference_logits: torch.Tensor, candidate_logits: torch.Tensor) -> float:
-    """Share of rows whose arg-max class is the same."""
-    return float((reference_logits.argmax(-1) == candidate_logits.argmax(-1)).float().mean())
+    """Share of rows whose arg-max class is the same (a row holding NaN/Inf disagrees)."""
+    same = (reference_logits.argmax(-1) == candidate_logits.argmax(-1)).cpu() & finite_rows(reference_logits, candidate_logits)
+    return float(same.float().mean())
 
 
 def output_sqnr_db(reference: torch.Tensor, candidate: torch.Tensor) -> float:
-    """SQNR of the candidate's outputs against the reference's, in dB."""
+    """SQNR of the candidate's outputs against the reference's, in dB (-inf when either holds NaN/Inf)."""
     return sqnr_db(reference, candidate)
 
 
@@ -114,15 +125,18 @@ def topk_agreement(reference_logits: torch.Tensor, candidate_logits: torch.Tenso
     if not 1 <= k <= reference_logits.shape[1]:
         raise ConfigError(f"topk_agreement: k={k!r} must be in [1, {reference_logits.shape[1]}] (the number of classes)")
     top = candidate_logits.topk(k, dim=-1).indices  # [N, k]
-    return float((top == reference_logits.argmax(-1, keepdim=True)).any(-1).float().mean())
+    found = (top == reference_logits.argmax(-1, keepdim=True)).any(-1).cpu() & finite_rows(reference_logits, candidate_logits)
+    return float(found.float().mean())  # a row holding NaN/Inf counts as a miss
 
 
 def mean_softmax_kl(reference_logits: torch.Tensor, candidate_logits: torch.Tensor) -> float:
-    """Mean over rows of KL(softmax(reference) ‖ softmax(candidate)), in nats, in float64."""
+    """Mean over rows of KL(softmax(reference) ‖ softmax(candidate)), in nats, in float64; +inf
+    when a row holds NaN/Inf on either side."""
     if reference_logits.shape != candidate_logits.shape:
         raise ConfigError(
             f"mean_softmax_kl: logits shapes differ: {tuple(reference_logits.shape)} vs {tuple(candidate_logits.shape)}"
         )
     log_p = F.log_softmax(reference_logits.double(), dim=-1)  # [N, classes]
     log_q = F.log_softmax(candidate_logits.double(), dim=-1)  # [N, classes]
-    return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [N]
+    return float(kl.where(finite_rows(reference_logits, candidate_logits).to(kl.device), math.inf).mean())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -208,12 +209,13 @@ def _kv_cache_check(proto: Any) -> dict[str, Any]:
 
 def _float_graph_check(plan: _GraphPlan, float_model: nn.Module, float_path: Path, tolerance: float) -> dict[str, float]:
     """ORT on the float graph vs torch on the dequantized model; a difference over `tolerance` is a capture bug."""
-    from ptqkit.export.ort_check import compare_outputs, make_session
+    from ptqkit.export.ort_check import compare_outputs, make_session, within_tolerance
 
     fp32 = compare_outputs(_outputs(plan, float_model), _ort_outputs(plan, make_session(float_path)))
-    if fp32["max_abs"] > tolerance * max(1.0, fp32["ref_absmax"]):
+    if not within_tolerance(fp32["max_abs"], tolerance * max(1.0, fp32["ref_absmax"])):  # a NaN fails
         raise ExportError(
-            f"export: the float ONNX graph disagrees with torch (max abs difference {fp32['max_abs']:.3g}, "
+            f"export: the float ONNX graph disagrees with torch (max abs difference {fp32['max_abs']:.3g}"
+            f"{' (an output holds NaN)' if math.isnan(fp32['max_abs']) else ''}, "
             f"tolerance {tolerance:g} x max(1, |output| max {fp32['ref_absmax']:.3g})); the graph capture is wrong"
         )
     return fp32
@@ -340,6 +342,8 @@ def export_onnx(
     from ptqkit.engine.quantize import dequantize_model
     from ptqkit.export.layers import FLOAT_ONNX_FILE, ONNX_FILE
 
+    if isinstance(fp32_tolerance, bool) or not isinstance(fp32_tolerance, (int, float)) or not 0 <= fp32_tolerance < math.inf:
+        raise ExportError(f"export: fp32_tolerance={fp32_tolerance!r} must be a finite number >= 0")
     nbits = _checked_nbits(qmodel, weight_dtype, nbits, kv_cache)
     uint8_weights = _uint8_weights(weight_dtype)
     routes = _route(qmodel, nbits, strict)

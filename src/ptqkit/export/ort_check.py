@@ -18,7 +18,7 @@ import numpy as np
 from ptqkit.core.errors import ExportError
 from ptqkit.export.onnx_graph import ExampleInputs, flatten_example_inputs
 
-__all__ = ["INTEGER_OPS", "LayerKernel", "cpu_has_vnni", "make_session", "run_session", "layer_kernels", "compare_outputs"]
+__all__ = ["INTEGER_OPS", "LayerKernel", "cpu_has_vnni", "make_session", "run_session", "layer_kernels", "compare_outputs", "within_tolerance"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,15 +113,30 @@ def layer_kernels(optimized_path: str | Path, weight_initializers: dict[str, str
 
 
 def compare_outputs(reference: Sequence[Any], actual: Sequence[np.ndarray]) -> dict[str, float]:
-    """Max and 99th-percentile absolute difference over all outputs (reference: torch tensors or arrays)."""
+    """Max and 99th-percentile absolute difference over all outputs (reference: torch tensors or arrays).
+
+    A NaN on either side makes `max_abs` NaN (and an Inf against a finite value, Inf), so a
+    check `not max_abs <= tolerance` fails on it; the same infinity on both sides agrees.
+    `ref_absmax` is the largest finite |reference| value."""
     if len(reference) != len(actual):
         raise ExportError(f"torch gave {len(reference)} output tensor(s), ONNX Runtime {len(actual)}")
     diffs, scale = [], 0.0
     for i, (ref, act) in enumerate(zip(reference, actual)):
         ref = ref.detach().cpu().float().numpy() if hasattr(ref, "detach") else np.asarray(ref, np.float32)
+        act = np.asarray(act)
         if ref.shape != act.shape:
             raise ExportError(f"output {i}: torch shape {ref.shape} != ONNX Runtime shape {act.shape}")
-        diffs.append(np.abs(ref.astype(np.float64) - act.astype(np.float64)).reshape(-1))
-        scale = max(scale, float(np.max(np.abs(ref))) if ref.size else 0.0)
+        ref64, act64 = ref.astype(np.float64), act.astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            diff = np.abs(ref64 - act64)
+        diff[ref64 == act64] = 0.0  # equal infinities agree; NaN never equals anything
+        diffs.append(diff.reshape(-1))
+        finite = np.abs(ref[np.isfinite(ref)])
+        scale = max(scale, float(np.max(finite)) if finite.size else 0.0)
     flat = np.concatenate(diffs) if diffs else np.zeros(1)
     return {"max_abs": float(flat.max()), "p99_abs": float(np.percentile(flat, 99)), "ref_absmax": scale}
+
+
+def within_tolerance(difference: float, tolerance: float) -> bool:
+    """`difference <= tolerance`, False for a NaN difference (a comparison that cannot fail on NaN)."""
+    return bool(difference <= tolerance)

@@ -25,6 +25,7 @@ Deterministic: the same measurements give the same paths (ties broken by layer o
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -73,7 +74,7 @@ class SearchPoint:
     def within(self, max_degradation: float, holdout: bool = False) -> bool:
         """Within the budget on the search's data and, with `holdout`, on the held-out data too
         (a point not checked there is not within)."""
-        if self.degradation > max_degradation:
+        if not self.degradation <= max_degradation:  # NaN (a model that gave NaN) is never within
             return False
         return not holdout or (self.holdout_degradation is not None and self.holdout_degradation <= max_degradation)
 
@@ -161,6 +162,11 @@ def search(
 
     if not isinstance(stride, int) or stride < 1:
         raise ConfigError(f"search: stride={stride!r} must be an integer >= 1")
+    for option, value, lowest in (("max_degradation", max_degradation, -math.inf), ("min_speedup", min_speedup, 0.0), ("time_limit_s", time_limit_s, 0.0)):
+        if value is None and option == "time_limit_s":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < lowest:
+            raise ConfigError(f"search: {option}={value!r} must be a finite number" + (f" >= {lowest:g}" if lowest > -math.inf else ""))
     if layer_costs not in LAYER_COSTS:
         raise ConfigError(f"search: layer_costs={layer_costs!r}; valid: {', '.join(LAYER_COSTS)}")
     started = time.monotonic()
@@ -376,7 +382,7 @@ def _budget_bisection(objective: str, path: list[dict[str, str]], points: dict[s
     while True:
         steps = measured()
         within = [step for step, degradation in steps.items() if degradation <= max_degradation]
-        beyond = [step for step, degradation in steps.items() if degradation > max_degradation]
+        beyond = [step for step, degradation in steps.items() if not degradation <= max_degradation]  # NaN is beyond
         low = max(within, default=0)
         high = min((step for step in beyond if step > low), default=None)
         if high is None or high - low <= 1:

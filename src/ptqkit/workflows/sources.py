@@ -173,12 +173,9 @@ def _parse_setting(setting: str) -> tuple[list[str], Any]:
     key, sep, text = setting.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {setting!r}: expected key.path=value, e.g. scheme.weights.granularity.size=64")
-    from ptqkit.engine.recipe import _import_yaml
+    from ptqkit.engine.recipe import safe_yaml_load
 
-    try:
-        value = _import_yaml().safe_load(text) if text.strip() else None
-    except Exception as exc:  # yaml.YAMLError
-        raise ConfigError(f"--set {setting!r}: the value is not valid YAML: {exc}") from None
+    value = safe_yaml_load(text, f"--set {setting!r}: the value") if text.strip() else None  # no aliases
     return key.strip().split("."), value
 
 
