@@ -259,6 +259,97 @@ def _fusable_bias_add(graph: Any, node: Any, consumers: dict, inits: dict, modul
     return add_index
 
 
+class _FreshNames:
+    """Names no initializer, node output or graph input uses yet: `base`, else base_1, base_2, ..."""
+
+    def __init__(self, graph: Any) -> None:
+        self.used = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+
+    def __call__(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.used:
+            name, k = f"{base}_{k}", k + 1
+        self.used.add(name)
+        return name
+
+
+@dataclass(frozen=True)
+class _Graph:
+    """The graph being rewritten and its lookups, shared by every module's rewrite."""
+
+    graph: Any
+    inits: dict[str, Any]  # initializer by name
+    consumers: dict[str, list[int]]  # value name -> indices of the nodes that read it
+    fresh: _FreshNames
+
+
+@dataclass(frozen=True)
+class _NBitsNode:
+    """One module's MatMulNBits node: its new initializers, the graph nodes it replaces (node
+    index -> replacement; [] drops a fused bias Add) and the record of the rewrite."""
+
+    initializers: list[Any]
+    replaced: dict[int, list[Any]]
+    rewrite: LayerRewrite
+
+
+def _checked_layer(g: _Graph, name: str, ln: LayerNode, module: QuantizedModule) -> tuple[NBitsLayout, Any, np.ndarray]:
+    """(layout, float node, float weight) of a module MatMulNBits can take; else an ExportError."""
+    from onnx import numpy_helper
+
+    if not isinstance(module, QuantLinear):
+        raise ExportError(f"module {name!r}: MatMulNBits: {nbits_refusal(module)}")
+    layout = nbits_layout(module)
+    node = g.graph.node[ln.node_index]
+    if ln.op_type not in ("MatMul", "Gemm"):
+        raise ExportError(f"module {name!r}: its weight product is a {ln.op_type} node; MatMulNBits replaces MatMul/Gemm")
+    float_w = numpy_helper.to_array(g.inits[ln.weight_name])
+    _check_float_weight(name, float_w, module, ln.weight_layout)
+    if float_w.dtype.type not in _FLOAT_DTYPES:
+        raise ExportError(f"module {name!r}: float weight is {float_w.dtype}; MatMulNBits here takes float32/float16 graphs")
+    return layout, node, float_w
+
+
+def _bias_and_outputs(g: _Graph, node: Any, ln: LayerNode, module: QuantLinear) -> tuple[str, list[str], int | None]:
+    """MatMulNBits' bias input ("" if none) and outputs: a Gemm's C, or the bias Add after a
+    MatMul fused in (its index returned, to drop it)."""
+    if ln.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+        return node.input[2], list(node.output), None
+    if ln.op_type == "MatMul":
+        add_index = _fusable_bias_add(g.graph, node, g.consumers, g.inits, module)
+        if add_index is not None:
+            add = g.graph.node[add_index]
+            other = next(i for i in add.input if i != node.output[0])
+            return other, list(add.output), add_index
+    return "", list(node.output), None
+
+
+def _matmul_nbits_node(g: _Graph, name: str, ln: LayerNode, module: QuantizedModule, options: NBitsOptions) -> _NBitsNode:
+    from onnx import helper, numpy_helper
+
+    layout, node, float_w = _checked_layer(g, name, ln, module)
+    b, scales, zp = nbits_tensors(module, layout, float_w.dtype.type)
+    b_name = g.fresh(f"{name}.weight_nbits")
+    initializers = [numpy_helper.from_array(b, b_name)]
+    s_name = g.fresh(f"{name}.weight_scales")
+    initializers.append(numpy_helper.from_array(scales, s_name))
+    inputs = [node.input[0], b_name, s_name, "", "", ""]
+    if zp is not None:
+        inputs[3] = g.fresh(f"{name}.weight_zero_points")
+        initializers.append(numpy_helper.from_array(zp, inputs[3]))
+    inputs[5], outputs, add_index = _bias_and_outputs(g, node, ln, module)
+    while inputs[-1] == "":
+        inputs.pop()
+    attrs: dict[str, Any] = {"K": layout.k, "N": layout.n, "bits": layout.bits, "block_size": layout.block_size}
+    if options.accuracy_level:
+        attrs["accuracy_level"] = options.accuracy_level
+    new = helper.make_node("MatMulNBits", inputs, outputs, name=node.name or g.fresh(f"{name}.matmul_nbits"), domain=MS_DOMAIN, **attrs)
+    new.metadata_props.extend(node.metadata_props)
+    replaced: dict[int, list[Any]] = {} if add_index is None else {add_index: []}
+    replaced[ln.node_index] = [new]
+    return _NBitsNode(initializers, replaced, LayerRewrite(name, ln.op_type, "matmul_nbits", b_name))
+
+
 def insert_matmul_nbits(
     proto: Any, layer_nodes: dict[str, LayerNode], modules: dict[str, QuantizedModule], options: NBitsOptions
 ) -> tuple[Any, list[LayerRewrite]]:
@@ -268,63 +359,16 @@ def insert_matmul_nbits(
     Float weight initializers nothing uses any more are dropped. Returns (proto, rewrites) whose
     `weight_initializer` is the packed B (found again in ORT's optimized graph).
     """
-    from onnx import helper, numpy_helper
-
     graph = proto.graph
-    inits = initializer_map(graph)
-    consumers = consumer_indices(graph)
-    names = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
-
-    def unique(base: str) -> str:
-        name, k = base, 1
-        while name in names:
-            name, k = f"{base}_{k}", k + 1
-        names.add(name)
-        return name
-
+    g = _Graph(graph, initializer_map(graph), consumer_indices(graph), _FreshNames(graph))
     new_inits: list[Any] = []
     replacements: dict[int, list[Any]] = {}
     rewrites: list[LayerRewrite] = []
     for name, ln in layer_nodes.items():
-        module = modules[name]
-        if not isinstance(module, QuantLinear):
-            raise ExportError(f"module {name!r}: MatMulNBits: {nbits_refusal(module)}")
-        layout = nbits_layout(module)
-        node = graph.node[ln.node_index]
-        if ln.op_type not in ("MatMul", "Gemm"):
-            raise ExportError(f"module {name!r}: its weight product is a {ln.op_type} node; MatMulNBits replaces MatMul/Gemm")
-        float_w = numpy_helper.to_array(inits[ln.weight_name])
-        _check_float_weight(name, float_w, module, ln.weight_layout)
-        if float_w.dtype.type not in _FLOAT_DTYPES:
-            raise ExportError(f"module {name!r}: float weight is {float_w.dtype}; MatMulNBits here takes float32/float16 graphs")
-        b, scales, zp = nbits_tensors(module, layout, float_w.dtype.type)
-        b_name = unique(f"{name}.weight_nbits")
-        new_inits += [numpy_helper.from_array(b, b_name)]
-        s_name = unique(f"{name}.weight_scales")
-        new_inits.append(numpy_helper.from_array(scales, s_name))
-        inputs = [node.input[0], b_name, s_name, "", "", ""]
-        if zp is not None:
-            inputs[3] = unique(f"{name}.weight_zero_points")
-            new_inits.append(numpy_helper.from_array(zp, inputs[3]))
-        outputs = list(node.output)
-        if ln.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
-            inputs[5] = node.input[2]
-        elif ln.op_type == "MatMul":
-            add_index = _fusable_bias_add(graph, node, consumers, inits, module)
-            if add_index is not None:
-                add = graph.node[add_index]
-                other = next(i for i in add.input if i != node.output[0])
-                inputs[5], outputs = other, list(add.output)
-                replacements[add_index] = []
-        while inputs[-1] == "":
-            inputs.pop()
-        attrs: dict[str, Any] = {"K": layout.k, "N": layout.n, "bits": layout.bits, "block_size": layout.block_size}
-        if options.accuracy_level:
-            attrs["accuracy_level"] = options.accuracy_level
-        new = helper.make_node("MatMulNBits", inputs, outputs, name=node.name or unique(f"{name}.matmul_nbits"), domain=MS_DOMAIN, **attrs)
-        new.metadata_props.extend(node.metadata_props)
-        replacements[ln.node_index] = [new]
-        rewrites.append(LayerRewrite(name, ln.op_type, "matmul_nbits", b_name))
+        rewritten = _matmul_nbits_node(g, name, ln, modules[name], options)
+        new_inits += rewritten.initializers
+        replacements.update(rewritten.replaced)
+        rewrites.append(rewritten.rewrite)
     replace_nodes_(graph, replacements, new_inits)
     if rewrites:
         use_ms_domain_(proto)
