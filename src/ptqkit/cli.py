@@ -219,7 +219,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     formats = _formats(args.format)
     if formats != ("onnx",):
         raise ConfigError(f"export: --format {args.format!r}; a run directory already holds the safetensors artifact, export writes onnx")
-    result = export_run(args.run, strict=args.strict)
+    result = export_run(args.run, strict=args.strict, trust_factory=args.trust_factory)
     text = f"wrote {result['file']}: {result['integer_layers']} layers on integer kernels, float: {result['float_layers'] or 'none'}"
     _write(args, result, text)
     return 0
@@ -231,7 +231,7 @@ def _evaluate_run(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, Any]:
     from ptqkit.eval.evaluate import evaluate
     from ptqkit.workflows.runs import open_run
 
-    loaded, qmodel, example = open_run(args.run)
+    loaded, qmodel, example = open_run(args.run, trust_factory=args.trust_factory)
     if args.data is None:
         data, described = [example], {"description": "the run's example batch (example_inputs.safetensors)"}
     else:
@@ -275,8 +275,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     artifact = Path(args.run) / "model.safetensors"
     report = replace(report, size={**report.size, "artifact_bytes": artifact.stat().st_size})  # on disk, vs float_bytes
     out = Path(args.out) if args.out else Path(args.run) / "report"
-    bench_file = Path(args.run) / "bench.json"  # written by `ptqkit bench`: the report's speed claim
-    bench = json.loads(bench_file.read_text(encoding="utf-8")) if bench_file.is_file() else None
+    from ptqkit.workflows.runs import current_bench, run_artifact_sha
+
+    bench = current_bench(args.run)  # written by `ptqkit bench`: the report's speed claim, only if it timed this artifact
+    evaluation = {**evaluation, "artifact_sha256": run_artifact_sha(args.run)}  # the report is derived from it
     paths = write_report(
         report, out, title=f"ptqkit report: {Path(args.run).name}", calibration=qmodel.ptqkit_info.calibration,
         evaluation=evaluation, bench=bench, sensitivities=sensitivities, findings=[asdict(f) for f in findings_from(qmodel, report)],
@@ -287,9 +289,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from ptqkit.workflows.runs import bench_run
+    from ptqkit.workflows.runs import bench_run, write_bench
 
-    result = bench_run(args.run, runtime=args.runtime, threads=args.threads, warmup=args.warmup, reps=args.reps)
+    result = bench_run(
+        args.run, runtime=args.runtime, threads=args.threads, warmup=args.warmup, reps=args.reps, trust_factory=args.trust_factory
+    )
     data = result.to_dict()
     lines = [result.headline(), f"{'':12} {'median ms':>10} {'p90 ms':>10} {'samples/s':>10} {'peak RSS':>10}"]
     for key in ("float", "quantized"):
@@ -299,7 +303,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if result.note:
         lines.append(result.note)
     _write(args, data, "\n".join(lines))
-    Path(args.run, "bench.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    write_bench(args.run, data)  # records the artifact it timed; atomic, no symlink followed
     return 0
 
 
@@ -337,7 +341,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "search.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    from ptqkit.core.atomic import write_json
+
+    write_json(out / "search.json", result.to_dict())
     front = ", ".join(f"{p.name} ({p.degradation:.4f}, {p.measured_ms:.1f} ms, {p.weight_bytes / 1e6:.2f} MB)" for p in result.front)
     chosen = f"chosen: {result.chosen.name} ({result.chosen.speedup:.2f}x float)" if result.chosen else f"chosen: none: {result.why_none}"
     proxy = result.proxy_rank_correlation
@@ -392,6 +398,11 @@ def _add_data_options(command: argparse.ArgumentParser) -> None:
 
 def _add_run(command: argparse.ArgumentParser) -> None:
     command.add_argument("run", help="run directory written by `ptqkit quantize`")
+    command.add_argument(
+        "--trust-factory", action="store_true",
+        help="allow calling the package.module:function model factory that the run's source.json names (code execution: "
+        "only for runs you trust; see docs/trust-model.md)",
+    )
 
 
 DATA_FORMATS = "an image folder, .txt/.jsonl text, or a .safetensors/.pt tensor [N, ...]"
@@ -402,7 +413,24 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true", help="log progress details")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_quantize(sub)
+    _add_run_commands(sub)
+    doctor = sub.add_parser("doctor", help="run the PTQ checklist: quantize, evaluate, and list findings with evidence and fixes")
+    _add_model_and_recipe(doctor, required=True)
+    doctor.add_argument("--calib", required=True, help=f"calibration data: {DATA_FORMATS}")
+    doctor.add_argument("--data", default=None, help="evaluation data in the same formats (default: the calibration data)")
+    _add_data_options(doctor)
+    _add_output_flags(doctor)
+    doctor.set_defaults(handler=_cmd_doctor)
+    _add_search(sub)
+    inspect = sub.add_parser("inspect", help="validate and print a recipe (file or preset), or describe a run directory")
+    inspect.add_argument("target", help="recipe file, preset name (w8a8, w8a8_dynamic, w8a16, w4a16, fp8) or run directory")
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.set_defaults(handler=_cmd_inspect)
+    return parser
 
+
+def _add_quantize(sub: Any) -> None:
     quantize = sub.add_parser(
         "quantize", help=f"quantize a model into a run directory; no arguments: the bundled MiniLM example into {EXAMPLE_RUN}/"
     )
@@ -423,6 +451,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_output_flags(quantize, quiet="no plan or progress output")
     quantize.set_defaults(handler=_cmd_quantize)
 
+
+def _add_run_commands(sub: Any) -> None:
+    """export, eval, report and bench: the commands that read a run directory."""
     export = sub.add_parser("export", help="export a run directory to ONNX (DIR/onnx/model.onnx, export_report.json)")
     _add_run(export)
     export.add_argument("--format", default="onnx", help="onnx")
@@ -455,14 +486,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_output_flags(bench)
     bench.set_defaults(handler=_cmd_bench)
 
-    doctor = sub.add_parser("doctor", help="run the PTQ checklist: quantize, evaluate, and list findings with evidence and fixes")
-    _add_model_and_recipe(doctor, required=True)
-    doctor.add_argument("--calib", required=True, help=f"calibration data: {DATA_FORMATS}")
-    doctor.add_argument("--data", default=None, help="evaluation data in the same formats (default: the calibration data)")
-    _add_data_options(doctor)
-    _add_output_flags(doctor)
-    doctor.set_defaults(handler=_cmd_doctor)
 
+def _add_search(sub: Any) -> None:
     searching = sub.add_parser("search", help="per-layer formats from measured accuracy, latency and size (mixed precision)")
     searching.add_argument("--model", required=True, help="a local Hugging Face directory, or package.module:function")
     searching.add_argument("--weights", default=None, help="state dict for a package.module:function model")
@@ -487,12 +512,6 @@ def _parser() -> argparse.ArgumentParser:
     _add_data_options(searching)
     _add_output_flags(searching)
     searching.set_defaults(handler=_cmd_search)
-
-    inspect = sub.add_parser("inspect", help="validate and print a recipe (file or preset), or describe a run directory")
-    inspect.add_argument("target", help="recipe file, preset name (w8a8, w8a8_dynamic, w8a16, w4a16, fp8) or run directory")
-    inspect.add_argument("--json", action="store_true", help="print JSON")
-    inspect.set_defaults(handler=_cmd_inspect)
-    return parser
 
 
 # Numeric options and their smallest valid value: checked before a command runs, so that

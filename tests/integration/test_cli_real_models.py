@@ -77,7 +77,7 @@ def test_mobilenet_v2_factory_weights_and_photo_folder(mobilenet_v2, photo_crops
         "--preset", "w8a8", "--set", "scheme.weights.granularity={kind: per_tensor}", "--calib", str(folder), "--quiet",
     )
     assert "depthwise-per-tensor" in [f["id"] for f in found["findings"]]
-    _, qmodel, _ = open_run(out)
+    _, qmodel, _ = open_run(out, trust_factory=True)  # the factory this test named
     crops = photo_crops_eval[:128]
     agreement = top1_agreement(logits_of(mobilenet_v2, crops), logits_of(qmodel, crops))
     assert agreement > 0.85, agreement  # per-tensor W8A8 + CLE + BC from 8 photos; measured 0.945 (128 crops)

@@ -92,7 +92,7 @@ def test_open_run_rebuilds_the_folded_and_equalized_model(digits_files) -> None:
 
     recipe = str(next(r for r in RECIPES if r.name == "w8a8-cnn-cle-bc.yaml"))
     assert main(_quantize_args(digits_files, "--recipe", recipe, "--set", "calibration.samples=16")) == 0
-    loaded, qmodel, example = open_run(digits_files["out"])
+    loaded, qmodel, example = open_run(digits_files["out"], trust_factory=True)
     original = load_model(FACTORY, digits_files["weights"]).model
     with torch.no_grad():  # the rebuilt float model is the original with BN folded and CLE applied: same function
         torch.testing.assert_close(loaded.model(example), original(example), rtol=1e-4, atol=1e-5)
@@ -171,11 +171,11 @@ def test_eval_and_report_on_a_run(digits_files, tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     data = tmp_path / "eval.pt"
     torch.save(torch.rand(40, 1, 8, 8), data)
-    assert main(["eval", str(digits_files["out"]), "--data", str(data), "--json"]) == 0
+    assert main(["eval", str(digits_files["out"]), "--data", str(data), "--json", "--trust-factory"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["samples"] == 40 and [layer["name"] for layer in report["layers"]] == ["stem.0", "block.0", "block.3", "block.6", "classifier"]
     assert 0 <= report["metrics"]["top1_agreement"] <= 1 and report["metrics"]["output_sqnr_db"] > 10
-    assert main(["report", str(digits_files["out"]), "--quiet", "--sensitivity"]) == 0  # default data: the run's example batch
+    assert main(["report", str(digits_files["out"]), "--quiet", "--sensitivity", "--trust-factory"]) == 0  # default data: the run's example batch
     out = capsys.readouterr().out
     assert "report.html" in out and (digits_files["out"] / "report/report.html").is_file()
     saved = json.loads((digits_files["out"] / "report/report.json").read_text())
@@ -201,11 +201,11 @@ def test_doctor_lists_findings_with_fixes(digits_files, tmp_path: Path, capsys) 
 def test_bench_in_onnx_runtime_then_report_states_the_speed(digits_files, capsys) -> None:
     assert main(_quantize_args(digits_files, "--preset", "w8a8")) == 0
     capsys.readouterr()
-    assert main(["bench", str(digits_files["out"]), "--reps", "3", "--warmup", "1", "--json"]) == 0
+    assert main(["bench", str(digits_files["out"]), "--reps", "3", "--warmup", "1", "--json", "--trust-factory"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["runtime"] == "onnxruntime" and result["threads"] == 1 and result["float"]["calls"] == 3
     assert sum(result["kernels"].values()) == 5 and (digits_files["out"] / "onnx/model.fp32.onnx").is_file()
-    assert main(["report", str(digits_files["out"]), "--quiet", "--json"]) == 0
+    assert main(["report", str(digits_files["out"]), "--quiet", "--json", "--trust-factory"]) == 0
     saved = json.loads((digits_files["out"] / "report/report.json").read_text())
     assert saved["bench"]["speedup"] == pytest.approx(result["speedup"])
     expected = "Slower than float on this machine" if result["speedup"] < 1 else "faster than float"

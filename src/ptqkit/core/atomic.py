@@ -190,7 +190,7 @@ def exclusive_lock(target: str | Path, *, blocking: bool = False) -> Iterator[Pa
     """Hold an exclusive flock on `.NAME.lock` next to `target` (OutputPathError if another
     process holds it; with `blocking`, wait for it instead). Re-entrant within one thread. The lock file is unlinked
     before the lock is released, so none is left behind."""
-    target = Path(target)
+    target = Path(os.path.abspath(target))
     lock_path = target.with_name(f".{target.name}.lock")
     key = os.path.abspath(lock_path)
     me = threading.get_ident()

@@ -29,9 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ptqkit.core.errors import CalibrationDataError, ConfigError, UnsupportedModelError
+from ptqkit.core.atomic import file_sha256
+from ptqkit.core.errors import ArtifactError, CalibrationDataError, ConfigError, UnsupportedModelError
 
-__all__ = ["LoadedModel", "apply_settings", "load_calibration", "load_model", "read_tensor_file"]
+__all__ = [
+    "LoadedModel", "apply_settings", "load_calibration", "load_model", "read_tensor_file", "source_with_hashes", "verify_source",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +121,56 @@ def load_model(spec: str, weights: str | Path | None = None) -> LoadedModel:
             raise UnsupportedModelError(f"--weights {weights_path} does not fit {spec}: {exc}") from None
         source["weights"] = str(weights_path.resolve())
     return LoadedModel(model.eval(), None, source)
+
+
+def _hf_weight_files(directory: Path) -> list[Path]:
+    """The files of a Hugging Face directory that hold the model: config and weights."""
+    names = ("config.json", "model.safetensors.index.json")
+    return sorted(p for p in directory.iterdir() if p.name in names or p.suffix == ".safetensors")
+
+
+def source_with_hashes(source: dict[str, Any]) -> dict[str, Any]:
+    """`source` (LoadedModel.source) with the SHA-256 of the float weights it names: the weights
+    file of a factory ("weights_sha256"), the config and weight files of a Hugging Face
+    directory ("files_sha256"). Written to a run's source.json; `verify_source` checks them."""
+    source = dict(source)
+    if source.get("kind") == "factory" and source.get("weights") and "weights_sha256" not in source:
+        source["weights_sha256"] = file_sha256(source["weights"])
+    if source.get("kind") == "hf" and "files_sha256" not in source and Path(source["path"]).is_dir():
+        source["files_sha256"] = {p.name: file_sha256(p) for p in _hf_weight_files(Path(source["path"]))}
+    return source
+
+
+def _check_hash(path: Path, expected: Any, where: Path) -> None:
+    if not path.is_file():
+        raise ArtifactError(f"{where}: the float weights {path} are missing (expected SHA-256 {expected})")
+    found = file_sha256(path)
+    if found != expected:
+        raise ArtifactError(
+            f"{where}: the float weights {path} changed since the run was quantized: expected SHA-256 {expected}, "
+            f"found {found}; restore that file or quantize again"
+        )
+
+
+def verify_source(source: dict[str, Any], where: Path) -> None:
+    """ArtifactError naming the file, the expected and the found SHA-256 if the float weights a
+    run's source.json names are not those it was quantized against (see `source_with_hashes`)."""
+    if source.get("kind") == "factory" and source.get("weights"):
+        if "weights_sha256" not in source:
+            logger.warning("%s records no SHA-256 of %s (an older ptqkit): the weights are not verified", where, source["weights"])
+            return
+        _check_hash(Path(source["weights"]), source["weights_sha256"], where)
+    elif source.get("kind") == "hf":
+        recorded = source.get("files_sha256")
+        if not isinstance(recorded, dict):
+            logger.warning("%s records no SHA-256 of the model files (an older ptqkit): they are not verified", where)
+            return
+        directory = Path(source["path"])
+        extra = sorted(p.name for p in _hf_weight_files(directory) if p.name not in recorded) if directory.is_dir() else []
+        if extra:
+            raise ArtifactError(f"{where}: {directory} holds model files the run was not quantized with: {extra}")
+        for name, expected in recorded.items():
+            _check_hash(directory / Path(str(name)).name, expected, where)
 
 
 def _image_transform(size: int) -> Any:
