@@ -131,6 +131,52 @@ def _float_linear_dtype(model: nn.Module, requested: torch.dtype | str | None) -
     return dtype, f"float layer run in {dtype}, the faster here (one row, {largest.out_features} x {largest.in_features}: {measured})"
 
 
+def _check_pack_options(qmodel: nn.Module, backend: str, activation_dtype: torch.dtype, float_linear_dtype: torch.dtype | str | None) -> None:
+    if backend not in BACKENDS:
+        raise ConfigError(f"pack: backend {backend!r} is unknown; valid: {', '.join(BACKENDS)}")
+    if activation_dtype not in ACTIVATION_DTYPES:
+        raise ConfigError(f"pack: activation_dtype={activation_dtype!r} is not supported; valid: {', '.join(map(str, ACTIVATION_DTYPES))}")
+    if float_linear_dtype is not None and float_linear_dtype != FASTEST and float_linear_dtype not in ACTIVATION_DTYPES:
+        raise ConfigError(
+            f"pack: float_linear_dtype={float_linear_dtype!r} is not supported; "
+            f"valid: None, {FASTEST!r}, {', '.join(map(str, ACTIVATION_DTYPES))}"
+        )
+    if not any(isinstance(m, QuantizedModule) for m in qmodel.modules()):
+        raise ConfigError(
+            f"pack: {type(qmodel).__name__} has no ptqkit quantized modules; pass the model returned by ptqkit.engine.quantize(...)"
+        )
+
+
+@dataclass(frozen=True)
+class _Swap:
+    """One module's outcome: its report row and the module that replaces it (None: stays simulated)."""
+
+    layer: PackedLayer
+    replacement: nn.Module | None = None
+
+
+def _swaps(model: nn.Module, activation_dtype: torch.dtype, float_dtype: torch.dtype | None, float_reason: str) -> list[_Swap]:
+    """Every quantized module (on a kernel, or simulated and why) and, with `float_dtype`, every float nn.Linear cast to it."""
+    swaps = []
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedModule):
+            packed, reason = _choose(module, activation_dtype)
+            swaps.append(_Swap(PackedLayer(name, SIMULATED, reason)) if packed is None else _Swap(PackedLayer(name, packed.kernel), packed))
+        elif float_dtype is not None and type(module) is nn.Linear:
+            swaps.append(_Swap(PackedLayer(name, CastLinear.kernel, float_reason), CastLinear(module, float_dtype)))
+    return swaps
+
+
+def _report_simulated(report: PackReport, strict: bool) -> None:
+    """Layers left on the simulated path: a ConfigError with `strict`, else one warning each."""
+    if report.simulated:
+        summary = "; ".join(f"{l.name}: {l.reason}" for l in report.simulated)
+        if strict:
+            raise ConfigError(f"pack(strict=True): {len(report.simulated)} layer(s) cannot run on a kernel: {summary}")
+        for layer in report.simulated:
+            logger.warning("pack: %s stays on the simulated path: %s", layer.name, layer.reason)
+
+
 def pack(
     qmodel: nn.Module,
     backend: str = "torch",
@@ -154,43 +200,15 @@ def pack(
     layers whose outputs can exceed that. Layers no kernel can take stay simulated and are listed in
     `result.ptqkit_pack_report`; with `strict=True` they raise ConfigError instead.
     """
-    if backend not in BACKENDS:
-        raise ConfigError(f"pack: backend {backend!r} is unknown; valid: {', '.join(BACKENDS)}")
-    if activation_dtype not in ACTIVATION_DTYPES:
-        raise ConfigError(f"pack: activation_dtype={activation_dtype!r} is not supported; valid: {', '.join(map(str, ACTIVATION_DTYPES))}")
-    if float_linear_dtype is not None and float_linear_dtype != FASTEST and float_linear_dtype not in ACTIVATION_DTYPES:
-        raise ConfigError(
-            f"pack: float_linear_dtype={float_linear_dtype!r} is not supported; "
-            f"valid: None, {FASTEST!r}, {', '.join(map(str, ACTIVATION_DTYPES))}"
-        )
-    if not any(isinstance(m, QuantizedModule) for m in qmodel.modules()):
-        raise ConfigError(
-            f"pack: {type(qmodel).__name__} has no ptqkit quantized modules; pass the model returned by ptqkit.engine.quantize(...)"
-        )
+    _check_pack_options(qmodel, backend, activation_dtype, float_linear_dtype)
     model = copy.deepcopy(qmodel)
     float_dtype, float_reason = _float_linear_dtype(model, float_linear_dtype)
-    layers: list[PackedLayer] = []
-    replacements: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, QuantizedModule):
-            packed, reason = _choose(module, activation_dtype)
-            if packed is None:
-                layers.append(PackedLayer(name, SIMULATED, reason))
-            else:
-                replacements[name] = packed
-                layers.append(PackedLayer(name, packed.kernel))
-        elif float_dtype is not None and type(module) is nn.Linear:
-            replacements[name] = CastLinear(module, float_dtype)
-            layers.append(PackedLayer(name, CastLinear.kernel, float_reason))
-    report = PackReport(backend=backend, activation_dtype=str(activation_dtype), layers=tuple(layers))
-    if report.simulated:
-        summary = "; ".join(f"{l.name}: {l.reason}" for l in report.simulated)
-        if strict:
-            raise ConfigError(f"pack(strict=True): {len(report.simulated)} layer(s) cannot run on a kernel: {summary}")
-        for layer in report.simulated:
-            logger.warning("pack: %s stays on the simulated path: %s", layer.name, layer.reason)
-    for name, module in replacements.items():
-        replace_module(model, name, module)
+    swaps = _swaps(model, activation_dtype, float_dtype, float_reason)
+    report = PackReport(backend=backend, activation_dtype=str(activation_dtype), layers=tuple(swap.layer for swap in swaps))
+    _report_simulated(report, strict)
+    for swap in swaps:
+        if swap.replacement is not None:
+            replace_module(model, swap.layer.name, swap.replacement)
     logger.info("pack report:\n%s", report.render())
     model.ptqkit_pack_report = report
     return model
