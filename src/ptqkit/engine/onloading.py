@@ -1,8 +1,8 @@
 """Quantize a Hugging Face model whose weights do not fit in memory: layer onloading.
 
-`quantize_onloaded(model_dir, recipe, calib, out_dir)` runs the block-by-block engine
-(`algorithms.blockwise`: SmoothQuant, AWQ, GPTQ or round-to-nearest) with the weights left on
-disk:
+`quantize_onloaded(model_dir, recipe, calib)` runs the same driver as `pq.quantize`
+(`engine.quantize.run`) with a weight residency that leaves the weights on disk, so the
+block-by-block engine (`algorithms.blockwise`: SmoothQuant, AWQ, GPTQ or round-to-nearest) sees:
 
 1. the model is built as a skeleton whose parameters live on the `meta` device (no memory;
    buffers such as rotary frequencies are real);
@@ -27,7 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ptqkit.calibration.data import CalibrationData
 from ptqkit.core.errors import ArtifactError, ConfigError
+from ptqkit.engine.memory_plan import check_memory, plan_memory
+from ptqkit.engine.quantize import convert_layer, run
 from ptqkit.engine.recipe import Recipe
 from ptqkit.engine.weight_store import (
     WeightStore,
@@ -37,6 +40,7 @@ from ptqkit.engine.weight_store import (
     tensors_of,
     tokens_per_sample,
 )
+from ptqkit.nn.tree import replace_module
 
 __all__ = ["quantize_onloaded"]
 
@@ -44,22 +48,39 @@ logger = logging.getLogger(__name__)
 
 
 class _BlockOnloader:
-    """The engine's block hooks: read a block before it runs, swap in its quantized layers and
-    drop its float weights once its outputs are computed."""
+    """The driver's weight residency with weights on disk (`engine.quantize.Residency`):
+    refuse what cannot run block by block, read the weights outside the blocks once, then read
+    each block before it runs, swap in its quantized layers and drop its float weights once its
+    outputs are computed."""
 
-    def __init__(self, model: nn.Module, the_plan: Any, stages: Any, store: WeightStore) -> None:
-        self.model, self.store, self.stages = model, store, stages
-        self.layers = {layer.name: layer for layer in the_plan.layers}
-        self.bytes_read = 0
+    def __init__(self, store: WeightStore, memory_check: bool) -> None:
+        self.store, self.memory_check = store, memory_check
+        self.bytes_read = self.outside_bytes = 0
         self.converted: set[str] = set()
+        self.model: nn.Module | None = None
+        self.layers: dict[str, Any] = {}
+        self.stages: Any = None
+
+    def prepare(self, model: nn.Module, recipe: Recipe, the_plan: Any, stages: Any, data: Any) -> None:
+        _check_recipe(recipe, stages)
+        static = [layer.name for layer in the_plan.layers if layer.inputs is not None and not layer.inputs.dynamic]
+        if static:
+            raise ConfigError(
+                f"recipe {recipe.name!r} quantizes the inputs of {len(static)} layer(s) statically (e.g. {static[0]!r}); "
+                "onloading runs weight-only and dynamic-activation recipes (w4a16, w8a16, w8a8_dynamic)"
+            )
+        if self.memory_check:
+            check_memory(plan_memory(
+                model, recipe, samples=min(len(data), recipe.calibration.samples), seq_len=tokens_per_sample(data),
+                batch_size=recipe.calibration.batch_size, onload=True,
+            ))
+        self.model, self.layers, self.stages = model, {layer.name: layer for layer in the_plan.layers}, stages
+        self.outside_bytes = _materialize_outside(model, self.store)
 
     def load(self, prefix: str, block: nn.Module) -> None:
         self.bytes_read += materialize_(block, prefix, self.store)
 
     def release(self, prefix: str, block: nn.Module, results: dict[str, Any]) -> None:
-        from ptqkit.engine.quantize import convert_layer
-        from ptqkit.nn.tree import replace_module
-
         for name, result in results.items():
             module = self.model.get_submodule(name)
             quantized = convert_layer(module, self.layers[name], None, self.stages, result)
@@ -75,46 +96,12 @@ def quantize_onloaded(
     disk (see the module docstring); the result holds integer codes only and saves with
     `ptqkit.save`. `calib` is a CalibrationData (required: the block engine runs on it). The
     memory plan is checked first unless `memory_check` is False."""
-    from ptqkit.algorithms.blockwise import quantize_blocks_
-    from ptqkit.algorithms.pipeline import split_algorithms
-    from ptqkit.calibration.data import CalibrationData
-    from ptqkit.engine.memory_plan import check_memory, plan_memory
-    from ptqkit.engine.quantize import QuantizationInfo, convert_layer
-    from ptqkit.engine.targets import resolve_plan
-    from ptqkit.nn.tree import replace_module
-
-    stages = split_algorithms(recipe.algorithms)
-    _check_recipe(recipe, stages)
     if not isinstance(calib, CalibrationData) or len(calib) == 0:
         raise ConfigError("quantize_onloaded: calib must be a non-empty CalibrationData (the block engine runs on it)")
     store = WeightStore(model_dir)
-    model = build_skeleton(model_dir)
-    the_plan = resolve_plan(model, recipe)  # refusals first: nothing is read before them
-    static = [layer.name for layer in the_plan.layers if layer.inputs is not None and not layer.inputs.dynamic]
-    if static:
-        raise ConfigError(
-            f"recipe {recipe.name!r} quantizes the inputs of {len(static)} layer(s) statically (e.g. {static[0]!r}); "
-            "onloading runs weight-only and dynamic-activation recipes (w4a16, w8a16, w8a8_dynamic)"
-        )
-    samples = min(len(calib), recipe.calibration.samples)
-    if memory_check:
-        check_memory(plan_memory(
-            model, recipe, samples=samples, seq_len=tokens_per_sample(calib), batch_size=recipe.calibration.batch_size, onload=True,
-        ))
-    outside = _materialize_outside(model, store)
-    onloader = _BlockOnloader(model, the_plan, stages, store)
-    targets = {layer.name: (layer.module_type, layer.weights) for layer in the_plan.layers if layer.weights is not None}
-    quantize_blocks_(
-        model, targets, stages, calib.batches(recipe.calibration.batch_size), max_samples=samples, progress=progress,
-        onload=onloader,
-    )
-    for layer in the_plan.layers:  # layers outside the blocks: the data-free quantizer, as pq.quantize does
-        if layer.name not in onloader.converted:
-            replace_module(model, layer.name, convert_layer(model.get_submodule(layer.name), layer, None, stages))
-    model.ptqkit_info = QuantizationInfo(
-        recipe=recipe, plan=the_plan, calibration={"description": calib.description, "fingerprint": calib.fingerprint}
-    )
-    logger.info("onloading read %.1f MB outside the blocks and %.1f MB of blocks", outside / 1e6, onloader.bytes_read / 1e6)
+    onloader = _BlockOnloader(store, memory_check)
+    model = run(build_skeleton(model_dir), recipe, calib, progress=progress, residency=onloader)
+    logger.info("onloading read %.1f MB outside the blocks and %.1f MB of blocks", onloader.outside_bytes / 1e6, onloader.bytes_read / 1e6)
     return model
 
 

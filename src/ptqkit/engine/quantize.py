@@ -11,14 +11,19 @@ import copy
 import functools
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from ptqkit.algorithms.input_smoothing import smoothing_divisors
 from ptqkit.algorithms.llm_int8 import LLMInt8Config
-from ptqkit.algorithms.outlier_channels import OutlierChannelsConfig, choose_outlier_columns, column_multiples, zero_columns
+from ptqkit.algorithms.outlier_channels import (
+    OutlierChannelsConfig,
+    choose_outlier_columns,
+    column_multiples,
+    zero_columns,
+)
 from ptqkit.algorithms.registry import algorithm_of
 from ptqkit.core.errors import CalibrationDataError, ConfigError
 from ptqkit.core.primitives import qparams_from_tensor
@@ -35,7 +40,7 @@ from ptqkit.nn.act_quant import (
 from ptqkit.nn.modules import InputOnly, QuantConv, QuantEmbedding, QuantizedModule, QuantLinear
 from ptqkit.nn.tree import replace_module
 
-__all__ = ["QuantizationInfo", "plan", "quantize", "quantize_", "dequantize_model", "weight_qparams", "convert_layer"]
+__all__ = ["QuantizationInfo", "Residency", "plan", "quantize", "quantize_", "run", "dequantize_model", "weight_qparams", "convert_layer"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,54 +79,68 @@ def quantize_(
     model, recipe and data; see `ptqkit.stats.distributed`) each rank calibrates on its share of the
     batches and the statistics are merged, so every rank returns the same model.
     """
-    from ptqkit.algorithms.pipeline import TransformContext, apply_pre_transforms, split_algorithms
+    return run(model, recipe, calib, progress=progress, distributed=distributed)
+
+
+class Residency(Protocol):
+    """Where the weights live while the block engine runs, when not all in memory
+    (`engine.onloading`): `prepare` runs once the plan is known and before any calibration;
+    `load`/`release` wrap each block; `converted` names the layers `release` already converted."""
+
+    converted: set[str]
+
+    def prepare(self, model: nn.Module, recipe: Recipe, the_plan: Plan, stages: Any, data: Any) -> None: ...
+
+    def load(self, prefix: str, block: nn.Module) -> None: ...
+
+    def release(self, prefix: str, block: nn.Module, results: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Calibrated:
+    """What the data-driven steps computed for conversion, per layer name."""
+
+    observers: dict[str, Any] = field(default_factory=dict)
+    outliers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # (columns, min, max)
+    divisors: dict[str, torch.Tensor] = field(default_factory=dict)  # input smoothing divisors [in]
+    weight_results: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)  # description + fingerprint of the data used
+
+    def convert(self, model: nn.Module, layer: LayerPlan, stages: Any) -> nn.Module:
+        name = layer.name
+        return convert_layer(
+            model.get_submodule(name), layer, self.observers.get(name), stages, self.weight_results.get(name),
+            self.outliers.get(name), self.divisors.get(name),
+        )
+
+
+def run(
+    model: nn.Module, recipe: Recipe, calib: Any = None, *, progress: bool = True, distributed: bool = False,
+    residency: Residency | None = None,
+) -> nn.Module:
+    """The one quantization driver, in place: plan, stages, calibration and the algorithms,
+    conversion, info. `residency` None keeps every weight in memory (and restores the model if
+    anything fails before conversion); `engine.onloading` passes one that reads each block from
+    disk and converts its layers as soon as the block is done."""
+    from ptqkit.algorithms.pipeline import split_algorithms
 
     the_plan = resolve_plan(model, recipe)
     logger.info("quantization plan:\n%s", the_plan.render())
     stages = split_algorithms(recipe.algorithms)
     static_inputs = {layer.name: layer.inputs for layer in the_plan.layers if layer.inputs is not None and not layer.inputs.dynamic}
     _check_input_decomposition(stages, the_plan, static_inputs, recipe)
-    calibration: dict[str, Any] = {}
-    observers: dict[str, Any] = {}
-    outliers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # name -> (columns, min, max)
-    divisors: dict[str, torch.Tensor] = {}  # name -> input smoothing divisors [in]
-    weight_results: dict[str, Any] = {}
-    needs_data = stages.blockwise or stages.layerwise
-    if (static_inputs or needs_data) and calib is None:
-        algorithms = (*stages.block_transforms, stages.weight_quantizer, *stages.post_corrections)
-        needs = f"quantizes input activations statically ({len(static_inputs)} module(s))" if static_inputs else (
-            f"runs {[type(c).__name__ for c in algorithms if c is not None]} from calibration data"
-        )
-        raise ConfigError(
-            f"recipe {recipe.name!r} {needs} but no calibration data was given: pass calib=CalibrationData..., "
-            "or use a data-free recipe such as 'w8a8_dynamic' (or a weight-only one: 'w8a16', 'w4a16') "
-            "without gptq/awq/smoothquant/adaround/bias_correction"
-        )
+    _require_calibration(recipe, stages, static_inputs, calib)
     parallel = _data_parallel(stages) if distributed else None
     progress = progress and (parallel is None or parallel.is_writer)
-    changes_model = stages.pre_transforms or needs_data or stages.analytic_correction is not None
-    backup = copy.deepcopy(model.__dict__) if changes_model else None  # restored on failure
+    changes_model = stages.pre_transforms or stages.blockwise or stages.layerwise or stages.analytic_correction is not None
+    backup = copy.deepcopy(model.__dict__) if changes_model and residency is None else None  # restored on failure
     try:
         data = _as_calibration_data(calib, recipe) if calib is not None else None
-        context = TransformContext(example=_first_batch(data, recipe) if stages.pre_transforms else None)
-        apply_pre_transforms(model, stages.pre_transforms, context)
-        if needs_data:
-            weight_results = _run_weight_algorithms(model, the_plan, stages, data, recipe, progress, parallel)
-        if stages.analytic_correction is not None:
-            _run_analytic_correction(model, the_plan, stages, context)
-        if static_inputs:
-            divisors, outliers = _static_decompositions(model, the_plan, stages, data, recipe, progress, parallel)
-        if static_inputs:
-            observers = _calibrate(model, static_inputs, data, recipe, progress, parallel, _observed_inputs(outliers, divisors))
-        if data is not None and (static_inputs or needs_data):
-            calibration = {"description": data.description, "fingerprint": data.fingerprint}
-        replacements = {
-            layer.name: convert_layer(
-                model.get_submodule(layer.name), layer, observers.get(layer.name), stages, weight_results.get(layer.name),
-                outliers.get(layer.name), divisors.get(layer.name),
-            )
-            for layer in the_plan.layers
-        }
+        if residency is not None:
+            residency.prepare(model, recipe, the_plan, stages, data)
+        calibrated = _calibrate_and_run(model, the_plan, stages, static_inputs, data, recipe, progress, parallel, residency)
+        done = residency.converted if residency is not None else set()
+        replacements = {layer.name: calibrated.convert(model, layer, stages) for layer in the_plan.layers if layer.name not in done}
     except BaseException:
         if backup is not None:
             model.__dict__.clear()
@@ -132,10 +151,47 @@ def quantize_(
     model.ptqkit_info = QuantizationInfo(
         recipe=recipe,
         plan=the_plan,
-        calibration=calibration,
-        input_ranges={name: list(obs.history) for name, obs in observers.items()},
+        calibration=calibrated.calibration,
+        input_ranges={name: list(obs.history) for name, obs in calibrated.observers.items()},
     )
     return model
+
+
+def _require_calibration(recipe: Recipe, stages: Any, static_inputs: dict[str, QuantSpec], calib: Any) -> None:
+    if calib is not None or not (static_inputs or stages.blockwise or stages.layerwise):
+        return
+    algorithms = (*stages.block_transforms, stages.weight_quantizer, *stages.post_corrections)
+    needs = f"quantizes input activations statically ({len(static_inputs)} module(s))" if static_inputs else (
+        f"runs {[type(c).__name__ for c in algorithms if c is not None]} from calibration data"
+    )
+    raise ConfigError(
+        f"recipe {recipe.name!r} {needs} but no calibration data was given: pass calib=CalibrationData..., "
+        "or use a data-free recipe such as 'w8a8_dynamic' (or a weight-only one: 'w8a16', 'w4a16') "
+        "without gptq/awq/smoothquant/adaround/bias_correction"
+    )
+
+
+def _calibrate_and_run(
+    model: nn.Module, the_plan: Plan, stages: Any, static_inputs: dict[str, QuantSpec], data: Any, recipe: Recipe,
+    progress: bool, parallel: Any, residency: Residency | None,
+) -> _Calibrated:
+    """Pre-transforms, the data-driven weight algorithms, the data-free correction, then the
+    static input decompositions and observers, in that order."""
+    from ptqkit.algorithms.pipeline import TransformContext, apply_pre_transforms
+
+    context = TransformContext(example=_first_batch(data, recipe) if stages.pre_transforms else None)
+    apply_pre_transforms(model, stages.pre_transforms, context)
+    needs_data = stages.blockwise or stages.layerwise or residency is not None  # an on-disk model runs block by block
+    weight_results = _run_weight_algorithms(model, the_plan, stages, data, recipe, progress, parallel, residency) if needs_data else {}
+    if stages.analytic_correction is not None:
+        _run_analytic_correction(model, the_plan, stages, context)
+    divisors, outliers, observers = {}, {}, {}
+    if static_inputs:
+        divisors, outliers = _static_decompositions(model, the_plan, stages, data, recipe, progress, parallel)
+        observers = _calibrate(model, static_inputs, data, recipe, progress, parallel, _observed_inputs(outliers, divisors))
+    used = data is not None and (static_inputs or needs_data)
+    calibration = {"description": data.description, "fingerprint": data.fingerprint} if used else {}
+    return _Calibrated(observers, outliers, divisors, weight_results, calibration)
 
 
 def _as_calibration_data(calib: Any, recipe: Recipe) -> Any:
@@ -308,7 +364,8 @@ def _calibrate(
 
 
 def _run_weight_algorithms(
-    model: nn.Module, the_plan: Plan, stages: Any, data: Any, recipe: Recipe, progress: bool, parallel: Any
+    model: nn.Module, the_plan: Plan, stages: Any, data: Any, recipe: Recipe, progress: bool, parallel: Any,
+    residency: Residency | None = None,
 ) -> dict[str, Any]:
     """Weights by the data-driven engines: block by block (SmoothQuant, AWQ, GPTQ) or layer by
     layer (AdaRound, bias correction)."""
@@ -321,10 +378,10 @@ def _run_weight_algorithms(
     was_training = model.training
     model.eval()
     try:
-        if stages.blockwise:
+        if stages.blockwise or residency is not None:
             results, _ = quantize_blocks_(
                 model, targets, stages, batches, max_samples=max_samples, progress=progress,
-                reduce=parallel.merge_statistics if parallel is not None else None,
+                reduce=parallel.merge_statistics if parallel is not None else None, onload=residency,
             )
         else:
             results, _ = quantize_layers_(
