@@ -119,69 +119,89 @@ def no_match_error(field: str, pattern: str, names: list[str], what: str = "no m
     return ConfigError(f"{field}: pattern {pattern!r} matches {what}{hint}")
 
 
-def resolve_plan(model: nn.Module, recipe: Recipe) -> Plan:
-    """Decide, per module, which scheme applies. Raises ConfigError for patterns that match
-    nothing and UnsupportedModelError when nothing at all would be quantized."""
+class _Matcher:
+    """Matches recipe entries against modules and remembers which entries matched something."""
+
+    def __init__(self) -> None:
+        self.used: set[tuple[str, str]] = set()
+
+    def hit(self, field: str, entry: str, name: str, kind: str | None, type_name: str) -> bool:
+        ok = _entry_matches(entry, name, kind, type_name)
+        if ok:
+            self.used.add((field, entry))
+        return ok
+
+    def check_all_used(self, recipe: Recipe, names: list[str]) -> None:
+        """Every name pattern in targets, ignore and overrides must match some module."""
+        for field, entries in (("targets", recipe.targets), ("ignore", recipe.ignore)):
+            for entry in entries:  # type names are filters; only name patterns must match something
+                if entry not in SUPPORTED_MODULE_TYPES and (field, entry) not in self.used:
+                    what = "no quantizable module" if field == "targets" else "no module"
+                    raise no_match_error(field, entry, names, what)
+        for i, override in enumerate(recipe.overrides):
+            for pattern in override.match:
+                if ("overrides", pattern) not in self.used:
+                    raise no_match_error(f"overrides[{i}].match", pattern, names, "no quantizable module")
+
+
+def _refuse_quantized(modules: list[tuple[str, nn.Module]]) -> None:
     from ptqkit.nn import InputQuantizer, QuantizedModule
 
-    modules = [(name, m) for name, m in model.named_modules() if name]
-    names = [name for name, _ in modules]
     already = [name for name, m in modules if isinstance(m, (QuantizedModule, InputQuantizer))]
     if already:
         raise UnsupportedModelError(
             f"the model is already quantized ({len(already)} ptqkit module(s), e.g. {already[:3]}); "
             "quantize the original float model, or call ptqkit.dequantize_model() first"
         )
+
+
+def _plan_module(
+    name: str, module: nn.Module, kind: str, recipe: Recipe, head: nn.Module | None, match: _Matcher
+) -> LayerPlan | tuple[str, str, str] | None:
+    """The module's LayerPlan, a (name, kind, reason) skip record, or None when no target selects it."""
+    type_name = type(module).__name__
+    if not any([match.hit("targets", e, name, kind, type_name) for e in recipe.targets]):
+        return None
+    ignored_by = [e for e in recipe.ignore if match.hit("ignore", e, name, kind, type_name)]
+    if ignored_by:
+        return (name, kind, f"ignore {ignored_by[0]!r}")
+    if getattr(module, "padding_mode", "zeros") != "zeros":
+        return (name, kind, f"padding_mode={module.padding_mode!r} is not supported (zeros only); left in float")
+    if head is not None and module is head:
+        return (name, kind, "output head kept in float (keep_output_head)")
+    scheme, reason = recipe.scheme, "targets"
+    for override in recipe.overrides:
+        matched = [p for p in override.match if match.hit("overrides", p, name, kind, type_name)]
+        if matched:
+            scheme, reason = override.scheme, f"override {matched[0]!r}"
+            break
+    inputs = None if kind == "Embedding" else scheme.inputs
+    if Scheme(weights=scheme.weights, inputs=inputs).is_empty:
+        return (name, kind, f"{reason}: no quantization")
+    return LayerPlan(name, kind, scheme.weights, inputs, reason)
+
+
+def resolve_plan(model: nn.Module, recipe: Recipe) -> Plan:
+    """Decide, per module, which scheme applies. Raises ConfigError for patterns that match
+    nothing and UnsupportedModelError when nothing at all would be quantized."""
+    modules = [(name, m) for name, m in model.named_modules() if name]
+    _refuse_quantized(modules)
     head = _output_head(model) if recipe.keep_output_head else None
-    used: dict[tuple[str, str], bool] = {}
+    match = _Matcher()
     layers: list[LayerPlan] = []
     skipped: list[tuple[str, str, str]] = []
-
-    def hit(field: str, entry: str, name: str, kind: str | None, type_name: str) -> bool:
-        ok = _entry_matches(entry, name, kind, type_name)
-        if ok:
-            used[(field, entry)] = True
-        return ok
-
     for name, module in modules:
-        kind, type_name = module_kind(module), type(module).__name__
+        kind = module_kind(module)
         if kind is None:  # an ignore pattern may name a container or a float-only module
             for entry in recipe.ignore:
-                hit("ignore", entry, name, kind, type_name)
+                match.hit("ignore", entry, name, kind, type(module).__name__)
             continue
-        if not any([hit("targets", e, name, kind, type_name) for e in recipe.targets]):
-            continue
-        ignored_by = [e for e in recipe.ignore if hit("ignore", e, name, kind, type_name)]
-        if ignored_by:
-            skipped.append((name, kind, f"ignore {ignored_by[0]!r}"))
-            continue
-        if getattr(module, "padding_mode", "zeros") != "zeros":
-            skipped.append((name, kind, f"padding_mode={module.padding_mode!r} is not supported (zeros only); left in float"))
-            continue
-        if head is not None and module is head:
-            skipped.append((name, kind, "output head kept in float (keep_output_head)"))
-            continue
-        scheme, reason = recipe.scheme, "targets"
-        for override in recipe.overrides:
-            matched = [p for p in override.match if hit("overrides", p, name, kind, type_name)]
-            if matched:
-                scheme, reason = override.scheme, f"override {matched[0]!r}"
-                break
-        inputs = None if kind == "Embedding" else scheme.inputs
-        if Scheme(weights=scheme.weights, inputs=inputs).is_empty:
-            skipped.append((name, kind, f"{reason}: no quantization"))
-            continue
-        layers.append(LayerPlan(name, kind, scheme.weights, inputs, reason))
-
-    for field, entries in (("targets", recipe.targets), ("ignore", recipe.ignore)):
-        for entry in entries:  # type names are filters; only name patterns must match something
-            if entry not in SUPPORTED_MODULE_TYPES and not used.get((field, entry)):
-                what = "no quantizable module" if field == "targets" else "no module"
-                raise no_match_error(field, entry, names, what)
-    for i, override in enumerate(recipe.overrides):
-        for pattern in override.match:
-            if not used.get(("overrides", pattern)):
-                raise no_match_error(f"overrides[{i}].match", pattern, names, "no quantizable module")
+        planned = _plan_module(name, module, kind, recipe, head, match)
+        if isinstance(planned, LayerPlan):
+            layers.append(planned)
+        elif planned is not None:
+            skipped.append(planned)
+    match.check_all_used(recipe, [name for name, _ in modules])
     if not layers:
         raise UnsupportedModelError(
             f"nothing to quantize in {type(model).__name__}: no module of the supported types "
