@@ -157,9 +157,30 @@ def search(
     Linears the search may move; the others stay float. Default: every Linear the example calls.
 
     `holdout_data`: evaluation data the search does not select on (step 4 of the module docstring)."""
-    from ptqkit.calibration.samples import call_model
-    from ptqkit.core.timing import time_alternating
+    _check_search_options(stride, max_degradation, min_speedup, time_limit_s, layer_costs)
+    deadline = _Deadline(time.monotonic(), time_limit_s)
+    model = model.eval()
+    if example is None:
+        example = next(iter(eval_data.batches() if hasattr(eval_data, "batches") else eval_data))
+    table = LatencyTable(_latency_table_path(table_path), threads=threads)
+    base = model_metrics(model, model, eval_data, max_samples=max_samples)
+    metric = task_metric(base)
+    budget = _Budget(max_degradation, max_bytes, min_speedup, holdout=holdout_data is not None)
+    with torch_threads(threads):  # every measurement at the search's thread count, restored on any exit
+        s = _setup(
+            model, eval_data, example, metric, table, threads=threads, layers=layers, max_samples=max_samples, progress=progress, deadline=deadline
+        )
+        costs, stopped = _measure_layer_costs(s, formats, layer_costs)
+        paths = {objective: _greedy_path(costs, objective) for objective in ("latency", "size")}
+        by_name: dict[str, SearchPoint] = {}
+        stopped |= _measure_candidates(s, _candidates(costs, formats, paths, stride), by_name)
+        stopped |= _refine_at_budget(s, paths, by_name, max_degradation)
+        if holdout_data is not None:
+            stopped |= _check_holdout(s, by_name, holdout_data, max_degradation)
+        return _result(s, base[metric], costs, list(by_name.values()), stopped, budget, layer_costs)
 
+
+def _check_search_options(stride: Any, max_degradation: Any, min_speedup: Any, time_limit_s: Any, layer_costs: Any) -> None:
     if not isinstance(stride, int) or stride < 1:
         raise ConfigError(f"search: stride={stride!r} must be an integer >= 1")
     for option, value, lowest in (("max_degradation", max_degradation, -math.inf), ("min_speedup", min_speedup, 0.0), ("time_limit_s", time_limit_s, 0.0)):
@@ -169,114 +190,191 @@ def search(
             raise ConfigError(f"search: {option}={value!r} must be a finite number" + (f" >= {lowest:g}" if lowest > -math.inf else ""))
     if layer_costs not in LAYER_COSTS:
         raise ConfigError(f"search: layer_costs={layer_costs!r}; valid: {', '.join(LAYER_COSTS)}")
-    started = time.monotonic()
-    out_of_time = lambda: time_limit_s is not None and time.monotonic() - started > time_limit_s  # noqa: E731
-    model = model.eval()
-    if example is None:
-        example = next(iter(eval_data.batches() if hasattr(eval_data, "batches") else eval_data))
-    if table_path is None:
-        from ptqkit.models.zoo import cache_dir
 
-        table_path = cache_dir() / "latency.json"
-    table = LatencyTable(table_path, threads=threads)
-    base = model_metrics(model, model, eval_data, max_samples=max_samples)
-    metric = task_metric(base)
-    float_metric = base[metric]
-    with torch_threads(threads):  # every measurement at the search's thread count, restored on any exit
-        rows = linear_rows(model, example)
-        inside = linear_ms_inside(model, example, threads=threads)
-        linears = _searched_linears(model, rows, layers)
-        ladder = {name: [f for f in formats if not isinstance(format_module(m, f), str)] for name, m in linears.items()}
-        costs: dict[str, dict[str, dict[str, float | None]]] = {}
-        stopped = False
-        with progress_bar(f"measuring {len(linears)} layer(s) x {len(formats)} format(s)", len(linears), progress) as advance:
-            for name, linear in linears.items():
-                if out_of_time():
-                    stopped = True
-                    break
-                costs[name] = {"fp32": {"degradation": 0.0, "ms": table.layer_ms(linear, "fp32", rows[name]), "bytes": weight_bytes(linear, "fp32")}}
-                for fmt in ladder[name]:
-                    sqnr = weight_sqnr_db(linear, fmt)
-                    if layer_costs == "measured":
-                        metrics = model_metrics(model, apply_assignment(model, {name: fmt}), eval_data, max_samples=max_samples)
-                        damage = degradation(metrics, metric)
-                    else:
-                        damage = 10.0 ** (-sqnr / 10.0)  # relative noise power of the quantized weight
-                    costs[name][fmt] = {
-                        "degradation": damage, "ms": table.layer_ms(linear, fmt, rows[name]),
-                        "bytes": weight_bytes(linear, fmt), "weight_sqnr_db": sqnr,
-                    }
-                advance(1, current=name)
-        candidates: dict[str, dict[str, str]] = {}
-        for fmt in formats:
-            uniform = {n: fmt for n in costs if fmt in costs[n]}
-            if uniform:
-                candidates[f"uniform {fmt}"] = uniform
-        paths = {objective: _greedy_path(costs, objective) for objective in ("latency", "size")}
+
+def _latency_table_path(table_path: str | Path | None) -> str | Path:
+    if table_path is not None:
+        return table_path
+    from ptqkit.models.zoo import cache_dir
+
+    return cache_dir() / "latency.json"
+
+
+@dataclass(frozen=True)
+class _Deadline:
+    started: float  # time.monotonic() at the start of the search
+    limit_s: float | None
+
+    def passed(self) -> bool:
+        return self.limit_s is not None and time.monotonic() - self.started > self.limit_s
+
+
+@dataclass(frozen=True)
+class _Budget:
+    """What the chosen point must meet."""
+
+    max_degradation: float
+    max_bytes: int | None
+    min_speedup: float
+    holdout: bool  # within max_degradation on the held-out data too
+
+
+@dataclass(frozen=True)
+class _Search:
+    """What every measurement of one search shares."""
+
+    model: nn.Module
+    eval_data: Any
+    example: Any  # the input latency is measured on
+    metric: str  # the task metric's key in `model_metrics`
+    table: LatencyTable
+    rows: dict[str, int]  # Linear -> input rows it sees on `example`
+    inside: dict[str, float]  # Linear -> ms it takes inside the float model (`linear_ms_inside`)
+    linears: dict[str, nn.Linear]  # the Linears the search may move
+    float_bytes: int  # their weight bytes in fp32
+    max_samples: int
+    progress: bool
+    deadline: _Deadline
+
+
+def _setup(
+    model: nn.Module, eval_data: Any, example: Any, metric: str, table: LatencyTable, *,
+    threads: int, layers: Sequence[str] | None, max_samples: int, progress: bool, deadline: _Deadline,
+) -> _Search:
+    rows = linear_rows(model, example)
+    inside = linear_ms_inside(model, example, threads=threads)
+    linears = _searched_linears(model, rows, layers)
+    float_bytes = sum(weight_bytes(m, "fp32") for m in linears.values())
+    return _Search(model, eval_data, example, metric, table, rows, inside, linears, float_bytes, max_samples, progress, deadline)
+
+
+def _costs_of_layer(s: _Search, name: str, linear: nn.Linear, formats: list[str], layer_costs: str) -> dict[str, dict[str, float | None]]:
+    """Format -> degradation (measured with only this layer in it, or the SQNR proxy), ms and bytes."""
+    costs: dict[str, dict[str, float | None]] = {
+        "fp32": {"degradation": 0.0, "ms": s.table.layer_ms(linear, "fp32", s.rows[name]), "bytes": weight_bytes(linear, "fp32")}
+    }
+    for fmt in formats:
+        sqnr = weight_sqnr_db(linear, fmt)
+        if layer_costs == "measured":
+            metrics = model_metrics(s.model, apply_assignment(s.model, {name: fmt}), s.eval_data, max_samples=s.max_samples)
+            damage = degradation(metrics, s.metric)
+        else:
+            damage = 10.0 ** (-sqnr / 10.0)  # relative noise power of the quantized weight
+        costs[fmt] = {
+            "degradation": damage, "ms": s.table.layer_ms(linear, fmt, s.rows[name]),
+            "bytes": weight_bytes(linear, fmt), "weight_sqnr_db": sqnr,
+        }
+    return costs
+
+
+def _measure_layer_costs(s: _Search, formats: Sequence[str], layer_costs: str) -> tuple[dict[str, dict[str, dict[str, float | None]]], bool]:
+    """Step 2 for every searched Linear, in the formats with a kernel for it; and whether the time limit stopped it."""
+    ladder = {name: [f for f in formats if not isinstance(format_module(m, f), str)] for name, m in s.linears.items()}
+    costs: dict[str, dict[str, dict[str, float | None]]] = {}
+    with progress_bar(f"measuring {len(s.linears)} layer(s) x {len(formats)} format(s)", len(s.linears), s.progress) as advance:
+        for name, linear in s.linears.items():
+            if s.deadline.passed():
+                return costs, True
+            costs[name] = _costs_of_layer(s, name, linear, ladder[name], layer_costs)
+            advance(1, current=name)
+    return costs, False
+
+
+def _candidates(
+    costs: dict[str, dict[str, dict[str, float | None]]], formats: Sequence[str], paths: dict[str, list[dict[str, str]]], stride: int
+) -> dict[str, dict[str, str]]:
+    """The uniform configurations, then every `stride`-th step of each path and its last (each configuration once)."""
+    candidates: dict[str, dict[str, str]] = {}
+    for fmt in formats:
+        uniform = {n: fmt for n in costs if fmt in costs[n]}
+        if uniform:
+            candidates[f"uniform {fmt}"] = uniform
+    for objective, path in paths.items():
+        for step in sorted({*range(stride, len(path) + 1, stride), len(path)} - {0}):
+            if path[step - 1] not in candidates.values():
+                candidates[f"{objective} step {step}"] = dict(path[step - 1])
+    return candidates
+
+
+def _measure(s: _Search, by_name: dict[str, SearchPoint], name: str, assignment: dict[str, str]) -> None:
+    """Point `name`: `assignment` measured end to end (metric; latency alternating with float)."""
+    from ptqkit.calibration.samples import call_model
+    from ptqkit.core.timing import time_alternating
+
+    same = next((p for p in by_name.values() if p.assignment == assignment), None)
+    if same is not None:  # a bisection step can equal a configuration already measured
+        by_name[name] = replace(same, name=name)
+        return
+    model, example, linears = s.model, s.example, s.linears
+    candidate = apply_assignment(model, assignment)
+    metrics = model_metrics(model, candidate, s.eval_data, max_samples=s.max_samples)
+    with torch.inference_mode():
+        float_timing, timing = time_alternating(lambda: call_model(model, example), lambda: call_model(candidate, example), 2, 8, 1)
+    by_name[name] = SearchPoint(
+        name=name, assignment=assignment, metric=metrics[s.metric], degradation=degradation(metrics, s.metric),
+        measured_ms=timing.median_ms,
+        predicted_ms=s.table.predict_ms(model, assignment, example, s.rows, float_ms=float_timing.median_ms, inside=s.inside),
+        weight_bytes=s.float_bytes + sum(weight_bytes(linears[n], f) - weight_bytes(linears[n], "fp32") for n, f in assignment.items()),
+        float_ms=float_timing.median_ms,
+    )
+
+
+def _measure_candidates(s: _Search, candidates: dict[str, dict[str, str]], by_name: dict[str, SearchPoint]) -> bool:
+    """Each candidate measured end to end into `by_name`; True if the time limit stopped it."""
+    with progress_bar(f"measuring {len(candidates)} configuration(s) end to end", len(candidates), s.progress) as advance:
+        for name, assignment in candidates.items():
+            if s.deadline.passed():
+                return True
+            _measure(s, by_name, name, assignment)
+            advance(1, current=name)
+    return False
+
+
+def _refine_at_budget(s: _Search, paths: dict[str, list[dict[str, str]]], by_name: dict[str, SearchPoint], max_degradation: float) -> bool:
+    """Each path bisected at the degradation budget (`_budget_bisection`); True if the time limit stopped it."""
+    stopped = False
+    with progress_bar("refining each path at the budget", None, s.progress) as advance:
         for objective, path in paths.items():
-            for step in sorted({*range(stride, len(path) + 1, stride), len(path)} - {0}):
-                if path[step - 1] not in candidates.values():
-                    candidates[f"{objective} step {step}"] = dict(path[step - 1])
-        by_name: dict[str, SearchPoint] = {}
-        float_bytes = sum(weight_bytes(m, "fp32") for m in linears.values())
-
-        def measure(name: str, assignment: dict[str, str]) -> None:
-            same = next((p for p in by_name.values() if p.assignment == assignment), None)
-            if same is not None:  # a bisection step can equal a configuration already measured
-                by_name[name] = replace(same, name=name)
-                return
-            candidate = apply_assignment(model, assignment)
-            metrics = model_metrics(model, candidate, eval_data, max_samples=max_samples)
-            with torch.inference_mode():
-                float_timing, timing = time_alternating(lambda: call_model(model, example), lambda: call_model(candidate, example), 2, 8, 1)
-            by_name[name] = SearchPoint(
-                name=name, assignment=assignment, metric=metrics[metric], degradation=degradation(metrics, metric),
-                measured_ms=timing.median_ms,
-                predicted_ms=table.predict_ms(model, assignment, example, rows, float_ms=float_timing.median_ms, inside=inside),
-                weight_bytes=float_bytes + sum(weight_bytes(linears[n], f) - weight_bytes(linears[n], "fp32") for n, f in assignment.items()),
-                float_ms=float_timing.median_ms,
-            )
-
-        with progress_bar(f"measuring {len(candidates)} configuration(s) end to end", len(candidates), progress) as advance:
-            for name, assignment in candidates.items():
-                if out_of_time():
+            for step in _budget_bisection(objective, path, by_name, max_degradation):
+                if s.deadline.passed():
                     stopped = True
                     break
-                measure(name, assignment)
-                advance(1, current=name)
-        with progress_bar("refining each path at the budget", None, progress) as advance:
-            for objective, path in paths.items():
-                for step in _budget_bisection(objective, path, by_name, max_degradation):
-                    if out_of_time():
-                        stopped = True
-                        break
-                    measure(f"{objective} step {step}", dict(path[step - 1]))
-                    advance(1, current=f"{objective} step {step}")
-        if holdout_data is not None:
-            checked: dict[tuple[tuple[str, str], ...], float] = {}
-            within = sorted((n for n, p in by_name.items() if p.within(max_degradation)), key=lambda n: -by_name[n].speedup)
-            with progress_bar("checking the points within the budget on the held-out data", len(within), progress) as advance:
-                for name in within:
-                    if out_of_time():
-                        stopped = True
-                        break
-                    key = tuple(sorted(by_name[name].assignment.items()))
-                    if key not in checked:
-                        metrics = model_metrics(model, apply_assignment(model, by_name[name].assignment), holdout_data, max_samples=max_samples)
-                        checked[key] = degradation(metrics, metric)
-                    by_name[name] = replace(by_name[name], holdout_degradation=checked[key])
-                    advance(1, current=name)
-        points = list(by_name.values())
-        float_ms = statistics.median(p.float_ms for p in points) if points else float("nan")
-        holdout = holdout_data is not None
-        chosen, why = _choose(points, max_degradation, max_bytes, min_speedup, holdout)
-        if stopped:
-            logger.warning("search stopped at the time limit (%.0f s): %d point(s) measured", time_limit_s or 0, len(points))
-        return SearchResult(
-            metric, float_metric, float_ms, float_bytes, tuple(points), tuple(pareto_front(points)), chosen, why, costs, stopped,
-            proxy_rank_correlation(costs) if layer_costs == "measured" else None, layer_costs,
-            versus_uniform(points, chosen, max_degradation, holdout),
-        )
+                _measure(s, by_name, f"{objective} step {step}", dict(path[step - 1]))
+                advance(1, current=f"{objective} step {step}")
+    return stopped
+
+
+def _check_holdout(s: _Search, by_name: dict[str, SearchPoint], holdout_data: Any, max_degradation: float) -> bool:
+    """The points within the budget, fastest first, measured again on `holdout_data`; True if the time limit stopped it."""
+    checked: dict[tuple[tuple[str, str], ...], float] = {}
+    within = sorted((n for n, p in by_name.items() if p.within(max_degradation)), key=lambda n: -by_name[n].speedup)
+    with progress_bar("checking the points within the budget on the held-out data", len(within), s.progress) as advance:
+        for name in within:
+            if s.deadline.passed():
+                return True
+            key = tuple(sorted(by_name[name].assignment.items()))
+            if key not in checked:
+                metrics = model_metrics(s.model, apply_assignment(s.model, by_name[name].assignment), holdout_data, max_samples=s.max_samples)
+                checked[key] = degradation(metrics, s.metric)
+            by_name[name] = replace(by_name[name], holdout_degradation=checked[key])
+            advance(1, current=name)
+    return False
+
+
+def _result(
+    s: _Search, float_metric: float, costs: dict[str, dict[str, dict[str, float | None]]], points: list[SearchPoint], stopped: bool,
+    budget: _Budget, layer_costs: str,
+) -> SearchResult:
+    """Step 4: the Pareto front and the chosen point (or why none)."""
+    float_ms = statistics.median(p.float_ms for p in points) if points else float("nan")
+    chosen, why = _choose(points, budget.max_degradation, budget.max_bytes, budget.min_speedup, budget.holdout)
+    if stopped:
+        logger.warning("search stopped at the time limit (%.0f s): %d point(s) measured", s.deadline.limit_s or 0, len(points))
+    return SearchResult(
+        s.metric, float_metric, float_ms, s.float_bytes, tuple(points), tuple(pareto_front(points)), chosen, why, costs, stopped,
+        proxy_rank_correlation(costs) if layer_costs == "measured" else None, layer_costs,
+        versus_uniform(points, chosen, budget.max_degradation, budget.holdout),
+    )
 
 
 def _searched_linears(model: nn.Module, rows: dict[str, int], layers: Sequence[str] | None) -> dict[str, nn.Linear]:
