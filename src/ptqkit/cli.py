@@ -160,7 +160,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 def _hf_tokenizer(model_dir: str) -> Any:
     """The tokenizer of a Hugging Face directory, or None if it has none (token-id tensor data)."""
-    from ptqkit.models.hf import load_hf_tokenizer
+    from ptqkit.models.hf import check_hf_config, load_hf_tokenizer
 
     has_tokenizer = any((Path(model_dir).expanduser() / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
     return load_hf_tokenizer(model_dir) if has_tokenizer else None
@@ -174,6 +174,7 @@ def _memory_plan(args: argparse.Namespace, recipe: Any, *, onload: bool, calib: 
     from ptqkit.engine.weight_store import tokens_per_sample
 
     settings = recipe.calibration
+    check_hf_config(model_dir)  # before the memory plan builds a skeleton from it
     samples, seq_len = settings.samples, args.max_length
     if calib is not None and len(calib):
         samples, seq_len = min(len(calib), settings.samples), tokens_per_sample(calib)

@@ -55,9 +55,13 @@ def load_image(
         with Image.open(path) as image:
             image.load()
             picture = image.convert(mode) if mode is not None else image.copy()
-    except (UnidentifiedImageError, OSError) as err:
+    except Image.DecompressionBombError as err:  # PIL's pixel limit (Image.MAX_IMAGE_PIXELS x 2)
         raise CalibrationDataError(
-            f"calibration {origin}: cannot decode {path} as an image ({err})"
+            f"calibration {origin}: {path} is too large to decode ({err}); resize it first"
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:  # PIL's parsers raise these for a corrupt file
+        raise CalibrationDataError(
+            f"calibration {origin}: cannot decode {path} as an image ({type(err).__name__}: {err})"
         ) from None
     try:
         out = transform(picture)

@@ -23,6 +23,14 @@ logger = logging.getLogger(__name__)
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 SPLITS = ("paragraph", "line")
+# Text is cut before it is tokenized: a sample never needs more than max_length tokens, and a
+# tokenizer given one 50 MB line builds gigabytes of offsets before it truncates. The first cut
+# keeps CHARS_PER_TOKEN characters per token (natural text has 3-6) and at least MIN_CHARS; a
+# cut text that gives fewer than max_length tokens is cut again 8x longer, up to
+# MAX_CHARS_PER_TOKEN per token, so the tokens kept are the ones the whole text would give.
+MIN_CHARS = 4096
+CHARS_PER_TOKEN = 64
+MAX_CHARS_PER_TOKEN = 4096
 
 
 def _split_plain(content: str, split: str, name: str) -> list[tuple[str, str]]:
@@ -58,6 +66,11 @@ def _read_jsonl(content: str, text_key: str, name: str) -> tuple[list[tuple[str,
         except json.JSONDecodeError as err:
             raise CalibrationDataError(
                 f"line {number} of {name} is not valid JSON ({err.msg}); a .jsonl file needs one JSON object per line"
+            ) from None
+        except (ValueError, RecursionError) as err:  # a number of more than 4300 digits, nesting too deep
+            reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+            raise CalibrationDataError(
+                f"line {number} of {name} cannot be read as JSON ({reason}); a .jsonl file needs one JSON object per line"
             ) from None
         if not isinstance(record, dict):
             raise CalibrationDataError(
@@ -151,6 +164,53 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
+def _cut(text: str, chars: int, from_left: bool) -> str:
+    """At most `chars` characters of `text` from its start (its end with `from_left`), cut at a
+    whitespace so no word is split (unless the kept part holds no whitespace in its second half)."""
+    if len(text) <= chars:
+        return text
+    if from_left:
+        kept = text[-chars:]
+        space = min((i for i in (kept.find(" "), kept.find("\n"), kept.find("\t")) if i >= 0), default=-1)
+        return kept[space + 1 :] if 0 <= space < chars // 2 else kept
+    kept = text[:chars]
+    space = max(kept.rfind(" "), kept.rfind("\n"), kept.rfind("\t"))
+    return kept[:space] if space > chars // 2 else kept
+
+
+def _encode(texts: list[str], tokenizer: Any, max_length: int) -> tuple[list[list[int]], list[list[int]]]:
+    encoded = tokenizer(texts, truncation=True, max_length=max_length)
+    if not hasattr(encoded, "keys") or "input_ids" not in encoded:
+        raise CalibrationDataError(
+            f"tokenizer {type(tokenizer).__name__} returned {type(encoded).__name__} without 'input_ids'"
+        )
+    ids = list(encoded["input_ids"])
+    masks = list(encoded["attention_mask"]) if "attention_mask" in encoded else [[1] * len(row) for row in ids]
+    return ids, masks
+
+
+def _encode_bounded(texts: list[str], tokenizer: Any, max_length: int) -> tuple[list[list[int]], list[list[int]]]:
+    """`tokenizer(texts, truncation=True, max_length=max_length)`'s input_ids and attention_mask,
+    with each text cut (see MIN_CHARS) before it is tokenized: the same tokens, bounded memory."""
+    from_left = getattr(tokenizer, "truncation_side", "right") == "left"
+    chars = max(MIN_CHARS, CHARS_PER_TOKEN * max_length)
+    ceiling = max(MIN_CHARS, MAX_CHARS_PER_TOKEN * max_length)
+    ids, masks = _encode([_cut(t, chars, from_left) for t in texts], tokenizer, max_length)
+    short = [i for i, t in enumerate(texts) if len(t) > chars and len(ids[i]) < max_length]
+    while short and chars < ceiling:  # a cut text that gave fewer tokens than asked: cut longer
+        chars = min(chars * 8, ceiling)
+        again_ids, again_masks = _encode([_cut(texts[i], chars, from_left) for i in short], tokenizer, max_length)
+        for i, row, mask in zip(short, again_ids, again_masks):
+            ids[i], masks[i] = row, mask
+        short = [i for i in short if len(texts[i]) > chars and len(ids[i]) < max_length]
+    if short:
+        logger.warning(
+            "%d text(s) hold more than %d characters per token; each was cut to its first %d characters before tokenizing",
+            len(short), MAX_CHARS_PER_TOKEN, chars,
+        )
+    return ids, masks
+
+
 def tokenize(
     texts: Sequence[str], tokenizer: Any, *, max_length: int
 ) -> tuple[list[dict[str, torch.Tensor]], int, dict[str, Any]]:
@@ -162,17 +222,7 @@ def tokenize(
         raise ConfigError(
             f"tokenizer={tokenizer!r} is not callable; pass a Hugging Face tokenizer (AutoTokenizer.from_pretrained(local_dir))"
         )
-    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
-    if not hasattr(encoded, "keys") or "input_ids" not in encoded:
-        raise CalibrationDataError(
-            f"tokenizer {type(tokenizer).__name__} returned {type(encoded).__name__} without 'input_ids'"
-        )
-    ids = encoded["input_ids"]
-    masks = (
-        encoded["attention_mask"]
-        if "attention_mask" in encoded
-        else [[1] * len(row) for row in ids]
-    )
+    ids, masks = _encode_bounded(list(texts), tokenizer, max_length)
     samples = []
     for i, (row, mask) in enumerate(zip(ids, masks)):
         if len(row) == 0:

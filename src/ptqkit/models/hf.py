@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,21 @@ import torch
 
 from ptqkit.core.errors import ConfigError, UnsupportedModelError
 
-__all__ = ["TASKS", "load_hf_model", "infer_task", "rebuild_from_state"]
+__all__ = ["TASKS", "check_hf_config", "load_hf_model", "infer_task", "rebuild_from_state"]
 
 logger = logging.getLogger(__name__)
 
 TASKS = ("auto", "causal_lm", "encoder")
 _ATTN = ("eager", "sdpa")
+MAX_CONFIG_BYTES = 10_000_000  # config.json files are a few kB
+# Sizes a config.json may state, with sanity bounds far above any released model: a config
+# asking for more would allocate (or loop) for ever before anything else could fail.
+_SIZE_KEYS = {
+    "num_hidden_layers": 4096, "n_layer": 4096, "num_layers": 4096, "hidden_size": 2**20, "n_embd": 2**20,
+    "d_model": 2**20, "num_attention_heads": 2**16, "n_head": 2**16, "num_key_value_heads": 2**16,
+    "intermediate_size": 2**24, "ffn_dim": 2**24, "n_inner": 2**24, "vocab_size": 2**27, "max_position_embeddings": 2**27,
+    "n_positions": 2**27, "head_dim": 2**16,
+}
 
 
 def _import_transformers() -> Any:
@@ -47,6 +57,39 @@ def infer_task(config: dict[str, Any], *, source: str) -> str:
     if config.get("is_decoder") or config.get("model_type") in ("llama", "gpt2", "mistral", "qwen2", "opt"):
         return "causal_lm"
     return "encoder"
+
+
+def check_hf_config(path: str | Path) -> dict[str, Any]:
+    """The parsed `config.json` of the local Hugging Face directory `path`, checked before any
+    model is built: a JSON object, its size fields positive integers within sanity bounds, and
+    accepted by transformers' own config class. UnsupportedModelError naming the file otherwise."""
+    config_path = Path(path).expanduser() / "config.json"
+    try:
+        with config_path.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise UnsupportedModelError(f"cannot read {config_path}: {exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise UnsupportedModelError(f"{config_path} is larger than {MAX_CONFIG_BYTES} bytes; not a Hugging Face config")
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, a number of more than 4300 digits
+        raise UnsupportedModelError(f"cannot read {config_path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise UnsupportedModelError(f"cannot read {config_path}: JSON nested too deeply") from None
+    if not isinstance(config, dict):
+        raise UnsupportedModelError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    for key, bound in _SIZE_KEYS.items():
+        value = config.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= bound):
+            raise UnsupportedModelError(f"{config_path}: {key}={value!r:.40} must be an integer in [1, {bound}]")
+    infer_task(config, source=str(config_path))  # 'architectures' must be a list
+    transformers = _import_transformers()
+    try:
+        transformers.AutoConfig.from_pretrained(str(config_path.parent), local_files_only=True)
+    except Exception as exc:  # transformers and huggingface_hub raise many types for a bad config
+        raise UnsupportedModelError(f"{config_path}: transformers refuses this config: {type(exc).__name__}: {str(exc)[:300]}") from exc
+    return config
 
 
 def _check_args(path: Path, task: str, gguf_file: str | None, dtype: torch.dtype, attn: str) -> None:
@@ -101,12 +144,9 @@ def load_hf_model(
         if gguf_file is not None:
             task = "causal_lm"
         else:
-            config_path = path / "config.json"
-            try:
-                config = json.loads(config_path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
-                raise UnsupportedModelError(f"cannot read {config_path}: {exc}") from exc
-            task = infer_task(config, source=str(config_path))
+            task = infer_task(check_hf_config(path), source=str(path / "config.json"))
+    elif gguf_file is None:
+        check_hf_config(path)
     transformers = _import_transformers()
     auto = transformers.AutoModelForCausalLM if task == "causal_lm" else transformers.AutoModel
     extra: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file is not None else {}
@@ -116,10 +156,16 @@ def load_hf_model(
             str(path), dtype=dtype, attn_implementation=attn_implementation, local_files_only=True, **extra
         )
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True, **extra)
-    except (OSError, ValueError, KeyError) as exc:
+    except pickle.UnpicklingError as exc:
+        raise UnsupportedModelError(
+            f"{str(path)!r}: the weights are a pickle (pytorch_model.bin) holding more than tensors, which ptqkit "
+            "does not load (unpickling can run code); convert them to model.safetensors"
+        ) from exc
+    except Exception as exc:  # transformers, safetensors and torch raise many types for a bad directory
+        detail = "truncated or corrupted weights: " if type(exc).__name__ == "SafetensorError" else ""
         raise UnsupportedModelError(
             f"transformers could not load {task} model from {str(path)!r}"
-            f"{f' (gguf_file={gguf_file!r})' if gguf_file else ''}: {exc}"
+            f"{f' (gguf_file={gguf_file!r})' if gguf_file else ''}: {detail}{type(exc).__name__}: {str(exc)[:300]}"
         ) from exc
     logger.info("loaded %s from %s in %.1f s", type(model).__name__, path, time.perf_counter() - start)
     return model.eval(), tokenizer
@@ -128,10 +174,12 @@ def load_hf_model(
 def load_hf_tokenizer(path: str | Path) -> Any:
     """The tokenizer of a local Hugging Face directory (without loading the model)."""
     transformers = _import_transformers()
+    if (Path(path).expanduser() / "config.json").is_file():
+        check_hf_config(path)
     try:
         return transformers.AutoTokenizer.from_pretrained(str(Path(path).expanduser()), local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise UnsupportedModelError(f"transformers could not load the tokenizer of {str(path)!r}: {exc}") from exc
+    except Exception as exc:  # transformers and tokenizers raise many types for a bad directory
+        raise UnsupportedModelError(f"transformers could not load the tokenizer of {str(path)!r}: {type(exc).__name__}: {str(exc)[:300]}") from exc
 
 
 def _no_init_weights() -> Any:

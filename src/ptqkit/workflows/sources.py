@@ -82,7 +82,10 @@ def read_tensor_file(path: Path, tensor_name: str | None = None) -> dict[str, to
             loaded = torch.load(path, map_location="cpu", weights_only=True)
             tensors = {"": loaded} if isinstance(loaded, torch.Tensor) else loaded
     except Exception as exc:  # safetensors and torch.load raise many types for a bad file
-        raise CalibrationDataError(f"{path}: cannot read tensors: {type(exc).__name__}: {exc}") from None
+        kind = "a safetensors file" if path.suffix == ".safetensors" else "a torch.save file of tensors"
+        raise CalibrationDataError(
+            f"{path}: cannot read tensors: the file is not {kind}, or is truncated or corrupted ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None
     if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
         raise CalibrationDataError(f"{path}: expected a tensor or a dict of name -> tensor, got {type(tensors).__name__}")
     if tensor_name is not None:
