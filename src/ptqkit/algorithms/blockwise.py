@@ -31,6 +31,7 @@ from ptqkit.core.errors import UnsupportedModelError
 from ptqkit.core.progress import progress_bar
 from ptqkit.core.spec import QuantSpec
 from ptqkit.models.mappings import ScaleGroup, find_block_list, resolve_scale_groups
+from ptqkit.stats.collect import BlockCalls, collect
 from ptqkit.stats.input_stats import InputStatistics, StatsRequest
 from ptqkit.stats.sequential import (
     BlockCall,
@@ -38,7 +39,6 @@ from ptqkit.stats.sequential import (
     capture_block_inputs,
     fused_attention,
     next_block_calls,
-    observe_inputs,
     shared_inputs,
 )
 
@@ -173,7 +173,7 @@ def _collect(
     by_leader = {
         leader: InputStatistics(input_columns(modules[leader]).shape[1], request, leader) for leader, request in merged.items()
     }
-    observe_inputs(root, calls, modules, {leader: stats.update for leader, stats in by_leader.items()})
+    collect(root, by_leader, BlockCalls(calls, modules))
     return {name: by_leader[leader] for name, leader in leaders.items()}
 
 

@@ -307,7 +307,7 @@ def _static_column_ranges(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(min, max) per input column of each named layer, from one pass over the calibration data,
     merged over ranks."""
-    from ptqkit.stats.hooks import input_column_ranges
+    from ptqkit.stats.collect import input_column_ranges
 
     batches, samples, total = _calibration_batches(data, recipe, parallel)
     ranges = input_column_ranges(model, names, batches, max_samples=samples, progress=progress, total_batches=total)
@@ -353,7 +353,7 @@ def _calibrate(
     model: nn.Module, specs: dict[str, QuantSpec], data: Any, recipe: Recipe, progress: bool, parallel: Any,
     transforms: dict[str, Any],
 ) -> dict[str, Any]:
-    from ptqkit.stats.hooks import calibrate_inputs
+    from ptqkit.stats.collect import calibrate_inputs
 
     batches, samples, total = _calibration_batches(data, recipe, parallel)
     observers = calibrate_inputs(

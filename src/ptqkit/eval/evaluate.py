@@ -41,6 +41,7 @@ from ptqkit.core.errors import CalibrationDataError, ConfigError
 from ptqkit.eval.metrics import finite_rows, mean_softmax_kl, top1_agreement, topk_agreement
 from ptqkit.nn.act_quant import SmoothedInputQuantizer
 from ptqkit.nn.modules import QuantizedModule
+from ptqkit.stats.collect import ModelBatches, collect
 from ptqkit.stats.hooks import batch_length, limited_batches
 
 __all__ = [
@@ -438,27 +439,26 @@ def _bytes_by_dtype(model: nn.Module) -> dict[str, int]:
     return totals
 
 
+class _Histogram:
+    """Counts of one layer's inputs in `bins` equal bins over [low, high] (values outside are not counted)."""
+
+    def __init__(self, low: float, high: float, bins: int) -> None:
+        self.low, self.high, self.bins = low, high, bins
+        self.counts = torch.zeros(bins, dtype=torch.float64)
+
+    def update(self, x: torch.Tensor) -> None:
+        self.counts += torch.histc(x.double(), bins=self.bins, min=self.low, max=self.high)
+
+
 @torch.no_grad()
 def _histograms(qmodel: nn.Module, layers: list[LayerReport], data: Any, max_samples: int, bins: int = 64) -> dict[str, dict[str, Any]]:
     """Input histograms of `layers` over their observed range (one more pass of the quantized
     model), with the static quantizer's clipping thresholds where there is one."""
     modules = dict(qmodel.named_modules())
-    counts = {layer.name: torch.zeros(bins, dtype=torch.float64) for layer in layers}
     ranges = {layer.name: (layer.input_min, layer.input_max if layer.input_max > layer.input_min else layer.input_min + 1e-6) for layer in layers}
-
-    def hook(name: str) -> Any:
-        def record(module: nn.Module, args: tuple) -> None:
-            low, high = ranges[name]
-            counts[name] += torch.histc(args[0].detach().double(), bins=bins, min=low, max=high)
-        return record
-
-    handles = [modules[layer.name].register_forward_pre_hook(hook(layer.name)) for layer in layers]
-    try:
-        for batch, _ in limited_batches(batches_of(data), max_samples):
-            call_model(qmodel, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    histograms = {name: _Histogram(low, high, bins) for name, (low, high) in ranges.items()}
+    collect(qmodel, histograms, ModelBatches(batches_of(data), max_samples, "input histograms", progress=False))
+    counts = {name: histogram.counts for name, histogram in histograms.items()}
     result = {}
     for layer in layers:
         low, high = ranges[layer.name]

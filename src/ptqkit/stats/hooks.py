@@ -1,4 +1,5 @@
-"""Hook-based calibration: forward pre-hooks feed each targeted module's input to its observer.
+"""Hook-based forward passes: forward pre-hooks hand each named module's input to a callback
+(`run_with_input_hooks`, the whole-model source of `stats.collect`), and batch helpers.
 
 No tracing: any architecture works. Batches run under `torch.inference_mode()`; hooks are
 always removed and the model's train/eval mode restored, whether calibration succeeds or not.
@@ -13,11 +14,9 @@ from torch import nn
 
 from ptqkit.calibration.data import call_model
 from ptqkit.core.errors import CalibrationDataError, NonFiniteError, PTQError
-from ptqkit.core.primitives import check_finite
 from ptqkit.core.progress import progress_bar
-from ptqkit.core.spec import QuantSpec
 
-__all__ = ["calibrate_inputs", "input_column_ranges", "run_with_input_hooks", "batch_length", "slice_batch", "limited_batches"]
+__all__ = ["run_with_input_hooks", "batch_length", "slice_batch", "limited_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,53 +53,6 @@ def limited_batches(batches: Iterable[Any], max_samples: int) -> Iterator[tuple[
             batch, count = slice_batch(batch, max_samples - seen), max_samples - seen
         yield batch, seen
         seen += count
-
-
-def calibrate_inputs(
-    model: nn.Module,
-    specs: Mapping[str, QuantSpec],
-    batches: Iterable[Any],
-    *,
-    max_samples: int,
-    progress: bool = True,
-    total_batches: int | None = None,
-    input_transforms: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
-) -> dict[str, Any]:
-    """Run `batches` through `model` and return one filled observer per module name in `specs`
-    (observing that module's first input). Stops after `max_samples` samples. A module named
-    in `input_transforms` is observed on transform(input): what its quantizer will see (its
-    input with calibrated outlier columns zeroed, or divided by its smoothing divisors)."""
-    from ptqkit.observers import make_observer
-
-    observers = {name: make_observer(spec) for name, spec in specs.items()}
-    transforms = dict(input_transforms or {})
-
-    def update(name: str, x: torch.Tensor) -> None:
-        observers[name].update(transforms[name](x) if name in transforms else x)
-
-    seen = run_with_input_hooks(model, {name: update for name in observers}, batches, "calibrating", max_samples, progress, total_batches)
-    logger.info("calibrated %d module input(s) on %d sample(s)", len(observers), seen)
-    return observers
-
-
-def input_column_ranges(
-    model: nn.Module, names: Iterable[str], batches: Iterable[Any], *, max_samples: int, progress: bool = True,
-    total_batches: int | None = None,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(min, max) per input column (last dimension) of each named module over the calibration
-    batches: {name: ([C], [C])}."""
-    ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def update(name: str, x: torch.Tensor) -> None:
-        check_finite(x, f"input of module {name!r}")
-        rows = x.reshape(-1, x.shape[-1]).float()  # [N, C]
-        low, high = rows.amin(0), rows.amax(0)
-        if name in ranges:
-            low, high = torch.minimum(ranges[name][0], low), torch.maximum(ranges[name][1], high)
-        ranges[name] = (low, high)
-
-    run_with_input_hooks(model, {name: update for name in names}, batches, "input column ranges", max_samples, progress, total_batches)
-    return ranges
 
 
 def run_with_input_hooks(
