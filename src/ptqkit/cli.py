@@ -162,6 +162,7 @@ def _hf_tokenizer(model_dir: str) -> Any:
     """The tokenizer of a Hugging Face directory, or None if it has none (token-id tensor data)."""
     from ptqkit.models.hf import check_hf_config, load_hf_tokenizer
 
+    check_hf_config(model_dir)  # before the memory plan builds a skeleton from it
     has_tokenizer = any((Path(model_dir).expanduser() / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
     return load_hf_tokenizer(model_dir) if has_tokenizer else None
 
@@ -174,7 +175,6 @@ def _memory_plan(args: argparse.Namespace, recipe: Any, *, onload: bool, calib: 
     from ptqkit.engine.weight_store import tokens_per_sample
 
     settings = recipe.calibration
-    check_hf_config(model_dir)  # before the memory plan builds a skeleton from it
     samples, seq_len = settings.samples, args.max_length
     if calib is not None and len(calib):
         samples, seq_len = min(len(calib), settings.samples), tokens_per_sample(calib)
@@ -267,6 +267,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from ptqkit.eval.doctor import findings_from
     from ptqkit.eval.report import write_report
 
+    search = _read_search(args.search) if args.search else None  # before the (slow) evaluation
     report, evaluation, loaded, qmodel, data = _evaluate_run(args)
     sensitivities = None
     if args.sensitivity:
@@ -283,10 +284,35 @@ def _cmd_report(args: argparse.Namespace) -> int:
     paths = write_report(
         report, out, title=f"ptqkit report: {Path(args.run).name}", calibration=qmodel.ptqkit_info.calibration,
         evaluation=evaluation, bench=bench, sensitivities=sensitivities, findings=[asdict(f) for f in findings_from(qmodel, report)],
-        search=json.loads(Path(args.search).read_text(encoding="utf-8")) if args.search else None,
+        search=search,
     )
     _write(args, {k: str(v) for k, v in paths.items()}, f"{_render_report(report)}\n\nwrote {paths['html']} and {paths['json']}")
     return 0
+
+
+def _read_search(path: str) -> dict[str, Any]:
+    """The search.json of `ptqkit search` named by `report --search`, checked enough to plot."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"--search {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ConfigError(f"--search {path}: not a search.json written by `ptqkit search` ({type(exc).__name__}: {str(exc)[:200]})") from None
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    point_ok = lambda p: (  # noqa: E731
+        isinstance(p, dict) and isinstance(p.get("name"), str) and (p.get("measured_ms") is None or number(p["measured_ms"]))
+        and number(p.get("degradation")) and number(p.get("weight_bytes"))
+    )
+    if (
+        not isinstance(data, dict) or not isinstance(data.get("points"), list) or not all(point_ok(p) for p in data["points"])
+        or not number(data.get("float_ms")) or not isinstance(data.get("front", []), list)
+        or not isinstance(data.get("chosen") or {}, dict) or not isinstance(data.get("why_none") or "", str)
+    ):
+        raise ConfigError(
+            f"--search {path}: not a search.json written by `ptqkit search` (needs float_ms and points with a name, "
+            "measured_ms, degradation and weight_bytes)"
+        )
+    return data
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -364,6 +390,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         from ptqkit.workflows.runs import describe_run
 
         info = describe_run(target)
+        from ptqkit.core.errors import ArtifactError
+        from ptqkit.export.artifact import MODEL_FILE
+
+        if not (target / MODEL_FILE).is_file():  # the JSON describes it, but the artifact is unusable
+            raise ArtifactError(f"{target / MODEL_FILE} is missing: the artifact is incomplete")
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(info["layers_by_kind"].items()))
         text = (
             f"{info['artifact']}: {info['model_class']} quantized with recipe {info['recipe']!r}\n"

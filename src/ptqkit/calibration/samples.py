@@ -26,6 +26,7 @@ __all__ = [
     "hash_samples",
     "clone_sample",
     "call_model",
+    "call_on_batch",
     "count_samples",
     "describe_tensors",
     "pick_samples",
@@ -292,6 +293,20 @@ def call_model(model: nn.Module, batch: ModelInput) -> Any:
             f"{where} holds NaN/Inf on this data ({exc}); the inputs are finite, so the activations "
             "overflow in the model: check the data's scale and preprocessing, or the model's numerics in float"
         ) from exc
+
+
+def call_on_batch(model: nn.Module, batch: ModelInput, where: str) -> Any:
+    """`call_model`, with an error of the model's own (a batch of the wrong shape or dtype, a
+    token id out of range) turned into a CalibrationDataError naming `where` (e.g. "evaluation
+    batch 0 (samples 0-7)"); ptqkit's own errors pass through."""
+    from ptqkit.core.errors import PTQError
+
+    try:
+        return call_model(model, batch)
+    except PTQError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the model's forward raises anything on bad input
+        raise CalibrationDataError(f"{where} does not fit the model: {type(exc).__name__}: {str(exc)[:300]}") from exc
 
 
 def describe_tensors(data: Any) -> str:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptqkit.algorithms.input_smoothing import smoothed
-from ptqkit.calibration.samples import call_model
+from ptqkit.calibration.samples import call_model, call_on_batch
 from ptqkit.core.errors import CalibrationDataError, ConfigError
 from ptqkit.eval.metrics import finite_rows, mean_softmax_kl, top1_agreement, topk_agreement
 from ptqkit.nn.act_quant import SmoothedInputQuantizer
@@ -267,7 +267,8 @@ def _compare_outputs(
     for batch, first in limited_batches(batches_of(data), max_samples):
         n = batch_length(batch)
         batch_labels = labels[first : first + n] if labels is not None else None
-        accumulator.add(call_model(float_model, batch), call_model(candidate, batch), batch, batch_labels)
+        where = f"evaluation batch (samples {first}-{first + n - 1})"
+        accumulator.add(call_on_batch(float_model, batch, where), call_on_batch(candidate, batch, where), batch, batch_labels)
         samples += n
         if after_batch is not None:
             after_batch()

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ptqkit.core.errors import ArtifactError, PTQError
+from ptqkit.core.errors import ArtifactError, ConfigError, PTQError
 from ptqkit.core.primitives import unpack_lowbit
 from ptqkit.core.spec import QParams, QuantSpec
 from ptqkit.export.artifact import (
@@ -55,8 +56,12 @@ def _read_json(path: Path, *, missing: str, invalid_suffix: str = "") -> Any:
         raise ArtifactError(f"{path}: missing; {missing}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path}: not valid JSON ({exc}){invalid_suffix}") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, a number of more than 4300 digits
+        raise ArtifactError(f"{path}: not valid JSON ({str(exc)[:200]}){invalid_suffix}") from None
+    except RecursionError:
+        raise ArtifactError(f"{path}: not valid JSON (nested too deeply){invalid_suffix}") from None
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot be read ({exc})") from None
 
 
 def read_manifest(out_dir: str | Path) -> dict[str, Any]:
@@ -80,14 +85,57 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any]:
         )
     if not isinstance(data["layers"], list) or not isinstance(data["aliases"], dict) or not isinstance(data["skipped"], list):
         raise ArtifactError(f"{path}: 'layers' and 'skipped' must be lists and 'aliases' an object")
+    _check_header(data, path)
     for i, layer in enumerate(data["layers"]):
         if not isinstance(layer, dict) or any(key not in layer for key in _LAYER_KEYS):
             raise ArtifactError(f"{path}: layers[{i}] must be an object with keys {list(_LAYER_KEYS)}, got {layer!r:.200}")
         if not isinstance(layer["name"], str) or not isinstance(layer["plan_type"], str) or not isinstance(layer["reason"], str):
             raise ArtifactError(f"{path}: layers[{i}]: 'name', 'plan_type' and 'reason' must be strings")
         if not isinstance(layer["module"], str) or layer["module"] not in _QUANT_MODULES:
-            raise ArtifactError(f"{path}: layers[{i}].module {layer['module']!r} is unknown; valid: {sorted(_QUANT_MODULES)}")
+            raise ArtifactError(f"{path}: layers[{i}].module {layer['module']!r:.100} is unknown; valid: {sorted(_QUANT_MODULES)}")
+        _check_layer(layer, f"{path}: layers[{i}]")
     return data
+
+
+def _check_header(data: dict[str, Any], path: Path) -> None:
+    """The types of quantization.json's top-level entries other than 'layers', and its recipe."""
+    from ptqkit.engine.recipe import Recipe
+
+    for i, entry in enumerate(data["skipped"]):
+        if not isinstance(entry, list) or len(entry) != 3 or not all(isinstance(part, str) for part in entry):
+            raise ArtifactError(f"{path}: skipped[{i}] must be [module name, type, reason] (three strings), got {entry!r:.200}")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in data["aliases"].items()):
+        raise ArtifactError(f"{path}: 'aliases' must map state-dict names to state-dict names (strings)")
+    if not isinstance(data["model_sha256"], str):
+        raise ArtifactError(f"{path}: 'model_sha256' must be a string, got {data['model_sha256']!r:.100}")
+    model = data["model"]
+    if not isinstance(model, dict) or not isinstance(model.get("class"), str):
+        raise ArtifactError(f"{path}: 'model' must be an object with a 'class' name, got {model!r:.200}")
+    for key in ("dtype", "attn_implementation"):
+        if model.get(key) is not None and not isinstance(model[key], str):
+            raise ArtifactError(f"{path}: model.{key} must be a string or null, got {model[key]!r:.100}")
+    for key in ("calibration", "metrics", "versions"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise ArtifactError(f"{path}: {key!r} must be an object or null, got {type(data[key]).__name__}")
+    if not isinstance(data["recipe"], dict):
+        raise ArtifactError(f"{path}: 'recipe' must be an object, got {type(data['recipe']).__name__}")
+    try:
+        Recipe.from_dict(data["recipe"])
+    except PTQError as exc:
+        raise ArtifactError(f"{path}: recipe is invalid: {exc}") from None
+
+
+def _check_layer(layer: dict[str, Any], where: str) -> None:
+    """The types of one layer record's specs and shape (their values are checked when it is built)."""
+    for key in ("weights", "inputs", "input_qparams"):
+        if layer[key] is not None and not isinstance(layer[key], dict):
+            raise ArtifactError(f"{where}.{key} must be an object or null, got {layer[key]!r:.200}")
+    shape = layer.get("weight_shape")
+    if shape is not None and (
+        not isinstance(shape, list) or not 1 <= len(shape) <= 8
+        or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**40 for v in shape)
+    ):
+        raise ArtifactError(f"{where}.weight_shape must be a list of 1 to 8 sizes, got {shape!r:.200}")
 
 
 def _read_tensors(path: Path, expected_sha: str) -> dict[str, torch.Tensor]:
@@ -306,6 +354,13 @@ def load_artifact(out_dir: str | Path, model_skeleton_or_hf_dir: nn.Module | str
     from ptqkit.engine.recipe import Recipe
     from ptqkit.engine.targets import LayerPlan, Plan
 
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise ConfigError(f"load: the artifact directory must be a path, got {type(out_dir).__name__} {out_dir!r:.100}")
+    if model_skeleton_or_hf_dir is not None and not isinstance(model_skeleton_or_hf_dir, (nn.Module, str, os.PathLike)):
+        raise ConfigError(
+            f"load: the second argument must be the float model (an nn.Module), a Hugging Face directory or None, "
+            f"got {type(model_skeleton_or_hf_dir).__name__} {model_skeleton_or_hf_dir!r:.100}"
+        )
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
     quant_path = out_dir / QUANT_FILE

@@ -92,6 +92,16 @@ def export_float_onnx(
         if dynamic_shapes is None:
             raise ExportError("example_inputs: pass either positional tensors or keyword tensors, not both")
     model = model.eval()
+    try:  # the example must run in torch first: the exporter's errors on a misfit input are pages long
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except ExportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the model's forward raises anything on bad input
+        raise ExportError(
+            f"example_inputs ({', '.join(str(tuple(t.shape)) for t in [*args, *kwargs.values()])}) do not fit "
+            f"{type(model).__name__}: {type(exc).__name__}: {str(exc)[:300]}"
+        ) from exc
     try:
         with torch.no_grad():
             program = torch.onnx.export(

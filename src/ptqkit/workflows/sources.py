@@ -60,6 +60,8 @@ def _factory(spec: str) -> Any:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise UnsupportedModelError(f"model {spec!r}: cannot import {module_name!r}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a SyntaxError, or the module's own code raising on import
+        raise UnsupportedModelError(f"model {spec!r}: importing {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
     target = getattr(module, attribute, None)
     if not callable(target):
         public = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))
@@ -106,7 +108,13 @@ def load_model(spec: str, weights: str | Path | None = None) -> LoadedModel:
 
         model, tokenizer = load_hf_model(path)
         return LoadedModel(model, tokenizer, {"kind": "hf", "path": str(path.resolve())})
-    model = _factory(spec)()
+    factory = _factory(spec)
+    try:
+        model = factory()
+    except Exception as exc:  # noqa: BLE001 - the user's factory: name it and what it raised
+        raise UnsupportedModelError(
+            f"model {spec!r}: calling it without arguments raised {type(exc).__name__}: {str(exc)[:300]}"
+        ) from exc
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"model {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
     source: dict[str, Any] = {"kind": "factory", "factory": spec, "weights": None}
