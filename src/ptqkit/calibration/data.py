@@ -233,29 +233,7 @@ class CalibrationData:
             from torch.utils.data import DataLoader
 
             batched = isinstance(iterable, DataLoader) and iterable.batch_sampler is not None
-        if not isinstance(iterable, Iterable):
-            raise CalibrationDataError(
-                f"from_iterable: {type(iterable).__name__} is not iterable; pass a DataLoader, list or generator of samples"
-            )
-
-        def stream() -> Iterator[Any]:
-            for b, item in enumerate(iterable):
-                if batched:
-                    yield from split_batch(item, f"batch {b}")
-                else:
-                    yield item
-
-        if sample and limit is not None:
-            chosen, available = sampling.reservoir_sample(stream(), limit, seed)
-            method = "reservoir" if available > limit else "all"
-        else:
-            chosen = list(sampling.take(stream(), limit))
-            available = None
-            method = "first" if limit is not None and len(chosen) == limit else "all"
-        if not chosen:
-            raise CalibrationDataError(
-                f"calibration data is empty: the {type(iterable).__name__} yielded no samples"
-            )
+        chosen, available, method = _read_samples(iterable, limit, seed, batched, sample)
         sampling.warn_if_short(len(chosen), limit, "from_iterable")
         name = type(iterable).__name__
         return cls(
@@ -389,3 +367,34 @@ class CalibrationData:
         import copy
 
         return copy.deepcopy(self._description)
+
+
+def _read_samples(
+    iterable: Any, limit: int | None, seed: int, batched: bool, sample: bool
+) -> tuple[list[tuple[int, Any]], int | None, str]:
+    """((index, sample) pairs kept, how many were available when all were read, the sampling
+    method) from an iterable of samples or of batches (`batched`: split each item)."""
+    if not isinstance(iterable, Iterable):
+        raise CalibrationDataError(
+            f"from_iterable: {type(iterable).__name__} is not iterable; pass a DataLoader, list or generator of samples"
+        )
+
+    def stream() -> Iterator[Any]:
+        for b, item in enumerate(iterable):
+            if batched:
+                yield from split_batch(item, f"batch {b}")
+            else:
+                yield item
+
+    if sample and limit is not None:
+        chosen, available = sampling.reservoir_sample(stream(), limit, seed)
+        method = "reservoir" if available > limit else "all"
+    else:
+        chosen = list(sampling.take(stream(), limit))
+        available = None
+        method = "first" if limit is not None and len(chosen) == limit else "all"
+    if not chosen:
+        raise CalibrationDataError(
+            f"calibration data is empty: the {type(iterable).__name__} yielded no samples"
+        )
+    return chosen, available, method
