@@ -18,14 +18,7 @@ from torch import nn
 
 from ptqkit.core.errors import ConfigError
 from ptqkit.nn.modules import QuantizedModule, QuantLinear
-from ptqkit.nn.packed import (
-    ACTIVATION_DTYPES,
-    CastLinear,
-    Int4WeightOnlyLinear,
-    Int8WeightOnlyLinear,
-    int4_refusal,
-    int8_refusal,
-)
+from ptqkit.nn.packed import ACTIVATION_DTYPES, WEIGHT_ONLY_KERNELS, CastLinear
 from ptqkit.nn.tree import replace_module
 
 __all__ = ["BACKENDS", "FASTEST", "PackedLayer", "PackReport", "fastest_float_dtype", "pack"]
@@ -87,14 +80,11 @@ def _choose(module: QuantizedModule, activation_dtype: torch.dtype) -> tuple[nn.
         if module.float_type == "Embedding":
             return None, "embedding: a lookup reads one row per token, no matmul kernel applies"
         return None, f"{module.float_type}: no packed torch kernel for convolutions"
-    bits = module.weight_spec.qtype.bits
-    if bits == 8:
-        reason = int8_refusal(module)
-        return (Int8WeightOnlyLinear(module, activation_dtype), "") if reason is None else (None, reason)
-    if bits == 4:
-        reason = int4_refusal(module)
-        return (Int4WeightOnlyLinear(module, activation_dtype), "") if reason is None else (None, reason)
-    return None, f"{module.weight_spec.qtype.name} weights: torch has 8- and 4-bit kernels only"
+    kernel = WEIGHT_ONLY_KERNELS.get(module.weight_spec.qtype.bits)
+    if kernel is None:
+        return None, f"{module.weight_spec.qtype.name} weights: torch has 8- and 4-bit kernels only"
+    reason = kernel.refusal(module)
+    return (kernel.build(module, activation_dtype), "") if reason is None else (None, reason)
 
 
 def fastest_float_dtype(linear: nn.Linear, reps: int = 20) -> tuple[torch.dtype, dict[str, float]]:

@@ -8,8 +8,11 @@
     int4_g128   4-bit weights in groups of 128 on `torch._weight_int4pack_mm_for_cpu`
     int4_g64    the same in groups of 64 (for input widths that 128 does not divide)
 
+Each quantized format is a recipe weight spec plus a kernel from the one torch kernel table
+(`nn.packed.WEIGHT_ONLY_KERNELS`, `DYNAMIC_INT8_KERNEL`, which `export.pack` chooses from too).
 `format_module(linear, name)` builds the layer in a format, or returns the kernel's refusal (for
-example int4_g128 on SmolLM2's 576-wide inputs: 4.5 groups). Weights are round-to-nearest (min-max);
+example int4_g128 on SmolLM2's 576-wide inputs: 4.5 groups). Weights are on the engine's data-free
+grid (`engine.quantize.weight_qparams`: round-to-nearest, min-max);
 the search measures accuracy on the model, so better quantizers only move its points.
 """
 from __future__ import annotations
@@ -20,36 +23,22 @@ import torch
 from torch import nn
 
 from ptqkit.core.errors import ConfigError
-from ptqkit.core.primitives import qparams_from_tensor
 from ptqkit.core.qtypes import PerChannel, PerGroup
 from ptqkit.core.spec import QuantSpec
+from ptqkit.engine.quantize import weight_qparams
 from ptqkit.nn.modules import QuantLinear
-from ptqkit.nn.packed import (
-    CastLinear,
-    Int4WeightOnlyLinear,
-    Int8DynamicLinear,
-    Int8WeightOnlyLinear,
-    int4_refusal,
-    int8_dynamic_refusal,
-    int8_refusal,
-)
+from ptqkit.nn.packed import DYNAMIC_INT8_KERNEL, WEIGHT_ONLY_KERNELS, CastLinear, TorchKernel
 from ptqkit.nn.tree import replace_module
 
 __all__ = ["FORMATS", "WEIGHT_BITS", "apply_assignment", "format_module", "weight_bytes"]
 
-_SPECS: dict[str, QuantSpec] = {
-    "int8_wo": QuantSpec(qtype="int8", granularity=PerChannel(0), symmetric=True),
-    "int8_dyn": QuantSpec(qtype="int8", granularity=PerChannel(0), symmetric=True),
-    "int4_g128": QuantSpec(qtype="int4", granularity=PerGroup(128), symmetric=True),
-    "int4_g64": QuantSpec(qtype="int4", granularity=PerGroup(64), symmetric=True),
+_FORMATS: dict[str, tuple[QuantSpec, TorchKernel]] = {  # name -> (recipe weight spec, kernel from the one table)
+    "int8_wo": (QuantSpec(qtype="int8", granularity=PerChannel(0), symmetric=True), WEIGHT_ONLY_KERNELS[8]),
+    "int8_dyn": (QuantSpec(qtype="int8", granularity=PerChannel(0), symmetric=True), DYNAMIC_INT8_KERNEL),
+    "int4_g128": (QuantSpec(qtype="int4", granularity=PerGroup(128), symmetric=True), WEIGHT_ONLY_KERNELS[4]),
+    "int4_g64": (QuantSpec(qtype="int4", granularity=PerGroup(64), symmetric=True), WEIGHT_ONLY_KERNELS[4]),
 }
-_KERNELS: dict[str, tuple[Callable[[QuantLinear], str | None], Callable[[QuantLinear], nn.Module]]] = {
-    "int8_wo": (int8_refusal, Int8WeightOnlyLinear),
-    "int8_dyn": (int8_dynamic_refusal, Int8DynamicLinear),
-    "int4_g128": (int4_refusal, Int4WeightOnlyLinear),
-    "int4_g64": (int4_refusal, Int4WeightOnlyLinear),
-}
-FORMATS = ("fp32", "bf16", *_SPECS)
+FORMATS = ("fp32", "bf16", *_FORMATS)
 WEIGHT_BITS = {"fp32": 32, "bf16": 16, "int8_wo": 8, "int8_dyn": 8, "int4_g128": 4, "int4_g64": 4}
 _SCALE_BYTES = {"int8_wo": lambda n, k: 4 * n, "int8_dyn": lambda n, k: 4 * n, "int4_g128": lambda n, k: 4 * n * (k // 128), "int4_g64": lambda n, k: 4 * n * (k // 64)}
 
@@ -72,12 +61,11 @@ def format_module(linear: nn.Linear, fmt: str) -> nn.Module | str:
         return linear
     if fmt == "bf16":
         return CastLinear(linear, torch.bfloat16)
-    spec = _SPECS[fmt]
+    spec, kernel = _FORMATS[fmt]
     weight = linear.weight.detach()
-    quantized = QuantLinear(weight, linear.bias, qparams_from_tensor(weight, spec), spec)
-    refusal_of, kernel = _KERNELS[fmt]
-    refusal = refusal_of(quantized)
-    return refusal if refusal is not None else kernel(quantized)
+    quantized = QuantLinear(weight, linear.bias, weight_qparams(weight, spec), spec)  # the engine's data-free grid
+    refusal = kernel.refusal(quantized)
+    return refusal if refusal is not None else kernel.build(quantized, torch.bfloat16)
 
 
 def apply_assignment(model: nn.Module, assignment: dict[str, str]) -> nn.Module:

@@ -29,6 +29,8 @@ Kernel constraints (torch 2.13):
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -46,6 +48,9 @@ __all__ = [
     "int8_dynamic_refusal",
     "int8_refusal",
     "int4_refusal",
+    "TorchKernel",
+    "WEIGHT_ONLY_KERNELS",
+    "DYNAMIC_INT8_KERNEL",
 ]
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -238,3 +243,21 @@ class Int8DynamicLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, activations=int8 per tensor (7 bits, dynamic)"
+
+
+@dataclass(frozen=True)
+class TorchKernel:
+    """One packed torch CPU kernel for a QuantLinear: `refusal(module)` says why it cannot take a
+    layer (None when it can), `build(module, activation_dtype)` packs the layer onto it. The one
+    kernel table: `export.pack` and the mixed-precision formats both choose from it."""
+
+    name: str
+    refusal: Callable[[QuantLinear], str | None]
+    build: Callable[[QuantLinear, torch.dtype], nn.Module]
+
+
+WEIGHT_ONLY_KERNELS: dict[int, TorchKernel] = {  # weight bits -> kernel; activations stay float
+    8: TorchKernel("int8_weight_only", int8_refusal, Int8WeightOnlyLinear),
+    4: TorchKernel("int4_weight_only", int4_refusal, Int4WeightOnlyLinear),
+}
+DYNAMIC_INT8_KERNEL = TorchKernel("int8_dynamic", int8_dynamic_refusal, lambda module, activation_dtype: Int8DynamicLinear(module))
