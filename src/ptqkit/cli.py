@@ -19,12 +19,19 @@ import contextlib
 import json
 import logging
 import math
+import os
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Iterator
 
-from ptqkit.core.errors import CalibrationDataError, ConfigError, PTQError, UnsupportedModelError
+from ptqkit.core.errors import (
+    CalibrationDataError,
+    ConfigError,
+    OutputPathError,
+    PTQError,
+    UnsupportedModelError,
+)
 
 __all__ = ["EXIT_CODES", "main"]
 
@@ -129,6 +136,11 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         return 0
     if args.out is None:
         raise ConfigError("quantize: --out DIR is required (the run directory to write)")
+    if _is_writer(args.distributed):  # an unsafe, foreign, busy or unwritable --out fails before any work
+        from ptqkit.core.atomic import prepare_output
+        from ptqkit.export.artifact import written_by_ptqkit
+
+        prepare_output(args.out, owned=written_by_ptqkit, try_lock=True)
     from ptqkit.workflows.runs import quantize_run
     from ptqkit.workflows.sources import load_model
 
@@ -277,6 +289,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     artifact = Path(args.run) / "model.safetensors"
     report = replace(report, size={**report.size, "artifact_bytes": artifact.stat().st_size})  # on disk, vs float_bytes
     out = Path(args.out) if args.out else Path(args.run) / "report"
+    if not args.out and out.is_symlink():  # a run directory is data: never write through its links
+        raise OutputPathError(f"{out} is a symbolic link (to {os.readlink(out)!r}); ptqkit does not write through symbolic links: remove it")
     from ptqkit.workflows.runs import current_bench, run_artifact_sha
 
     bench = current_bench(args.run)  # written by `ptqkit bench`: the report's speed claim, only if it timed this artifact

@@ -42,6 +42,7 @@ __all__ = [
     "copy_entry",
     "exclusive_lock",
     "file_sha256",
+    "prepare_output",
     "fsync_path",
     "swap_in",
     "write_bytes",
@@ -359,6 +360,37 @@ class DirectoryBuild:
         swap_in(self.path, self.target)
 
 
+def _refuse_foreign(target: Path, owned: Callable[[Path], bool]) -> None:
+    _refuse_symlink(target)
+    entries = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
+    if entries and not owned(target):
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise OutputPathError(
+            f"output directory {str(target)!r} is not empty ({shown}) and was not written by ptqkit; "
+            "ptqkit never deletes or rewrites files it did not create: choose a new or empty directory"
+        )
+
+
+def prepare_output(target: str | Path, *, owned: Callable[[Path], bool] | None = None, try_lock: bool = False) -> Path:
+    """`check_output_dir(target)`, with its parent created; with `owned`, a non-empty `target`
+    that `owned` rejects is refused too; with `try_lock`, one that another process is writing
+    (the lock is released again). All failures are OutputPathError: check before long work."""
+    target = check_output_dir(target)
+    parent = target.parent if str(target.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise OutputPathError(f"cannot write {target}: a parent of it is a file, not a directory") from None
+    except OSError as exc:
+        raise OutputPathError(f"cannot write {target}: {exc.strerror} ({exc.filename})") from None
+    if owned is not None:
+        _refuse_foreign(target, owned)
+    if try_lock:
+        with exclusive_lock(target):
+            pass
+    return target
+
+
 @contextmanager
 def build_directory(
     target: str | Path, *, owned: Callable[[Path], bool] = lambda path: True, lock: bool = True, blocking: bool = False
@@ -370,26 +402,12 @@ def build_directory(
     `target` for which `owned(target)` is false (a directory ptqkit did not create is never
     rebuilt). Whatever is left at the temporary path on exit (an uncommitted build, or the old
     directory after the exchange) is removed."""
-    target = check_output_dir(target)
-    parent = target.parent if str(target.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise OutputPathError(f"cannot write {target}: a parent of it is a file, not a directory") from None
-    except OSError as exc:
-        raise OutputPathError(f"cannot write {target}: {exc.strerror} ({exc.filename})") from None
+    target = prepare_output(target)
     with exclusive_lock(target, blocking=blocking) if lock else _nothing():
         clean_leftovers(target)
         previous_mode = None
         if target.is_dir():
-            _refuse_symlink(target)
-            entries = sorted(p.name for p in target.iterdir())
-            if entries and not owned(target):
-                shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-                raise OutputPathError(
-                    f"output directory {str(target)!r} is not empty ({shown}) and was not written by ptqkit; "
-                    "ptqkit never deletes or rewrites files it did not create: choose a new or empty directory"
-                )
+            _refuse_foreign(target, owned)
             previous_mode = stat.S_IMODE(target.stat().st_mode)
         try:
             build = DirectoryBuild(target, previous_mode)
