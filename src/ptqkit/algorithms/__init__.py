@@ -20,7 +20,7 @@ from ptqkit.algorithms.outlier_channels import OutlierChannelsConfig
 from ptqkit.algorithms.registry import ALGORITHMS, REGISTRY, Algorithm, Engine, Stage
 from ptqkit.algorithms.rtn import RTNConfig, rtn_qparams, rtn_quantize_weight
 from ptqkit.algorithms.smoothquant import SmoothQuantConfig
-from ptqkit.algorithms.weight_quant import SCALE_RULES, WeightQuantResult, weight_qparams
+from ptqkit.algorithms.weight_quant import SCALE_RULES, WeightQuantResult, clipped_weight_qparams
 from ptqkit.stats.hessian import HessianAccumulator
 
 __all__ = [
@@ -46,5 +46,5 @@ __all__ = [
     "gptq_quantize_weight",
     "rtn_qparams",
     "rtn_quantize_weight",
-    "weight_qparams",
+    "clipped_weight_qparams",
 ]

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ptqkit.algorithms.channel_scaling import input_columns, rescale_group_, set_input_columns_
-from ptqkit.algorithms.weight_quant import expand_qparams, quant_dequant, weight_qparams
+from ptqkit.algorithms.weight_quant import clipped_weight_qparams, expand_qparams, quant_dequant
 from ptqkit.core.errors import ConfigError
 from ptqkit.core.qtypes import PerChannel, PerGroup
 from ptqkit.core.spec import QuantSpec
@@ -75,7 +75,7 @@ class AWQConfig:
 
 def _fake_quant(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Round-to-nearest quantize-dequantize of a weight [out, in] with min-max parameters."""
-    qparams = weight_qparams(w, spec)
+    qparams = clipped_weight_qparams(w, spec)
     scale, zero = expand_qparams(qparams, w.shape)  # [out, in] each
     return quant_dequant(w, scale, zero, float(spec.qtype.qmin), float(spec.qtype.qmax), spec.rounding)[1]
 

@@ -16,7 +16,7 @@ from ptqkit.algorithms.rtn import round_to_grid, rtn_quantize_weight
 from ptqkit.algorithms.transforms import TransformContext
 from ptqkit.algorithms.weight_quant import WeightQuantResult
 from ptqkit.core.errors import ConfigError
-from ptqkit.core.spec import QParams, QuantSpec
+from ptqkit.core.spec import QuantSpec
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,6 @@ __all__ = [
     "apply_pre_transforms",
     "split_algorithms",
     "is_data_free",
-    "quantize_weight_params",
     "quantize_weight",
 ]
 
@@ -145,15 +144,6 @@ def is_data_free(config: Any) -> bool:
     return config is not None and algorithm_of(config).stage is Stage.WEIGHT_QUANTIZER and _engine(config) is Engine.CONVERSION
 
 
-def quantize_weight_params(weight: torch.Tensor, spec: QuantSpec, config: Any) -> QParams:
-    """QParams of a weight [out, ...] by a data-free weight quantizer (on its [out, -1] view
-    for convolutions, whose per-channel parameters are the same)."""
-    if not is_data_free(config):
-        raise ConfigError(f"{type(config).__name__} needs calibration data and runs block or layer by layer, not here")
-    flat = weight.reshape(weight.shape[0], -1) if weight.ndim > 2 else weight  # [out, in·k·k]
-    return algorithm_of(config).handler(flat, spec, config)
-
-
 def quantize_weight(
     weight: torch.Tensor, spec: QuantSpec, config: Any, hessian: torch.Tensor | None = None, *, name: str | None = None
 ) -> WeightQuantResult:
@@ -164,5 +154,5 @@ def quantize_weight(
             raise ConfigError(f"layer {name!r}: {type(config).__name__} needs the layer's Hessian")
         return algorithm_of(config).handler(weight, hessian, spec, config, name=name)
     if is_data_free(config):
-        return round_to_grid(weight, quantize_weight_params(weight, spec, config), spec)
+        return round_to_grid(weight, algorithm_of(config).handler(weight, spec, config), spec)
     return rtn_quantize_weight(weight, spec)  # min-max grid

@@ -21,9 +21,9 @@ from ptqkit.algorithms.weight_quant import (
     WeightQuantResult,
     check_scale_rule,
     check_weight_spec,
+    clipped_weight_qparams,
     expand_qparams,
     quant_dequant,
-    weight_qparams,
 )
 from ptqkit.core.errors import ConfigError
 from ptqkit.core.primitives import dequantize, quantize
@@ -108,14 +108,14 @@ def rtn_qparams(w: torch.Tensor, spec: QuantSpec, config: RTNConfig | None = Non
     candidates = rtn_candidates(spec, config)
     if len(candidates) == 1:
         rule, ratio = candidates[0]
-        return weight_qparams(w, spec, ratio, scale_rule=rule)
+        return clipped_weight_qparams(w, spec, ratio, scale_rule=rule)
     g = spec.granularity
     work = w.detach().to(torch.float32)
     qmin, qmax = float(spec.qtype.qmin), float(spec.qtype.qmax)
     best: QParams | None = None
     best_err = None
     for rule, ratio in candidates:
-        qp = weight_qparams(work, spec, ratio, scale_rule=rule)
+        qp = clipped_weight_qparams(work, spec, ratio, scale_rule=rule)
         scale, zero = expand_qparams(qp, work.shape)  # [out, in] each
         _, deq = quant_dequant(work, scale, zero, qmin, qmax, spec.rounding)
         err = g.reduce((deq - work).abs().pow(config.norm), torch.sum)  # [param_shape]

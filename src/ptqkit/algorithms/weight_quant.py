@@ -38,7 +38,7 @@ __all__ = [
     "check_weight_spec",
     "expand_qparams",
     "quant_dequant",
-    "weight_qparams",
+    "clipped_weight_qparams",
 ]
 
 SCALE_RULES = ("range", "qmax", "qmin", "signed")
@@ -112,7 +112,7 @@ def check_scale_rule(rule: str, spec: QuantSpec | None = None, where: str = "sca
         )
 
 
-def weight_qparams(
+def clipped_weight_qparams(
     w: torch.Tensor,
     spec: QuantSpec,
     clip_ratio: float | torch.Tensor = 1.0,

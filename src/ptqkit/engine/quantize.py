@@ -413,10 +413,11 @@ def _run_analytic_correction(model: nn.Module, the_plan: Plan, stages: Any, cont
 def weight_qparams(weight: torch.Tensor, spec: QuantSpec, quantizer: Any = None) -> QParams:
     """Parameters of a weight (layout [out, in, ...]): the recipe's weight quantizer (e.g. RTN
     with an MSE clip search) if it has one, else the spec's observer (min-max by default)."""
-    from ptqkit.algorithms.pipeline import is_data_free, quantize_weight_params
+    from ptqkit.algorithms.pipeline import is_data_free
 
     if is_data_free(quantizer):  # GPTQ runs block by block, AdaRound layer by layer; elsewhere: the observer
-        qparams = quantize_weight_params(weight.detach(), spec, quantizer)
+        flat = weight.detach().reshape(weight.shape[0], -1) if weight.ndim > 2 else weight.detach()  # convs: [out, in·k·k]
+        qparams = algorithm_of(quantizer).handler(flat, spec, quantizer)
         return QParams(qparams.scale, qparams.zero_point, qparams.qtype, spec.granularity)
     if spec.observer == "minmax":
         return qparams_from_tensor(weight.detach(), spec)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ptqkit.algorithms import ALGORITHMS, RTNConfig, rtn_quantize_weight, weight_qparams
+from ptqkit.algorithms import ALGORITHMS, RTNConfig, clipped_weight_qparams, rtn_quantize_weight
 from ptqkit.algorithms.rtn import rtn_candidates
 from ptqkit.core.errors import ConfigError, NonFiniteError
 from ptqkit.core.primitives import dequantize, qparams_from_tensor, quantize
@@ -62,20 +62,20 @@ def test_scale_rules_closed_forms_int4() -> None:
         "signed": [1 / 8, 1 / 7],  # the extreme lands on -8 (row 0) or +7 (row 1)
     }
     for rule, scales in expected.items():
-        qp = weight_qparams(w, spec, scale_rule=rule)
+        qp = clipped_weight_qparams(w, spec, scale_rule=rule)
         torch.testing.assert_close(qp.scale, torch.tensor(scales), rtol=1e-7, atol=0)
         assert qp.zero_point.tolist() == [0, 0]
     codes = rtn_quantize_weight(w, spec, RTNConfig(scale_rule="signed")).codes
     assert codes.tolist() == [[-8, 4], [7, -4]]  # 0.5·8 = 4; -0.6·7 = -4.2
     # clip ratio shrinks the range before the rule
     torch.testing.assert_close(
-        weight_qparams(w, spec, 0.5, scale_rule="qmax").scale, torch.tensor([0.5 / 7] * 2)
+        clipped_weight_qparams(w, spec, 0.5, scale_rule="qmax").scale, torch.tensor([0.5 / 7] * 2)
     )
     # narrow int4 ([-7, 7]): every rule is absmax/7
     narrow = QuantSpec(qtype="int4_narrow", granularity=PerChannel(0), symmetric=True)
     for rule in expected:
         torch.testing.assert_close(
-            weight_qparams(w, narrow, scale_rule=rule).scale, torch.tensor([1 / 7] * 2)
+            clipped_weight_qparams(w, narrow, scale_rule=rule).scale, torch.tensor([1 / 7] * 2)
         )
 
 
@@ -263,4 +263,4 @@ def test_weight_and_spec_errors() -> None:
     with pytest.raises(NonFiniteError, match=r"weight holds 1 NaN/Inf"):
         rtn_quantize_weight(bad, sym)
     with pytest.raises(ConfigError, match=r"clip_ratio must lie in \(0, 1\], got \[1.5\]"):
-        weight_qparams(w, sym, 1.5)
+        clipped_weight_qparams(w, sym, 1.5)
