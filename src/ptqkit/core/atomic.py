@@ -53,6 +53,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_TEMPORARY = re.compile(r"^\..+\.((tmp|old)-\d+-[0-9a-f]+|lock)$")  # ptqkit's temporaries and lock files: never carried
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
@@ -94,6 +95,7 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` atomically (temp file + fsync + rename; no symlink is followed)."""
     path = Path(path)
     _refuse_symlink(path)
+    clean_leftovers(path)
     tmp = _temp_name(path, "tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o666)
     try:
@@ -344,12 +346,13 @@ class DirectoryBuild:
 
     def carry(self, keep: Callable[[Path], bool]) -> list[str]:
         """Carry the entries of the existing target for which `keep(entry)` is true and that the
-        build does not hold already (hard links; symlinks as symlinks); returns their names."""
+        build does not hold already (hard links; symlinks as symlinks), except ptqkit's own
+        temporaries and lock files; returns their names."""
         carried: list[str] = []
         if not self.target.is_dir():
             return carried
         for entry in sorted(self.target.iterdir()):
-            if os.path.lexists(self.path / entry.name) or not keep(entry):
+            if os.path.lexists(self.path / entry.name) or _TEMPORARY.match(entry.name) or not keep(entry):
                 continue
             copy_entry(entry, self.path / entry.name)
             carried.append(entry.name)

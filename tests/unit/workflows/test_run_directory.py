@@ -143,6 +143,7 @@ def test_a_new_run_drops_stale_derived_files_and_keeps_the_users(digits, capsys)
     assert main(_quantize(digits, "w8a8", "--format", "onnx")) == 0
     (out / "notes.txt").write_text("mine")
     (out / "linked").symlink_to(digits["calib"].parent)  # the user's symlinked directory stays a link
+    (out / ".bench.json.tmp-99999999-0a0b").write_text("{")  # a killed writer's temporary: not carried
     (out / "bench.json").write_text(json.dumps({"speedup": 9.9, "artifact_sha256": "0" * 64}))  # not this artifact
     same = main(_quantize(digits, "w8a8", "--format", "onnx"))  # deterministic: same artifact bytes
     assert same == 0 and (out / "onnx/model.onnx").is_file()
@@ -153,6 +154,7 @@ def test_a_new_run_drops_stale_derived_files_and_keeps_the_users(digits, capsys)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["artifact_sha256"] == atomic.file_sha256(out / "model.safetensors")
     assert (out / "notes.txt").read_text() == "mine" and (out / "linked").is_symlink()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
     assert onnx_before  # (it existed)
     assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".run")) == []
 
