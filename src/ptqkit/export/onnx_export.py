@@ -152,10 +152,12 @@ class _OrtRun:
     comparison: dict[str, float]  # ort_check.compare_outputs of the ORT outputs vs the simulated model
 
 
-def _checked_nbits(qmodel: nn.Module, weight_dtype: str, nbits: Any, kv_cache: Any) -> Any:
+def _checked_options(qmodel: nn.Module, fp32_tolerance: Any, weight_dtype: str, nbits: Any, kv_cache: Any) -> Any:
     """Validate the export options (before anything is copied); return `nbits` (defaults for None)."""
     from ptqkit.export.onnx_nbits import NBitsOptions
 
+    if isinstance(fp32_tolerance, bool) or not isinstance(fp32_tolerance, (int, float)) or not 0 <= fp32_tolerance < math.inf:
+        raise ExportError(f"export: fp32_tolerance={fp32_tolerance!r} must be a finite number >= 0")
     if weight_dtype not in ("auto", "int8", "uint8"):
         raise ExportError(f"export: onnx_weight_dtype={weight_dtype!r} is unknown; valid: auto, int8, uint8")
     if nbits is None:
@@ -342,9 +344,7 @@ def export_onnx(
     from ptqkit.engine.quantize import dequantize_model
     from ptqkit.export.layers import FLOAT_ONNX_FILE, ONNX_FILE
 
-    if isinstance(fp32_tolerance, bool) or not isinstance(fp32_tolerance, (int, float)) or not 0 <= fp32_tolerance < math.inf:
-        raise ExportError(f"export: fp32_tolerance={fp32_tolerance!r} must be a finite number >= 0")
-    nbits = _checked_nbits(qmodel, weight_dtype, nbits, kv_cache)
+    nbits = _checked_options(qmodel, fp32_tolerance, weight_dtype, nbits, kv_cache)
     uint8_weights = _uint8_weights(weight_dtype)
     routes = _route(qmodel, nbits, strict)
     float_model = dequantize_model(qmodel).eval()
