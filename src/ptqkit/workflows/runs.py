@@ -26,6 +26,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -376,7 +377,7 @@ def export_run(
     """Export a run directory's quantized model to ONNX: onnx/model.onnx + onnx/export_report.json
     (+ onnx/model.fp32.onnx with `keep_float`); the onnx/ folder is replaced as a whole, atomically,
     under the run's lock. `trust_factory`/`model`: as in `open_run`."""
-    files = RunFiles(atomic.check_output_dir(out_dir))
+    files = RunFiles(Path(out_dir))  # the run itself may be the working directory: only onnx/, bench.json change
     with atomic.exclusive_lock(files.root):
         if qmodel is None:
             _, qmodel, example = open_run(files.root, model=model, trust_factory=trust_factory)
@@ -413,7 +414,7 @@ def bench_run(
 def write_bench(out_dir: str | Path, data: dict[str, Any]) -> Path:
     """Write a `bench_run` result as the run's bench.json (atomically, under the run's lock),
     recording the SHA-256 of the artifact it timed."""
-    files = RunFiles(atomic.check_output_dir(out_dir))
+    files = RunFiles(Path(out_dir))  # the run itself may be the working directory: only onnx/, bench.json change
     with atomic.exclusive_lock(files.root):
         record = {**data, ARTIFACT_SHA_KEY: run_artifact_sha(files.root)}
         return atomic.write_json(files.bench, record)
@@ -430,6 +431,10 @@ def current_bench(out_dir: str | Path) -> dict[str, Any] | None:
         logger.warning("%s was not measured on this run's model.safetensors (stale or foreign); not reported: run `ptqkit bench` again", files.bench)
         return None
     data = json.loads(files.bench.read_text(encoding="utf-8"))
+    speedup = data.get("speedup")
+    if speedup is not None and (isinstance(speedup, bool) or not isinstance(speedup, (int, float)) or not 0 < speedup < math.inf):
+        logger.warning("%s holds speedup %r, not a positive number; not reported: run `ptqkit bench` again", files.bench, speedup)
+        return None
     data.pop(ARTIFACT_SHA_KEY, None)
     return data
 
