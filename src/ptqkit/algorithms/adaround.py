@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ from torch import nn
 
 from ptqkit.algorithms.weight_quant import WeightQuantResult
 from ptqkit.core.errors import CalibrationDataError, ConfigError
+from ptqkit.core.fields import Above, AtLeast, Interval, check_fields
 from ptqkit.core.optim import adam_step_
 from ptqkit.core.primitives import check_finite
 from ptqkit.core.spec import QParams
@@ -59,33 +61,17 @@ class AdaRoundConfig:
     - `seed`: seeds the batch sampling; the result is deterministic for a seed.
     """
 
-    iterations: int = 2000
-    lr: float = 1e-2
-    reg_weight: float = 0.01
+    iterations: Annotated[int, Interval(1, 1_000_000)] = 2000
+    lr: Annotated[float, Above(0)] = 1e-2
+    reg_weight: Annotated[float, AtLeast(0)] = 0.01
     beta_range: tuple[float, float] = (20.0, 2.0)
-    warmup: float = 0.2
-    batch_size: int = 32
-    conv_patch: int = 16
-    seed: int = 0
+    warmup: Annotated[float, Interval(0, 1, "[)")] = 0.2
+    batch_size: Annotated[int, Interval(1, 1_000_000)] = 32
+    conv_patch: Annotated[int, Interval(0, 1_000_000)] = 16
+    seed: Annotated[int, Interval(0, 2**63 - 1)] = 0
 
     def __post_init__(self) -> None:
-        def integer(name: str, lo: int, hi: int) -> None:
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-                raise ConfigError(f"adaround.{name}: {v!r} must be an integer in [{lo}, {hi}]")
-
-        def number(name: str, ok: bool, valid: str) -> None:
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not ok:
-                raise ConfigError(f"adaround.{name}: {v!r} must be a number {valid}")
-
-        integer("iterations", 1, 1_000_000)
-        integer("batch_size", 1, 1_000_000)
-        integer("conv_patch", 0, 1_000_000)
-        integer("seed", 0, 2**63 - 1)
-        number("lr", isinstance(self.lr, (int, float)) and self.lr > 0, "> 0")
-        number("reg_weight", isinstance(self.reg_weight, (int, float)) and self.reg_weight >= 0, ">= 0")
-        number("warmup", isinstance(self.warmup, (int, float)) and 0 <= self.warmup < 1, "in [0, 1)")
+        check_fields(self, "adaround")
         beta = tuple(self.beta_range) if isinstance(self.beta_range, (tuple, list)) else None
         if (
             beta is None

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Annotated, Any, ClassVar, Sequence
 
 import torch
 from torch import nn
 
 from ptqkit.algorithms.channel_scaling import input_columns, rescale_group_, set_input_columns_
 from ptqkit.algorithms.weight_quant import clipped_weight_qparams, expand_qparams, quant_dequant
-from ptqkit.core.errors import ConfigError
+from ptqkit.core.fields import Interval, check_fields
 from ptqkit.core.qtypes import PerChannel, PerGroup
 from ptqkit.core.spec import QuantSpec
 from ptqkit.models.mappings import ScaleGroup
@@ -51,23 +51,16 @@ class AWQConfig:
     - `clip_rows`: input rows (of those) used by the clip search.
     """
 
-    grid: int = 20
+    grid: Annotated[int, Interval(1, 1000)] = 20
     clip: bool = True
-    clip_grid: int = 20
-    max_shrink: float = 0.5
-    rows_per_call: int = 256
-    clip_rows: int = 1024
+    clip_grid: Annotated[int, Interval(1, 1000)] = 20
+    max_shrink: Annotated[float, Interval(0, 1, "[)")] = 0.5
+    rows_per_call: Annotated[int, Interval(1, 1 << 20)] = 256
+    clip_rows: Annotated[int, Interval(1, 1 << 20)] = 1024
     name: ClassVar[str] = "awq"
 
     def __post_init__(self) -> None:
-        for key, low, high in (("grid", 1, 1000), ("clip_grid", 1, 1000), ("rows_per_call", 1, 1 << 20), ("clip_rows", 1, 1 << 20)):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ConfigError(f"awq.{key}: {value!r} must be an integer in [{low}, {high}]")
-        if not isinstance(self.clip, bool):
-            raise ConfigError(f"awq.clip: {self.clip!r} must be true or false")
-        if isinstance(self.max_shrink, bool) or not isinstance(self.max_shrink, (int, float)) or not 0.0 <= self.max_shrink < 1.0:
-            raise ConfigError(f"awq.max_shrink: {self.max_shrink!r} must be a number in [0, 1)")
+        check_fields(self, "awq")
 
     def stats_request(self) -> StatsRequest:
         return StatsRequest(mean_abs=True, rows_per_call=self.rows_per_call)

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from ptqkit.core.errors import ConfigError
+from ptqkit.core.fields import check_fields, literal_values
 from ptqkit.core.primitives import check_finite
 
 __all__ = [
@@ -39,7 +41,8 @@ __all__ = [
 ]
 
 ACTIVATIONS = ("identity", "relu", "relu6")
-BIAS_CORRECTION_MODES = ("empirical", "analytic")
+BiasCorrectionMode = Literal["empirical", "analytic"]
+BIAS_CORRECTION_MODES: tuple[str, ...] = literal_values(BiasCorrectionMode)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,13 +52,10 @@ class BiasCorrectionConfig:
     - `mode`: "empirical" (E[x] from calibration data) or "analytic" (E[x] from the preceding
       BatchNorm's β, γ and activation; data-free)."""
 
-    mode: str = "empirical"
+    mode: BiasCorrectionMode = "empirical"
 
     def __post_init__(self) -> None:
-        if self.mode not in BIAS_CORRECTION_MODES:
-            raise ConfigError(
-                f"bias_correction.mode: {self.mode!r} is unknown; valid: {', '.join(BIAS_CORRECTION_MODES)}"
-            )
+        check_fields(self, "bias_correction")
 
 
 def empirical_bias_correction(

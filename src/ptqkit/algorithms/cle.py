@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import nn
 
 from ptqkit.core.errors import ConfigError
+from ptqkit.core.fields import Above, Interval, check_fields, literal_values
 from ptqkit.core.primitives import check_finite
 from ptqkit.models.mappings import CLEChain, resolve_cle_chains
 from ptqkit.nn.tree import replace_module
@@ -50,7 +51,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-RELU6_MODES = ("clip", "relu")
+Relu6Mode = Literal["clip", "relu"]
+RELU6_MODES: tuple[str, ...] = literal_values(Relu6Mode)
 _HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.Identity)
 
 
@@ -64,17 +66,12 @@ class CLEConfig:
       paper: ReLU6 becomes ReLU, which changes the FP model when activations exceed 6).
     """
 
-    iterations: int = 20
-    tolerance: float = 1e-4
-    relu6: str = "clip"
+    iterations: Annotated[int, Interval(1, 10000)] = 20
+    tolerance: Annotated[float, Above(0)] = 1e-4
+    relu6: Relu6Mode = "clip"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.iterations, int) or isinstance(self.iterations, bool) or not 1 <= self.iterations <= 10000:
-            raise ConfigError(f"cle.iterations: {self.iterations!r} must be an integer in [1, 10000]")
-        if not isinstance(self.tolerance, (int, float)) or isinstance(self.tolerance, bool) or not self.tolerance > 0:
-            raise ConfigError(f"cle.tolerance: {self.tolerance!r} must be a number > 0")
-        if self.relu6 not in RELU6_MODES:
-            raise ConfigError(f"cle.relu6: {self.relu6!r} is unknown; valid: {', '.join(RELU6_MODES)}")
+        check_fields(self, "cle")
 
 
 @dataclass(frozen=True, kw_only=True)

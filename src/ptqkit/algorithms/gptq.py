@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
 
-from ptqkit.algorithms.rtn import CLIP_SEARCHES, RTNConfig, rtn_qparams
+from ptqkit.algorithms.rtn import ClipSearch, RTNConfig, rtn_qparams
 from ptqkit.algorithms.weight_quant import (
+    ScaleRule,
     WeightQuantResult,
     check_scale_rule,
     check_weight_spec,
@@ -44,6 +45,7 @@ from ptqkit.algorithms.weight_quant import (
     quant_dequant,
 )
 from ptqkit.core.errors import CalibrationDataError, ConfigError, NonFiniteError
+from ptqkit.core.fields import AtLeast, Interval, check_fields
 from ptqkit.core.primitives import dequantize
 from ptqkit.core.qtypes import PerChannel, PerGroup
 from ptqkit.core.spec import QParams, QuantSpec
@@ -71,36 +73,17 @@ class GPTQConfig:
       ("mse" runs RTN's default clip-ratio grid for every parameter when it is computed).
     """
 
-    block_size: int = 128
-    damp_percent: float = 0.01
+    block_size: Annotated[int, AtLeast(1)] = 128
+    damp_percent: Annotated[float, Interval(0, 10, "(]")] = 0.01
     act_order: bool = True
     static_groups: bool = False
-    damp_retries: int = 4
-    scale_rule: str = "range"
-    clip_search: str = "none"
+    damp_retries: Annotated[int, AtLeast(0)] = 4
+    scale_rule: ScaleRule = "range"
+    clip_search: ClipSearch = "none"
     name: ClassVar[str] = "gptq"
 
     def __post_init__(self) -> None:
-        for key, low in (("block_size", 1), ("damp_retries", 0)):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ConfigError(f"gptq.{key}: {value!r} must be an integer >= {low}")
-        if (
-            not isinstance(self.damp_percent, (int, float))
-            or isinstance(self.damp_percent, bool)
-            or not (0.0 < self.damp_percent <= 10.0)
-        ):
-            raise ConfigError(
-                f"gptq.damp_percent: {self.damp_percent!r} must be a number in (0, 10] (0.01 = 1%)"
-            )
-        for key in ("act_order", "static_groups"):
-            if not isinstance(getattr(self, key), bool):
-                raise ConfigError(f"gptq.{key}: {getattr(self, key)!r} must be true or false")
-        check_scale_rule(self.scale_rule, where="gptq.scale_rule")
-        if self.clip_search not in CLIP_SEARCHES:
-            raise ConfigError(
-                f"gptq.clip_search: {self.clip_search!r} is unknown; valid: {', '.join(CLIP_SEARCHES)}"
-            )
+        check_fields(self, "gptq")
 
 
 def _where(name: str | None) -> str:

@@ -18,11 +18,12 @@ all-MiniLM-L6-v2 within 0.0001 of embedding cosine.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
 
 from ptqkit.core.errors import ConfigError
+from ptqkit.core.fields import Interval, check_fields
 from ptqkit.nn.act_quant import smoothed
 
 __all__ = ["InputSmoothingConfig", "smoothed", "smoothing_divisors"]
@@ -36,13 +37,12 @@ class InputSmoothingConfig:
     `layers`: module-name patterns (globs or "re:" regexes, as a recipe's `ignore`) of the
     Linear layers with static inputs to smooth, empty for all of them."""
 
-    alpha: float = 0.5
+    alpha: Annotated[float, Interval(0, 1, "(]")] = 0.5
     layers: tuple[str, ...] = ()
     name: ClassVar[str] = "input_smoothing"
 
     def __post_init__(self) -> None:
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 < self.alpha <= 1.0:
-            raise ConfigError(f"input_smoothing.alpha: {self.alpha!r} must be a number in (0, 1]")
+        check_fields(self, "input_smoothing")
         if not isinstance(self.layers, tuple) or not all(isinstance(p, str) and p for p in self.layers):
             raise ConfigError(f"input_smoothing.layers: {self.layers!r} must be a list of module-name patterns")
 

@@ -14,6 +14,7 @@ counts how many input columns it kept in float (`OutlierKeepingQuantizer.outlier
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -31,5 +32,5 @@ class LLMInt8Config:
     name: ClassVar[str] = "llm_int8"
 
     def __post_init__(self) -> None:
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not self.threshold > 0:
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not 0 < self.threshold < math.inf:
             raise ConfigError(f"llm_int8.threshold: {self.threshold!r} must be a positive number")

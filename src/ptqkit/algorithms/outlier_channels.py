@@ -49,7 +49,7 @@ class OutlierChannelsConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.layers, tuple) or not all(isinstance(p, str) and p for p in self.layers):
             raise ConfigError(f"outlier_channels.layers: {self.layers!r} must be a list of module-name patterns")
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not self.ratio > 1:
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 1 < self.ratio < math.inf:
             raise ConfigError(f"outlier_channels.ratio: {self.ratio!r} must be a number above 1")
         if isinstance(self.max_columns, bool) or not isinstance(self.max_columns, int) or self.max_columns < 1:
             raise ConfigError(f"outlier_channels.max_columns: {self.max_columns!r} must be a positive integer")

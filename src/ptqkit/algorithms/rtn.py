@@ -12,12 +12,13 @@ over candidates; each candidate is evaluated for all parameters at once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar, Literal
 
 import torch
 
 from ptqkit.algorithms.weight_quant import (
     SCALE_RULES,
+    ScaleRule,
     WeightQuantResult,
     check_scale_rule,
     check_weight_spec,
@@ -26,12 +27,14 @@ from ptqkit.algorithms.weight_quant import (
     quant_dequant,
 )
 from ptqkit.core.errors import ConfigError
+from ptqkit.core.fields import Interval, check_fields, literal_values
 from ptqkit.core.primitives import dequantize, quantize
 from ptqkit.core.spec import QParams, QuantSpec
 
 __all__ = ["RTNConfig", "round_to_grid", "rtn_candidates", "rtn_qparams", "rtn_quantize_weight"]
 
-CLIP_SEARCHES = ("none", "mse")
+ClipSearch = Literal["none", "mse"]
+CLIP_SEARCHES: tuple[str, ...] = literal_values(ClipSearch)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,34 +51,16 @@ class RTNConfig:
     - `search_scale_rules`: with clip_search="mse", also search every applicable scale rule.
     """
 
-    clip_search: str = "none"
-    grid: int = 20
-    max_shrink: float = 0.5
-    norm: float = 2.0
-    scale_rule: str = "range"
+    clip_search: ClipSearch = "none"
+    grid: Annotated[int, Interval(1, 1000)] = 20
+    max_shrink: Annotated[float, Interval(0, 1, "[)")] = 0.5
+    norm: Annotated[float, Interval(0, 10, "(]")] = 2.0
+    scale_rule: ScaleRule = "range"
     search_scale_rules: bool = False
     name: ClassVar[str] = "rtn"
 
     def __post_init__(self) -> None:
-        if self.clip_search not in CLIP_SEARCHES:
-            raise ConfigError(
-                f"rtn.clip_search: {self.clip_search!r} is unknown; valid: {', '.join(CLIP_SEARCHES)}"
-            )
-        if (
-            not isinstance(self.grid, int)
-            or isinstance(self.grid, bool)
-            or not 1 <= self.grid <= 1000
-        ):
-            raise ConfigError(f"rtn.grid: {self.grid!r} must be an integer in [1, 1000]")
-        if not isinstance(self.max_shrink, (int, float)) or not 0.0 <= self.max_shrink < 1.0:
-            raise ConfigError(f"rtn.max_shrink: {self.max_shrink!r} must be a number in [0, 1)")
-        if not isinstance(self.norm, (int, float)) or not 0.0 < self.norm <= 10.0:
-            raise ConfigError(f"rtn.norm: {self.norm!r} must be a number in (0, 10]")
-        check_scale_rule(self.scale_rule, where="rtn.scale_rule")
-        if not isinstance(self.search_scale_rules, bool):
-            raise ConfigError(
-                f"rtn.search_scale_rules: {self.search_scale_rules!r} must be true or false"
-            )
+        check_fields(self, "rtn")
         if self.search_scale_rules and self.clip_search == "none":
             raise ConfigError(
                 "rtn.search_scale_rules=true needs clip_search='mse' (there is nothing to search)"

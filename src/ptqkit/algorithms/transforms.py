@@ -11,7 +11,11 @@ from typing import Any
 
 from torch import nn
 
-from ptqkit.algorithms.analytic_bias import ChannelGaussian, batchnorm_gaussians, equalized_gaussians
+from ptqkit.algorithms.analytic_bias import (
+    ChannelGaussian,
+    batchnorm_gaussians,
+    equalized_gaussians,
+)
 from ptqkit.algorithms.bn_fold import BNFoldConfig, find_fold_pairs, fold_batchnorm_
 from ptqkit.algorithms.cle import CLEConfig, equalize_
 

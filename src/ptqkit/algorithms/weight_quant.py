@@ -22,17 +22,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from ptqkit.core.errors import ConfigError
+from ptqkit.core.fields import literal_values
 from ptqkit.core.primitives import MIN_SCALE, check_finite, qparams_from_range, round_values
 from ptqkit.core.qtypes import PerChannel, PerGroup, PerTensor
 from ptqkit.core.spec import QParams, QuantSpec
 
 __all__ = [
     "SCALE_RULES",
+    "ScaleRule",
     "WeightQuantResult",
     "check_scale_rule",
     "check_weight_spec",
@@ -41,7 +43,8 @@ __all__ = [
     "clipped_weight_qparams",
 ]
 
-SCALE_RULES = ("range", "qmax", "qmin", "signed")
+ScaleRule = Literal["range", "qmax", "qmin", "signed"]
+SCALE_RULES: tuple[str, ...] = literal_values(ScaleRule)
 _DETERMINISTIC_ROUNDING = ("half_even", "half_away")
 
 
