@@ -11,17 +11,19 @@ import math
 import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 from ptqkit.core.errors import ConfigError
+from ptqkit.core.fields import literal_values
 from ptqkit.core.qtypes import PerChannel, PerGroup, PerTensor, PerToken
 from ptqkit.core.spec import QuantSpec, check_config_keys
 
-__all__ = ["Scheme", "Override", "CalibrationSettings", "Recipe", "PRESETS", "SUPPORTED_MODULE_TYPES", "RECIPE_VERSION", "safe_yaml_load"]
+__all__ = ["Scheme", "Override", "CalibrationSettings", "Recipe", "PRESETS", "ModuleKind", "SUPPORTED_MODULE_TYPES", "RECIPE_VERSION", "safe_yaml_load"]
 
 RECIPE_VERSION = 1
 # Class names the engine can replace with a quantized module ("Conv1D" is Hugging Face's GPT-2 layer).
-SUPPORTED_MODULE_TYPES = ("Linear", "Conv1d", "Conv2d", "Embedding", "Conv1D")
+ModuleKind = Literal["Linear", "Conv1d", "Conv2d", "Embedding", "Conv1D"]  # what a plan quantizes (Conv1D: GPT-2's transposed Linear)
+SUPPORTED_MODULE_TYPES: tuple[str, ...] = literal_values(ModuleKind)
 DEFAULT_TARGETS = ("Linear", "Conv1d", "Conv2d", "Conv1D")
 MAX_RECIPE_BYTES = 1_000_000  # a recipe is a few kB; a bigger file is refused before it is parsed
 MAX_NAME_LENGTH = 200

@@ -16,7 +16,7 @@ from torch import nn
 
 from ptqkit.core.errors import ConfigError, UnsupportedModelError
 from ptqkit.core.spec import QuantSpec
-from ptqkit.engine.recipe import SUPPORTED_MODULE_TYPES, Recipe, Scheme
+from ptqkit.engine.recipe import SUPPORTED_MODULE_TYPES, ModuleKind, Recipe, Scheme
 
 __all__ = ["LayerPlan", "Plan", "resolve_plan", "module_kind", "no_match_error", "pattern_matches"]
 
@@ -26,7 +26,7 @@ class LayerPlan:
     """What happens to one module."""
 
     name: str
-    module_type: str
+    module_type: ModuleKind
     weights: QuantSpec | None
     inputs: QuantSpec | None
     reason: str  # why this scheme: "targets", "override 'pattern'", ...
