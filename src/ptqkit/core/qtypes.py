@@ -6,6 +6,7 @@ parameters back over the tensor, so the maths in `primitives.py` never branches 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from dataclasses import dataclass
@@ -339,7 +340,8 @@ def granularity_from_dict(data: Any, where: str = "granularity") -> Granularity:
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown, key=str)} for {kind}; valid: {sorted(fields)}")
     try:
         return cls(**{k: v for k, v in data.items() if k != "kind"})
-    except TypeError as exc:  # a required field is missing, e.g. per_group without size
-        raise ConfigError(f"{where}: {kind} needs {sorted(fields)}: {exc}") from None
+    except TypeError:  # a required field is missing, e.g. per_group without size
+        needed = sorted(f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in data)
+        raise ConfigError(f"{where}: {kind} needs {needed} (its keys: {sorted(fields - {'kind'})})") from None
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None

@@ -81,8 +81,8 @@ class DoctorConfig:
     def __post_init__(self) -> None:
         for name in ("outlier_ratio", "min_layer_sqnr_db", "mismatch_sigma", "max_clip_rate", "stability_tolerance"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ConfigError(f"doctor.{name}: {value!r} must be a number > 0")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+                raise ConfigError(f"doctor.{name}: {value!r} must be a number > 0, and finite")
         for name in ("min_samples", "stability_window"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -142,6 +142,8 @@ def suggest(
     for name, value, low in (("candidates", candidates, 1), ("max_exclude", max_exclude, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ConfigError(f"suggest: {name}={value!r} must be an integer >= {low}")
+    if isinstance(min_gain, bool) or not isinstance(min_gain, (int, float)) or not -float("inf") < min_gain < float("inf"):
+        raise ConfigError(f"suggest: min_gain={min_gain!r} must be a finite number")
     qmodel = quantize(model, recipe, calib, progress=progress)
     reference = float_equivalent(model, recipe)
     ranked = _rank(reference, qmodel, [layer.name for layer in qmodel.ptqkit_info.plan.layers], eval_data, max_samples, labels)

@@ -217,7 +217,7 @@ def recorded_artifact_sha(report: Path) -> str | None:
     """The artifact SHA-256 a derived JSON file records, or None (absent, unreadable, not recorded)."""
     try:
         data = json.loads(report.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nesting too deep for json
         return None
     value = data.get(ARTIFACT_SHA_KEY) if isinstance(data, dict) else None
     return value if isinstance(value, str) else None
