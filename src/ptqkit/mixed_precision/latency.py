@@ -137,13 +137,16 @@ class LatencyTable:
             return {}
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            logger.warning("latency cache %s is unreadable (%s); measuring again", self.path, exc)
+        except (OSError, ValueError, RecursionError) as exc:
+            logger.warning("latency cache %s is unreadable (%s); measuring again", self.path, str(exc)[:200] or type(exc).__name__)
             return {}
-        if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("entries"), dict):
+        entries = data.get("entries") if isinstance(data, dict) else None
+        if entries is None or data.get("version") != CACHE_VERSION or not isinstance(entries, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf") for v in entries.values()
+        ):  # a timing that is not a finite number >= 0 would rank every configuration wrongly
             logger.warning("latency cache %s has another format; measuring again", self.path)
             return {}
-        return {str(k): float(v) for k, v in data["entries"].items()}
+        return {str(k): float(v) for k, v in entries.items()}
 
     def _write(self) -> None:
         from ptqkit.core.atomic import write_text

@@ -241,7 +241,7 @@ def _report_sha(path: Path) -> str | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         return data["provenance"]["evaluation"][ARTIFACT_SHA_KEY]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
 
 
@@ -253,7 +253,7 @@ def _onnx_is_current(files: RunFiles, sha: str) -> bool:
         return False
     try:
         recorded = json.loads(report.read_text(encoding="utf-8")).get("files_sha256") or {}
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return False
     if ONNX_FILE not in recorded:
         return False
@@ -304,7 +304,9 @@ def _read_source(files: RunFiles) -> dict[str, Any]:
     try:
         source = json.loads(files.source.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
-        raise ArtifactError(f"{files.source}: not valid JSON ({exc}); the run directory is corrupted") from None
+        raise ArtifactError(f"{files.source}: not valid JSON ({str(exc)[:200]}); the run directory is corrupted") from None
+    except RecursionError:
+        raise ArtifactError(f"{files.source}: not valid JSON (nested too deeply); the run directory is corrupted") from None
     kind = source.get("kind") if isinstance(source, dict) else None
     if kind not in ("hf", "factory") or not isinstance(source.get("path" if kind == "hf" else "factory"), str):
         raise ArtifactError(

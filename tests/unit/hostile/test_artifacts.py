@@ -139,3 +139,18 @@ def test_a_bench_json_of_this_artifact_with_a_corrupt_body(digits, tmp_path: Pat
     assert result.code == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "holds speedup 'fast', not a positive number; not reported" in result.stderr
     assert json.loads((run / "report" / "report.json").read_text()).get("bench") is None
+
+
+def test_deeply_nested_source_json(digits, tmp_path: Path) -> None:
+    run = digits.run_copy(tmp_path)
+    (run / "source.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert_refused(run_cli("eval", run, "--trust-factory"), 1, str(run / "source.json"), "nested too deeply")
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, "[1]", '{"version": 1, "entries": {"k": "fast"}}', '{"version": 1, "entries": {"k": NaN}}'])
+def test_a_corrupt_latency_cache_is_measured_again(tmp_path: Path, text: str) -> None:
+    from ptqkit.mixed_precision.latency import LatencyTable
+
+    cache = tmp_path / "latency.json"
+    cache.write_text(text)
+    assert LatencyTable(cache, threads=1)._entries == {}
