@@ -359,7 +359,12 @@ class DirectoryBuild:
         return carried
 
     def commit(self) -> None:
-        fsync_path(self.path)
+        """fsync every file and directory of the build (symlinks are not followed), then swap it in."""
+        for directory, _, names in os.walk(self.path):
+            for name in names:
+                if not os.path.islink(os.path.join(directory, name)):
+                    fsync_path(os.path.join(directory, name))
+            fsync_path(directory)
         swap_in(self.path, self.target)
 
 
