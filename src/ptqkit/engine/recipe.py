@@ -324,6 +324,8 @@ class Recipe:
         path = Path(path)
         if path.is_dir():
             raise ConfigError(f"recipe {str(path)!r} is a directory; pass a recipe file (.yaml/.json)")
+        if path.exists() and not path.is_file():
+            raise ConfigError(f"recipe {str(path)!r} is not a regular file; pass a recipe file (.yaml/.json)")
         if not path.is_file():
             if not path.suffix and len(path.parts) == 1:  # a bare name: a misspelled preset?
                 raise ConfigError(f"recipe {str(path)!r} is neither a preset ({', '.join(PRESETS)}) nor an existing recipe file")

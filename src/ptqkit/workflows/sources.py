@@ -187,6 +187,8 @@ def verify_source(source: dict[str, Any], where: Path) -> None:
 def _image_transform(size: int) -> Any:
     from ptqkit.models.mobilenet_v2 import imagenet_preprocess
 
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ConfigError(f"image_size={size!r}: the centre-crop size must be a positive integer")
     resize = round(size * 256 / 224)
 
     def transform(image: Any) -> torch.Tensor:

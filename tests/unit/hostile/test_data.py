@@ -126,3 +126,11 @@ def test_a_50_mb_line_quantizes_in_bounded_memory(tiny_hf: Path, tmp_path: Path)
     result = run_cli("quantize", "--model", tiny_hf, "--calib", text, "--max-length", "16", "--preset", "w8a8_dynamic", "--out", tmp_path / "run", "--quiet", "--json")
     assert result.code == 0, result.stderr[-2000:]
     assert json.loads(result.stdout)["calibration_samples"] == 1
+
+
+def test_the_image_size_is_checked_by_the_api_too(image_bomb: Path) -> None:
+    from ptqkit.core.errors import ConfigError
+    from ptqkit.workflows.sources import load_calibration
+
+    with pytest.raises(ConfigError, match=r"image_size=-5: the centre-crop size must be a positive integer"):
+        load_calibration(image_bomb, samples=1, batch_size=1, image_size=-5)

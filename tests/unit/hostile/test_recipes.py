@@ -182,3 +182,10 @@ def test_a_directory_or_a_misspelled_preset(tmp_path: Path, digits) -> None:
     with pytest.raises(ConfigError, match=r"recipe 'w3a3' is neither a preset \(w8a8, w8a8_dynamic, w8a16, w4a16, fp8\) nor an existing recipe file"):
         Recipe.load("w3a3")
     assert_refused(run_cli("inspect", "w3a3"), 2, "'w3a3' is neither a preset", "w4a16")
+
+
+def test_a_device_file_as_recipe() -> None:
+    if not Path("/dev/zero").exists():
+        pytest.skip("no /dev/zero")
+    with pytest.raises(ConfigError, match=r"recipe '/dev/zero' is not a regular file"):
+        Recipe.load("/dev/zero")
