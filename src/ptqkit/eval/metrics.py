@@ -99,8 +99,8 @@ def finite_rows(*tensors: torch.Tensor) -> torch.Tensor:
     """[...] True where every value along the last axis of every tensor is finite: a row holding
     NaN/Inf on either side counts as a failed comparison, never as agreement."""
     keep = torch.ones(tensors[0].shape[:-1], dtype=torch.bool)
-    for tensor in tensors:
-        keep &= torch.isfinite(tensor).all(-1).cpu()
+    for tensor in tensors:  # amax/amin propagate NaN: two row reductions, no tensor-sized mask
+        keep &= (torch.isfinite(tensor.amax(-1)) & torch.isfinite(tensor.amin(-1))).cpu()
     return keep
 
 
