@@ -189,3 +189,20 @@ def test_a_device_file_as_recipe() -> None:
         pytest.skip("no /dev/zero")
     with pytest.raises(ConfigError, match=r"recipe '/dev/zero' is not a regular file"):
         Recipe.load("/dev/zero")
+
+
+def test_recipe_objects_built_in_python_are_type_checked_too() -> None:
+    from ptqkit.engine.recipe import CalibrationSettings, Override, Scheme
+
+    scheme = Recipe.from_preset("w8a8").scheme
+    with pytest.raises(ConfigError, match=r"overrides\[\]\.scheme: expected a Scheme, got \{'weights': None\}"):
+        Override(match=("stem.*",), scheme={"weights": None})
+    with pytest.raises(ConfigError, match=r"overrides\[0\]: expected an Override, got 'stem'"):
+        Recipe(scheme=scheme, overrides=["stem"])
+    with pytest.raises(ConfigError, match=r"overrides: expected a list, got str"):
+        Recipe(scheme=scheme, overrides="stem")
+    with pytest.raises(ConfigError, match=r"calibration: expected CalibrationSettings, got \{'samples': 8\}"):
+        Recipe(scheme=scheme, calibration={"samples": 8})
+    assert Recipe(scheme=scheme, calibration=CalibrationSettings(seed=2**64 - 1)).calibration.seed == 2**64 - 1
+    with pytest.raises(ConfigError, match=r"targets\[0\]: 're:\[' is not a valid regular expression"):
+        Recipe(scheme=Scheme(weights=scheme.weights), targets=("re:[",))
