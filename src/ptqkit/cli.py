@@ -415,6 +415,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             f"{info['quantized_layers']} quantized layers ({kinds}); {info['skipped_modules']} modules left float\n"
             f"files: {', '.join(info['files'])}"
         )
+        if info.get("stale"):
+            text += f"\nstale, made from another model.safetensors (not used): {', '.join(info['stale'])}"
         _write(args, info, text)
         return 0
     recipe = Recipe.from_preset(args.target) if args.target in PRESETS and not target.exists() else Recipe.load(target)

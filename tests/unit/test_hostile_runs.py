@@ -150,6 +150,9 @@ def test_changed_float_weights_are_refused(work) -> None:
     _one_line_error(proc, 1, str(weights), expected, found)
     with pytest.raises(ArtifactError, match=rf"the float weights {weights} changed.*expected SHA-256 {expected}, found {found}"):
         open_run(work["w8a8"], trust_factory=True)
+    from ptqkit.models.digits_cnn import DigitsCNN
+
+    open_run(work["w8a8"], model=DigitsCNN().eval())  # the user's own float model: the weights file is not read
 
 
 def test_hugging_face_model_files_are_hashed_and_checked(tmp_path: Path) -> None:
@@ -254,6 +257,8 @@ def test_report_ignores_a_bench_of_another_artifact_and_bench_reexports_a_stale_
     old, new = work["w8a8"], work["w8a16"]
     shutil.copy2(old / "bench.json", new / "bench.json")  # timed another model
     shutil.copytree(old / "onnx", new / "onnx")  # the graph of another model
+    assert main(["inspect", str(new), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stale"] == ["bench.json", "onnx"]
     assert main(["report", str(new), "--quiet", "--json", "--trust-factory"]) == 0
     saved = json.loads((new / "report/report.json").read_text())
     assert saved["bench"] is None and "faster than float" not in saved["headline"] and "Slower" not in saved["headline"]

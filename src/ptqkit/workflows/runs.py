@@ -26,6 +26,7 @@ import contextlib
 import copy
 import json
 import logging
+import os
 import math
 import time
 from collections import Counter
@@ -318,7 +319,8 @@ def _read_source(files: RunFiles) -> dict[str, Any]:
 
 def _float_model(files: RunFiles, recipe: Recipe, model: nn.Module | str | None, trust_factory: bool) -> LoadedModel:
     source = _read_source(files)
-    verify_source(source, files.source)  # the float weights are those the run was quantized against
+    if source["kind"] == "hf" or not isinstance(model, nn.Module):  # weights read from disk: the ones quantized against
+        verify_source(source, files.source)
     if source["kind"] == "hf":
         return load_model(source["path"])
     if isinstance(model, nn.Module):  # the user's own float model: nothing from the run directory runs
@@ -346,7 +348,8 @@ def open_run(
     A run from a factory calls code: only with `trust_factory=True` (call the factory that
     source.json names) or `model=` (a "package.module:function" you name, or the float
     nn.Module itself, copied); otherwise UntrustedCodeError. A Hugging Face run runs no code.
-    The float weights must have the SHA-256 recorded at quantization (ArtifactError otherwise)."""
+    Float weights read from disk must have the SHA-256 recorded at quantization (ArtifactError
+    otherwise)."""
     files = RunFiles(Path(out_dir))
     manifest = _read_manifest(files.root)
     recipe = Recipe.from_dict(manifest["recipe"])
@@ -460,7 +463,16 @@ def describe_run(out_dir: str | Path) -> dict[str, Any]:
         "metrics": manifest.get("metrics"),
         "files": sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()),
         "source": _read_source(files) if files.source.is_file() else None,
+        "stale": _stale_entries(files, str(manifest["model_sha256"])),
     }
+
+
+def _stale_entries(files: RunFiles, sha: str) -> list[str]:
+    """Derived entries of a run that were not made from its current artifact (never used)."""
+    return sorted(
+        entry.name for entry in (files.onnx_dir, files.bench, files.report_dir)
+        if os.path.lexists(entry) and not _keep_from_previous(entry, sha)
+    )
 
 
 def run_artifact_sha(out_dir: str | Path) -> str:
