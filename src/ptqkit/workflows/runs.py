@@ -469,10 +469,14 @@ def describe_run(out_dir: str | Path) -> dict[str, Any]:
 
 def _stale_entries(files: RunFiles, sha: str) -> list[str]:
     """Derived entries of a run that were not made from its current artifact (never used)."""
-    return sorted(
+    stale = [
         entry.name for entry in (files.onnx_dir, files.bench, files.report_dir)
         if os.path.lexists(entry) and not _keep_from_previous(entry, sha)
-    )
+    ]
+    recorded = recorded_artifact_sha(files.summary) if files.summary.is_file() else None
+    if recorded is not None and recorded != sha:  # e.g. pq.save into a run directory
+        stale.append(files.summary.name)
+    return sorted(stale)
 
 
 def run_artifact_sha(out_dir: str | Path) -> str:
