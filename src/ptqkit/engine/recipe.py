@@ -306,8 +306,15 @@ class Recipe:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
 
     def to_yaml(self) -> str:
+        """YAML without anchors or aliases (which `load` refuses): a value shared by two fields,
+        e.g. one `layers` tuple in two algorithms, is written out twice."""
         yaml = _import_yaml()
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+        class _NoAliasDumper(yaml.SafeDumper):  # type: ignore[misc, valid-type]
+            def ignore_aliases(self, data: Any) -> bool:
+                return True
+
+        return yaml.dump(self.to_dict(), Dumper=_NoAliasDumper, sort_keys=False)
 
     def save(self, path: str | Path) -> Path:
         """Write the recipe as YAML (.yaml/.yml) or JSON (anything else)."""

@@ -206,3 +206,17 @@ def test_recipe_objects_built_in_python_are_type_checked_too() -> None:
     assert Recipe(scheme=scheme, calibration=CalibrationSettings(seed=2**64 - 1)).calibration.seed == 2**64 - 1
     with pytest.raises(ConfigError, match=r"targets\[0\]: 're:\[' is not a valid regular expression"):
         Recipe(scheme=Scheme(weights=scheme.weights), targets=("re:[",))
+
+
+def test_a_saved_recipe_never_holds_the_aliases_load_refuses(tmp_path: Path) -> None:
+    import dataclasses
+
+    from ptqkit.algorithms import ALGORITHMS
+
+    layers = ("re:.*intermediate.*",)  # one tuple object in two algorithms: PyYAML would anchor it
+    recipe = dataclasses.replace(
+        Recipe.from_preset("w8a8"), algorithms=(ALGORITHMS["input_smoothing"](layers=layers), ALGORITHMS["outlier_channels"](layers=layers))
+    )
+    path = recipe.save(tmp_path / "shared.yaml")
+    assert "&id" not in path.read_text() and Recipe.load(path) == recipe
+    assert yaml.safe_dump(Recipe.from_preset("w4a16").to_dict(), sort_keys=False) == Recipe.from_preset("w4a16").to_yaml()  # unchanged otherwise
