@@ -111,15 +111,15 @@ def test_open_run_calls_code_only_when_told(work) -> None:
     run = work["w8a8"]
     with pytest.raises(UntrustedCodeError, match=rf"{run}/source.json names the model factory '{FACTORY}'.*trust_factory=True or model="):
         open_run(run)
-    from ptqkit.models.digits_cnn import DigitsCNN
-
     from safetensors.torch import load_file
+
+    from ptqkit.models.digits_cnn import DigitsCNN
 
     mine = DigitsCNN()
     mine.load_state_dict(load_file(str(work["root"] / "digits.safetensors")))
     given, _, example = open_run(run, model=mine.eval())  # the user's own float model: copied, not changed
     assert given.model is not mine
-    named, qmodel, _ = open_run(run, model=FACTORY)  # a factory the user names (weights from source.json)
+    named, _qmodel, _ = open_run(run, model=FACTORY)  # a factory the user names (weights from source.json)
     trusted, _, _ = open_run(run, trust_factory=True)
     with torch.no_grad():
         torch.testing.assert_close(named.model(example), trusted.model(example))

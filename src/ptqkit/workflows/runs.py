@@ -26,8 +26,8 @@ import contextlib
 import copy
 import json
 import logging
-import os
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator

@@ -30,7 +30,12 @@ import torch
 from torch import nn
 
 from ptqkit.core.atomic import file_sha256
-from ptqkit.core.errors import ArtifactError, CalibrationDataError, ConfigError, UnsupportedModelError
+from ptqkit.core.errors import (
+    ArtifactError,
+    CalibrationDataError,
+    ConfigError,
+    UnsupportedModelError,
+)
 
 __all__ = [
     "LoadedModel", "apply_settings", "load_calibration", "load_model", "read_tensor_file", "source_with_hashes", "verify_source",
