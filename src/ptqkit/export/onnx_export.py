@@ -1,9 +1,10 @@
 """The ONNX export driver: float graph -> check vs torch -> integer rewrite -> check in ONNX Runtime.
 
 Thin on purpose: graph capture and the module map live in `onnx_graph` (or, for a Hugging Face
-causal LM with its KV cache as graph inputs/outputs, `onnx_decoder`), the rewrite in
-`onnx_qdq` / `onnx_pertoken` (int8 QDQ) and `onnx_nbits` (weight-only low-bit Linear layers ->
-MatMulNBits), the ORT checks in `ort_check`.
+causal LM with its KV cache as graph inputs/outputs, `onnx_decoder`), each module's lowering
+(route / refuse / rewrite) in `lowering`, over `onnx_qdq` / `onnx_pertoken` (int8 QDQ),
+`onnx_nbits` (weight-only low-bit Linear layers -> MatMulNBits) and `onnx_gather` (embeddings ->
+GatherBlockQuantized), the ORT checks in `ort_check`.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import contextlib
 import logging
 import math
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from ptqkit.core.errors import ExportError
+from ptqkit.export.lowering import LOWERINGS, LoweringOptions, lowering_of
 
 __all__ = ["export_onnx"]
 
@@ -74,15 +76,6 @@ def _ort_outputs(plan: _GraphPlan, session: Any) -> list[Any]:
     from ptqkit.export.ort_check import run_session
 
     return [t for case in plan.cases for t in run_session(session, case)]
-
-
-def _find_modules(proto: Any, names: list[str], prefix: str) -> tuple[dict[str, Any], dict[str, str]]:
-    """`find_layer_nodes` for module names that sit under `prefix` in the graph, keyed without it."""
-    from ptqkit.export.onnx_graph import find_layer_nodes
-
-    found, missing = find_layer_nodes(proto, [prefix + name for name in names])
-    n = len(prefix)
-    return {k[n:]: replace(ln, module=k[n:]) for k, ln in found.items()}, {k[n:]: why for k, why in missing.items()}
 
 
 @contextlib.contextmanager
@@ -179,21 +172,20 @@ def _uint8_weights(weight_dtype: str) -> bool:
     return weight_dtype == "uint8" or (weight_dtype == "auto" and not cpu_has_vnni())
 
 
-def _route(qmodel: nn.Module, nbits: Any, strict: bool) -> _Routes:
-    """Each quantized module's lowering, checked before the (slow) graph capture."""
-    from ptqkit.export.onnx_gather import gather_refusal, quantized_embeddings
-    from ptqkit.export.onnx_nbits import nbits_refusal, routes_to_nbits
-    from ptqkit.export.onnx_qdq import check_exportable, quantized_modules
+def _route(qmodel: nn.Module, options: LoweringOptions, strict: bool) -> _Routes:
+    """Each quantized module's lowering (`export.lowering`), checked before the (slow) graph capture:
+    Linear/Conv modules in model order, then embeddings."""
+    from ptqkit.export.onnx_gather import quantized_embeddings
+    from ptqkit.export.onnx_qdq import quantized_modules
 
     modules = quantized_modules(qmodel)
     if not modules:
         raise ExportError("export: the model has no QuantLinear/QuantConv modules; nothing to write as integer ONNX")
-    low_bit = {name for name, m in modules.items() if routes_to_nbits(m, nbits)}
-    for name, module in modules.items():
-        if name not in low_bit:
-            check_exportable(name, module)  # fail before the (slow) graph capture
-    layers = [_Route(name, m, "matmul_nbits", nbits_refusal(m)) if name in low_bit else _Route(name, m, "qdq") for name, m in modules.items()]
-    layers += [_Route(name, m, "gather_block_quantized", gather_refusal(m)) for name, m in quantized_embeddings(qmodel).items()]
+    layers = []
+    for name, module in {**modules, **quantized_embeddings(qmodel)}.items():
+        lowering = lowering_of(module, options)
+        lowering.check(name, module)  # fail before the (slow) graph capture
+        layers.append(_Route(name, module, lowering.form, lowering.refusal(module)))
     routes = _Routes(tuple(layers))
     refused = routes.refused()
     if refused and strict:
@@ -223,37 +215,21 @@ def _float_graph_check(plan: _GraphPlan, float_model: nn.Module, float_path: Pat
     return fp32
 
 
-def _rewrite_linears(proto: Any, routes: _Routes, prefix: str, nbits: Any, uint8_weights: bool, strict: bool) -> _Rewritten:
-    """Linear/Conv modules: MatMulNBits for the low-bit weight-only ones, then int8 QDQ for the rest."""
-    from ptqkit.export.onnx_nbits import insert_matmul_nbits
-    from ptqkit.export.onnx_qdq import insert_qdq
-
-    found, missing = _find_modules(proto, list(routes.modules("matmul_nbits", "qdq")), prefix)
-    if missing and strict:
-        raise ExportError(f"export (strict): {len(missing)} quantized module(s) not found in the ONNX graph: {missing}")
-    refused, nbits_modules, qdq_modules = routes.refused(), routes.modules("matmul_nbits"), routes.modules("qdq")
-    kept_float = {name: found[name] for name in refused if name in found}  # float MatMul with the dequantized weight
-    to_nbits = {name: ln for name, ln in found.items() if name in nbits_modules and name not in refused}
-    proto, nbits_rewrites = insert_matmul_nbits(proto, to_nbits, nbits_modules, nbits)
-    if to_nbits:  # node indices moved: map the QDQ modules again
-        found, _ = _find_modules(proto, [name for name in found if name in qdq_modules], prefix)
-    proto, rewrites = insert_qdq(proto, {n: ln for n, ln in found.items() if n in qdq_modules}, qdq_modules, uint8_weights=uint8_weights)
-    return _Rewritten(proto, tuple(nbits_rewrites + rewrites), kept_float, missing)
-
-
-def _rewrite_embeddings(proto: Any, routes: _Routes, prefix: str, strict: bool) -> _Rewritten:
-    """Quantized embeddings: their Gather becomes GatherBlockQuantized (refused ones stay float)."""
-    from ptqkit.export.onnx_gather import find_gather_nodes, insert_gather_block_quantized
-
-    embeddings = routes.modules("gather_block_quantized")
-    gathers, gather_missing = find_gather_nodes(proto, list(embeddings), prefix)
-    if gather_missing and strict:
-        raise ExportError(f"export (strict): {len(gather_missing)} quantized embedding(s) not found in the ONNX graph: {gather_missing}")
-    refused = routes.refused()
-    kept_float = {name: gathers[name] for name in refused if name in gathers}
-    to_gather = {name: ln for name, ln in gathers.items() if name not in refused}
-    proto, gather_rewrites = insert_gather_block_quantized(proto, to_gather, embeddings)
-    return _Rewritten(proto, tuple(gather_rewrites), kept_float, gather_missing)
+def _rewrite(proto: Any, routes: _Routes, prefix: str, options: LoweringOptions, strict: bool) -> _Rewritten:
+    """Every lowering in `LOWERINGS` order rewrites its modules in turn (each finds its nodes in the
+    graph the previous one left); refused modules stay float with their dequantized weight."""
+    rewritten = _Rewritten(proto, (), {}, {})
+    for lowering in LOWERINGS:
+        modules = routes.modules(lowering.form)
+        found, missing = lowering.find(rewritten.proto, list(modules), prefix)
+        if missing and strict:
+            raise ExportError(f"export (strict): {len(missing)} {lowering.what} not found in the ONNX graph: {missing}")
+        refused = routes.refused(lowering.form)
+        kept_float = {name: found[name] for name in refused if name in found}  # float MatMul/Gather, dequantized weight
+        to_rewrite = {name: ln for name, ln in found.items() if name not in refused}
+        proto, rewrites = lowering.rewrite(rewritten.proto, to_rewrite, modules, options)
+        rewritten = rewritten.merged_with(_Rewritten(proto, tuple(rewrites), kept_float, missing))
+    return rewritten
 
 
 def _matmul_nbits_check(routes: _Routes, nbits: Any, rewritten: _Rewritten) -> dict[str, Any]:
@@ -346,7 +322,8 @@ def export_onnx(
 
     nbits = _checked_options(qmodel, fp32_tolerance, weight_dtype, nbits, kv_cache)
     uint8_weights = _uint8_weights(weight_dtype)
-    routes = _route(qmodel, nbits, strict)
+    options = LoweringOptions(nbits, uint8_weights)
+    routes = _route(qmodel, options, strict)
     float_model = dequantize_model(qmodel).eval()
     float_path = out_dir / FLOAT_ONNX_FILE
     plan = _plan(float_model, example_inputs, kv_cache=kv_cache, opset=opset, dynamic=dynamic)
@@ -357,8 +334,7 @@ def export_onnx(
     if not keep_float:
         float_path.unlink()
 
-    linears = _rewrite_linears(proto, routes, plan.prefix, nbits, uint8_weights, strict)
-    rewritten = linears.merged_with(_rewrite_embeddings(linears.proto, routes, plan.prefix, strict))
+    rewritten = _rewrite(proto, routes, plan.prefix, options, strict)
     checks["weight_dtype"] = "uint8" if uint8_weights else "int8"
     if routes.modules("matmul_nbits"):
         checks["matmul_nbits"] = _matmul_nbits_check(routes, nbits, rewritten)
