@@ -32,9 +32,7 @@ from ptqkit.engine.recipe import Recipe
 from ptqkit.engine.targets import LayerPlan, Plan, resolve_plan
 from ptqkit.nn.act_quant import (
     InputQuantizer,
-    OutlierColumnsQuantizer,
-    OutlierKeepingQuantizer,
-    SmoothedInputQuantizer,
+    make_input_quantizer,
     smoothed,
 )
 from ptqkit.nn.modules import InputOnly, QuantConv, QuantEmbedding, QuantizedModule, QuantLinear
@@ -433,19 +431,15 @@ def _input_quantizer(
 ) -> InputQuantizer | None:
     if layer.inputs is None:
         return None
-    if llm_int8 is not None:  # checked up front to need dynamic inputs
-        return OutlierKeepingQuantizer(layer.inputs, llm_int8.threshold)
-    if layer.inputs.dynamic:
-        return InputQuantizer(layer.inputs)
+    if llm_int8 is not None or layer.inputs.dynamic:  # llm_int8 is checked up front to need dynamic inputs
+        return make_input_quantizer(layer.inputs, outlier_threshold=llm_int8.threshold if llm_int8 is not None else None)
     qparams = observer.qparams()
-    if outliers is not None:
-        columns, low, high = outliers
-        qtype = layer.inputs.qtype
-        multiples = column_multiples(low, high, float(qparams.scale), int(qparams.zero_point), int(qtype.qmin), int(qtype.qmax))
-        return OutlierColumnsQuantizer(layer.inputs, qparams, columns, multiples)
-    if divisors is not None:
-        return SmoothedInputQuantizer(layer.inputs, qparams, divisors)
-    return InputQuantizer(layer.inputs, qparams)
+    if outliers is None:
+        return make_input_quantizer(layer.inputs, qparams, divisors=divisors)
+    columns, low, high = outliers
+    qtype = layer.inputs.qtype
+    multiples = column_multiples(low, high, float(qparams.scale), int(qparams.zero_point), int(qtype.qmin), int(qtype.qmax))
+    return make_input_quantizer(layer.inputs, qparams, columns=columns, multiples=multiples)
 
 
 def convert_layer(

@@ -30,9 +30,7 @@ from ptqkit.export.artifact import (
 )
 from ptqkit.nn.act_quant import (
     InputQuantizer,
-    OutlierColumnsQuantizer,
-    OutlierKeepingQuantizer,
-    SmoothedInputQuantizer,
+    make_input_quantizer,
 )
 from ptqkit.nn.modules import InputOnly, QuantConv, QuantEmbedding, QuantLinear
 from ptqkit.nn.tree import replace_module
@@ -221,9 +219,9 @@ def _input_quantizer(layer: dict[str, Any], tensors: dict[str, torch.Tensor], pa
                 f"{path.parent / QUANT_FILE}: layers[{name!r}].outlier_threshold={threshold!r} must be a positive number "
                 "on a layer with dynamic inputs"
             )
-        return OutlierKeepingQuantizer(spec, float(threshold))
+        return make_input_quantizer(spec, outlier_threshold=float(threshold))
     if spec.dynamic:
-        return InputQuantizer(spec)
+        return make_input_quantizer(spec)
     qparams = _qparams(f"{name}.input_quantizer.", spec, None, tensors, path)
     recorded = layer["input_qparams"]
     if not isinstance(recorded, dict) or recorded.get("scale") != qparams.scale.tolist() or recorded.get("zero_point") != qparams.zero_point.tolist():
@@ -235,7 +233,7 @@ def _input_quantizer(layer: dict[str, Any], tensors: dict[str, torch.Tensor], pa
         return _outlier_columns_quantizer(layer, spec, qparams, tensors, path)
     if layer.get("input_smoothing") is not None:
         return _smoothed_quantizer(layer, spec, qparams, tensors, path)
-    return InputQuantizer(spec, qparams)
+    return make_input_quantizer(spec, qparams)
 
 
 def _smoothed_quantizer(layer: dict[str, Any], spec: QuantSpec, qparams: Any, tensors: dict[str, torch.Tensor], path: Path) -> InputQuantizer:
@@ -248,7 +246,7 @@ def _smoothed_quantizer(layer: dict[str, Any], spec: QuantSpec, qparams: Any, te
         raise ArtifactError(f"{where} must be {{'divisors': {width}}} (the layer's input columns), got {recorded!r:.200}")
     divisors = _take(tensors, f"{name}.input_quantizer.divisors", path, torch.float32, (width,))
     try:
-        return SmoothedInputQuantizer(spec, qparams, divisors)
+        return make_input_quantizer(spec, qparams, divisors=divisors)
     except ValueError as exc:
         raise ArtifactError(f"{path}: tensor {name}.input_quantizer.divisors: {exc}") from None
 
@@ -271,7 +269,7 @@ def _outlier_columns_quantizer(layer: dict[str, Any], spec: QuantSpec, qparams: 
             f"{where}: columns {columns.tolist()} must be distinct input columns in [0, {width}) of a static input, "
             f"multiples {multiples.tolist()} at least 1"
         )
-    return OutlierColumnsQuantizer(spec, qparams, columns, multiples)
+    return make_input_quantizer(spec, qparams, columns=columns, multiples=multiples)
 
 
 def _skeleton_weight(module: nn.Module, layer: dict[str, Any], path: Path) -> torch.Tensor:

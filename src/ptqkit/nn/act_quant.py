@@ -16,6 +16,7 @@ __all__ = [
     "outlier_columns",
     "split_outliers",
     "smoothed",
+    "make_input_quantizer",
 ]
 
 
@@ -139,3 +140,28 @@ class SmoothedInputQuantizer(InputQuantizer):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, divided by per-channel divisors in [{float(self.divisors.min()):.3g}, {float(self.divisors.max()):.3g}]"
+
+
+def make_input_quantizer(
+    spec: QuantSpec,
+    qparams: QParams | None = None,
+    *,
+    outlier_threshold: float | None = None,
+    columns: torch.Tensor | None = None,
+    multiples: torch.Tensor | None = None,
+    divisors: torch.Tensor | None = None,
+) -> InputQuantizer:
+    """The input quantizer of one layer, whether its parameters come from calibration (the engine)
+    or from a saved artifact (the loader): per-call outlier columns kept float above
+    `outlier_threshold` (llm_int8, dynamic inputs), dynamic quantization, calibrated outlier
+    `columns` at `multiples` of the step (outlier_channels), smoothing `divisors`
+    (input_smoothing), or plain static `qparams`."""
+    if outlier_threshold is not None:
+        return OutlierKeepingQuantizer(spec, outlier_threshold)
+    if spec.dynamic:
+        return InputQuantizer(spec)
+    if columns is not None:
+        return OutlierColumnsQuantizer(spec, qparams, columns, multiples)
+    if divisors is not None:
+        return SmoothedInputQuantizer(spec, qparams, divisors)
+    return InputQuantizer(spec, qparams)
