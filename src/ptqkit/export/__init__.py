@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from torch import nn
 
@@ -24,11 +24,10 @@ from ptqkit.core.errors import ExportError
 from ptqkit.export.layers import FLOAT_ONNX_FILE, ONNX_FILE, REPORT_FILE, LayerExport
 from ptqkit.export.onnx_nbits import NBitsOptions
 
-__all__ = ["FORMATS", "ExportResult", "LayerExport", "NBitsOptions", "export"]
+__all__ = ["FORMATS", "TARGETS", "ExportResult", "ExportTarget", "LayerExport", "NBitsOptions", "export"]
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "safetensors")
 _EXPORT_FILES = (ONNX_FILE, FLOAT_ONNX_FILE, REPORT_FILE)
 _ARTIFACT_FILES = ("model.safetensors", "quantization.json", "config.json")  # ptqkit.export.artifact.ARTIFACT_FILES
 
@@ -115,7 +114,7 @@ def export(
         result, artifact_sha256 = _write_formats(qmodel, build.path, out_dir, formats, example_inputs, onnx_options, artifact_sha256)
         if "onnx" in formats:
             _write_report(build.path, result, artifact_sha256)
-        replaced = (_EXPORT_FILES if "onnx" in formats else ()) + (_ARTIFACT_FILES if "safetensors" in formats else ())
+        replaced = tuple(name for f in formats for name in TARGETS[f].files)
         build.carry(lambda entry: entry.name not in replaced)
         build.commit()
     return result
@@ -134,33 +133,73 @@ def _check_arguments(qmodel: nn.Module, formats: Sequence[str], example_inputs: 
     return formats
 
 
+@dataclass(frozen=True)
+class _Written:
+    """What one target wrote: files (named under `out_dir`), per-layer records and checks, and the
+    SHA-256 of the artifact it wrote (None if it wrote none)."""
+
+    files: dict[str, Path]
+    layers: tuple[LayerExport, ...] = ()
+    checks: dict[str, Any] = field(default_factory=dict)
+    artifact_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class ExportTarget:
+    """One export format: `write(qmodel, tmp, out_dir, example_inputs, onnx_options)` writes it
+    into the temporary directory `tmp`; `files` are the names it owns in `out_dir` (replaced by a
+    new export, every other file is kept). Adding a format is one write function and one row of
+    `TARGETS`."""
+
+    name: str
+    files: tuple[str, ...]
+    write: Callable[[nn.Module, Path, Path, Any, dict[str, Any]], _Written]
+
+
+def _write_onnx(qmodel: nn.Module, tmp: Path, out_dir: Path, example_inputs: Any, onnx_options: dict[str, Any]) -> _Written:
+    from ptqkit.export.onnx_export import export_onnx
+
+    layers, checks = export_onnx(qmodel, tmp, example_inputs, **onnx_options)
+    files = {"onnx": out_dir / ONNX_FILE, "report": out_dir / REPORT_FILE}
+    if onnx_options["keep_float"]:
+        files["onnx_fp32"] = out_dir / FLOAT_ONNX_FILE
+    return _Written(files, layers, checks)
+
+
+def _write_safetensors(qmodel: nn.Module, tmp: Path, out_dir: Path, example_inputs: Any, onnx_options: dict[str, Any]) -> _Written:
+    try:
+        from ptqkit.export.artifact import write_artifact_files
+    except ModuleNotFoundError as exc:
+        raise ExportError(
+            "export: format 'safetensors' needs ptqkit.export.artifact.save_artifact, which is not "
+            f"available in this installation ({exc}); export formats=('onnx',) instead"
+        ) from exc
+    sha256 = write_artifact_files(qmodel, tmp)
+    return _Written({"safetensors": out_dir / "model.safetensors"}, artifact_sha256=sha256)
+
+
+TARGETS: dict[str, ExportTarget] = {  # written in this order
+    "onnx": ExportTarget("onnx", _EXPORT_FILES, _write_onnx),
+    "safetensors": ExportTarget("safetensors", _ARTIFACT_FILES, _write_safetensors),
+}
+FORMATS = tuple(TARGETS)
+
+
 def _write_formats(
     qmodel: nn.Module, tmp: Path, out_dir: Path, formats: tuple[str, ...], example_inputs: Any, onnx_options: dict[str, Any],
     artifact_sha256: str | None,
 ) -> tuple[ExportResult, str | None]:
-    """Write the formats into the temporary directory `tmp`; (the result, naming files under
-    `out_dir`, and the SHA-256 of the artifact the export comes from or was written with)."""
+    """Write the formats' targets into the temporary directory `tmp`; (the result, naming files
+    under `out_dir`, and the SHA-256 of the artifact the export comes from or was written with)."""
     files: dict[str, Path] = {}
     layers: tuple[LayerExport, ...] = ()
     checks: dict[str, Any] = {}
-    if "onnx" in formats:
-        from ptqkit.export.onnx_export import export_onnx
-
-        layers, checks = export_onnx(qmodel, tmp, example_inputs, **onnx_options)
-        files["onnx"] = out_dir / ONNX_FILE
-        files["report"] = out_dir / REPORT_FILE
-        if onnx_options["keep_float"]:
-            files["onnx_fp32"] = out_dir / FLOAT_ONNX_FILE
-    if "safetensors" in formats:
-        try:
-            from ptqkit.export.artifact import write_artifact_files
-        except ModuleNotFoundError as exc:
-            raise ExportError(
-                "export: format 'safetensors' needs ptqkit.export.artifact.save_artifact, which is not "
-                f"available in this installation ({exc}); export formats=('onnx',) instead"
-            ) from exc
-        artifact_sha256 = write_artifact_files(qmodel, tmp)
-        files["safetensors"] = out_dir / "model.safetensors"
+    for name, target in TARGETS.items():
+        if name in formats:
+            written = target.write(qmodel, tmp, out_dir, example_inputs, onnx_options)
+            files.update(written.files)
+            layers, checks = layers + written.layers, checks | written.checks
+            artifact_sha256 = written.artifact_sha256 or artifact_sha256
     return ExportResult(out_dir=out_dir, files=files, layers=layers, checks=checks), artifact_sha256
 
 
