@@ -229,6 +229,11 @@ def tokenize(
             raise CalibrationDataError(
                 f"tokenizer produced no tokens for text {i} ({texts[i][:40]!r})"
             )
+        if len(row) > max_length:  # HF tokenizers skip truncation when max_length leaves no room beside the special tokens
+            raise ConfigError(
+                f"max_length={max_length} is too short for tokenizer {type(tokenizer).__name__}: it returned {len(row)} "
+                f"tokens for text {i} (it adds special tokens and truncates only the text beside them); use a larger max_length"
+            )
         samples.append(
             {
                 "input_ids": torch.tensor(row, dtype=torch.long),  # [L]

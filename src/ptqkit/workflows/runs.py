@@ -105,12 +105,12 @@ RUN_FILES = (*ARTIFACT_FILES, "recipe.yaml", "source.json", "example_inputs.safe
 @torch.no_grad()
 def output_sqnr_on(model: nn.Module, qmodel: nn.Module, example: Any) -> float:
     """SQNR (dB) of the quantized model's main output against the float model's, on `example`."""
-    from ptqkit.calibration.samples import call_model
+    from ptqkit.calibration.samples import call_on_batch
     from ptqkit.core.primitives import sqnr_db
     from ptqkit.eval.evaluate import main_tensor
 
-    reference = main_tensor(call_model(model, example)).float()
-    candidate = main_tensor(call_model(qmodel, example)).float()
+    reference = main_tensor(call_on_batch(model, example, "the first calibration batch")).float()
+    candidate = main_tensor(call_on_batch(qmodel, example, "the first calibration batch")).float()
     return float(sqnr_db(reference, candidate))
 
 

@@ -134,3 +134,26 @@ def test_the_image_size_is_checked_by_the_api_too(image_bomb: Path) -> None:
 
     with pytest.raises(ConfigError, match=r"image_size=-5: the centre-crop size must be a positive integer"):
         load_calibration(image_bomb, samples=1, batch_size=1, image_size=-5)
+
+
+class NoTruncation(WordTokenizer):
+    """What Hugging Face tokenizers do when max_length leaves no room beside the special tokens."""
+
+    def __call__(self, texts: list[str], truncation: bool, max_length: int) -> dict:
+        return super().__call__(texts, truncation, 10**6)
+
+
+def test_a_max_length_the_tokenizer_cannot_truncate_to() -> None:
+    from ptqkit.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"max_length=1 is too short for tokenizer NoTruncation: it returned 6 tokens for text 0"):
+        CalibrationData.from_text(["the word of text"], NoTruncation(), max_length=1)
+
+
+def test_token_sequences_longer_than_the_model_takes(tiny_hf: Path, tmp_path: Path) -> None:
+    text = tmp_path / "long.txt"
+    text.write_text("the " * 100)
+    result = run_cli("quantize", "--model", tiny_hf, "--calib", text, "--max-length", "100", "--preset", "w8a8_dynamic", "--out", tmp_path / "run", "--quiet")
+    assert_refused(result, 3, str(text), "the first calibration batch does not fit the model: RuntimeError")
+    result = run_cli("quantize", "--model", tiny_hf, "--calib", text, "--max-length", "1", "--preset", "w8a8_dynamic", "--out", tmp_path / "run", "--quiet")
+    assert_refused(result, 2, "max_length=1 is too short for tokenizer")
