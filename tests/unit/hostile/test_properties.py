@@ -224,3 +224,19 @@ def test_mutated_text_files(tmp_path: Path, lines: list[str], suffix: str, raw: 
         CalibrationData.from_text(path, WordTokenizer(), max_length=8)
     except PTQError:
         pass
+
+
+@settings(max_examples=6, **SETTINGS)
+@given(
+    lines=st.lists(
+        st.one_of(st.text(max_size=40), VALUES.map(lambda v: json.dumps(v, allow_nan=True)), st.sampled_from(['{"text": "the word"}', "the " * 80])),
+        max_size=4,
+    ),
+    suffix=st.sampled_from([".jsonl", ".txt"]),
+    max_length=st.sampled_from(["1", "2", "16", "100"]),
+)
+def test_mutated_text_files_through_quantize(tmp_path: Path, tiny_hf: Path, lines: list[str], suffix: str, max_length: str) -> None:
+    path = tmp_path / f"t{next(_counter)}{suffix}"
+    path.write_text("\n".join(lines), encoding="utf-8", errors="surrogatepass")
+    out = tmp_path / f"o{next(_counter)}"
+    _cli(["quantize", "--model", str(tiny_hf), "--calib", str(path), "--preset", "w8a8_dynamic", "--out", str(out), "--quiet", "--max-length", max_length])
