@@ -91,23 +91,31 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})  # the disk refused a write
+
+
 def write_bytes(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` atomically (temp file + fsync + rename; no symlink is followed)."""
     path = Path(path)
     _refuse_symlink(path)
     clean_leftovers(path)
     tmp = _temp_name(path, "tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o666)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        _refuse_symlink(path)  # planted while we wrote: still refused, never followed
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            _refuse_symlink(path)  # planted while we wrote: still refused, never followed
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        if exc.errno not in _WRITE_ERRNOS:
+            raise
+        raise OutputPathError(f"cannot write {path}: {exc.strerror}; {path.name} is unchanged") from exc
     fsync_path(path.parent)
     return path
 
@@ -333,6 +341,7 @@ def swap_in(tmp: str | Path, target: str | Path) -> None:
     fsync_path(target.parent if str(target.parent) else ".")
 
 
+
 class DirectoryBuild:
     """A directory being built aside: `path` is the temporary directory, `target` the final one.
     Use through `build_directory`; call `commit()` (or `swap_in(build.path, build.target)`) once."""
@@ -423,6 +432,11 @@ def build_directory(
             raise OutputPathError(f"cannot write {target}: {exc.strerror} ({exc.filename})") from None
         try:
             yield build
+        except OSError as exc:
+            if exc.errno not in _WRITE_ERRNOS:
+                raise
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise OutputPathError(f"cannot write {target}: {exc.strerror}{where}; {target} is unchanged") from exc
         finally:
             if os.path.lexists(build.path):
                 _remove(build.path)

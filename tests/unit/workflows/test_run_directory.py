@@ -347,3 +347,44 @@ def test_two_writers_one_waits_for_nobody_and_the_run_is_never_mixed(digits, tmp
     # now the second writer may: its whole run replaces the first's
     assert main(_quantize(digits, "w8a16")) == 0
     assert json.loads((out / "summary.json").read_text())["recipe"] == "w8a16"
+
+
+def test_a_full_disk_is_a_typed_error_and_leaves_the_previous_directory(tmp_path: Path) -> None:
+    import errno
+
+    import pytest
+
+    from ptqkit.core import atomic
+    from ptqkit.core.errors import OutputPathError
+
+    target = tmp_path / "out"
+    with atomic.build_directory(target) as build:
+        atomic.write_text(build.path / "a.txt", "first")
+        build.commit()
+    with pytest.raises(OutputPathError, match=r"cannot write .*out: No space left on device \(.*b.txt\); .*out is unchanged"):
+        with atomic.build_directory(target) as build:
+            raise OSError(errno.ENOSPC, "No space left on device", str(build.path / "b.txt"))
+    assert (target / "a.txt").read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_full_disk_on_a_single_file_is_a_typed_error(tmp_path: Path, monkeypatch) -> None:
+    import errno
+    import os
+
+    import pytest
+
+    from ptqkit.core import atomic
+    from ptqkit.core.errors import OutputPathError
+
+    target = tmp_path / "bench.json"
+    atomic.write_json(target, {"speedup": 1.0})
+    real_fsync = os.fsync
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OutputPathError, match=r"cannot write .*bench.json: No space left on device; bench.json is unchanged"):
+        atomic.write_json(target, {"speedup": 2.0})
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert '"speedup": 1.0' in target.read_text() and [p.name for p in tmp_path.iterdir()] == ["bench.json"]
