@@ -290,8 +290,10 @@ def test_a_failure_at_every_write_step_keeps_the_previous_run(digits, monkeypatc
         step += 1
         calls.update(n=0, fail_at=step)
         try:
-            main(_quantize(digits, "w8a8", "--format", "onnx"))
+            failed = main(_quantize(digits, "w8a8", "--format", "onnx")) != 0  # a full disk: one-line OutputPathError
         except OSError:
+            failed = True
+        if failed:
             now = _snapshot(out)
             if now != previous:  # failed after the swap (the directory's fsync): the complete new run
                 summary = json.loads(now["summary.json"])
