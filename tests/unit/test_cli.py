@@ -13,6 +13,8 @@ from torch import nn
 from ptqkit.cli import main
 from ptqkit.engine.recipe import Recipe
 from ptqkit.eval.metrics import output_sqnr_db
+from tests.unit.digits_files import FACTORY
+from tests.unit.digits_files import digits_files as make_digits_files
 
 
 def test_inspect_preset_prints_yaml(capsys) -> None:
@@ -42,22 +44,12 @@ def test_missing_recipe_file(capsys) -> None:
 
 
 # ---- quantize / inspect / export on a factory model (the digits CNN: seconds) --------------
-FACTORY = "ptqkit.models.digits_cnn:DigitsCNN"
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
 
 
 @pytest.fixture()
 def digits_files(tmp_path: Path) -> dict[str, Path]:
-    from safetensors.torch import save_file
-
-    from ptqkit.models.digits_cnn import DigitsCNN
-
-    torch.manual_seed(0)
-    weights = tmp_path / "digits.safetensors"
-    save_file(DigitsCNN().state_dict(), str(weights))
-    calib = tmp_path / "calib.pt"
-    torch.save(torch.rand(48, 1, 8, 8), calib)
-    return {"weights": weights, "calib": calib, "out": tmp_path / "run"}
+    return make_digits_files(tmp_path, samples=48)
 
 
 def _quantize_args(files: dict[str, Path], *extra: str) -> list[str]:

@@ -19,21 +19,14 @@ from ptqkit.core.atomic import file_sha256
 from ptqkit.core.errors import ArtifactError, OutputPathError, UntrustedCodeError
 from ptqkit.workflows.runs import open_run
 from ptqkit.workflows.sources import source_with_hashes, verify_source
-
-FACTORY = "ptqkit.models.digits_cnn:DigitsCNN"
+from tests.unit.digits_files import FACTORY, digits_files
 
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two runs of the digits CNN (w8a8 with ONNX and bench.json, w8a16), made once."""
-    from safetensors.torch import save_file
-
-    from ptqkit.models.digits_cnn import DigitsCNN
-
     root = tmp_path_factory.mktemp("made")
-    torch.manual_seed(0)
-    save_file(DigitsCNN().state_dict(), str(root / "digits.safetensors"))
-    torch.save(torch.rand(16, 1, 8, 8), root / "calib.pt")
+    digits_files(root, samples=16)
     for name, preset in (("w8a8", "w8a8"), ("w8a16", "w8a16")):
         assert main(_quantize(root, root / name, preset)) == 0
     assert main(["bench", str(root / "w8a8"), "--reps", "2", "--warmup", "1", "--quiet", "--trust-factory"]) == 0

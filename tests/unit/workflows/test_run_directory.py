@@ -10,27 +10,16 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from ptqkit.cli import main
 from ptqkit.core import atomic
 from ptqkit.core.errors import OutputPathError
-
-FACTORY = "ptqkit.models.digits_cnn:DigitsCNN"
+from tests.unit.digits_files import FACTORY, digits_files
 
 
 @pytest.fixture()
 def digits(tmp_path: Path) -> dict[str, Path]:
-    from safetensors.torch import save_file
-
-    from ptqkit.models.digits_cnn import DigitsCNN
-
-    torch.manual_seed(0)
-    weights = tmp_path / "digits.safetensors"
-    save_file(DigitsCNN().state_dict(), str(weights))
-    calib = tmp_path / "calib.pt"
-    torch.save(torch.rand(24, 1, 8, 8), calib)
-    return {"weights": weights, "calib": calib, "out": tmp_path / "run"}
+    return digits_files(tmp_path, samples=24)
 
 
 def _quantize(files: dict[str, Path], preset: str, *extra: str) -> list[str]:
