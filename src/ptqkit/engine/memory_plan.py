@@ -123,8 +123,8 @@ def _statistics_bytes(stages: Any, block: nn.Module, calls: int) -> int:
     from ptqkit.algorithms.registry import algorithm_of
 
     inputs = [shape[1] for shape in _linear_shapes(block)]
-    configs = [c for c in (stages.weight_quantizer, *stages.block_transforms) if c is not None]
-    return sum(algorithm_of(c).memory(c, inputs, calls) for c in configs if algorithm_of(c).memory is not None)
+    rows = [(c, algorithm_of(c)) for c in (stages.weight_quantizer, *stages.block_transforms) if c is not None]
+    return sum(row.memory(c, inputs, calls) for c, row in rows if row.memory is not None)
 
 
 def available_memory() -> tuple[int, str]:

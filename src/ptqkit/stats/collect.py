@@ -71,8 +71,7 @@ class ModelBatches:
     total_batches: int | None = None
 
     def run(self, model: nn.Module, hooks: Mapping[str, Callable[[torch.Tensor], None]]) -> int:
-        updates = {name: (lambda _, x, hook=hook: hook(x)) for name, hook in hooks.items()}
-        return run_with_input_hooks(model, updates, self.batches, self.label, self.max_samples, self.progress, self.total_batches)
+        return run_with_input_hooks(model, hooks, self.batches, self.label, self.max_samples, self.progress, self.total_batches)
 
 
 @dataclass(frozen=True)

@@ -56,11 +56,11 @@ def limited_batches(batches: Iterable[Any], max_samples: int) -> Iterator[tuple[
 
 
 def run_with_input_hooks(
-    model: nn.Module, updates: Mapping[str, Callable[[str, torch.Tensor], None]], batches: Iterable[Any], label: str,
+    model: nn.Module, updates: Mapping[str, Callable[[torch.Tensor], None]], batches: Iterable[Any], label: str,
     max_samples: int, progress: bool, total_batches: int | None,
 ) -> int:
     """Run `batches` (the first `max_samples` samples) through `model` in inference mode with
-    `updates[name](name, x)` called on each named module's first input; returns the samples run.
+    `updates[name](x)` called on each named module's first input; returns the samples run.
     Hooks are removed and the train/eval mode restored whatever happens."""
     modules = dict(model.named_modules())
     where = {"batch": 0, "first": 0, "last": 0}
@@ -69,7 +69,7 @@ def run_with_input_hooks(
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = args[0] if args else next(iter(kwargs.values()))
             try:
-                updates[name](name, x.detach())
+                updates[name](x.detach())
             except NonFiniteError:
                 raise CalibrationDataError(
                     f"NaN/Inf activation at the input of module {name!r} in calibration batch "
