@@ -39,8 +39,7 @@ from ptqkit.core.errors import ArtifactError
 from ptqkit.core.primitives import pack_lowbit
 from ptqkit.core.spec import QuantSpec
 from ptqkit.export.layers import FLOAT_ONNX_FILE, ONNX_FILE, REPORT_FILE
-from ptqkit.nn.act_quant import OutlierColumnsQuantizer, SmoothedInputQuantizer
-from ptqkit.nn.modules import InputOnly, QuantConv, QuantizedModule
+from ptqkit.export.records import codes_storage, describe_module, record_of
 
 __all__ = [
     "FORMAT_NAME",
@@ -65,51 +64,6 @@ MODEL_FILE = "model.safetensors"
 QUANT_FILE = "quantization.json"
 CONFIG_FILE = "config.json"
 ARTIFACT_FILES = (MODEL_FILE, QUANT_FILE, CONFIG_FILE)
-_PACKABLE_BITS = (1, 2, 4)
-
-
-def codes_storage(spec: QuantSpec) -> str:
-    """How a layer's codes are stored: "packed" (1/2/4-bit, two or more per byte) or "raw"."""
-    qtype = spec.qtype
-    if qtype.storage_dtype.is_floating_point or qtype.bits not in _PACKABLE_BITS:
-        return "raw"
-    return "packed"
-
-
-def _module_record(name: str, module: nn.Module, layer: Any) -> dict[str, Any]:
-    """The JSON record of one quantized (or input-only) module."""
-    record: dict[str, Any] = {"name": name, "plan_type": layer.module_type, "reason": layer.reason}
-    quantizer = module.input_quantizer
-    record["inputs"] = None if quantizer is None else quantizer.spec.to_dict()
-    record["outlier_threshold"] = getattr(quantizer, "outlier_threshold", None)
-    if isinstance(quantizer, OutlierColumnsQuantizer):  # the tensors are its columns/multiples buffers
-        record["outlier_columns"] = {"columns": quantizer.columns.tolist(), "multiples": quantizer.multiples.tolist()}
-    if isinstance(quantizer, SmoothedInputQuantizer):  # the divisors are its `divisors` buffer
-        record["input_smoothing"] = {"divisors": int(quantizer.divisors.numel())}
-    qparams = None if quantizer is None else quantizer.qparams
-    record["input_qparams"] = None if qparams is None else {
-        "scale": qparams.scale.tolist(),
-        "zero_point": qparams.zero_point.tolist(),
-    }
-    if isinstance(module, InputOnly):
-        record.update(module="InputOnly", weights=None)
-        return record
-    assert isinstance(module, QuantizedModule), type(module)
-    storage = codes_storage(module.weight_spec)
-    record.update(
-        module=type(module).__name__,
-        float_type=module.float_type,
-        weights=module.weight_spec.to_dict(),
-        weight_shape=list(module.weight_codes.shape),
-        weight_dtype=str(module.weight.dtype).removeprefix("torch."),
-        codes_storage=storage,
-        codes_tensor=f"{name}.weight_packed" if storage == "packed" else f"{name}.weight_codes",
-    )
-    if isinstance(module, QuantConv):
-        record["conv_args"] = {k: list(v) if isinstance(v, tuple) else v for k, v in module.conv_args.items()}
-    return record
-
-
 def _collect(qmodel: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str], list[dict[str, Any]]]:
     """(tensors to write, aliases name -> stored name, per-layer records) of a quantized model."""
     info = qmodel.ptqkit_info
@@ -121,13 +75,13 @@ def _collect(qmodel: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]
             module = qmodel.get_submodule(name)
         except AttributeError:
             raise ArtifactError(f"save_artifact: planned layer {name!r} is missing from the model") from None
-        if not isinstance(module, (QuantizedModule, InputOnly)):
+        if record_of(module) is None:
             raise ArtifactError(
                 f"save_artifact: layer {name!r} is a {type(module).__name__}, not a ptqkit quantized module; "
                 "save the model returned by ptqkit.engine.quantize (packed models from ptqkit.export.pack cannot be saved: "
                 "save before packing, pack after loading)"
             )
-        record = _module_record(name, module, layer)
+        record = describe_module(name, module, layer)
         records.append(record)
         if record.get("codes_storage") == "packed":
             # [..., K] codes -> [..., ceil(K * bits / 8)] bytes along the last axis

@@ -18,8 +18,6 @@ import torch
 from torch import nn
 
 from ptqkit.core.errors import ArtifactError, ConfigError, PTQError
-from ptqkit.core.primitives import unpack_lowbit
-from ptqkit.core.spec import QParams, QuantSpec
 from ptqkit.export.artifact import (
     CONFIG_FILE,
     FORMAT_NAME,
@@ -28,11 +26,7 @@ from ptqkit.export.artifact import (
     QUANT_FILE,
     file_sha256,
 )
-from ptqkit.nn.act_quant import (
-    InputQuantizer,
-    make_input_quantizer,
-)
-from ptqkit.nn.modules import InputOnly, QuantConv, QuantEmbedding, QuantLinear
+from ptqkit.export.records import ArtifactTensors, build_module, built_entries, module_names
 from ptqkit.nn.tree import replace_module
 
 __all__ = ["load_artifact", "read_manifest"]
@@ -41,11 +35,6 @@ logger = logging.getLogger(__name__)
 
 _REQUIRED_KEYS = ("format", "format_version", "recipe", "layers", "skipped", "aliases", "model_sha256", "model")
 _LAYER_KEYS = ("name", "module", "plan_type", "reason", "weights", "inputs", "input_qparams")  # + optional "outlier_threshold"
-_BUILT_SUFFIXES = (
-    "weight_codes", "weight_scale", "weight_zero_point", "input_quantizer.scale", "input_quantizer.zero_point",
-    "input_quantizer.columns", "input_quantizer.multiples", "input_quantizer.divisors",
-)
-_QUANT_MODULES = {"QuantLinear", "QuantConv", "QuantEmbedding", "InputOnly"}
 
 
 def _read_json(path: Path, *, missing: str, invalid_suffix: str = "") -> Any:
@@ -89,8 +78,8 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any]:
             raise ArtifactError(f"{path}: layers[{i}] must be an object with keys {list(_LAYER_KEYS)}, got {layer!r:.200}")
         if not isinstance(layer["name"], str) or not isinstance(layer["plan_type"], str) or not isinstance(layer["reason"], str):
             raise ArtifactError(f"{path}: layers[{i}]: 'name', 'plan_type' and 'reason' must be strings")
-        if not isinstance(layer["module"], str) or layer["module"] not in _QUANT_MODULES:
-            raise ArtifactError(f"{path}: layers[{i}].module {layer['module']!r:.100} is unknown; valid: {sorted(_QUANT_MODULES)}")
+        if not isinstance(layer["module"], str) or layer["module"] not in module_names():
+            raise ArtifactError(f"{path}: layers[{i}].module {layer['module']!r:.100} is unknown; valid: {list(module_names())}")
         _check_layer(layer, f"{path}: layers[{i}]")
     return data
 
@@ -152,164 +141,6 @@ def _read_tensors(path: Path, expected_sha: str) -> dict[str, torch.Tensor]:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise ArtifactError(f"{path}: cannot be read as safetensors ({exc})") from None
-
-
-def _take(tensors: dict[str, torch.Tensor], key: str, path: Path, dtype: torch.dtype | None, shape: tuple[int, ...] | None) -> torch.Tensor:
-    if key not in tensors:
-        raise ArtifactError(f"{path}: tensor {key!r} is missing")
-    value = tensors.pop(key)
-    if dtype is not None and value.dtype != dtype:
-        raise ArtifactError(f"{path}: tensor {key!r} has dtype {value.dtype}, expected {dtype}")
-    if shape is not None and tuple(value.shape) != tuple(shape):
-        raise ArtifactError(f"{path}: tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")
-    return value
-
-
-def _spec(data: Any, where: str) -> QuantSpec:
-    try:
-        return QuantSpec.from_dict(data, where=where)
-    except PTQError as exc:  # the message already starts with `where`
-        raise ArtifactError(str(exc) if str(exc).startswith(where) else f"{where}: {exc}") from None
-
-
-def _codes(layer: dict[str, Any], spec: QuantSpec, tensors: dict[str, torch.Tensor], path: Path) -> torch.Tensor:
-    name = layer["name"]
-    shape = tuple(int(v) for v in layer["weight_shape"])
-    qtype = spec.qtype
-    if layer.get("codes_storage") == "packed":
-        key = f"{name}.weight_packed"
-        per_byte = 8 // qtype.bits
-        packed_shape = (*shape[:-1], -(-shape[-1] // per_byte))
-        packed = _take(tensors, key, path, torch.uint8, packed_shape)
-        signed = qtype.is_integer and qtype.signed
-        codes = unpack_lowbit(packed, qtype.bits, shape[-1], signed=signed)  # [..., K]
-        codes = codes.to(qtype.storage_dtype)
-    else:
-        key = f"{name}.weight_codes"
-        codes = _take(tensors, key, path, qtype.storage_dtype, shape)
-    if qtype.is_integer and codes.numel() and (codes.min() < qtype.qmin or codes.max() > qtype.qmax):
-        raise ArtifactError(
-            f"{path}: tensor {key!r} holds codes in [{codes.min().item()}, {codes.max().item()}], outside "
-            f"{qtype.name}'s range [{qtype.qmin}, {qtype.qmax}]"
-        )
-    if not qtype.is_integer and not qtype.storage_dtype.is_floating_point and codes.numel() and codes.max() > 15:
-        raise ArtifactError(f"{path}: tensor {key!r} holds 4-bit codes above 15")
-    return codes
-
-
-def _qparams(prefix: str, spec: QuantSpec, shape: tuple[int, ...] | None, tensors: dict[str, torch.Tensor], path: Path) -> QParams:
-    param_shape = None if shape is None else spec.granularity.param_shape(torch.Size(shape))
-    scale = _take(tensors, f"{prefix}scale", path, torch.float32, param_shape)
-    zero_point = _take(tensors, f"{prefix}zero_point", path, torch.int32, param_shape)
-    try:
-        return QParams(scale, zero_point, spec.qtype, spec.granularity)
-    except PTQError as exc:
-        raise ArtifactError(f"{path}: tensors {prefix}scale / {prefix}zero_point are invalid: {exc}") from None
-
-
-def _input_quantizer(layer: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> InputQuantizer | None:
-    if layer["inputs"] is None:
-        return None
-    name = layer["name"]
-    spec = _spec(layer["inputs"], f"{path.parent / QUANT_FILE}: layers[{name!r}].inputs")
-    threshold = layer.get("outlier_threshold")
-    if threshold is not None:
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0 or not spec.dynamic:
-            raise ArtifactError(
-                f"{path.parent / QUANT_FILE}: layers[{name!r}].outlier_threshold={threshold!r} must be a positive number "
-                "on a layer with dynamic inputs"
-            )
-        return make_input_quantizer(spec, outlier_threshold=float(threshold))
-    if spec.dynamic:
-        return make_input_quantizer(spec)
-    qparams = _qparams(f"{name}.input_quantizer.", spec, None, tensors, path)
-    recorded = layer["input_qparams"]
-    if not isinstance(recorded, dict) or recorded.get("scale") != qparams.scale.tolist() or recorded.get("zero_point") != qparams.zero_point.tolist():
-        raise ArtifactError(
-            f"{path}: tensors {name}.input_quantizer.scale/zero_point {qparams.scale.tolist()}/{qparams.zero_point.tolist()} "
-            f"disagree with layers[{name!r}].input_qparams {recorded!r:.200} in {QUANT_FILE}"
-        )
-    if layer.get("outlier_columns") is not None:
-        return _outlier_columns_quantizer(layer, spec, qparams, tensors, path)
-    if layer.get("input_smoothing") is not None:
-        return _smoothed_quantizer(layer, spec, qparams, tensors, path)
-    return make_input_quantizer(spec, qparams)
-
-
-def _smoothed_quantizer(layer: dict[str, Any], spec: QuantSpec, qparams: Any, tensors: dict[str, torch.Tensor], path: Path) -> InputQuantizer:
-    """The static quantizer of one layer with input smoothing: its divisors tensor must hold one
-    finite positive value per input column of a per-tensor static input."""
-    name, recorded = layer["name"], layer["input_smoothing"]
-    where = f"{path.parent / QUANT_FILE}: layers[{name!r}].input_smoothing"
-    width = int(layer["weight_shape"][1]) if layer.get("weight_shape") else None
-    if not isinstance(recorded, dict) or recorded.get("divisors") != width:
-        raise ArtifactError(f"{where} must be {{'divisors': {width}}} (the layer's input columns), got {recorded!r:.200}")
-    divisors = _take(tensors, f"{name}.input_quantizer.divisors", path, torch.float32, (width,))
-    try:
-        return make_input_quantizer(spec, qparams, divisors=divisors)
-    except ValueError as exc:
-        raise ArtifactError(f"{path}: tensor {name}.input_quantizer.divisors: {exc}") from None
-
-
-def _outlier_columns_quantizer(layer: dict[str, Any], spec: QuantSpec, qparams: Any, tensors: dict[str, torch.Tensor], path: Path) -> InputQuantizer:
-    """The static quantizer with calibrated outlier columns (outlier_channels) of one layer: its
-    columns/multiples tensors must match the JSON record, be distinct input columns, multiples >= 1."""
-    name, recorded = layer["name"], layer["outlier_columns"]
-    where = f"{path.parent / QUANT_FILE}: layers[{name!r}].outlier_columns"
-    if not isinstance(recorded, dict) or not isinstance(recorded.get("columns"), list) or not isinstance(recorded.get("multiples"), list):
-        raise ArtifactError(f"{where} must be {{'columns': [...], 'multiples': [...]}}, got {recorded!r:.200}")
-    k = len(recorded["columns"])
-    columns = _take(tensors, f"{name}.input_quantizer.columns", path, torch.int64, (k,))
-    multiples = _take(tensors, f"{name}.input_quantizer.multiples", path, torch.int64, (k,))
-    width = int(layer["weight_shape"][1]) if layer.get("weight_shape") else None
-    if columns.tolist() != recorded["columns"] or multiples.tolist() != recorded["multiples"]:
-        raise ArtifactError(f"{path}: tensors {name}.input_quantizer.columns/multiples disagree with {where} {recorded!r:.200}")
-    if spec.dynamic or len(set(columns.tolist())) != k or bool((columns < 0).any()) or (width is not None and bool((columns >= width).any())) or bool((multiples < 1).any()):
-        raise ArtifactError(
-            f"{where}: columns {columns.tolist()} must be distinct input columns in [0, {width}) of a static input, "
-            f"multiples {multiples.tolist()} at least 1"
-        )
-    return make_input_quantizer(spec, qparams, columns=columns, multiples=multiples)
-
-
-def _skeleton_weight(module: nn.Module, layer: dict[str, Any], path: Path) -> torch.Tensor:
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        raise ArtifactError(f"{path}: layer {layer['name']!r}: the model skeleton's {type(module).__name__} has no weight")
-    if layer["plan_type"] == "Conv1D":
-        weight = weight.t()  # transformers' Conv1D keeps [in, out]
-    expected = tuple(int(v) for v in layer["weight_shape"])
-    if tuple(weight.shape) != expected:
-        raise ArtifactError(
-            f"{path}: layer {layer['name']!r}: weight shape {expected} does not fit the model skeleton's "
-            f"{type(module).__name__} of weight shape {tuple(weight.shape)}; is this the right model?"
-        )
-    return weight
-
-
-def _build(module: nn.Module, layer: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> nn.Module:
-    """The quantized replacement of one skeleton module, from the artifact's tensors."""
-    inputs = _input_quantizer(layer, tensors, path)
-    if layer["module"] == "InputOnly":
-        return InputOnly(module, inputs)
-    name = layer["name"]
-    spec = _spec(layer["weights"], f"{path.parent / QUANT_FILE}: layers[{name!r}].weights")
-    _skeleton_weight(module, layer, path)  # raises ArtifactError when the skeleton weight does not match
-    codes = _codes(layer, spec, tensors, path)
-    qparams = _qparams(f"{name}.weight_", spec, tuple(codes.shape), tensors, path)
-    dtype_name = layer.get("weight_dtype", "float32")
-    dtype = getattr(torch, str(dtype_name), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ArtifactError(f"{path.parent / QUANT_FILE}: layers[{name!r}].weight_dtype {dtype_name!r} is not a float dtype")
-    template = torch.empty(codes.shape, dtype=dtype)
-    try:
-        if layer["module"] == "QuantLinear":
-            return QuantLinear(template, getattr(module, "bias", None), qparams, spec, inputs, codes=codes)
-        if layer["module"] == "QuantEmbedding":
-            return QuantEmbedding(module, qparams, spec, codes=codes)
-        return QuantConv(module, qparams, spec, inputs, codes=codes)
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise ArtifactError(f"{path}: layer {name!r} cannot be rebuilt as {layer['module']} on {type(module).__name__}: {exc}") from None
 
 
 def _skeleton_from_config(directory: Path, manifest: dict[str, Any]) -> nn.Module:
@@ -374,6 +205,7 @@ def load_artifact(out_dir: str | Path, model_skeleton_or_hf_dir: nn.Module | str
         raise ArtifactError(f"{quant_path}: recipe is invalid: {exc}") from None
     plans = []
     replacements = {}
+    reader = ArtifactTensors(tensors, path, quant_path)
     for layer in manifest["layers"]:
         name = layer["name"]
         try:
@@ -381,15 +213,15 @@ def load_artifact(out_dir: str | Path, model_skeleton_or_hf_dir: nn.Module | str
         except AttributeError:
             raise ArtifactError(f"{quant_path}: layer {name!r} does not exist in the model skeleton {type(model).__name__}") from None
         try:
-            replacements[name] = _build(module, layer, tensors, path)
-            weights = None if layer["weights"] is None else _spec(layer["weights"], f"{quant_path}: layers[{name!r}].weights")
-            inputs = None if layer["inputs"] is None else _spec(layer["inputs"], f"{quant_path}: layers[{name!r}].inputs")
+            replacements[name] = build_module(module, layer, reader)
+            weights = None if layer["weights"] is None else reader.spec(layer["weights"], name, "weights")
+            inputs = None if layer["inputs"] is None else reader.spec(layer["inputs"], name, "inputs")
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:  # a malformed record
             raise ArtifactError(f"{quant_path}: layers[{name!r}] is malformed: {exc!r}") from None
         plans.append(LayerPlan(name=name, module_type=layer["plan_type"], weights=weights, inputs=inputs, reason=layer["reason"]))
     for name, module in replacements.items():
         replace_module(model, name, module)
-    built = {f"{name}.{suffix}" for name in replacements for suffix in _BUILT_SUFFIXES}
+    built = {f"{name}.{key}" for name, module in replacements.items() for key in built_entries(module)}
     _load_rest(model, tensors, manifest["aliases"], path, built)
     model.ptqkit_info = QuantizationInfo(
         recipe=recipe,

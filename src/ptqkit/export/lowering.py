@@ -2,8 +2,8 @@
 
 A `Lowering` says for one kind of quantized module how it becomes integer ONNX:
 
-- route: `takes(module, options)`, whether the module is this lowering's (the first lowering in
-  `LOWERINGS` that takes a module gets it);
+- route by type: `modules`, the quantized module types it lowers, and `when(module, options)`, a
+  further condition (the first lowering in `LOWERINGS` that takes a module gets it);
 - refuse with a reason: `refusal(module)`, why this module has no integer form here (it then stays
   a float MatMul/Gather with its dequantized weight, and the export report says why), and
   `check(name, module)`, raised before the graph capture for a module that cannot be exported at all;
@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from ptqkit.nn.modules import QuantConv, QuantEmbedding, QuantLinear
 
 __all__ = ["LOWERINGS", "Lowering", "LoweringOptions", "lowering_of"]
 
@@ -38,30 +40,22 @@ class Lowering:
 
     form: str
     what: str
-    takes: Callable[[Any, LoweringOptions], bool]
+    modules: tuple[type, ...]
     find: Callable[[Any, list[str], str], tuple[dict[str, Any], dict[str, str]]]
     rewrite: Callable[[Any, dict[str, Any], dict[str, Any], LoweringOptions], tuple[Any, list[Any]]]
+    when: Callable[[Any, LoweringOptions], bool] = lambda module, options: True
     refusal: Callable[[Any], str | None] = lambda module: None
     check: Callable[[str, Any], None] = lambda name, module: None
 
+    def takes(self, module: Any, options: LoweringOptions) -> bool:
+        """Whether `module` is this lowering's: one of its types, and `when` accepts it."""
+        return type(module) in self.modules and self.when(module, options)
 
-def _is_nbits(module: Any, options: LoweringOptions) -> bool:
+
+def _routes_to_nbits(module: Any, options: LoweringOptions) -> bool:
     from ptqkit.export.onnx_nbits import routes_to_nbits
-    from ptqkit.nn.modules import QuantConv, QuantLinear
 
-    return isinstance(module, (QuantLinear, QuantConv)) and routes_to_nbits(module, options.nbits)
-
-
-def _is_qdq(module: Any, options: LoweringOptions) -> bool:
-    from ptqkit.nn.modules import QuantConv, QuantLinear
-
-    return isinstance(module, (QuantLinear, QuantConv))
-
-
-def _is_embedding(module: Any, options: LoweringOptions) -> bool:
-    from ptqkit.nn.modules import QuantEmbedding
-
-    return isinstance(module, QuantEmbedding)
+    return routes_to_nbits(module, options.nbits)
 
 
 def _find_layers(proto: Any, names: list[str], prefix: str) -> tuple[dict[str, Any], dict[str, str]]:
@@ -118,9 +112,12 @@ def _qdq_check(name: str, module: Any) -> None:
 
 
 LOWERINGS: tuple[Lowering, ...] = (
-    Lowering("matmul_nbits", "quantized module(s)", _is_nbits, _find_layers, _nbits_rewrite, refusal=_nbits_refusal),
-    Lowering("qdq", "quantized module(s)", _is_qdq, _find_layers, _qdq_rewrite, check=_qdq_check),
-    Lowering("gather_block_quantized", "quantized embedding(s)", _is_embedding, _find_gathers, _gather_rewrite, refusal=_gather_refusal),
+    Lowering(
+        "matmul_nbits", "quantized module(s)", (QuantLinear, QuantConv), _find_layers, _nbits_rewrite,
+        when=_routes_to_nbits, refusal=_nbits_refusal,
+    ),
+    Lowering("qdq", "quantized module(s)", (QuantLinear, QuantConv), _find_layers, _qdq_rewrite, check=_qdq_check),
+    Lowering("gather_block_quantized", "quantized embedding(s)", (QuantEmbedding,), _find_gathers, _gather_rewrite, refusal=_gather_refusal),
 )
 
 
