@@ -142,8 +142,8 @@ def _save_copy(model: Any, tokenizer: Any, directory: Path, source: Path) -> Non
 def smollm2_fp32_dir(*, use_cache: bool = True) -> Path:
     """A local HF directory holding SmolLM2 dequantized to FP32 (safetensors + tokenizer).
 
-    Parsing the GGUF file through transformers takes 1-2 minutes on 2 cores (it is read three
-    times: config, tokenizer, tensors); the FP32 copy (~540 MB) loads in about a second. It is
+    Parsing the GGUF file through transformers is slow (it is read three times: config,
+    tokenizer, tensors) while the FP32 safetensors copy loads at disk speed, so the copy is
     written once under ``cache_dir()`` atomically (temp dir + rename) and keyed by the GGUF file's
     size/mtime and the transformers version. ``use_cache=False`` converts into a fresh temp dir.
     """
