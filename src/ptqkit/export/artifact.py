@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -39,6 +40,8 @@ from ptqkit.core.errors import ArtifactError
 from ptqkit.core.primitives import pack_lowbit
 from ptqkit.core.spec import QuantSpec
 from ptqkit.export.layers import FLOAT_ONNX_FILE, ONNX_FILE, REPORT_FILE
+from ptqkit.core.json_fields import to_json
+from ptqkit.export.manifest import FORMAT_NAME, FORMAT_VERSION, LayerEntry, Manifest, ModelEntry
 from ptqkit.export.records import codes_storage, describe_module, record_of
 
 __all__ = [
@@ -58,13 +61,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMAT_NAME = "ptqkit-artifact"
-FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 QUANT_FILE = "quantization.json"
 CONFIG_FILE = "config.json"
 ARTIFACT_FILES = (MODEL_FILE, QUANT_FILE, CONFIG_FILE)
-def _collect(qmodel: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str], list[dict[str, Any]]]:
+def _collect(qmodel: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str], list[LayerEntry]]:
     """(tensors to write, aliases name -> stored name, per-layer records) of a quantized model."""
     info = qmodel.ptqkit_info
     layers = {layer.name: layer for layer in info.plan.layers}
@@ -83,7 +84,7 @@ def _collect(qmodel: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]
             )
         record = describe_module(name, module, layer)
         records.append(record)
-        if record.get("codes_storage") == "packed":
+        if record.extra.get("codes_storage") == "packed":
             # [..., K] codes -> [..., ceil(K * bits / 8)] bytes along the last axis
             packed_codes[f"{name}.weight_codes"] = pack_lowbit(module.weight_codes, module.weight_spec.qtype.bits)
     tensors: dict[str, torch.Tensor] = {}
@@ -126,16 +127,16 @@ def _strategy(spec: QuantSpec) -> dict[str, Any]:
     }
 
 
-def compressed_tensors_config(records: list[dict[str, Any]], skipped: list[Any]) -> dict[str, Any]:
+def compressed_tensors_config(records: Sequence[LayerEntry], skipped: Sequence[Sequence[str]]) -> dict[str, Any]:
     """A `quantization_config` following compressed-tensors' layout (config groups of modules
     sharing one weight/input scheme, targets by module name)."""
     groups: dict[str, dict[str, Any]] = {}
     for record in records:
-        weights = None if record["weights"] is None else _strategy(QuantSpec.from_dict(record["weights"]))
-        inputs = None if record["inputs"] is None else _strategy(QuantSpec.from_dict(record["inputs"]))
+        weights = None if record.weights is None else _strategy(QuantSpec.from_dict(record.weights))
+        inputs = None if record.inputs is None else _strategy(QuantSpec.from_dict(record.inputs))
         key = json.dumps([weights, inputs], sort_keys=True)
         group = groups.setdefault(key, {"targets": [], "weights": weights, "input_activations": inputs, "output_activations": None})
-        group["targets"].append(record["name"])
+        group["targets"].append(record.name)
     return {
         "quant_method": "ptqkit",
         "format": f"{FORMAT_NAME}-v{FORMAT_VERSION}",
@@ -177,8 +178,8 @@ def recorded_artifact_sha(report: Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _prepare(qmodel: nn.Module, metrics: Mapping[str, Any] | None) -> tuple[dict[str, torch.Tensor], dict[str, Any], Any, list[Any]]:
-    """(tensors, manifest without model_sha256, HF config or None, layer records) of `qmodel`."""
+def _prepare(qmodel: nn.Module, metrics: Mapping[str, Any] | None) -> tuple[dict[str, torch.Tensor], Manifest, Any]:
+    """(tensors, manifest with an empty model_sha256, HF config or None) of `qmodel`."""
     info = getattr(qmodel, "ptqkit_info", None)
     if info is None:
         raise ArtifactError(
@@ -187,24 +188,25 @@ def _prepare(qmodel: nn.Module, metrics: Mapping[str, Any] | None) -> tuple[dict
     tensors, aliases, records = _collect(qmodel)
     float_dtypes = {str(p.dtype).removeprefix("torch.") for p in qmodel.parameters() if p.is_floating_point()}
     config = _hf_config(qmodel)
-    manifest = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "versions": _versions(),
-        "model": {
-            "class": type(qmodel).__name__,
-            "hf": config is not None,
-            "dtype": sorted(float_dtypes)[0] if len(float_dtypes) == 1 else None,
-            "attn_implementation": getattr(getattr(qmodel, "config", None), "_attn_implementation", None),
-        },
-        "recipe": info.recipe.to_dict(),
-        "calibration": dict(info.calibration),
-        "layers": records,
-        "skipped": [list(entry) for entry in info.plan.skipped],
-        "aliases": aliases,
-        "metrics": dict(metrics) if metrics is not None else None,
-    }
-    return tensors, manifest, config, records
+    manifest = Manifest(
+        format=FORMAT_NAME,
+        format_version=FORMAT_VERSION,
+        versions=_versions(),
+        model=ModelEntry(
+            class_name=type(qmodel).__name__,
+            hf=config is not None,
+            dtype=sorted(float_dtypes)[0] if len(float_dtypes) == 1 else None,
+            attn_implementation=getattr(getattr(qmodel, "config", None), "_attn_implementation", None),
+        ),
+        recipe=info.recipe.to_dict(),
+        calibration=dict(info.calibration),
+        layers=tuple(records),
+        skipped=tuple(tuple(entry) for entry in info.plan.skipped),
+        aliases=aliases,
+        metrics=dict(metrics) if metrics is not None else None,
+        model_sha256="",
+    )
+    return tensors, manifest, config
 
 
 def save_artifact(qmodel: nn.Module, out_dir: str | Path, *, metrics: Mapping[str, Any] | None = None) -> Path:
@@ -227,11 +229,11 @@ def save_artifact(qmodel: nn.Module, out_dir: str | Path, *, metrics: Mapping[st
         build.carry(lambda entry: entry.name not in ARTIFACT_FILES and entry.name not in stale)
         atomic.fsync_path(build.path)
         _swap_in(build.path, out_dir)
-    logger.info("saved ptqkit artifact to %s (%d tensors, %d quantized layers)", out_dir, len(prepared[0]), len(prepared[3]))
+    logger.info("saved ptqkit artifact to %s (%d tensors, %d quantized layers)", out_dir, len(prepared[0]), len(prepared[1].layers))
     return out_dir
 
 
-def _write_files(directory: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], config: Any, records: list[Any]) -> str:
+def _write_files(directory: Path, tensors: dict[str, torch.Tensor], manifest: Manifest, config: Any) -> str:
     """Write the artifact files into the (new, empty) `directory`; returns model.safetensors' SHA-256."""
     from safetensors.torch import save_file
 
@@ -240,12 +242,12 @@ def _write_files(directory: Path, tensors: dict[str, torch.Tensor], manifest: di
     # process, so two keys would make the header (and the file) non-deterministic.
     save_file(tensors, str(model_path), metadata={"format": "pt"})
     atomic.fsync_path(model_path)
-    manifest["model_sha256"] = file_sha256(model_path)
-    _write_json(directory / QUANT_FILE, manifest)
+    sha = file_sha256(model_path)
+    _write_json(directory / QUANT_FILE, to_json(replace(manifest, model_sha256=sha)))
     if config is not None:
-        config["quantization_config"] = compressed_tensors_config(records, manifest["skipped"])
+        config["quantization_config"] = compressed_tensors_config(manifest.layers, manifest.skipped)
         _write_json(directory / CONFIG_FILE, config)
-    return manifest["model_sha256"]
+    return sha
 
 
 def write_artifact_files(qmodel: nn.Module, directory: str | Path, *, metrics: Mapping[str, Any] | None = None) -> str:

@@ -18,14 +18,9 @@ import torch
 from torch import nn
 
 from ptqkit.core.errors import ArtifactError, ConfigError, PTQError
-from ptqkit.export.artifact import (
-    CONFIG_FILE,
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    MODEL_FILE,
-    QUANT_FILE,
-    file_sha256,
-)
+from ptqkit.core.json_fields import read_json
+from ptqkit.export.artifact import CONFIG_FILE, MODEL_FILE, QUANT_FILE, file_sha256
+from ptqkit.export.manifest import FORMAT_NAME, FORMAT_VERSION, Manifest
 from ptqkit.export.records import ArtifactTensors, build_module, built_entries, module_names
 from ptqkit.nn.tree import replace_module
 
@@ -33,8 +28,6 @@ __all__ = ["load_artifact", "read_manifest"]
 
 logger = logging.getLogger(__name__)
 
-_REQUIRED_KEYS = ("format", "format_version", "recipe", "layers", "skipped", "aliases", "model_sha256", "model")
-_LAYER_KEYS = ("name", "module", "plan_type", "reason", "weights", "inputs", "input_qparams")  # + optional "outlier_threshold"
 
 
 def _read_json(path: Path, *, missing: str, invalid_suffix: str = "") -> Any:
@@ -51,8 +44,11 @@ def _read_json(path: Path, *, missing: str, invalid_suffix: str = "") -> Any:
         raise ArtifactError(f"{path}: cannot be read ({exc})") from None
 
 
-def read_manifest(out_dir: str | Path) -> dict[str, Any]:
-    """The parsed and validated `quantization.json` of an artifact."""
+def read_manifest(out_dir: str | Path) -> Manifest:
+    """The parsed and validated `quantization.json` of an artifact (format, version, every key's
+    type, the recipe, and each layer's module type against `export.records`)."""
+    from ptqkit.engine.recipe import Recipe
+
     path = Path(out_dir) / QUANT_FILE
     data = _read_json(
         path,
@@ -61,68 +57,24 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any]:
     )
     if not isinstance(data, dict):
         raise ArtifactError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
-    missing = [key for key in _REQUIRED_KEYS if key not in data]
-    if missing:
-        raise ArtifactError(f"{path}: missing key(s) {missing}; required: {list(_REQUIRED_KEYS)}")
-    if data["format"] != FORMAT_NAME:
-        raise ArtifactError(f"{path}: format {data['format']!r} is not {FORMAT_NAME!r}")
-    if data["format_version"] != FORMAT_VERSION:
+    if "format" in data and data["format"] != FORMAT_NAME:
+        raise ArtifactError(f"{path}: format {data['format']!r:.100} is not {FORMAT_NAME!r}")
+    if "format_version" in data and data["format_version"] != FORMAT_VERSION:
         raise ArtifactError(
-            f"{path}: format_version {data['format_version']!r} is not supported; this ptqkit reads version {FORMAT_VERSION}"
+            f"{path}: format_version {data['format_version']!r:.100} is not supported; this ptqkit reads version {FORMAT_VERSION}"
         )
-    if not isinstance(data["layers"], list) or not isinstance(data["aliases"], dict) or not isinstance(data["skipped"], list):
-        raise ArtifactError(f"{path}: 'layers' and 'skipped' must be lists and 'aliases' an object")
-    _check_header(data, path)
-    for i, layer in enumerate(data["layers"]):
-        if not isinstance(layer, dict) or any(key not in layer for key in _LAYER_KEYS):
-            raise ArtifactError(f"{path}: layers[{i}] must be an object with keys {list(_LAYER_KEYS)}, got {layer!r:.200}")
-        if not isinstance(layer["name"], str) or not isinstance(layer["plan_type"], str) or not isinstance(layer["reason"], str):
-            raise ArtifactError(f"{path}: layers[{i}]: 'name', 'plan_type' and 'reason' must be strings")
-        if not isinstance(layer["module"], str) or layer["module"] not in module_names():
-            raise ArtifactError(f"{path}: layers[{i}].module {layer['module']!r:.100} is unknown; valid: {list(module_names())}")
-        _check_layer(layer, f"{path}: layers[{i}]")
-    return data
-
-
-def _check_header(data: dict[str, Any], path: Path) -> None:
-    """The types of quantization.json's top-level entries other than 'layers', and its recipe."""
-    from ptqkit.engine.recipe import Recipe
-
-    for i, entry in enumerate(data["skipped"]):
-        if not isinstance(entry, list) or len(entry) != 3 or not all(isinstance(part, str) for part in entry):
-            raise ArtifactError(f"{path}: skipped[{i}] must be [module name, type, reason] (three strings), got {entry!r:.200}")
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in data["aliases"].items()):
-        raise ArtifactError(f"{path}: 'aliases' must map state-dict names to state-dict names (strings)")
-    if not isinstance(data["model_sha256"], str):
-        raise ArtifactError(f"{path}: 'model_sha256' must be a string, got {data['model_sha256']!r:.100}")
-    model = data["model"]
-    if not isinstance(model, dict) or not isinstance(model.get("class"), str):
-        raise ArtifactError(f"{path}: 'model' must be an object with a 'class' name, got {model!r:.200}")
-    for key in ("dtype", "attn_implementation"):
-        if model.get(key) is not None and not isinstance(model[key], str):
-            raise ArtifactError(f"{path}: model.{key} must be a string or null, got {model[key]!r:.100}")
-    for key in ("calibration", "metrics", "versions"):
-        if data.get(key) is not None and not isinstance(data[key], dict):
-            raise ArtifactError(f"{path}: {key!r} must be an object or null, got {type(data[key]).__name__}")
-    if not isinstance(data["recipe"], dict):
-        raise ArtifactError(f"{path}: 'recipe' must be an object, got {type(data['recipe']).__name__}")
     try:
-        Recipe.from_dict(data["recipe"])
+        manifest = read_json(Manifest, data, "")
+    except ConfigError as exc:
+        raise ArtifactError(f"{path}: {exc}") from None
+    try:
+        Recipe.from_dict(manifest.recipe)
     except PTQError as exc:
         raise ArtifactError(f"{path}: recipe is invalid: {exc}") from None
-
-
-def _check_layer(layer: dict[str, Any], where: str) -> None:
-    """The types of one layer record's specs and shape (their values are checked when it is built)."""
-    for key in ("weights", "inputs", "input_qparams"):
-        if layer[key] is not None and not isinstance(layer[key], dict):
-            raise ArtifactError(f"{where}.{key} must be an object or null, got {layer[key]!r:.200}")
-    shape = layer.get("weight_shape")
-    if shape is not None and (
-        not isinstance(shape, list) or not 1 <= len(shape) <= 8
-        or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**40 for v in shape)
-    ):
-        raise ArtifactError(f"{where}.weight_shape must be a list of 1 to 8 sizes, got {shape!r:.200}")
+    for i, layer in enumerate(manifest.layers):
+        if layer.module not in module_names():
+            raise ArtifactError(f"{path}: layers[{i}].module {layer.module!r:.100} is unknown; valid: {list(module_names())}")
+    return manifest
 
 
 def _read_tensors(path: Path, expected_sha: str) -> dict[str, torch.Tensor]:
@@ -143,7 +95,7 @@ def _read_tensors(path: Path, expected_sha: str) -> dict[str, torch.Tensor]:
         raise ArtifactError(f"{path}: cannot be read as safetensors ({exc})") from None
 
 
-def _skeleton_from_config(directory: Path, manifest: dict[str, Any]) -> nn.Module:
+def _skeleton_from_config(directory: Path, manifest: Manifest) -> nn.Module:
     """An HF model with random weights built from `directory/config.json` (nothing downloaded)."""
     from ptqkit.models.hf import infer_task
 
@@ -158,8 +110,8 @@ def _skeleton_from_config(directory: Path, manifest: dict[str, Any]) -> nn.Modul
         hf_config = transformers.AutoConfig.for_model(**config)
         task = infer_task(config, source=str(path))
         auto = transformers.AutoModelForCausalLM if task == "causal_lm" else transformers.AutoModel
-        dtype = getattr(torch, str(manifest["model"].get("dtype") or "float32"))
-        hf_config._attn_implementation = manifest["model"].get("attn_implementation") or "eager"
+        dtype = getattr(torch, manifest.model.dtype or "float32")
+        hf_config._attn_implementation = manifest.model.attn_implementation or "eager"
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
@@ -194,39 +146,39 @@ def load_artifact(out_dir: str | Path, model_skeleton_or_hf_dir: nn.Module | str
     manifest = read_manifest(out_dir)
     quant_path = out_dir / QUANT_FILE
     path = out_dir / MODEL_FILE
-    tensors = _read_tensors(path, str(manifest["model_sha256"]))
+    tensors = _read_tensors(path, manifest.model_sha256)
     if isinstance(model_skeleton_or_hf_dir, nn.Module):
         model = model_skeleton_or_hf_dir
     else:
         model = _skeleton_from_config(Path(model_skeleton_or_hf_dir or out_dir), manifest)
     try:
-        recipe = Recipe.from_dict(manifest["recipe"])
+        recipe = Recipe.from_dict(manifest.recipe)
     except PTQError as exc:
         raise ArtifactError(f"{quant_path}: recipe is invalid: {exc}") from None
     plans = []
     replacements = {}
     reader = ArtifactTensors(tensors, path, quant_path)
-    for layer in manifest["layers"]:
-        name = layer["name"]
+    for layer in manifest.layers:
+        name = layer.name
         try:
-            module = model.get_submodule(str(name))
+            module = model.get_submodule(name)
         except AttributeError:
             raise ArtifactError(f"{quant_path}: layer {name!r} does not exist in the model skeleton {type(model).__name__}") from None
         try:
             replacements[name] = build_module(module, layer, reader)
-            weights = None if layer["weights"] is None else reader.spec(layer["weights"], name, "weights")
-            inputs = None if layer["inputs"] is None else reader.spec(layer["inputs"], name, "inputs")
+            weights = None if layer.weights is None else reader.spec(layer.weights, name, "weights")
+            inputs = None if layer.inputs is None else reader.spec(layer.inputs, name, "inputs")
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:  # a malformed record
             raise ArtifactError(f"{quant_path}: layers[{name!r}] is malformed: {exc!r}") from None
-        plans.append(LayerPlan(name=name, module_type=layer["plan_type"], weights=weights, inputs=inputs, reason=layer["reason"]))
+        plans.append(LayerPlan(name=name, module_type=layer.plan_type, weights=weights, inputs=inputs, reason=layer.reason))
     for name, module in replacements.items():
         replace_module(model, name, module)
     built = {f"{name}.{key}" for name, module in replacements.items() for key in built_entries(module)}
-    _load_rest(model, tensors, manifest["aliases"], path, built)
+    _load_rest(model, tensors, manifest.aliases, path, built)
     model.ptqkit_info = QuantizationInfo(
         recipe=recipe,
-        plan=Plan(layers=tuple(plans), skipped=tuple(tuple(s) for s in manifest["skipped"])),
-        calibration=dict(manifest.get("calibration") or {}),
+        plan=Plan(layers=tuple(plans), skipped=manifest.skipped),
+        calibration=dict(manifest.calibration or {}),
     )
     logger.info("loaded ptqkit artifact %s (%d quantized layers)", out_dir, len(plans))
     return model.eval()

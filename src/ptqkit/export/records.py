@@ -25,6 +25,7 @@ from torch import nn
 from ptqkit.core.errors import ArtifactError, PTQError
 from ptqkit.core.primitives import unpack_lowbit
 from ptqkit.core.spec import QParams, QuantSpec
+from ptqkit.export.manifest import LayerEntry
 from ptqkit.nn.act_quant import InputQuantizer, OutlierColumnsQuantizer, SmoothedInputQuantizer, make_input_quantizer
 from ptqkit.nn.modules import InputOnly, QuantConv, QuantEmbedding, QuantLinear
 
@@ -92,11 +93,11 @@ class ArtifactTensors:
         except PTQError as exc:
             raise ArtifactError(f"{self.path}: tensors {prefix}scale / {prefix}zero_point are invalid: {exc}") from None
 
-    def codes(self, layer: dict[str, Any], spec: QuantSpec) -> torch.Tensor:
+    def codes(self, layer: LayerEntry, spec: QuantSpec) -> torch.Tensor:
         """A layer's weight codes, unpacked when stored packed, checked against the qtype's range."""
-        name, qtype = layer["name"], spec.qtype
-        shape = tuple(int(v) for v in layer["weight_shape"])
-        if layer.get("codes_storage") == "packed":
+        name, qtype = layer.name, spec.qtype
+        shape = _weight_shape(layer, self.quant_path)
+        if layer.extra.get("codes_storage") == "packed":
             key = f"{name}.weight_packed"
             packed = self.take(key, torch.uint8, (*shape[:-1], -(-shape[-1] // (8 // qtype.bits))))
             codes = unpack_lowbit(packed, qtype.bits, shape[-1], signed=qtype.is_integer and qtype.signed)
@@ -125,16 +126,22 @@ class InputRecord:
     key: str
     quantizer_type: type[InputQuantizer]
     describe: Callable[[Any], dict[str, Any]]
-    read: Callable[[dict[str, Any], QuantSpec, QParams, ArtifactTensors], InputQuantizer]
+    read: Callable[[LayerEntry, QuantSpec, QParams, ArtifactTensors], InputQuantizer]
 
 
-def _input_width(layer: dict[str, Any]) -> int | None:
-    return int(layer["weight_shape"][1]) if layer.get("weight_shape") else None
+def _weight_shape(layer: LayerEntry, quant_path: Path) -> tuple[int, ...]:
+    if layer.weight_shape is None:
+        raise ArtifactError(f"{quant_path}: layers[{layer.name!r}] of module {layer.module} has no weight_shape")
+    return layer.weight_shape
 
 
-def _read_smoothing(layer: dict[str, Any], spec: QuantSpec, qparams: QParams, tensors: ArtifactTensors) -> InputQuantizer:
+def _input_width(layer: LayerEntry) -> int | None:
+    return layer.weight_shape[1] if layer.weight_shape and len(layer.weight_shape) > 1 else None
+
+
+def _read_smoothing(layer: LayerEntry, spec: QuantSpec, qparams: QParams, tensors: ArtifactTensors) -> InputQuantizer:
     """Smoothing divisors: one finite positive value per input column of a per-tensor static input."""
-    name, recorded = layer["name"], layer["input_smoothing"]
+    name, recorded = layer.name, layer.extra["input_smoothing"]
     where = f"{tensors.quant_path}: layers[{name!r}].input_smoothing"
     width = _input_width(layer)
     if not isinstance(recorded, dict) or recorded.get("divisors") != width:
@@ -146,10 +153,10 @@ def _read_smoothing(layer: dict[str, Any], spec: QuantSpec, qparams: QParams, te
         raise ArtifactError(f"{tensors.path}: tensor {name}.input_quantizer.divisors: {exc}") from None
 
 
-def _read_outlier_columns(layer: dict[str, Any], spec: QuantSpec, qparams: QParams, tensors: ArtifactTensors) -> InputQuantizer:
+def _read_outlier_columns(layer: LayerEntry, spec: QuantSpec, qparams: QParams, tensors: ArtifactTensors) -> InputQuantizer:
     """Calibrated outlier columns: the tensors must match the JSON record, be distinct input
     columns of a static input, multiples >= 1."""
-    name, recorded = layer["name"], layer["outlier_columns"]
+    name, recorded = layer.name, layer.extra["outlier_columns"]
     where = f"{tensors.quant_path}: layers[{name!r}].outlier_columns"
     if not isinstance(recorded, dict) or not isinstance(recorded.get("columns"), list) or not isinstance(recorded.get("multiples"), list):
         raise ArtifactError(f"{where} must be {{'columns': [...], 'multiples': [...]}}, got {recorded!r:.200}")
@@ -179,49 +186,48 @@ _INPUT_RECORD_OF = {row.quantizer_type: row for row in INPUT_RECORDS}
 
 
 def _describe_inputs(quantizer: InputQuantizer | None) -> dict[str, Any]:
-    """The layer-record keys of a module's input quantizer (spec, qparams, extra state)."""
-    record: dict[str, Any] = {
+    """The layer-record fields of a module's input quantizer (spec, qparams, outlier threshold)
+    and, in "extra", the state its `InputRecord` row writes."""
+    row = _INPUT_RECORD_OF.get(type(quantizer))
+    qparams = None if quantizer is None else quantizer.qparams
+    return {
         "inputs": None if quantizer is None else quantizer.spec.to_dict(),
         "outlier_threshold": getattr(quantizer, "outlier_threshold", None),
+        "input_qparams": None if qparams is None else {"scale": qparams.scale.tolist(), "zero_point": qparams.zero_point.tolist()},
+        "extra": {} if row is None else {row.key: row.describe(quantizer)},
     }
-    row = _INPUT_RECORD_OF.get(type(quantizer))
-    if row is not None:
-        record[row.key] = row.describe(quantizer)
-    qparams = None if quantizer is None else quantizer.qparams
-    record["input_qparams"] = None if qparams is None else {"scale": qparams.scale.tolist(), "zero_point": qparams.zero_point.tolist()}
-    return record
 
 
-def _dynamic_quantizer(layer: dict[str, Any], spec: QuantSpec, tensors: ArtifactTensors) -> InputQuantizer:
-    threshold = layer.get("outlier_threshold")
+def _dynamic_quantizer(layer: LayerEntry, spec: QuantSpec, tensors: ArtifactTensors) -> InputQuantizer:
+    threshold = layer.outlier_threshold
     if threshold is None:
         return make_input_quantizer(spec)
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0 or not spec.dynamic:
+    if not threshold > 0 or not spec.dynamic:
         raise ArtifactError(
-            f"{tensors.quant_path}: layers[{layer['name']!r}].outlier_threshold={threshold!r} must be a positive number "
+            f"{tensors.quant_path}: layers[{layer.name!r}].outlier_threshold={threshold!r} must be a positive number "
             "on a layer with dynamic inputs"
         )
     return make_input_quantizer(spec, outlier_threshold=float(threshold))
 
 
-def _read_inputs(layer: dict[str, Any], tensors: ArtifactTensors) -> InputQuantizer | None:
+def _read_inputs(layer: LayerEntry, tensors: ArtifactTensors) -> InputQuantizer | None:
     """A layer's input quantizer: dynamic (optionally keeping outliers), or static with its
     qparams checked against the JSON record and its extra state read by its `InputRecord`."""
-    if layer["inputs"] is None:
+    if layer.inputs is None:
         return None
-    name = layer["name"]
-    spec = tensors.spec(layer["inputs"], name, "inputs")
-    if spec.dynamic or layer.get("outlier_threshold") is not None:
+    name = layer.name
+    spec = tensors.spec(layer.inputs, name, "inputs")
+    if spec.dynamic or layer.outlier_threshold is not None:
         return _dynamic_quantizer(layer, spec, tensors)
     qparams = tensors.qparams(f"{name}.input_quantizer.", spec, None)
-    recorded = layer["input_qparams"]
+    recorded = layer.input_qparams
     if not isinstance(recorded, dict) or recorded.get("scale") != qparams.scale.tolist() or recorded.get("zero_point") != qparams.zero_point.tolist():
         raise ArtifactError(
             f"{tensors.path}: tensors {name}.input_quantizer.scale/zero_point {qparams.scale.tolist()}/{qparams.zero_point.tolist()} "
             f"disagree with layers[{name!r}].input_qparams {recorded!r:.200} in {tensors.quant_path.name}"
         )
     for row in INPUT_RECORDS:
-        if layer.get(row.key) is not None:
+        if layer.extra.get(row.key) is not None:
             return row.read(layer, spec, qparams, tensors)
     return make_input_quantizer(spec, qparams)
 
@@ -235,7 +241,7 @@ class WeightParts:
     module, the recorded spec, codes, QParams, an empty tensor of the weight's float dtype and
     shape, and the input quantizer."""
 
-    record: dict[str, Any]
+    record: LayerEntry
     skeleton: nn.Module
     spec: QuantSpec
     codes: torch.Tensor
@@ -285,25 +291,22 @@ def record_of(module: nn.Module) -> ModuleRecord | None:
     return MODULE_RECORDS.get(type(module))
 
 
-def describe_module(name: str, module: nn.Module, layer: Any) -> dict[str, Any]:
+def describe_module(name: str, module: nn.Module, layer: Any) -> LayerEntry:
     """The quantization.json record of one quantized (or input-only) module of the plan's `layer`."""
     row = record_of(module)
-    record: dict[str, Any] = {"name": name, "plan_type": layer.module_type, "reason": layer.reason, "module": row.module}
-    record.update(_describe_inputs(module.input_quantizer))
+    inputs = _describe_inputs(module.input_quantizer)
+    common = {"name": name, "module": row.module, "plan_type": layer.module_type, "reason": layer.reason}
     if not row.weights:
-        record["weights"] = None
-        return record
+        return LayerEntry(**common, weights=None, **inputs)
     storage = codes_storage(module.weight_spec)
-    record.update(
-        float_type=module.float_type,
-        weights=module.weight_spec.to_dict(),
-        weight_shape=list(module.weight_codes.shape),
-        weight_dtype=str(module.weight.dtype).removeprefix("torch."),
-        codes_storage=storage,
-        codes_tensor=f"{name}.weight_packed" if storage == "packed" else f"{name}.weight_codes",
-    )
-    record.update(row.describe(module))
-    return record
+    inputs["extra"] |= {
+        "float_type": module.float_type,
+        "weight_dtype": str(module.weight.dtype).removeprefix("torch."),
+        "codes_storage": storage,
+        "codes_tensor": f"{name}.weight_packed" if storage == "packed" else f"{name}.weight_codes",
+        **row.describe(module),
+    }
+    return LayerEntry(**common, weights=module.weight_spec.to_dict(), weight_shape=tuple(module.weight_codes.shape), **inputs)
 
 
 _FROM_ARTIFACT = ("weight_codes", "weight_scale", "weight_zero_point", "input_quantizer.")
@@ -316,38 +319,38 @@ def built_entries(module: nn.Module) -> list[str]:
     return [key for key in module.state_dict() if key.startswith(_FROM_ARTIFACT)]
 
 
-def _skeleton_weight(module: nn.Module, layer: dict[str, Any], path: Path) -> torch.Tensor:
+def _skeleton_weight(module: nn.Module, layer: LayerEntry, path: Path, quant_path: Path) -> torch.Tensor:
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
-        raise ArtifactError(f"{path}: layer {layer['name']!r}: the model skeleton's {type(module).__name__} has no weight")
-    if layer["plan_type"] == "Conv1D":
+        raise ArtifactError(f"{path}: layer {layer.name!r}: the model skeleton's {type(module).__name__} has no weight")
+    if layer.plan_type == "Conv1D":
         weight = weight.t()  # transformers' Conv1D keeps [in, out]
-    expected = tuple(int(v) for v in layer["weight_shape"])
+    expected = _weight_shape(layer, quant_path)
     if tuple(weight.shape) != expected:
         raise ArtifactError(
-            f"{path}: layer {layer['name']!r}: weight shape {expected} does not fit the model skeleton's "
+            f"{path}: layer {layer.name!r}: weight shape {expected} does not fit the model skeleton's "
             f"{type(module).__name__} of weight shape {tuple(weight.shape)}; is this the right model?"
         )
     return weight
 
 
-def _weight_parts(skeleton: nn.Module, layer: dict[str, Any], inputs: InputQuantizer | None, tensors: ArtifactTensors) -> WeightParts:
-    name = layer["name"]
-    spec = tensors.spec(layer["weights"], name, "weights")
-    _skeleton_weight(skeleton, layer, tensors.path)  # raises ArtifactError when the skeleton weight does not match
+def _weight_parts(skeleton: nn.Module, layer: LayerEntry, inputs: InputQuantizer | None, tensors: ArtifactTensors) -> WeightParts:
+    name = layer.name
+    spec = tensors.spec(layer.weights, name, "weights")
+    _skeleton_weight(skeleton, layer, tensors.path, tensors.quant_path)  # raises ArtifactError when the skeleton weight does not match
     codes = tensors.codes(layer, spec)
     qparams = tensors.qparams(f"{name}.weight_", spec, tuple(codes.shape))
-    dtype_name = layer.get("weight_dtype", "float32")
+    dtype_name = layer.extra.get("weight_dtype", "float32")
     dtype = getattr(torch, str(dtype_name), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ArtifactError(f"{tensors.quant_path}: layers[{name!r}].weight_dtype {dtype_name!r} is not a float dtype")
     return WeightParts(layer, skeleton, spec, codes, qparams, torch.empty(codes.shape, dtype=dtype), inputs)
 
 
-def build_module(skeleton: nn.Module, layer: dict[str, Any], tensors: ArtifactTensors) -> nn.Module:
+def build_module(skeleton: nn.Module, layer: LayerEntry, tensors: ArtifactTensors) -> nn.Module:
     """The quantized replacement of one skeleton module, from its layer record and the artifact's
     tensors (the record's "module" was checked against `module_names()` when the manifest was read)."""
-    row = next(row for row in MODULE_RECORDS.values() if row.module == layer["module"])
+    row = next(row for row in MODULE_RECORDS.values() if row.module == layer.module)
     inputs = _read_inputs(layer, tensors)
     if not row.weights:
         return row.build(skeleton, inputs)
@@ -356,5 +359,5 @@ def build_module(skeleton: nn.Module, layer: dict[str, Any], tensors: ArtifactTe
         return row.build(parts)
     except (ValueError, TypeError, AttributeError) as exc:
         raise ArtifactError(
-            f"{tensors.path}: layer {layer['name']!r} cannot be rebuilt as {row.module} on {type(skeleton).__name__}: {exc}"
+            f"{tensors.path}: layer {layer.name!r} cannot be rebuilt as {row.module} on {type(skeleton).__name__}: {exc}"
         ) from None

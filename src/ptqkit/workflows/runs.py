@@ -53,7 +53,7 @@ from ptqkit.export.artifact import (
     written_by_ptqkit,
 )
 from ptqkit.export.layers import FLOAT_ONNX_FILE, ONNX_FILE, REPORT_FILE
-from ptqkit.export.load import load_artifact
+from ptqkit.export.load import load_artifact, read_manifest
 from ptqkit.workflows.sources import LoadedModel, load_model, source_with_hashes, verify_source
 
 __all__ = [
@@ -272,7 +272,6 @@ def onload_run(
     disk; `ptqkit.engine.onloading`) and write the run directory (one transaction); returns the summary."""
     from ptqkit.core.progress import peak_rss_bytes
     from ptqkit.engine.onloading import quantize_onloaded
-    from ptqkit.export.load import read_manifest
 
     with _building(out_dir) as build:
         tmp = RunFiles(build.path)
@@ -287,8 +286,8 @@ def onload_run(
             "recipe": recipe.name,
             "onload": True,
             "quantize_seconds": round(seconds, 3),
-            "quantized_layers": len(manifest["layers"]),
-            "skipped_modules": len(manifest["skipped"]),
+            "quantized_layers": len(manifest.layers),
+            "skipped_modules": len(manifest.skipped),
             "calibration_samples": len(calib),
             "calibration_ranks": 1,
             "artifact_bytes": (tmp.root / MODEL_FILE).stat().st_size,
@@ -351,17 +350,11 @@ def open_run(
     Float weights read from disk must have the SHA-256 recorded at quantization (ArtifactError
     otherwise)."""
     files = RunFiles(Path(out_dir))
-    manifest = _read_manifest(files.root)
-    recipe = Recipe.from_dict(manifest["recipe"])
+    manifest = read_manifest(files.root)
+    recipe = Recipe.from_dict(manifest.recipe)
     loaded = _float_model(files, recipe, model, trust_factory)
     qmodel = load_artifact(files.root, copy.deepcopy(loaded.model))
     return loaded, qmodel, _load_example(files.example)
-
-
-def _read_manifest(root: Path) -> dict[str, Any]:
-    from ptqkit.export.load import read_manifest
-
-    return read_manifest(root)
 
 
 def _export_into(files: RunFiles, qmodel: nn.Module, example: Any, sha: str, shown: RunFiles, **options: Any) -> dict[str, Any]:
@@ -447,23 +440,23 @@ def current_bench(out_dir: str | Path) -> dict[str, Any] | None:
 def describe_run(out_dir: str | Path) -> dict[str, Any]:
     """What a run directory or artifact holds, read from its JSON files (no model is loaded)."""
     root = Path(out_dir)
-    manifest = _read_manifest(root)
+    manifest = read_manifest(root)
     files = RunFiles(root)
-    layers = manifest["layers"]
-    kinds = Counter(f"{layer.get('plan_type')} {(layer.get('weights') or {}).get('qtype', 'float')}" for layer in layers)
+    layers = manifest.layers
+    kinds = Counter(f"{layer.plan_type} {(layer.weights or {}).get('qtype', 'float')}" for layer in layers)
     return {
         "artifact": str(root),
-        "recipe": manifest["recipe"].get("name"),
-        "model_class": manifest["model"]["class"],
+        "recipe": manifest.recipe.get("name"),
+        "model_class": manifest.model.class_name,
         "quantized_layers": len(layers),
         "layers_by_kind": dict(kinds),
-        "skipped_modules": len(manifest["skipped"]),
-        "calibration": manifest.get("calibration"),
-        "versions": manifest.get("versions"),
-        "metrics": manifest.get("metrics"),
+        "skipped_modules": len(manifest.skipped),
+        "calibration": manifest.calibration,
+        "versions": manifest.versions,
+        "metrics": manifest.metrics,
         "files": sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()),
         "source": _read_source(files) if files.source.is_file() else None,
-        "stale": _stale_entries(files, str(manifest["model_sha256"])),
+        "stale": _stale_entries(files, manifest.model_sha256),
     }
 
 
@@ -482,4 +475,4 @@ def _stale_entries(files: RunFiles, sha: str) -> list[str]:
 def run_artifact_sha(out_dir: str | Path) -> str:
     """The SHA-256 of a run's model.safetensors, as its quantization.json records it (load_artifact
     checks the file against it)."""
-    return str(_read_manifest(Path(out_dir))["model_sha256"])
+    return read_manifest(Path(out_dir)).model_sha256

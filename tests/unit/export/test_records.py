@@ -39,7 +39,7 @@ def _labelled_row() -> ModuleRecord:
     return ModuleRecord(
         "LabelledQuantLinear", LabelledQuantLinear, True,
         lambda p: LabelledQuantLinear(
-            p.template, getattr(p.skeleton, "bias", None), p.qparams, p.spec, p.inputs, codes=p.codes, label=p.record["label"]
+            p.template, getattr(p.skeleton, "bias", None), p.qparams, p.spec, p.inputs, codes=p.codes, label=p.record.extra["label"]
         ),
         lambda module: {"label": module.label},
     )

@@ -27,15 +27,17 @@ def _tamper(run: Path, change) -> Path:
     [
         (lambda t: t.replace('"format_version": 1', '"format_version": 1' + "0" * 100_000), r"not valid JSON \(Exceeds the limit \(4300 digits\)"),
         (lambda t: t.replace('"skipped": [', '"skipped": [' + "[" * 100_000 + "]" * 100_000 + ",", 1), r"not valid JSON \(nested too deeply\)"),
-        ({"skipped": [5, None]}, r"skipped\[0\] must be \[module name, type, reason\] \(three strings\), got 5"),
-        ({"skipped": [["a", "Linear"]]}, r"skipped\[0\] must be \[module name, type, reason\]"),
-        ({"recipe": [1]}, r"'recipe' must be an object, got list"),
+        ({"skipped": [5, None]}, r"skipped\[0\]: 5 must be a list of 3 strings"),
+        ({"skipped": [["a", "Linear"]]}, r"skipped\[0\]: \['a', 'Linear'\] must be a list of 3 strings"),
+        ({"recipe": [1]}, r"recipe: \[1\] must be an object"),
         ({"recipe": {"scheme": {"weights": {"qtype": "int9"}}}}, r"recipe is invalid: scheme\.weights: int qtype bits=9"),
-        ({"model": "DigitsCNN"}, r"'model' must be an object with a 'class' name, got 'DigitsCNN'"),
-        ({"model": {"class": "DigitsCNN", "dtype": 5}}, r"model\.dtype must be a string or null, got 5"),
-        ({"aliases": {"a": 1}}, r"'aliases' must map state-dict names to state-dict names"),
-        ({"model_sha256": 7}, r"'model_sha256' must be a string, got 7"),
-        ({"metrics": [1]}, r"'metrics' must be an object or null, got list"),
+        ({"model": "DigitsCNN"}, r"model: 'DigitsCNN' must be an object with keys \['class', 'hf', 'dtype', 'attn_implementation'\]"),
+        ({"model": {"class": "DigitsCNN", "dtype": 5}}, r"model\.dtype: 5 must be a string or null"),
+        ({"aliases": {"a": 1}}, r"aliases\.a: 1 must be a string"),
+        ({"model_sha256": 7}, r"model_sha256: 7 must be a string"),
+        ({"metrics": [1]}, r"metrics: \[1\] must be an object or null"),
+        ({"layers": {"0": {}}}, r"layers: \{'0': \{\}\} must be a list of objects with keys \['name', 'module'"),
+        ({"calibraton": {}}, r"unknown key\(s\) \['calibraton'\]; valid keys: \['aliases', 'calibration'"),
     ],
 )
 def test_a_tampered_quantization_json(digits, tmp_path: Path, change, message: str) -> None:
@@ -47,10 +49,14 @@ def test_a_tampered_quantization_json(digits, tmp_path: Path, change, message: s
 @pytest.mark.parametrize(
     ("layer_change", "message"),
     [
-        ({"weight_shape": "ab"}, r"layers\[0\]\.weight_shape must be a list of 1 to 8 sizes, got 'ab'"),
-        ({"weight_shape": [8, -1]}, r"layers\[0\]\.weight_shape must be a list of 1 to 8 sizes"),
-        ({"weights": [1]}, r"layers\[0\]\.weights must be an object or null, got \[1\]"),
-        ({"input_qparams": "x"}, r"layers\[0\]\.input_qparams must be an object or null"),
+        ({"weight_shape": "ab"}, r"layers\[0\]\.weight_shape: 'ab' must be a list of integers in \[0, 1099511627776\) or null"),
+        ({"weight_shape": [8, -1]}, r"layers\[0\]\.weight_shape\[1\]: -1 must be an integer in \[0, 1099511627776\)"),
+        ({"weight_shape": [1] * 9}, r"layers\[0\]\.weight_shape: \[1, 1, 1, 1, 1, 1, 1, 1, 1\] must hold 1 to 8 sizes"),
+        ({"weight_shape": []}, r"layers\[0\]\.weight_shape: \[\] must hold 1 to 8 sizes"),
+        ({"outlier_threshold": "big"}, r"layers\[0\]\.outlier_threshold: 'big' must be a number or null"),
+        ({"name": 3}, r"layers\[0\]\.name: 3 must be a string"),
+        ({"weights": [1]}, r"layers\[0\]\.weights: \[1\] must be an object or null"),
+        ({"input_qparams": "x"}, r"layers\[0\]\.input_qparams: 'x' must be an object or null"),
     ],
 )
 def test_a_tampered_layer_record(digits, tmp_path: Path, layer_change: dict, message: str) -> None:
@@ -133,7 +139,7 @@ def test_a_corrupt_bench_json_is_not_reported(digits, tmp_path: Path, text: str)
 
 def test_a_bench_json_of_this_artifact_with_a_corrupt_body(digits, tmp_path: Path) -> None:
     run = digits.run_copy(tmp_path)
-    sha = read_manifest(run)["model_sha256"]
+    sha = read_manifest(run).model_sha256
     (run / "bench.json").write_text(json.dumps({"artifact_sha256": sha, "speedup": "fast", "float": [1], "quantized": None}))
     result = run_cli("report", run, "--trust-factory")
     assert result.code == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
