@@ -104,6 +104,14 @@ def test_readme_links_point_into_the_repository():
         assert (ROOT / link).is_file(), f"README.md links to {link}, which does not exist"
 
 
+def test_serving_formats_page_names_every_export_format():
+    from ptqkit.export import FORMATS
+
+    page = (DOCS / "how-to" / "serving-formats.md").read_text(encoding="utf-8")
+    for name in FORMATS:
+        assert f"(`{name}`)" in page, f"docs/how-to/serving-formats.md does not describe export format {name!r}"
+
+
 def _script(name: str):
     spec = importlib.util.spec_from_file_location(f"test_docs_{name}", ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
