@@ -8,8 +8,8 @@ from typing import Annotated, Literal, get_args, get_origin, get_type_hints
 import pytest
 
 from ptqkit.algorithms import REGISTRY
-from ptqkit.core.errors import ConfigError
-from ptqkit.core.fields import Above, AtLeast, Interval, check_fields
+from ptqkit.core.errors import ConfigError, ExportError
+from ptqkit.core.fields import Above, AtLeast, Interval, check_fields, literal_values
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,7 +36,7 @@ class Example:
         ({"count": 0}, r"example.count: 0 must be an integer in \[1, 10\]"),
         ({"count": True}, r"example.count: True must be an integer in \[1, 10\]"),
         ({"count": 2.0}, r"example.count: 2.0 must be an integer in \[1, 10\]"),
-        ({"big": -1}, r"example.big: -1 must be an integer in \[0, 9223372036854775807\]"),
+        ({"big": -1}, r"example.big: -1 must be an integer in \[0, 2\*\*63 - 1\]"),
         ({"at_least": -1}, "example.at_least: -1 must be an integer >= 0"),
         ({"ratio": 1.0}, r"example.ratio: 1.0 must be a number in \[0, 1\)"),
         ({"ratio": math.nan}, r"example.ratio: nan must be a number in \[0, 1\)"),
@@ -68,3 +68,63 @@ def test_no_algorithm_option_accepts_nan_or_inf(config_type) -> None:
         for bad in (math.nan, math.inf, -math.inf):
             with pytest.raises(ConfigError, match=name):
                 config_type(**{name: bad})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Inner:
+    size: Annotated[int, AtLeast(1)] = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outer:
+    inner: Inner = Inner()
+    optional_inner: Inner | None = None
+    limit: Annotated[float, AtLeast(0)] | None = None
+    seed: Annotated[int, Interval(-(2**63), 2**64 - 1)] = 0
+
+    def __post_init__(self) -> None:
+        check_fields(self, "")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"inner": {"size": 2}}, r"^inner: \{'size': 2\} must be an Inner$"),
+        ({"optional_inner": 3}, r"^optional_inner: 3 must be an Inner or null$"),
+        ({"limit": -1.0}, r"^limit: -1.0 must be a number >= 0 or null$"),
+        ({"limit": "1"}, r"^limit: '1' must be a number >= 0 or null$"),
+        ({"seed": 2**64}, r"^seed: 18446744073709551616 must be an integer in \[-2\*\*63, 2\*\*64 - 1\]$"),
+        ({"seed": -(2**63) - 1}, r"^seed: -9223372036854775809 must be an integer"),
+    ],
+)
+def test_nested_configs_optional_values_and_64_bit_ranges(kwargs, message) -> None:
+    """A nested config must be an instance of its class; `X | None` takes None or an X; an empty
+    prefix names the bare field (for a loader that adds the key path)."""
+    with pytest.raises(ConfigError, match=message):
+        Outer(**kwargs)
+
+
+def test_optional_and_nested_good_values_pass() -> None:
+    outer = Outer(inner=Inner(size=3), optional_inner=Inner(), limit=0, seed=2**64 - 1)
+    assert outer.inner.size == 3 and outer.limit == 0
+    assert Outer(seed=-(2**63)).optional_inner is None
+
+
+def test_the_error_type_can_be_the_callers() -> None:
+    """Export options promise ExportError: check_fields raises the type it is given, same message."""
+
+    @dataclass(frozen=True)
+    class Options:
+        mode: Literal["a", "b"] = "a"
+
+    options = Options(mode="c")
+    with pytest.raises(ExportError, match=r"^export.mode: 'c' is unknown; valid: a, b$"):
+        check_fields(options, "export", error=ExportError)
+    with pytest.raises(ConfigError, match=r"^mode: 'c' is unknown"):
+        check_fields(options, "")
+
+
+def test_long_values_are_shortened_in_messages() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Example(mode="x" * 10_000)
+    assert len(str(caught.value)) < 300 and literal_values(Literal["a", "b"]) == ("a", "b")

@@ -69,7 +69,7 @@ def _bad(data: dict, tmp_path: Path, suffix: str = ".json") -> Path:
         (lambda d: d["scheme"]["weights"].update(qtype="int9"), r"scheme\.weights: int qtype bits=9 is not supported; valid: 2\.\.8 or 16"),
         (lambda d: d["scheme"]["weights"].update(bits=4), r"scheme\.weights: unknown key\(s\) \['bits'\]"),
         (lambda d: d.update(colour="red"), r"recipe: unknown key\(s\) \['colour'\]"),
-        (lambda d: d["calibration"].update(samples=0), r"calibration\.samples: 0 must be a positive integer"),
+        (lambda d: d["calibration"].update(samples=0), r"calibration\.samples: 0 must be an integer >= 1"),
         (lambda d: d["calibration"].update(sample=3), r"calibration: unknown key\(s\) \['sample'\]"),
         (lambda d: d.update(version=7), r"version: 7 is not supported; this ptqkit reads version 1"),
         (lambda d: d.update(ignore="lm_head"), r"ignore: expected a list of non-empty strings, got 'lm_head'"),
@@ -78,6 +78,15 @@ def _bad(data: dict, tmp_path: Path, suffix: str = ".json") -> Path:
         (lambda d: d.update(overrides=[{"match": ["x"]}]), r"overrides\[0\]: an override needs both 'match' and 'scheme'"),
         (lambda d: d.update(algorithms=[{"name": "magic"}]), r"algorithms\[0\]\.name: 'magic' is not a known algorithm"),
         (lambda d: d["scheme"]["inputs"].update(qtype="nf4"), r"scheme\.inputs: nf4 is a symmetric format"),
+        # per-field checks (core.fields) name the full key path, the value and what is valid
+        (lambda d: d["scheme"]["weights"].update(rounding="up"), r"scheme\.weights\.rounding: 'up' is unknown; valid: half_even, half_away, stochastic"),
+        (lambda d: d["scheme"]["inputs"].update(observer="max"), r"scheme\.inputs\.observer: 'max' is unknown; valid: minmax, ema_minmax, percentile, mse, kl"),
+        (lambda d: d["scheme"]["inputs"].update(dynamic="no"), r"scheme\.inputs\.dynamic: 'no' must be true or false"),
+        (lambda d: d["calibration"].update(batch_size=2.5), r"calibration\.batch_size: 2\.5 must be an integer >= 1"),
+        (lambda d: d["calibration"].update(seed=True), r"calibration\.seed: True must be an integer in \[-2\*\*63, 2\*\*64 - 1\]"),
+        (lambda d: d.update(keep_output_head="yes"), r"keep_output_head: 'yes' must be true or false"),
+        (lambda d: d.update(overrides=[{"match": ["x"], "scheme": {"weights": {"qtype": "int8", "symmetric": 1}}}]),
+         r"overrides\[0\]\.scheme\.weights\.symmetric: 1 must be true or false"),
     ],
 )
 def test_bad_recipes_name_the_key_path(mutate, message: str, tmp_path: Path) -> None:

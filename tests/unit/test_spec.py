@@ -53,11 +53,11 @@ def test_spec_is_frozen() -> None:
     [
         ({"qtype": "nf4", "symmetric": False}, r"nf4 is a symmetric format and has no zero point"),
         ({"qtype": "fp8_e4m3", "symmetric": False}, r"fp8_e4m3 is a symmetric format"),
-        ({"qtype": "int8", "rounding": "nearest"}, r"rounding 'nearest' is unknown; valid: half_even, half_away, stochastic"),
+        ({"qtype": "int8", "rounding": "nearest"}, r"^rounding: 'nearest' is unknown; valid: half_even, half_away, stochastic$"),
         ({"qtype": "fp8_e4m3", "rounding": "stochastic"}, r"stochastic rounding is implemented for integer qtypes only"),
         ({"qtype": "int8", "granularity": pq.PerToken()}, r"per-token granularity needs dynamic=true"),
-        ({"qtype": "int8", "symmetric": "yes"}, r"symmetric must be true or false, got 'yes'"),
-        ({"qtype": "int8", "observer": ""}, r"observer must be a non-empty name"),
+        ({"qtype": "int8", "symmetric": "yes"}, r"^symmetric: 'yes' must be true or false$"),
+        ({"qtype": "int8", "observer": ""}, r"^observer: '' is unknown; valid: minmax, ema_minmax, percentile, mse, kl$"),
         ({"qtype": "int8", "observer_options": {"bins": [1, 2]}}, r"observer_options\['bins'\] = \[1, 2\]"),
         ({"qtype": 8}, r"qtype must be a QType or a name like 'int8', got 8"),
         ({"qtype": "int12"}, r"bits=12 is not supported"),
@@ -66,6 +66,14 @@ def test_spec_is_frozen() -> None:
 def test_impossible_specs_raise(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         pq.QuantSpec(**kwargs)
+
+
+def test_the_observer_names_are_the_observer_option_types() -> None:
+    """`QuantSpec.observer` is a Literal; its values are exactly the observers with option types."""
+    from ptqkit.core.observer_options import OBSERVER_OPTIONS
+    from ptqkit.core.spec import OBSERVERS
+
+    assert OBSERVERS == tuple(OBSERVER_OPTIONS)
 
 
 def test_from_dict_errors_name_the_path() -> None:
@@ -77,6 +85,8 @@ def test_from_dict_errors_name_the_path() -> None:
         pq.QuantSpec.from_dict({"qtype": "int8", "granularity": {"kind": "rows"}}, where="weights")
     with pytest.raises(ConfigError, match=r"weights: nf4 is a symmetric format"):
         pq.QuantSpec.from_dict({"qtype": "nf4", "symmetric": False}, where="weights")
+    with pytest.raises(ConfigError, match=r"^weights\.rounding: 'up' is unknown; valid: half_even, half_away, stochastic$"):
+        pq.QuantSpec.from_dict({"qtype": "int8", "rounding": "up"}, where="weights")
     with pytest.raises(ConfigError, match=r"spec: expected a mapping, got list"):
         pq.QuantSpec.from_dict([1, 2])  # type: ignore[arg-type]
 

@@ -10,14 +10,19 @@ A config dataclass annotates each field with its type, and numbers with their va
 
 and calls `check_fields(self, "rtn")` in `__post_init__`. A bad value raises ConfigError naming
 the field, the value and what is valid ("rtn.grid: 0 must be an integer in [1, 1000]"). Numbers
-never accept booleans, NaN or infinities. Fields of other types (tuples, mappings) are left to
-the config's own checks.
+never accept booleans, NaN or infinities. A nested config is annotated with its dataclass
+(`scheme: Scheme`: the value must be an instance of it) and `X | None` also accepts None.
+Fields of other types (str, tuples, mappings) are left to the config's own checks, as are
+checks across fields.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+import types
 from dataclasses import dataclass, fields
-from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from ptqkit.core.errors import ConfigError
 
@@ -25,6 +30,13 @@ __all__ = ["AtLeast", "Above", "Interval", "check_fields", "check_value", "liter
 
 
 def _number(x: float) -> str:
+    """`x` as a message shows it: 2**63 and 2**64 - 1 as powers of two (a 64-bit range)."""
+    if isinstance(x, int) and abs(x) >= 2**31:
+        sign = "-" if x < 0 else ""
+        if abs(x) & (abs(x) - 1) == 0:
+            return f"{sign}2**{abs(x).bit_length() - 1}"
+        if x > 0 and x & (x + 1) == 0:
+            return f"2**{x.bit_length()} - 1"
     return str(x) if isinstance(x, int) or not float(x).is_integer() else str(int(x))
 
 
@@ -84,8 +96,34 @@ def _is_number(value: Any, integer: bool) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+def _optional(annotation: Any) -> Any | None:
+    """X for `X | None` (or `Optional[X]`), else None."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = get_args(annotation)
+        if len(args) == 2 and type(None) in args:
+            return next(a for a in args if a is not type(None))
+    return None
+
+
+def _check_instance(value: Any, cls: type, where: str) -> None:
+    if not isinstance(value, cls):
+        article = "an" if cls.__name__[:1] in "AEIOU" else "a"
+        raise ConfigError(f"{where}: {value!r:.200} must be {article} {cls.__name__}")
+
+
 def check_value(value: Any, annotation: Any, where: str) -> None:
     """Raise ConfigError unless `value` fits `annotation` (see the module docstring)."""
+    inner = _optional(annotation)
+    if inner is not None:
+        if value is not None:
+            try:
+                check_value(value, inner, where)
+            except ConfigError as exc:
+                raise ConfigError(f"{exc} or null") from None
+        return
+    if dataclasses.is_dataclass(annotation):
+        _check_instance(value, annotation, where)
+        return
     bounds = None
     if get_origin(annotation) is Annotated:
         annotation, *marks = get_args(annotation)
@@ -93,20 +131,34 @@ def check_value(value: Any, annotation: Any, where: str) -> None:
     if get_origin(annotation) is Literal:
         allowed = get_args(annotation)
         if not isinstance(value, str) or value not in allowed:
-            raise ConfigError(f"{where}: {value!r} is unknown; valid: {', '.join(map(str, allowed))}")
+            raise ConfigError(f"{where}: {value!r:.200} is unknown; valid: {', '.join(map(str, allowed))}")
     elif annotation is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: {value!r} must be true or false")
+            raise ConfigError(f"{where}: {value!r:.200} must be true or false")
     elif annotation in (int, float):
         integer = annotation is int
         if not _is_number(value, integer) or (bounds is not None and value not in bounds):
             kind = "an integer" if integer else "a number"
-            raise ConfigError(f"{where}: {value!r} must be {kind}{bounds.describe() if bounds is not None else ''}")
+            raise ConfigError(f"{where}: {value!r:.200} must be {kind}{bounds.describe() if bounds is not None else ''}")
 
 
-def check_fields(config: Any, prefix: str) -> None:
-    """Check every field of the dataclass `config` against its annotation; `prefix` names the
-    config in messages (a recipe's algorithm name)."""
-    hints = get_type_hints(type(config), include_extras=True)
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls, include_extras=True)
+
+
+def check_fields(config: Any, prefix: str, error: type[Exception] = ConfigError) -> None:
+    """Check every field of the dataclass `config` against its annotation, in field order.
+
+    `prefix` names the config in messages ("rtn" gives "rtn.grid: ..."; "" gives "grid: ...",
+    for a config whose loader adds the key path). `error` is the exception raised: ConfigError,
+    or the error type a caller's API promises (export options raise ExportError)."""
+    hints = _hints(type(config))
     for field in fields(config):
-        check_value(getattr(config, field.name), hints[field.name], f"{prefix}.{field.name}")
+        where = f"{prefix}.{field.name}" if prefix else field.name
+        try:
+            check_value(getattr(config, field.name), hints[field.name], where)
+        except ConfigError as exc:
+            if error is ConfigError:
+                raise
+            raise error(str(exc)) from None

@@ -5,17 +5,23 @@ import difflib
 import math
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 
 from ptqkit.core.errors import ConfigError, NonFiniteError
+from ptqkit.core.fields import check_fields, literal_values
 from ptqkit.core.observer_options import OBSERVER_OPTIONS, parse_options
 from ptqkit.core.qtypes import Granularity, PerTensor, PerToken, QType, granularity_from_dict
 
-__all__ = ["QuantSpec", "QParams", "ROUNDING_MODES", "check_config_keys"]
+__all__ = ["QuantSpec", "QParams", "ROUNDING_MODES", "OBSERVERS", "ObserverName", "Rounding", "check_config_keys", "error_at"]
 
-ROUNDING_MODES = ("half_even", "half_away", "stochastic")
+Rounding = Literal["half_even", "half_away", "stochastic"]
+ROUNDING_MODES: tuple[str, ...] = literal_values(Rounding)
+# The observers a spec can name: the keys of core.observer_options.OBSERVER_OPTIONS (a unit test
+# holds the two together).
+ObserverName = Literal["minmax", "ema_minmax", "percentile", "mse", "kl"]
+OBSERVERS: tuple[str, ...] = literal_values(ObserverName)
 _OPTION_TYPES = (bool, int, float, str)
 
 
@@ -33,6 +39,17 @@ def check_config_keys(data: Any, cls: type, where: str) -> dict[str, Any]:
     return dict(data)
 
 
+def error_at(where: str, exc: ConfigError, cls: type) -> ConfigError:
+    """`exc`, raised while building the dataclass `cls`, under the key path `where`: a message that
+    starts with a field name ("rounding: ...", from `check_fields`) becomes "where.rounding: ...",
+    any other (a check across fields) "where: ..."."""
+    message = str(exc)
+    name = message.split(":", 1)[0]
+    if any(f.name == name for f in fields(cls)):
+        return ConfigError(f"{where}.{message}")
+    return ConfigError(f"{where}: {message}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class QuantSpec:
     """How one tensor is quantized. Frozen and validated on construction.
@@ -48,9 +65,9 @@ class QuantSpec:
     qtype: QType
     granularity: Granularity = field(default_factory=PerTensor)
     symmetric: bool = True
-    rounding: str = "half_even"
+    rounding: Rounding = "half_even"
     dynamic: bool = False
-    observer: str = "minmax"
+    observer: ObserverName = "minmax"
     observer_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -60,11 +77,12 @@ class QuantSpec:
             raise ConfigError(f"qtype must be a QType or a name like 'int8', got {self.qtype!r}")
         if not isinstance(self.granularity, Granularity):
             object.__setattr__(self, "granularity", granularity_from_dict(self.granularity))
-        for name in ("symmetric", "dynamic"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if not isinstance(self.rounding, str) or self.rounding not in ROUNDING_MODES:
-            raise ConfigError(f"rounding {self.rounding!r} is unknown; valid: {', '.join(ROUNDING_MODES)}")
+        check_fields(self, "")  # symmetric, rounding, dynamic, observer: "rounding: 'x' is unknown; valid: ..."
+        self._check_combinations()
+        object.__setattr__(self, "observer_options", MappingProxyType(self._checked_options()))
+
+    def _check_combinations(self) -> None:
+        """What the fields cannot be together."""
         if not self.qtype.is_integer and not self.symmetric:
             raise ConfigError(
                 f"{self.qtype.name} is a symmetric format and has no zero point; set symmetric=true "
@@ -74,10 +92,9 @@ class QuantSpec:
             raise ConfigError(f"stochastic rounding is implemented for integer qtypes only, not {self.qtype.name}")
         if isinstance(self.granularity, PerToken) and not self.dynamic:
             raise ConfigError("per-token granularity needs dynamic=true: token counts are only known at run time")
-        if not isinstance(self.observer, str) or not self.observer:
-            raise ConfigError(f"observer must be a non-empty name, got {self.observer!r}")
-        if self.observer not in OBSERVER_OPTIONS:
-            raise ConfigError(f"observer {self.observer!r} is unknown; valid: {', '.join(OBSERVER_OPTIONS)}")
+
+    def _checked_options(self) -> dict[str, Any]:
+        """`observer_options` as a plain dict, checked against the observer's option type."""
         if not isinstance(self.observer_options, Mapping):
             raise ConfigError(f"observer_options must be a mapping of option -> value, got {self.observer_options!r:.200}")
         options = dict(self.observer_options)
@@ -90,7 +107,7 @@ class QuantSpec:
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"observer_options[{key!r}] = {value!r}: must be a finite number")
         parse_options(OBSERVER_OPTIONS[self.observer], options, self.observer)  # unknown keys, bad values
-        object.__setattr__(self, "observer_options", MappingProxyType(options))
+        return options
 
     def __deepcopy__(self, memo: dict) -> "QuantSpec":
         return self  # immutable
@@ -126,7 +143,7 @@ class QuantSpec:
         try:
             return cls(**kwargs)
         except ConfigError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
+            raise error_at(where, exc, cls) from None
 
 
 @dataclass(frozen=True, eq=False)

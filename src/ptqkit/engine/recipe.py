@@ -11,10 +11,10 @@ import math
 import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Annotated, Any, Literal, Mapping, Sequence
 
 from ptqkit.core.errors import ConfigError
-from ptqkit.core.fields import literal_values
+from ptqkit.core.fields import AtLeast, Interval, check_fields, check_value, literal_values
 from ptqkit.core.qtypes import PerChannel, PerGroup, PerTensor, PerToken
 from ptqkit.core.spec import QuantSpec, check_config_keys
 
@@ -67,10 +67,7 @@ class Scheme:
     inputs: QuantSpec | None = None
 
     def __post_init__(self) -> None:
-        for name in ("weights", "inputs"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, QuantSpec):
-                raise ConfigError(f"scheme.{name}: expected a QuantSpec or null, got {value!r}")
+        check_fields(self, "scheme")
         if self.weights is not None and self.weights.dynamic:
             raise ConfigError("scheme.weights: weights are quantized ahead of time; dynamic=true applies to inputs only")
         if self.weights is not None and isinstance(self.weights.granularity, PerToken):
@@ -112,8 +109,7 @@ class Override:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "match", _pattern_tuple(self.match, "overrides[].match"))
-        if not isinstance(self.scheme, Scheme):
-            raise ConfigError(f"overrides[].scheme: expected a Scheme, got {self.scheme!r:.200}")
+        check_fields(self, "overrides[]")
 
     def to_dict(self) -> dict[str, Any]:
         return {"match": list(self.match), "scheme": self.scheme.to_dict()}
@@ -130,17 +126,12 @@ class Override:
 class CalibrationSettings:
     """How many calibration samples to use, which ones (seed), and the batch size."""
 
-    samples: int = 256
-    seed: int = 0
-    batch_size: int = 8
+    samples: Annotated[int, AtLeast(1)] = 256
+    seed: Annotated[int, Interval(*SEED_RANGE)] = 0
+    batch_size: Annotated[int, AtLeast(1)] = 8
 
     def __post_init__(self) -> None:
-        for name in ("samples", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"calibration.{name}: {value!r} must be a positive integer")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
-            raise ConfigError(f"calibration.seed: {self.seed!r:.40} must be an integer in [-2**63, 2**64 - 1]")
+        check_fields(self, "calibration")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -213,8 +204,7 @@ class Recipe:
         if not isinstance(self.name, str) or not self.name or len(self.name) > MAX_NAME_LENGTH:
             shown = f"a {type(self.name).__name__}" if not isinstance(self.name, str) else f"{len(self.name)} characters"
             raise ConfigError(f"name: must be a non-empty string of at most {MAX_NAME_LENGTH} characters, got {shown}")
-        if not isinstance(self.scheme, Scheme):
-            raise ConfigError(f"scheme: expected a Scheme, got {self.scheme!r:.200}")
+        check_fields(self, "")  # scheme, keep_output_head, calibration
         object.__setattr__(self, "targets", _pattern_tuple(self.targets, "targets"))
         object.__setattr__(self, "ignore", _pattern_tuple(self.ignore, "ignore"))
         for key in ("overrides", "algorithms"):
@@ -224,14 +214,9 @@ class Recipe:
         object.__setattr__(self, "overrides", tuple(self.overrides))
         object.__setattr__(self, "algorithms", tuple(self.algorithms))
         for i, override in enumerate(self.overrides):
-            if not isinstance(override, Override):
-                raise ConfigError(f"overrides[{i}]: expected an Override, got {override!r:.200}")
-        if not isinstance(self.calibration, CalibrationSettings):
-            raise ConfigError(f"calibration: expected CalibrationSettings, got {self.calibration!r:.200}")
+            check_value(override, Override, f"overrides[{i}]")
         if not self.targets:
             raise ConfigError("targets: empty; name at least one module type (e.g. 'Linear') or name pattern")
-        if not isinstance(self.keep_output_head, bool):
-            raise ConfigError(f"keep_output_head: {self.keep_output_head!r} must be true or false")
 
     # ---- presets -----------------------------------------------------------------------
     @classmethod

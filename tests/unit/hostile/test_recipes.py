@@ -137,7 +137,7 @@ def test_top_level_fields_are_type_checked(key: str, value: object, message: str
         ({"observer": "kl", "observer_options": {"bins": 2**40}}, r"bins=1099511627776 must be a power of two >= 8 \(bins per sign\), at most 1048576"),
         ({"observer": "mse", "observer_options": {"grid": 10**9}}, r"grid=1000000000 must be an integer >= 2, at most 10000"),
         ({"observer_options": ["bins", 8]}, r"observer_options must be a mapping of option -> value"),
-        ({"rounding": ["half_even"]}, r"rounding \['half_even'\] is unknown"),
+        ({"rounding": ["half_even"]}, r"scheme\.inputs\.rounding: \['half_even'\] is unknown; valid: half_even, half_away, stochastic"),
         ({"granularity": {"kind": "per_group"}}, r"scheme\.inputs\.granularity: per_group needs \['size'\] \(its keys: \['axis', 'size'\]\)"),
         ({"granularity": {"kind": ["per_tensor"]}}, r"scheme\.inputs\.granularity\.kind: \['per_tensor'\] is unknown"),
     ],
@@ -195,13 +195,13 @@ def test_recipe_objects_built_in_python_are_type_checked_too() -> None:
     from ptqkit.engine.recipe import CalibrationSettings, Override, Scheme
 
     scheme = Recipe.from_preset("w8a8").scheme
-    with pytest.raises(ConfigError, match=r"overrides\[\]\.scheme: expected a Scheme, got \{'weights': None\}"):
+    with pytest.raises(ConfigError, match=r"overrides\[\]\.scheme: \{'weights': None\} must be a Scheme"):
         Override(match=("stem.*",), scheme={"weights": None})
-    with pytest.raises(ConfigError, match=r"overrides\[0\]: expected an Override, got 'stem'"):
+    with pytest.raises(ConfigError, match=r"overrides\[0\]: 'stem' must be an Override"):
         Recipe(scheme=scheme, overrides=["stem"])
     with pytest.raises(ConfigError, match=r"overrides: expected a list, got str"):
         Recipe(scheme=scheme, overrides="stem")
-    with pytest.raises(ConfigError, match=r"calibration: expected CalibrationSettings, got \{'samples': 8\}"):
+    with pytest.raises(ConfigError, match=r"calibration: \{'samples': 8\} must be a CalibrationSettings"):
         Recipe(scheme=scheme, calibration={"samples": 8})
     assert Recipe(scheme=scheme, calibration=CalibrationSettings(seed=2**64 - 1)).calibration.seed == 2**64 - 1
     with pytest.raises(ConfigError, match=r"targets\[0\]: 're:\[' is not a valid regular expression"):
