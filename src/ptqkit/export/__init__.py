@@ -30,11 +30,12 @@ logger = logging.getLogger(__name__)
 
 _EXPORT_FILES = (ONNX_FILE, FLOAT_ONNX_FILE, REPORT_FILE)
 _ARTIFACT_FILES = ("model.safetensors", "quantization.json", "config.json")  # ptqkit.export.artifact.ARTIFACT_FILES
+_SERVING_MARKER = "ptqkit_export.json"  # the serving formats (compressed-tensors, gguf) the last export wrote here
 
 
 def _written_by_ptqkit(directory: Path) -> bool:
     """Whether `directory` holds a ptqkit artifact or export (ptqkit.export.artifact.written_by_ptqkit)."""
-    return any((directory / name).is_file() for name in (_ARTIFACT_FILES[1], REPORT_FILE))
+    return any((directory / name).is_file() for name in (_ARTIFACT_FILES[1], REPORT_FILE, _SERVING_MARKER))
 
 
 @dataclass(frozen=True)
@@ -178,9 +179,43 @@ def _write_safetensors(qmodel: nn.Module, tmp: Path, out_dir: Path, example_inpu
     return _Written({"safetensors": out_dir / "model.safetensors"}, artifact_sha256=sha256)
 
 
+def _write_compressed_tensors(qmodel: nn.Module, tmp: Path, out_dir: Path, example_inputs: Any, options: Any) -> _Written:
+    from ptqkit.export.compressed_tensors import write_compressed_tensors
+
+    if (tmp / "model.safetensors").exists():
+        raise ExportError(
+            "export: formats 'safetensors' and 'compressed-tensors' both write model.safetensors and config.json; "
+            "export them into different directories"
+        )
+    return _serving_written(tmp, out_dir, "compressed-tensors", write_compressed_tensors(qmodel, tmp))
+
+
+def _write_gguf(qmodel: nn.Module, tmp: Path, out_dir: Path, example_inputs: Any, options: Any) -> _Written:
+    """GGUF options (`ptqkit.export.gguf_format.GGUFOptions`) come from the options' `gguf` entry."""
+    from ptqkit.export.gguf_format import GGUFOptions, write_gguf
+
+    gguf = options.get("gguf") if isinstance(options, dict) else getattr(options, "gguf", None)
+    return _serving_written(tmp, out_dir, "gguf", write_gguf(qmodel, tmp, gguf or GGUFOptions()))
+
+
+def _serving_written(tmp: Path, out_dir: Path, name: str, files: list[str]) -> _Written:
+    """Record a serving format in ptqkit_export.json (so that a later export may rebuild the directory)."""
+    marker = tmp / _SERVING_MARKER
+    formats = json.loads(marker.read_text(encoding="utf-8"))["formats"] if marker.is_file() else []
+    atomic.write_text(marker, json.dumps({"formats": sorted({*formats, name})}, indent=2) + "\n")
+    return _Written({file: out_dir / file for file in files})
+
+
 TARGETS: dict[str, ExportTarget] = {  # written in this order
     "onnx": ExportTarget("onnx", _EXPORT_FILES, _write_onnx),
     "safetensors": ExportTarget("safetensors", _ARTIFACT_FILES, _write_safetensors),
+    # compressed_tensors.FILES / gguf_format.FILES, spelled out so that importing export loads neither module
+    "compressed-tensors": ExportTarget("compressed-tensors", (
+        "model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+        "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
+        "chat_template.jinja", "chat_template.json", _SERVING_MARKER,
+    ), _write_compressed_tensors),
+    "gguf": ExportTarget("gguf", ("model.gguf", _SERVING_MARKER), _write_gguf),
 }
 FORMATS = tuple(TARGETS)
 
