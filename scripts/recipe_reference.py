@@ -18,6 +18,7 @@ import inspect
 import json
 import re
 import sys
+import types
 import typing
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,12 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT / "src"))
 
-from ptqkit.algorithms.registry import REGISTRY, Stage  # noqa: E402
-from ptqkit.core import qtypes  # noqa: E402
-from ptqkit.core.fields import Above, AtLeast, Interval  # noqa: E402
-from ptqkit.core.observer_options import OBSERVER_OPTIONS  # noqa: E402
-from ptqkit.core.spec import ROUNDING_MODES, QuantSpec  # noqa: E402
-from ptqkit.engine.recipe import (  # noqa: E402
+from ptqkit.algorithms.registry import REGISTRY, Stage
+from ptqkit.core import qtypes
+from ptqkit.core.fields import Above, AtLeast, Interval
+from ptqkit.core.observer_options import OBSERVER_OPTIONS
+from ptqkit.core.spec import ROUNDING_MODES, QuantSpec
+from ptqkit.engine.recipe import (
     PRESETS,
     SUPPORTED_MODULE_TYPES,
     CalibrationSettings,
@@ -163,7 +164,7 @@ def type_text(annotation: Any) -> str:
         return "str"
     if origin in (tuple, list):
         return "list of " + type_text(args[0]) if args else "list"
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return " or ".join("null" if a is type(None) else type_text(a) for a in args)
     if base is Any:
         return "any"
@@ -246,8 +247,8 @@ def config_sections() -> Iterator[str]:
     for cls in (qtypes.PerTensor, qtypes.PerChannel, qtypes.PerGroup, qtypes.PerToken):
         parts.append(f"### `{cls.kind}` {{#granularity-{cls.kind}}}\n\n{_summary(cls)}\n\n" + table(cls, f"granularity-{cls.kind}"))
     yield "\n".join(parts)
-    parts = ["## observers {#observers}\n\n`observer` turns calibration statistics into a range; "
-             "`observer_options` holds the chosen observer's options.\n"]
+    parts = [("## observers {#observers}\n\n`observer` turns calibration statistics into a range; "
+              "`observer_options` holds the chosen observer's options.\n")]
     for name, options in OBSERVER_OPTIONS.items():
         parts.append(f"### `{name}` {{#observer-{name}}}\n\n{_summary(options)}\n\n" + table(options, f"observer-{name}"))
     yield "\n".join(parts)
