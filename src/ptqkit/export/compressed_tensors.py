@@ -136,6 +136,9 @@ def _layer_scheme(name: str, module: nn.Module, module_type: str) -> tuple[dict[
     """(weights args, input args) of one planned layer, or ExportError if the format cannot hold it."""
     if not isinstance(module, QuantLinear) or module_type != "Linear":
         raise _refuse(name, f"is a {module_type} ({type(module).__name__}); only nn.Linear layers are valid")
+    size = getattr(module.weight_spec.granularity, "size", None)
+    if size is not None and module.in_features % size:
+        raise _refuse(name, f"has {module.in_features} input features, not a multiple of its group size {size} (a short last group)")
     return _weight_args(name, module.weight_spec), _input_args(name, module)
 
 

@@ -114,8 +114,9 @@ def test_config_parses_as_compressed_tensors_config(tmp_path: Path) -> None:
     [
         (Recipe.from_preset("fp8"), r"layer 'model\.layers\.0\.self_attn\.q_proj' has fp8_e4m3 weights"),
         (Recipe.from_preset("w8a8"), r"layer 'model\.layers\.0\.self_attn\.q_proj' has static per_tensor uint8 input quantization"),
+        (Recipe.from_preset("w4a16", group_size=48), r"layer 'model\.layers\.0\.self_attn\.q_proj' has 64 input features, not a multiple of its group size 48"),
     ],
-    ids=["fp8", "static-inputs"],
+    ids=["fp8", "static-inputs", "short-last-group"],
 )
 def test_refusals_write_nothing(tmp_path: Path, recipe: Recipe, message: str) -> None:
     qmodel = pq.quantize(_tiny_llama(), recipe, calib=torch.randint(0, 96, (4, 8)), progress=False)
