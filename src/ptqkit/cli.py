@@ -32,6 +32,7 @@ from ptqkit.core.errors import (
     PTQError,
     UnsupportedModelError,
 )
+from ptqkit.mixed_precision.search import LAYER_COSTS
 
 __all__ = ["EXIT_CODES", "main"]
 
@@ -548,7 +549,7 @@ def _add_search(sub: Any) -> None:
     searching.add_argument("--batch-size", type=int, default=8, help="evaluation batch size (the first batch is timed)")
     searching.add_argument("--time-limit", type=float, default=None, help="wall-time limit in seconds")
     searching.add_argument(
-        "--layer-costs", choices=("measured", "proxy"), default="measured",
+        "--layer-costs", choices=LAYER_COSTS, default="measured",
         help="per-layer degradation: measured (one evaluation per layer and format) or the weight-SQNR proxy (LLMs)",
     )
     searching.add_argument("--holdout-data", default=None, help="evaluation data the search does not select on: points within the budget must stay within it there too")

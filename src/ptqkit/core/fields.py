@@ -142,7 +142,7 @@ def check_value(value: Any, annotation: Any, where: str) -> None:
             raise ConfigError(f"{where}: {value!r:.200} must be {kind}{bounds.describe() if bounds is not None else ''}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return get_type_hints(cls, include_extras=True)
 

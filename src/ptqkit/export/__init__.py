@@ -23,8 +23,12 @@ from ptqkit.core import atomic
 from ptqkit.core.errors import ExportError
 from ptqkit.export.layers import FLOAT_ONNX_FILE, ONNX_FILE, REPORT_FILE, LayerExport
 from ptqkit.export.onnx_nbits import NBitsOptions
+from ptqkit.export.options import ONNX_WEIGHT_DTYPES, ExportOptions, OnnxWeightDtype
 
-__all__ = ["FORMATS", "TARGETS", "ExportResult", "ExportTarget", "LayerExport", "NBitsOptions", "export"]
+__all__ = [
+    "FORMATS", "ONNX_WEIGHT_DTYPES", "TARGETS", "ExportOptions", "ExportResult", "ExportTarget", "LayerExport",
+    "NBitsOptions", "OnnxWeightDtype", "export",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +77,7 @@ def export(
     dynamic_shapes: bool = True,
     keep_float: bool = False,
     fp32_tolerance: float = 1e-4,
-    onnx_weight_dtype: str = "auto",
+    onnx_weight_dtype: OnnxWeightDtype = "auto",
     matmul_nbits: NBitsOptions | None = None,
     kv_cache: bool = False,
     artifact_sha256: str | None = None,
@@ -104,12 +108,15 @@ def export(
     - "safetensors": the ptqkit artifact (`ptqkit.export.artifact.save_artifact`).
     `artifact_sha256`: the SHA-256 of the model.safetensors `qmodel` was loaded from, recorded
     in export_report.json (with "safetensors", the artifact written alongside is recorded).
+    The ONNX keywords become one `ExportOptions`, checked before anything is written (a bad
+    value is an ExportError naming the option, the value and what is valid).
     """
+    onnx_options = ExportOptions(
+        strict=strict, opset=opset, dynamic_shapes=dynamic_shapes, keep_float=keep_float, fp32_tolerance=fp32_tolerance,
+        onnx_weight_dtype=onnx_weight_dtype, matmul_nbits=NBitsOptions() if matmul_nbits is None else matmul_nbits,
+        kv_cache=kv_cache,
+    )
     formats = _check_arguments(qmodel, formats, example_inputs, kv_cache)
-    onnx_options = {
-        "strict": strict, "opset": opset, "dynamic": dynamic_shapes, "keep_float": keep_float, "fp32_tolerance": fp32_tolerance,
-        "weight_dtype": onnx_weight_dtype, "nbits": matmul_nbits, "kv_cache": kv_cache,
-    }
     out_dir = Path(out_dir)
     with atomic.build_directory(out_dir, owned=_written_by_ptqkit) as build:
         result, artifact_sha256 = _write_formats(qmodel, build.path, out_dir, formats, example_inputs, onnx_options, artifact_sha256)
@@ -147,27 +154,27 @@ class _Written:
 
 @dataclass(frozen=True)
 class ExportTarget:
-    """One export format: `write(qmodel, tmp, out_dir, example_inputs, onnx_options)` writes it
+    """One export format: `write(qmodel, tmp, out_dir, example_inputs, options)` writes it
     into the temporary directory `tmp`; `files` are the names it owns in `out_dir` (replaced by a
     new export, every other file is kept). Adding a format is one write function and one row of
     `TARGETS`."""
 
     name: str
     files: tuple[str, ...]
-    write: Callable[[nn.Module, Path, Path, Any, dict[str, Any]], _Written]
+    write: Callable[[nn.Module, Path, Path, Any, ExportOptions], _Written]
 
 
-def _write_onnx(qmodel: nn.Module, tmp: Path, out_dir: Path, example_inputs: Any, onnx_options: dict[str, Any]) -> _Written:
+def _write_onnx(qmodel: nn.Module, tmp: Path, out_dir: Path, example_inputs: Any, options: ExportOptions) -> _Written:
     from ptqkit.export.onnx_export import export_onnx
 
-    layers, checks = export_onnx(qmodel, tmp, example_inputs, **onnx_options)
+    layers, checks = export_onnx(qmodel, tmp, example_inputs, options)
     files = {"onnx": out_dir / ONNX_FILE, "report": out_dir / REPORT_FILE}
-    if onnx_options["keep_float"]:
+    if options.keep_float:
         files["onnx_fp32"] = out_dir / FLOAT_ONNX_FILE
     return _Written(files, layers, checks)
 
 
-def _write_safetensors(qmodel: nn.Module, tmp: Path, out_dir: Path, example_inputs: Any, onnx_options: dict[str, Any]) -> _Written:
+def _write_safetensors(qmodel: nn.Module, tmp: Path, out_dir: Path, example_inputs: Any, options: ExportOptions) -> _Written:
     try:
         from ptqkit.export.artifact import write_artifact_files
     except ModuleNotFoundError as exc:
@@ -221,7 +228,7 @@ FORMATS = tuple(TARGETS)
 
 
 def _write_formats(
-    qmodel: nn.Module, tmp: Path, out_dir: Path, formats: tuple[str, ...], example_inputs: Any, onnx_options: dict[str, Any],
+    qmodel: nn.Module, tmp: Path, out_dir: Path, formats: tuple[str, ...], example_inputs: Any, onnx_options: ExportOptions,
     artifact_sha256: str | None,
 ) -> tuple[ExportResult, str | None]:
     """Write the formats' targets into the temporary directory `tmp`; (the result, naming files

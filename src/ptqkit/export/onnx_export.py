@@ -21,6 +21,7 @@ from torch import nn
 
 from ptqkit.core.errors import ExportError
 from ptqkit.export.lowering import LOWERINGS, LoweringOptions, lowering_of
+from ptqkit.export.options import ExportOptions
 
 __all__ = ["export_onnx"]
 
@@ -45,13 +46,14 @@ class _GraphPlan:
     prefix: str  # module "a.b" has name scope prefix + "a.b" in the graph
 
 
-def _plan(float_model: nn.Module, example_inputs: Any, *, kv_cache: bool, opset: int, dynamic: bool) -> _GraphPlan:
-    if not kv_cache:
+def _plan(float_model: nn.Module, example_inputs: Any, options: ExportOptions) -> _GraphPlan:
+    opset = options.opset
+    if not options.kv_cache:
         from ptqkit.export.onnx_graph import export_float_onnx
 
         def capture(path: Path) -> Any:
             with _no_kv_cache(float_model):
-                return export_float_onnx(float_model, example_inputs, path, opset=opset, dynamic=dynamic)
+                return export_float_onnx(float_model, example_inputs, path, opset=opset, dynamic=options.dynamic_shapes)
 
         return _GraphPlan(capture, [example_inputs], lambda model: model, "")
     from ptqkit.export.onnx_decoder import (
@@ -61,8 +63,6 @@ def _plan(float_model: nn.Module, example_inputs: Any, *, kv_cache: bool, opset:
         export_cached_decoder,
     )
 
-    if not dynamic:
-        raise ExportError("export: kv_cache=True needs dynamic_shapes=True (one graph for any prompt and cache length)")
     cases = check_inputs(float_model, example_inputs)  # validates the model and the prompt before the capture
     return _GraphPlan(lambda path: export_cached_decoder(float_model, path, opset=opset), cases, CachedDecoderStep, SCOPE_PREFIX)
 
@@ -145,25 +145,13 @@ class _OrtRun:
     comparison: dict[str, float]  # ort_check.compare_outputs of the ORT outputs vs the simulated model
 
 
-def _checked_options(qmodel: nn.Module, fp32_tolerance: Any, weight_dtype: str, nbits: Any, kv_cache: Any) -> Any:
-    """Validate the export options (before anything is copied); return `nbits` (defaults for None)."""
-    from ptqkit.export.onnx_nbits import NBitsOptions
-
-    if isinstance(fp32_tolerance, bool) or not isinstance(fp32_tolerance, (int, float)) or not 0 <= fp32_tolerance < math.inf:
-        raise ExportError(f"export: fp32_tolerance={fp32_tolerance!r} must be a finite number >= 0")
-    if weight_dtype not in ("auto", "int8", "uint8"):
-        raise ExportError(f"export: onnx_weight_dtype={weight_dtype!r} is unknown; valid: auto, int8, uint8")
-    if nbits is None:
-        nbits = NBitsOptions()
-    if not isinstance(nbits, NBitsOptions):
-        raise ExportError(f"export: matmul_nbits must be a ptqkit.export.onnx_nbits.NBitsOptions or None, got {type(nbits).__name__}")
-    if not isinstance(kv_cache, bool):
-        raise ExportError(f"export: kv_cache must be True or False, got {kv_cache!r}")
-    if kv_cache:
+def _check_model_for(qmodel: nn.Module, options: ExportOptions) -> None:
+    """What the options ask of the model, checked before anything is copied (the options
+    themselves were checked when they were built)."""
+    if options.kv_cache:
         from ptqkit.export.onnx_decoder import decoder_shape
 
-        decoder_shape(qmodel)  # not a causal LM with a cache: fail before anything is copied
-    return nbits
+        decoder_shape(qmodel)  # not a causal LM with a cache
 
 
 def _uint8_weights(weight_dtype: str) -> bool:
@@ -297,44 +285,39 @@ def export_onnx(
     qmodel: nn.Module,
     out_dir: Path,
     example_inputs: Any,
-    *,
-    strict: bool = False,
-    opset: int = 18,
-    dynamic: bool = True,
-    keep_float: bool = False,
-    fp32_tolerance: float = 1e-4,
-    weight_dtype: str = "auto",
-    nbits: Any = None,
-    kv_cache: bool = False,
+    options: ExportOptions,
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Write `model.onnx` (and optionally `model.fp32.onnx`) into `out_dir`; return (layers, checks).
+    """Write `model.onnx` (and, with `options.keep_float`, `model.fp32.onnx`) into `out_dir`;
+    return (layers, checks).
 
-    `weight_dtype`: "int8", "uint8" (int8 codes + 128, zero point + 128: the same values) or
-    "auto" (uint8 on x86 CPUs without VNNI, where ORT's u8s8 kernels saturate; else int8).
-    `nbits`: `onnx_nbits.NBitsOptions` for weight-only low-bit Linear layers (None: defaults).
-    `kv_cache`: capture a Hugging Face causal LM as the KV-cached decoder step of
-    `onnx_decoder` (checked on a prefill of the example prompt and one decode step).
+    `options.onnx_weight_dtype`: "int8", "uint8" (int8 codes + 128, zero point + 128: the same
+    values) or "auto" (uint8 on x86 CPUs without VNNI, where ORT's u8s8 kernels saturate; else
+    int8). `options.matmul_nbits`: weight-only low-bit Linear layers. `options.kv_cache`: capture
+    a Hugging Face causal LM as the KV-cached decoder step of `onnx_decoder` (checked on a
+    prefill of the example prompt and one decode step).
     """
     import onnx
 
     from ptqkit.engine.quantize import dequantize_model
     from ptqkit.export.layers import FLOAT_ONNX_FILE, ONNX_FILE
+    from ptqkit.nn.output_quant import output_quantizers
 
-    nbits = _checked_options(qmodel, fp32_tolerance, weight_dtype, nbits, kv_cache)
-    uint8_weights = _uint8_weights(weight_dtype)
-    options = LoweringOptions(nbits, uint8_weights)
-    routes = _route(qmodel, options, strict)
+    _check_model_for(qmodel, options)
+    strict, nbits = options.strict, options.matmul_nbits
+    uint8_weights = _uint8_weights(options.onnx_weight_dtype)
+    lowering = LoweringOptions(nbits, uint8_weights, output_quantizers(qmodel))
+    routes = _route(qmodel, lowering, strict)
     float_model = dequantize_model(qmodel).eval()
     float_path = out_dir / FLOAT_ONNX_FILE
-    plan = _plan(float_model, example_inputs, kv_cache=kv_cache, opset=opset, dynamic=dynamic)
+    plan = _plan(float_model, example_inputs, options)
     proto = plan.capture(float_path)
 
-    checks: dict[str, Any] = {"kv_cache": _kv_cache_check(proto)} if kv_cache else {}
-    checks["fp32_ort_vs_torch"] = _float_graph_check(plan, float_model, float_path, fp32_tolerance)
-    if not keep_float:
+    checks: dict[str, Any] = {"kv_cache": _kv_cache_check(proto)} if options.kv_cache else {}
+    checks["fp32_ort_vs_torch"] = _float_graph_check(plan, float_model, float_path, options.fp32_tolerance)
+    if not options.keep_float:
         float_path.unlink()
 
-    rewritten = _rewrite(proto, routes, plan.prefix, options, strict)
+    rewritten = _rewrite(proto, routes, plan.prefix, lowering, strict)
     checks["weight_dtype"] = "uint8" if uint8_weights else "int8"
     if routes.modules("matmul_nbits"):
         checks["matmul_nbits"] = _matmul_nbits_check(routes, nbits, rewritten)

@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 
 from ptqkit.core.errors import ExportError
+from ptqkit.core.fields import Interval, check_fields
 from ptqkit.core.primitives import pack_lowbit
 from ptqkit.core.qtypes import PerChannel, PerGroup, PerTensor
 from ptqkit.export.onnx_graph import (
@@ -92,17 +93,11 @@ class NBitsOptions:
     agreement (`benchmarks/llm_decode_ort.py` measures both).
     """
 
-    accuracy_level: int = 0
+    accuracy_level: Annotated[int, Interval(ACCURACY_LEVELS[0], ACCURACY_LEVELS[-1])] = 0
     int8: bool = False
 
     def __post_init__(self) -> None:
-        if self.accuracy_level not in ACCURACY_LEVELS or isinstance(self.accuracy_level, bool):
-            raise ExportError(
-                f"NBitsOptions.accuracy_level={self.accuracy_level!r} is invalid; valid: "
-                "0 (unset), 1 (fp32), 2 (fp16), 3 (bf16), 4 (int8 activations)"
-            )
-        if not isinstance(self.int8, bool):
-            raise ExportError(f"NBitsOptions.int8 must be True or False, got {self.int8!r}")
+        check_fields(self, "NBitsOptions", error=ExportError)
 
 
 @dataclass(frozen=True)

@@ -25,18 +25,18 @@ Deterministic: the same measurements give the same paths (ties broken by layer o
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import nn
 
 from ptqkit.core.errors import ConfigError
+from ptqkit.core.fields import AtLeast, check_fields, literal_values
 from ptqkit.core.progress import progress_bar
 from ptqkit.core.threads import torch_threads
 from ptqkit.engine.targets import no_match_error, pattern_matches
@@ -44,11 +44,14 @@ from ptqkit.eval.sensitivity import degradation, model_metrics, task_metric
 from ptqkit.mixed_precision.formats import apply_assignment, format_module, weight_bytes
 from ptqkit.mixed_precision.latency import LatencyTable, linear_ms_inside, linear_rows
 
-__all__ = ["SearchPoint", "SearchResult", "decode_step_input", "versus_uniform", "pareto_front", "proxy_rank_correlation", "search", "weight_sqnr_db"]
+__all__ = ["LAYER_COSTS", "LayerCosts", "SearchPoint", "SearchResult", "decode_step_input", "versus_uniform", "pareto_front", "proxy_rank_correlation", "search", "weight_sqnr_db"]
 
 logger = logging.getLogger(__name__)
 
-LAYER_COSTS = ("measured", "proxy")
+# How each layer's degradation is known: measured (one evaluation per layer and format) or the
+# weight-SQNR proxy (estimated without data).
+LayerCosts = Literal["measured", "proxy"]
+LAYER_COSTS: tuple[str, ...] = literal_values(LayerCosts)
 TIE = 1.05  # speed-ups within 5% of each other are timing noise here (see _choose's min_speedup)
 
 
@@ -95,7 +98,7 @@ class SearchResult:
     layer_costs: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
     stopped_early: bool = False
     proxy_rank_correlation: float | None = None  # Spearman: -weight SQNR vs measured degradation
-    layer_costs_source: str = "measured"  # or "proxy": per-layer degradations estimated, not measured
+    layer_costs_source: LayerCosts = "measured"  # "proxy": per-layer degradations estimated, not measured
     versus_uniform: str = ""  # the chosen point against the best uniform one within the budget
 
     def to_dict(self) -> dict[str, Any]:
@@ -135,7 +138,7 @@ def search(
     max_samples: int = 64,
     time_limit_s: float | None = None,
     min_speedup: float = 1.05,
-    layer_costs: str = "measured",
+    layer_costs: LayerCosts = "measured",
     layers: Sequence[str] | None = None,
     holdout_data: Any = None,
     progress: bool = True,
@@ -157,7 +160,7 @@ def search(
     Linears the search may move; the others stay float. Default: every Linear the example calls.
 
     `holdout_data`: evaluation data the search does not select on (step 4 of the module docstring)."""
-    _check_search_options(stride, max_degradation, min_speedup, time_limit_s, layer_costs)
+    _SearchOptions(stride=stride, max_degradation=max_degradation, min_speedup=min_speedup, time_limit_s=time_limit_s, layer_costs=layer_costs)
     deadline = _Deadline(time.monotonic(), time_limit_s)
     model = model.eval()
     if example is None:
@@ -180,16 +183,19 @@ def search(
         return _result(s, base[metric], costs, list(by_name.values()), stopped, budget, layer_costs)
 
 
-def _check_search_options(stride: Any, max_degradation: Any, min_speedup: Any, time_limit_s: Any, layer_costs: Any) -> None:
-    if not isinstance(stride, int) or stride < 1:
-        raise ConfigError(f"search: stride={stride!r} must be an integer >= 1")
-    for option, value, lowest in (("max_degradation", max_degradation, -math.inf), ("min_speedup", min_speedup, 0.0), ("time_limit_s", time_limit_s, 0.0)):
-        if value is None and option == "time_limit_s":
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < lowest:
-            raise ConfigError(f"search: {option}={value!r} must be a finite number" + (f" >= {lowest:g}" if lowest > -math.inf else ""))
-    if layer_costs not in LAYER_COSTS:
-        raise ConfigError(f"search: layer_costs={layer_costs!r}; valid: {', '.join(LAYER_COSTS)}")
+@dataclass(frozen=True, kw_only=True)
+class _SearchOptions:
+    """`search`'s option arguments, checked from their annotations before anything is measured:
+    a bad one is a ConfigError naming it ("search.stride: 0 must be an integer >= 1")."""
+
+    stride: Annotated[int, AtLeast(1)]
+    max_degradation: float
+    min_speedup: Annotated[float, AtLeast(0)]
+    time_limit_s: Annotated[float, AtLeast(0)] | None
+    layer_costs: LayerCosts
+
+    def __post_init__(self) -> None:
+        check_fields(self, "search")
 
 
 def _latency_table_path(table_path: str | Path | None) -> str | Path:
@@ -248,7 +254,7 @@ def _setup(
     return _Search(model, eval_data, example, metric, table, rows, inside, linears, float_bytes, max_samples, progress, deadline)
 
 
-def _costs_of_layer(s: _Search, name: str, linear: nn.Linear, formats: list[str], layer_costs: str) -> dict[str, dict[str, float | None]]:
+def _costs_of_layer(s: _Search, name: str, linear: nn.Linear, formats: list[str], layer_costs: LayerCosts) -> dict[str, dict[str, float | None]]:
     """Format -> degradation (measured with only this layer in it, or the SQNR proxy), ms and bytes."""
     costs: dict[str, dict[str, float | None]] = {
         "fp32": {"degradation": 0.0, "ms": s.table.layer_ms(linear, "fp32", s.rows[name]), "bytes": weight_bytes(linear, "fp32")}
@@ -267,7 +273,7 @@ def _costs_of_layer(s: _Search, name: str, linear: nn.Linear, formats: list[str]
     return costs
 
 
-def _measure_layer_costs(s: _Search, formats: Sequence[str], layer_costs: str) -> tuple[dict[str, dict[str, dict[str, float | None]]], bool]:
+def _measure_layer_costs(s: _Search, formats: Sequence[str], layer_costs: LayerCosts) -> tuple[dict[str, dict[str, dict[str, float | None]]], bool]:
     """Step 2 for every searched Linear, in the formats with a kernel for it; and whether the time limit stopped it."""
     ladder = {name: [f for f in formats if not isinstance(format_module(m, f), str)] for name, m in s.linears.items()}
     costs: dict[str, dict[str, dict[str, float | None]]] = {}
@@ -363,7 +369,7 @@ def _check_holdout(s: _Search, by_name: dict[str, SearchPoint], holdout_data: An
 
 def _result(
     s: _Search, float_metric: float, costs: dict[str, dict[str, dict[str, float | None]]], points: list[SearchPoint], stopped: bool,
-    budget: _Budget, layer_costs: str,
+    budget: _Budget, layer_costs: LayerCosts,
 ) -> SearchResult:
     """Step 4: the Pareto front and the chosen point (or why none)."""
     float_ms = statistics.median(p.float_ms for p in points) if points else float("nan")

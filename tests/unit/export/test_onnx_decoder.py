@@ -248,7 +248,7 @@ def w8(model: nn.Module) -> nn.Module:
         ({"example_inputs": {"ids": PROMPT}}, r"example_inputs has keys \['ids'\]; it needs input_ids"),
         ({"example_inputs": PROMPT, "dynamic_shapes": False}, r"kv_cache=True needs dynamic_shapes=True"),
         ({"example_inputs": PROMPT, "formats": ("safetensors",)}, r"kv_cache=True applies to the 'onnx' format only"),
-        ({"example_inputs": PROMPT, "kv_cache": "yes"}, r"kv_cache must be True or False, got 'yes'"),
+        ({"example_inputs": PROMPT, "kv_cache": "yes"}, r"^export\.kv_cache: 'yes' must be true or false$"),
     ],
     ids=["batch2", "padding", "no_input_ids", "static", "safetensors", "not_bool"],
 )

@@ -59,7 +59,7 @@ def test_export_refuses_a_graph_whose_outputs_hold_nan(tmp_path: Path) -> None:
 def test_export_refuses_a_non_finite_tolerance(tmp_path: Path, tolerance: float) -> None:
     x = torch.randn(4, 16)
     qmodel = pq.quantize(_nan_head(), pq.Recipe.from_preset("w8a8_dynamic"), pq.CalibrationData.from_tensors(x), progress=False)
-    with pytest.raises(ExportError, match=r"export: fp32_tolerance=.* must be a finite number >= 0"):
+    with pytest.raises(ExportError, match=r"export\.fp32_tolerance: .* must be a number >= 0"):
         pq.export(qmodel, tmp_path / "onnx", ("onnx",), example_inputs=x, fp32_tolerance=tolerance)
 
 
@@ -104,7 +104,7 @@ def test_the_search_budget_refuses_nan() -> None:
     point = SearchPoint(name="p", assignment={}, metric=math.nan, degradation=math.nan, measured_ms=1.0, predicted_ms=1.0, weight_bytes=1)
     assert not point.within(0.1) and not point.within(math.inf)
     for option in ({"max_degradation": math.nan}, {"max_degradation": 0.1, "min_speedup": math.inf}, {"max_degradation": 0.1, "time_limit_s": -1.0}):
-        with pytest.raises(ConfigError, match=r"search: (max_degradation|min_speedup|time_limit_s)=.* must be a finite number"):
+        with pytest.raises(ConfigError, match=r"search\.(max_degradation|min_speedup|time_limit_s): .* must be a number"):
             search(nn.Linear(4, 4), [torch.randn(2, 4)], **option)
 
 

@@ -129,7 +129,7 @@ def test_proxy_layer_costs_skip_per_layer_evaluations_but_points_are_measured(tm
     cost = result.layer_costs["0"]["int4_g128"]
     assert cost["degradation"] == pytest.approx(10 ** (-cost["weight_sqnr_db"] / 10))
     assert result.proxy_rank_correlation is None and result.layer_costs_source == "proxy"  # a proxy is not checked against itself
-    with pytest.raises(Exception, match="layer_costs='guess'"):
+    with pytest.raises(ConfigError, match=r"^search\.layer_costs: 'guess' is unknown; valid: measured, proxy$"):
         search(model, data, example=data[0], max_degradation=0.05, table_path=tmp_path / "l.json", layer_costs="guess", progress=False)
 
 
@@ -199,3 +199,27 @@ def test_search_checks_points_within_the_budget_on_holdout_data(tmp_path: Path) 
     within = [p for p in result.points if p.degradation <= 0.05]
     assert within and all(p.holdout_degradation == pytest.approx(p.degradation, abs=1e-12) for p in within)  # same data
     assert all(p.holdout_degradation is None for p in result.points if p.degradation > 0.05)
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"stride": 0}, r"^search\.stride: 0 must be an integer >= 1$"),
+        ({"stride": True}, r"^search\.stride: True must be an integer >= 1$"),
+        ({"min_speedup": -1.0}, r"^search\.min_speedup: -1\.0 must be a number >= 0$"),
+        ({"time_limit_s": "10"}, r"^search\.time_limit_s: '10' must be a number >= 0 or null$"),
+        ({"layer_costs": "Proxy"}, r"^search\.layer_costs: 'Proxy' is unknown; valid: measured, proxy$"),
+    ],
+)
+def test_bad_search_options_are_refused_before_anything_is_measured(option: dict, message: str) -> None:
+    """The options are one typed config (core.fields): each bad value names the option and what is valid."""
+    with pytest.raises(ConfigError, match=message):
+        search(nn.Linear(4, 4), [torch.randn(2, 4)], max_degradation=0.1, **option)
+
+
+def test_the_cli_offers_the_layer_costs_the_search_accepts() -> None:
+    from ptqkit.cli import _parser
+    from ptqkit.mixed_precision.search import LAYER_COSTS
+
+    searching = next(a for a in _parser()._subparsers._group_actions[0].choices["search"]._actions if a.dest == "layer_costs")
+    assert tuple(searching.choices) == LAYER_COSTS == ("measured", "proxy")
