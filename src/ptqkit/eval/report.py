@@ -1,7 +1,9 @@
 """`write_report`: a `QuantReport` as `report.json` (schema-versioned, every number) and
 `report.html`, one self-contained page (inline CSS, JS and SVG; nothing fetched) with the
-headline, the model-wide metrics, a per-layer table sortable by any column, a chart of per-layer
-SQNR, the recipe and the provenance (versions, machine, calibration fingerprint)."""
+headline, the speed when a benchmark was run (latency of float and quantized, side by side, and
+the runtime that ran them), the model-wide metrics, a per-layer table sortable by any column, a
+chart of per-layer SQNR, the recipe and the provenance (versions, machine, calibration
+fingerprint). Every chart has labelled axes with units."""
 from __future__ import annotations
 
 import datetime
@@ -51,11 +53,14 @@ def headline(report: QuantReport, bench: Mapping[str, Any] | None = None) -> str
     if size.get("quantized_bytes"):
         parts.append(f"{size['float_bytes'] / size['quantized_bytes']:.2f}x smaller in memory")
     text = ", ".join(parts)
-    if bench and bench.get("speedup") is not None:
+    if bench and bench.get("speedup") is not None and bench.get("runtime") == "simulated":
+        text += f", {float(bench['speedup']):.2f}x float's speed as an eager-torch simulation (not a deployment)"
+    elif bench and bench.get("speedup") is not None:
         speedup = float(bench["speedup"])
+        runtime = f" in {bench['runtime']}" if bench.get("runtime") else ""
         if speedup < 1:
-            return f"Slower than float on this machine ({speedup:.2f}x the speed). {text[0].upper()}{text[1:]}."
-        text += f", {speedup:.2f}x faster than float"
+            return f"Slower than float on this machine{runtime} ({speedup:.2f}x the speed). {text[0].upper()}{text[1:]}."
+        text += f", {speedup:.2f}x faster than float{runtime}"
     return f"{text[0].upper()}{text[1:]}." if text else "No metrics were measured."
 
 
@@ -93,11 +98,57 @@ def _chart(report: QuantReport) -> str:
             f'<rect x="{i * step}" y="{height - h:.1f}" width="{bar}" height="{h:.1f}" fill="{colour}">'
             f"<title>{html.escape(name)}: {value:.2f} dB</title></rect>"
         )
+    left, bottom = 40, 30  # room for the axis titles
+    axes = (
+        f'<line x1="{left}" y1="0" x2="{left}" y2="{height}" stroke="#444"/>'
+        f'<line x1="{left}" y1="{height}" x2="{left + width}" y2="{height}" stroke="#444"/>'
+        f'<text class="axis-title" x="{left + width / 2 - 60:.0f}" y="{height + 22}" font-size="11">layers, in model order</text>'
+        f'<text class="axis-title" x="12" y="{height / 2 + 40:.0f}" font-size="11" transform="rotate(-90 12 {height / 2 + 40:.0f})">output SQNR (dB)</text>'
+        f'<text x="{left - 4}" y="12" font-size="10" text-anchor="end">{top:.0f}</text>'
+        f'<text x="{left - 4}" y="{height}" font-size="10" text-anchor="end">0</text>'
+    )
     return (
-        f'<svg id="sqnr-chart" role="img" aria-label="per-layer SQNR" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">'
-        f'<text x="2" y="12" font-size="11">{top:.1f} dB</text>{"".join(bars)}</svg>'
+        f'<svg id="sqnr-chart" role="img" aria-label="per-layer SQNR" width="{width + left}" height="{height + bottom}" '
+        f'viewBox="0 0 {width + left} {height + bottom}" xmlns="http://www.w3.org/2000/svg">'
+        f'{axes}<g transform="translate({left + 2},0)">{"".join(bars)}</g></svg>'
         f"<p>Bars: per-layer output SQNR in model order; red: the five worst ({', '.join(html.escape(n) for _, n in worst)}).</p>"
+    )
+
+
+def _speed_html(bench: Mapping[str, Any] | None) -> str:
+    """The benchmark beside the headline: a bar chart of median latency (float, quantized) with
+    labelled axes, and a table of what was timed where."""
+    if not bench or not isinstance(bench.get("float"), Mapping) or not isinstance(bench.get("quantized"), Mapping):
+        return ""
+    bars = [("float", float(bench["float"]["median_ms"]), "#7f8c8d"), ("quantized", float(bench["quantized"]["median_ms"]), "#2e86c1")]
+    top = max(ms for _, ms, _ in bars) or 1.0
+    width, height, left, bottom, bar = 320, 160, 50, 36, 80
+    shapes = "".join(
+        f'<rect x="{left + 30 + i * (bar + 40)}" y="{height - ms / top * (height - 20):.1f}" width="{bar}" height="{ms / top * (height - 20):.1f}" '
+        f'fill="{colour}"><title>{name}: {ms:.2f} ms</title></rect>'
+        f'<text x="{left + 30 + i * (bar + 40) + bar / 2:.0f}" y="{height + 14}" font-size="11" text-anchor="middle">{name}</text>'
+        f'<text x="{left + 30 + i * (bar + 40) + bar / 2:.0f}" y="{height - ms / top * (height - 20) - 4:.1f}" font-size="10" text-anchor="middle">{ms:.2f}</text>'
+        for i, (name, ms, colour) in enumerate(bars)
+    )
+    axes = (
+        f'<line x1="{left}" y1="0" x2="{left}" y2="{height}" stroke="#444"/><line x1="{left}" y1="{height}" x2="{width}" y2="{height}" stroke="#444"/>'
+        f'<text class="axis-title" x="12" y="{height - 10}" font-size="11" transform="rotate(-90 12 {height - 10})">median latency (ms)</text>'
+        f'<text class="axis-title" x="{left + 60}" y="{height + 30}" font-size="11">model, batch {html.escape(str(bench.get("batch")))}</text>'
+    )
+    kernels = ", ".join(f"{html.escape(str(k))} x{v}" for k, v in (bench.get("kernels") or {}).items()) or "—"
+    rows = "".join(
+        f"<tr><td>{label}</td><td>{value}</td></tr>"
+        for label, value in (
+            ("runtime", html.escape(str(bench.get("runtime", "")))), ("batch, threads", f"{bench.get('batch')}, {bench.get('threads')}"),
+            ("median latency, float / quantized (ms)", f"{bars[0][1]:.2f} / {bars[1][1]:.2f}"),
+            ("speed-up", _number(bench.get("speedup"))), ("quantized layers ran on", kernels),
+            ("note", html.escape(str(bench.get("note") or "—"))),
+        )
+    )
+    return (
+        f'<h2>Speed</h2><svg id="speed-chart" role="img" aria-label="median latency" width="{width}" height="{height + bottom}" '
+        f'viewBox="0 0 {width} {height + bottom}" xmlns="http://www.w3.org/2000/svg">{axes}{shapes}</svg>'
+        f'<table id="speed"><tbody>{rows}</tbody></table>'
     )
 
 
@@ -116,7 +167,11 @@ def _histogram_svg(name: str, histogram: Mapping[str, Any]) -> str:
     for value in histogram.get("clip") or []:
         x = (min(max(value, low), high) - low) / (high - low) * width
         lines += f'<line class="clip" x1="{x:.1f}" x2="{x:.1f}" y1="0" y2="{height - 15}" stroke="#c0392b" stroke-width="2"><title>clip at {value:.4g}</title></line>'
-    label = f'<text x="0" y="{height - 2}" font-size="10">{low:.3g}</text><text x="{width - 40}" y="{height - 2}" font-size="10">{high:.3g}</text>'
+    label = (
+        f'<text x="0" y="{height - 2}" font-size="10">{low:.3g}</text><text x="{width - 40}" y="{height - 2}" font-size="10">{high:.3g}</text>'
+        f'<text class="axis-title" x="{width / 2 - 30:.0f}" y="{height - 2}" font-size="10">input value</text>'
+        f'<text class="axis-title" x="2" y="10" font-size="10">count (log scale)</text>'
+    )
     return (
         f'<figure class="histogram"><svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
         f'xmlns="http://www.w3.org/2000/svg" role="img" aria-label="input histogram of {html.escape(name)}">{bars}{lines}{label}</svg>'
@@ -158,8 +213,8 @@ def _pareto_svg(search: Mapping[str, Any]) -> str:
     axes = (
         f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#444"/>'
         f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#444"/>'
-        f'<text x="{width / 2 - 40:.0f}" y="{height - 8}" font-size="11">latency (ms, measured)</text>'
-        f'<text x="4" y="{pad - 10}" font-size="11">{html.escape(str(search.get("metric", "")))} degradation</text>'
+        f'<text class="axis-title" x="{width / 2 - 40:.0f}" y="{height - 8}" font-size="11">latency (ms, measured)</text>'
+        f'<text class="axis-title" x="4" y="{pad - 10}" font-size="11">{html.escape(str(search.get("metric", "")))} degradation</text>'
         f'<text x="{pad - 4}" y="{height - pad + 14}" font-size="10">{x0:.0f}</text><text x="{width - pad - 20}" y="{height - pad + 14}" font-size="10">{x1:.0f}</text>'
     )
     why = f"<p>{html.escape(search['why_none'])}</p>" if search.get("why_none") else ""
@@ -240,6 +295,7 @@ def _render_html(data: dict[str, Any], report: QuantReport, title: str) -> str:
 <body>
 <h1>{html.escape(title)}</h1>
 <p id="headline" class="headline">{html.escape(data["headline"])}</p>
+{_speed_html(data.get("bench"))}
 <h2>Model</h2>
 <table id="metrics"><tbody>{metrics}
 <tr><td>weights and buffers, float (bytes)</td><td>{size["float_bytes"]}</td></tr>

@@ -386,21 +386,23 @@ def export_run(
 
 
 def bench_run(
-    out_dir: str | Path, *, runtime: str = "onnxruntime", threads: int | None = None, warmup: int = 3, reps: int = 20,
+    out_dir: str | Path, *, runtime: str = "auto", threads: int | None = None, warmup: int = 3, reps: int = 20,
     trust_factory: bool = False, model: nn.Module | str | None = None,
 ) -> Any:
-    """Float vs quantized speed of a run directory on its example batch (`eval.bench`): in ONNX
-    Runtime (exported again with the float graph kept when onnx/model.fp32.onnx is missing or
-    onnx/ was not exported from this artifact) or in torch (the float model against the packed
-    quantized one). `trust_factory`/`model`: as in `open_run`."""
-    from ptqkit.eval.bench import RUNTIMES, bench, bench_onnx
+    """Float vs quantized speed of a run directory on its example batch (`eval.bench`): "auto" (the
+    deployable form: `eval.bench.deployable_runtime`), ONNX Runtime (exported again with the float
+    graph kept when onnx/model.fp32.onnx is missing or onnx/ was not exported from this artifact),
+    torch (the float model against the packed quantized one) or the eager simulation ("simulated",
+    labelled as such). `trust_factory`/`model`: as in `open_run`."""
+    from ptqkit.eval.bench import RUNTIMES, bench, bench_onnx, deployable_runtime
 
     files = RunFiles(Path(out_dir))
     if runtime not in RUNTIMES:
         raise ConfigError(f"bench: runtime {runtime!r} is unknown; valid: {', '.join(RUNTIMES)}")
     loaded, qmodel, example = open_run(files.root, model=model, trust_factory=trust_factory)
-    if runtime == "torch":
-        return bench(loaded.model, qmodel, example, threads=threads, warmup=warmup, reps=reps)
+    runtime = deployable_runtime(qmodel) if runtime == "auto" else runtime
+    if runtime != "onnxruntime":
+        return bench(loaded.model, qmodel, example, runtime=runtime, threads=threads, warmup=warmup, reps=reps)
     sha = run_artifact_sha(files.root)
     float_onnx, report = files.onnx_dir / FLOAT_ONNX_FILE, files.onnx_dir / REPORT_FILE
     if not float_onnx.is_file() or not _onnx_is_current(files, sha):  # never time a graph of another artifact

@@ -8,7 +8,7 @@ from torch import nn
 import ptqkit as pq
 from ptqkit.core.errors import ConfigError
 from ptqkit.engine.recipe import Recipe
-from ptqkit.eval.bench import BenchResult, Timing, bench, current_rss_bytes
+from ptqkit.eval.bench import BenchResult, Timing, bench, current_rss_bytes, deployable_runtime
 
 
 def _mlp() -> nn.Sequential:
@@ -19,6 +19,7 @@ def _mlp() -> nn.Sequential:
 def test_weight_only_model_runs_on_packed_kernels() -> None:
     model = _mlp()
     qmodel = pq.quantize(model, Recipe.from_preset("w8a16"), progress=False)
+    assert deployable_runtime(qmodel) == "torch"
     result = bench(model, qmodel, torch.randn(4, 256), threads=1, warmup=1, reps=5)
     assert result.runtime == "torch" and result.batch == 4 and result.threads == 1
     assert result.kernels == {"int8_weight_only": 2} and "every quantized layer runs on a packed torch kernel" in result.note
@@ -30,12 +31,28 @@ def test_weight_only_model_runs_on_packed_kernels() -> None:
     assert torch.get_num_threads() >= 1
 
 
-def test_w8a8_is_measured_as_a_simulation_and_said_so() -> None:
+def _w8a8() -> tuple[nn.Module, nn.Module, torch.Tensor]:
     model = _mlp()
     x = torch.randn(32, 256)
-    qmodel = pq.quantize(model, Recipe.from_preset("w8a8"), pq.CalibrationData.from_tensors(x), progress=False)
-    result = bench(model, qmodel, x[:4], threads=1, warmup=1, reps=3)
+    return model, pq.quantize(model, Recipe.from_preset("w8a8"), pq.CalibrationData.from_tensors(x), progress=False), x[:4]
+
+
+def test_w8a8_is_timed_in_onnx_runtime_by_default() -> None:
+    model, qmodel, example = _w8a8()
+    assert deployable_runtime(qmodel) == "onnxruntime"
+    result = bench(model, qmodel, example, threads=1, warmup=1, reps=3)
+    assert result.runtime == "onnxruntime" and "onnxruntime, batch 4, 1 thread(s)" in result.headline()
+    assert sum(result.kernels.values()) == 2  # what ORT ran each layer on, read from its optimized graph
+    assert {"QGemm", "MatMulIntegerToFloat"} & set(result.kernels)
+
+
+def test_w8a8_on_torch_and_the_simulation_are_labelled() -> None:
+    model, qmodel, example = _w8a8()
+    result = bench(model, qmodel, example, runtime="torch", threads=1, warmup=1, reps=3)
     assert result.kernels == {"simulated": 2} and "measures the simulation, not a deployment" in result.note
+    simulated = bench(model, qmodel, example, runtime="simulated", threads=1, warmup=1, reps=3)
+    assert simulated.runtime == "simulated" and simulated.kernels == {"simulated": 2}
+    assert simulated.headline().startswith("simulated in eager torch (not a deployment)") and "SLOWER" not in simulated.headline()
 
 
 def test_headline_says_slower_first() -> None:
@@ -50,4 +67,6 @@ def test_bad_arguments() -> None:
     qmodel = pq.quantize(model, Recipe.from_preset("w8a16"), progress=False)
     with pytest.raises(ConfigError, match="reps=0 must be an integer >= 1"):
         bench(model, qmodel, torch.randn(2, 256), reps=0)
+    with pytest.raises(ConfigError, match="bench.runtime: 'gpu' is unknown; valid: auto, onnxruntime, torch, simulated"):
+        bench(model, qmodel, torch.randn(2, 256), runtime="gpu")
     assert current_rss_bytes() > 10 * 2**20

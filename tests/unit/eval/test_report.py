@@ -45,6 +45,30 @@ def test_headline_says_when_quantized_is_slower(small_report) -> None:
     assert faster.startswith("Accuracy ") and "points vs float" in faster and faster.endswith("1.70x faster than float.")
 
 
+BENCH = {
+    "runtime": "onnxruntime", "batch": 8, "threads": 2, "speedup": 2.5, "note": "",
+    "float": {"median_ms": 10.0, "p90_ms": 11.0, "throughput_per_s": 800.0, "rss_peak_bytes": 1, "calls": 20},
+    "quantized": {"median_ms": 4.0, "p90_ms": 4.5, "throughput_per_s": 2000.0, "rss_peak_bytes": 1, "calls": 20},
+    "kernels": {"MatMulIntegerToFloat": 3},
+}
+
+
+def test_speed_leads_beside_accuracy_with_the_runtime_named(small_report, tmp_path: Path) -> None:
+    page = write_report(small_report, tmp_path, bench=BENCH)["html"].read_text()
+    assert page.index('id="speed-chart"') < page.index('id="metrics"')  # speed right after the headline
+    assert "2.50x faster than float in onnxruntime." in page and "median latency (ms)" in page
+    assert "10.00 / 4.00" in page and "MatMulIntegerToFloat x3" in page
+    simulated = headline(small_report, {**BENCH, "runtime": "simulated", "speedup": 0.7})
+    assert "0.70x float's speed as an eager-torch simulation (not a deployment)" in simulated and not simulated.startswith("Slower")
+    assert 'id="speed-chart"' not in write_report(small_report, tmp_path / "none")["html"].read_text()
+
+
+def test_every_chart_has_axis_titles(small_report, tmp_path: Path) -> None:
+    page = write_report(small_report, tmp_path, bench=BENCH)["html"].read_text()
+    for title in ("layers, in model order", "output SQNR (dB)", "median latency (ms)", "model, batch 8", "input value", "count (log scale)"):
+        assert f'class="axis-title"' in page and title in page, title
+
+
 def test_pareto_plot_from_a_search(small_report, tmp_path: Path) -> None:
     search = {
         "metric": "top1_agreement", "float_ms": 10.0, "front": ["a"], "chosen": {"name": "a"}, "why_none": "",
@@ -66,7 +90,7 @@ def test_non_finite_numbers_become_strings(small_report, tmp_path: Path) -> None
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (scripts/ensure_system_data.sh installs it as root)")
 def test_report_renders_in_headless_chromium_without_console_errors(small_report, tmp_path: Path) -> None:
-    paths = write_report(small_report, tmp_path, title="MLP W8A8")
+    paths = write_report(small_report, tmp_path, title="MLP W8A8", bench=BENCH)
     base = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0", "--window-size=1280,1800"]
     png = tmp_path / "report.png"
     shot = subprocess.run([*base, f"--screenshot={png}", paths["html"].as_uri()], capture_output=True, text=True, timeout=120)
@@ -83,6 +107,6 @@ def test_report_renders_in_headless_chromium_without_console_errors(small_report
     dom = subprocess.run([*base, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
     worst = min(small_report.layers, key=lambda layer: layer.output_sqnr_db).name
     assert f"<title>first:{worst}</title>" in dom.stdout, dom.stderr[-2000:]
-    for element in ('id="headline"', 'id="metrics"', 'id="layers"', 'id="sqnr-chart"', 'id="histograms"', 'class="clip"', 'id="recipe"', 'id="provenance"'):
+    for element in ('id="headline"', 'id="speed-chart"', 'id="speed"', 'id="metrics"', 'id="layers"', 'id="sqnr-chart"', 'id="histograms"', 'class="clip"', 'id="recipe"', 'id="provenance"'):
         assert element in dom.stdout, element
     assert "CONSOLE" not in dom.stderr and "Uncaught" not in dom.stderr, dom.stderr[-2000:]
