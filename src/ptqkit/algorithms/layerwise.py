@@ -4,9 +4,9 @@ data: AdaRound (learned rounding) and empirical bias correction.
 For each targeted layer, in the order the model first calls them:
 1. its inputs on the calibration data are taken twice: from a float copy of the model (the
    reference) and from the model being quantized, whose earlier layers already hold their
-   quantized weights. A model torch.fx traces runs once, node by node, both sides in lockstep
-   (`calibration.graph_pass`); otherwise each layer's inputs are captured with hooks, two
-   forwards per layer, each stopped at the layer;
+   quantized weights. Both come from one `stats.collect` request with a paired source: a model
+   torch.fx traces runs once, node by node, both sides in lockstep (`stats.paired.Lockstep`);
+   otherwise two forwards per layer, each stopped at the layer (`stats.paired.LayerForwards`);
 2. its weight becomes integers on the spec's grid: AdaRound's learned rounding, reconstructing
    f(W x + b) through the activation module that directly consumes the layer's output (ReLU,
    ReLU6, CLE's clipped ReLU; identity otherwise), or round-to-nearest;
@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from typing import Any
 
 import torch
@@ -37,11 +38,13 @@ from ptqkit.algorithms.weight_quant import WeightQuantResult
 from ptqkit.core.errors import CalibrationDataError, ConfigError
 from ptqkit.core.progress import progress_bar
 from ptqkit.core.spec import QParams, QuantSpec
-from ptqkit.stats.graph_pass import run_lockstep, trace
-from ptqkit.stats.hooks import limited_batches
-from ptqkit.stats.sequential import StopForward, calls_from_batches, run_batch
+from ptqkit.stats.collect import Callback, ModelBatches, collect
+from ptqkit.stats.graph_pass import trace
+from ptqkit.stats.hooks import batch_length, limited_batches
+from ptqkit.stats.paired import LayerForwards, Lockstep
+from ptqkit.stats.sequential import calls_from_batches
 
-__all__ = ["LAYER_KINDS", "RECONSTRUCT_THROUGH", "call_order", "capture_inputs", "quantize_layers_"]
+__all__ = ["LAYER_KINDS", "RECONSTRUCT_THROUGH", "call_order", "quantize_layers_"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,59 +53,29 @@ RECONSTRUCT_THROUGH = (nn.ReLU, nn.ReLU6, ChannelClippedReLU)  # activations Ada
 Batches = Callable[[], Iterable[Any]]  # a fresh iterator over the calibration batches per call
 
 
-@torch.inference_mode()
 def call_order(model: nn.Module, names: Iterable[str], batch: Any) -> tuple[list[str], dict[str, nn.Module]]:
     """The modules among `names` in the order one forward of `batch` first calls them (modules
     never called are left out), and for each the activation module that directly consumes its
     output (the very same tensor), where that activation is one AdaRound reconstructs through."""
-    modules = dict(model.named_modules())
     order: list[str] = []
     outputs: list[tuple[torch.Tensor, str]] = []  # (output, layer): kept alive, so identity is exact
     activation: dict[str, nn.Module] = {}
 
-    def layer_hook(name: str) -> Any:
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if name not in order:
-                order.append(name)
-                if isinstance(output, torch.Tensor):
-                    outputs.append((output, name))
-        return hook
+    def ran(name: str, x: Any, y: Any) -> None:
+        if name not in order:
+            order.append(name)
+            if isinstance(y, torch.Tensor):
+                outputs.append((y, name))
 
-    def activation_hook(module: nn.Module, args: tuple) -> None:
-        producer = next((name for output, name in outputs if args and output is args[0]), None)
+    def consumed(module: nn.Module, x: Any) -> None:
+        producer = next((name for output, name in outputs if output is x), None)
         if producer is not None and producer not in activation:
             activation[producer] = module
 
-    wanted = list(names)
-    handles = [modules[name].register_forward_hook(layer_hook(name)) for name in wanted]
-    handles += [m.register_forward_pre_hook(activation_hook) for m in modules.values() if isinstance(m, RECONSTRUCT_THROUGH)]
-    try:
-        run_batch(model, batch, 0)
-    finally:
-        for handle in handles:
-            handle.remove()
+    statistics = {name: Callback(partial(consumed, m)) for name, m in model.named_modules() if isinstance(m, RECONSTRUCT_THROUGH)}
+    statistics.update({name: Callback(partial(ran, name), "output") for name in names})
+    collect(model, statistics, ModelBatches([batch], batch_length(batch), progress=False))
     return order, activation
-
-
-@torch.inference_mode()
-def capture_inputs(model: nn.Module, module: nn.Module, batches: Iterable[Any], max_samples: int) -> torch.Tensor:
-    """The first input of `module` on every batch, concatenated along the batch axis [N, ...]
-    (each forward stops as soon as the module is reached)."""
-    captured: list[torch.Tensor] = []
-
-    def hook(mod: nn.Module, args: tuple) -> None:
-        captured.append(args[0].detach().clone())
-        raise StopForward
-
-    handle = module.register_forward_pre_hook(hook)
-    try:
-        for index, (batch, _) in enumerate(limited_batches(batches, max_samples)):
-            run_batch(model, batch, index)
-    finally:
-        handle.remove()
-    if not captured:
-        raise CalibrationDataError("calibration data is empty: no sample reached the layer")
-    return torch.cat(captured)
 
 
 def _conv_geometry(module: nn.Module) -> ConvGeometry | None:
@@ -158,6 +131,7 @@ def quantize_layers_(
     results: dict[str, WeightQuantResult] = {}
     details: dict[str, dict[str, Any]] = {}
     graph = trace(model)
+    source = Lockstep(reference, graph, calls_from_batches(batches(), max_samples)) if graph is not None else LayerForwards(reference, batches, max_samples)
     with progress_bar(f"quantizing {len(order)} layer(s) one by one", len(order), progress) as advance:
 
         def visit(name: str, x_fp: torch.Tensor, x_q: torch.Tensor) -> None:
@@ -167,15 +141,7 @@ def quantize_layers_(
             )
             advance(1, current=name)
 
-        if graph is not None:  # one lockstep pass over the graph
-            run_lockstep(graph, model, reference, calls_from_batches(batches(), max_samples), set(order), visit)
-        else:  # two forwards per layer, each stopped at the layer
-            for name in order:
-                visit(
-                    name,
-                    capture_inputs(reference, reference.get_submodule(name), batches(), max_samples),
-                    capture_inputs(model, model.get_submodule(name), batches(), max_samples),
-                )
+        collect(model, {name: Callback(partial(visit, name)) for name in order}, source)  # paired inputs, layer by layer
     return results, details
 
 

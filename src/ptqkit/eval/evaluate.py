@@ -27,22 +27,22 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ptqkit.algorithms.input_smoothing import smoothed
-from ptqkit.calibration.samples import call_model, call_on_batch
 from ptqkit.core.errors import CalibrationDataError, ConfigError
 from ptqkit.eval.metrics import finite_rows, mean_softmax_kl, top1_agreement, topk_agreement
 from ptqkit.nn.act_quant import SmoothedInputQuantizer
 from ptqkit.nn.modules import QuantizedModule
 from ptqkit.stats.collect import ModelBatches, collect
-from ptqkit.stats.hooks import batch_length, limited_batches
+from ptqkit.stats.hooks import batch_length
+from ptqkit.stats.paired import PairedBatches
 
 __all__ = [
     "REPORT_SCHEMA_VERSION", "LayerReport", "QuantReport", "batches_of", "evaluate", "float_equivalent", "main_tensor", "model_metrics",
@@ -256,22 +256,20 @@ def batches_of(data: Any) -> Iterable[Any]:
     return data.batches() if hasattr(data, "batches") else data
 
 
-@torch.no_grad()
-def _compare_outputs(
+def _compare(
     float_model: nn.Module, candidate: nn.Module, data: Any, max_samples: int, labels: torch.Tensor | None,
-    after_batch: Callable[[], None] | None = None,
+    probes: list[_LayerProbe] | None = None,
 ) -> tuple[dict[str, float], int]:
-    """Model-wide metrics of `candidate` against `float_model` on `data` and the samples seen;
-    `after_batch` runs after each batch (evaluate's per-layer hooks clear their state there)."""
-    accumulator, samples = _Model(), 0
-    for batch, first in limited_batches(batches_of(data), max_samples):
-        n = batch_length(batch)
-        batch_labels = labels[first : first + n] if labels is not None else None
-        where = f"evaluation batch (samples {first}-{first + n - 1})"
-        accumulator.add(call_on_batch(float_model, batch, where), call_on_batch(candidate, batch, where), batch, batch_labels)
-        samples += n
-        if after_batch is not None:
-            after_batch()
+    """Model-wide metrics of `candidate` against `float_model` on `data` and the samples seen, in
+    one paired collector pass that also feeds each probe its layer's outputs."""
+    accumulator = _Model()
+
+    def add(ref_out: Any, q_out: Any, batch: Any, first: int) -> None:
+        batch_labels = labels[first : first + batch_length(batch)] if labels is not None else None
+        accumulator.add(ref_out, q_out, batch, batch_labels)
+
+    source = PairedBatches(float_model, batches_of(data), max_samples, outputs=add)
+    samples = collect(candidate, {probe.layer.name: probe for probe in probes or []}, source)
     if samples == 0:
         raise CalibrationDataError("the evaluation data holds no samples")
     return accumulator.result(), samples
@@ -281,46 +279,35 @@ def model_metrics(
     float_model: nn.Module, candidate: nn.Module, data: Any, *, max_samples: int = 256, labels: torch.Tensor | None = None
 ) -> dict[str, float]:
     """Model-wide metrics of `candidate` against `float_model` on `data` (those of `evaluate`)."""
-    return _compare_outputs(float_model, candidate, data, max_samples, labels)[0]
+    return _compare(float_model, candidate, data, max_samples, labels)[0]
 
 
 @dataclass
 class _LayerProbe:
-    """One planned layer in evaluate's pass: forward hooks on its quantized and float modules
-    gather the isolated and accumulated output energies and the quantized layer's input statistics."""
+    """One planned layer in evaluate's paired pass (a collector statistic on the layer's output):
+    the isolated and accumulated output energies and the quantized layer's input statistics."""
 
     layer: Any  # the plan's layer (name, module_type, weights, inputs)
     qmodule: nn.Module
     fmodule: nn.Module
     isolate: bool  # run the float layer on the quantized layer's inputs (not with block transforms)
-    comparing: list[bool]  # shared by all probes: True while a float layer runs on the quantized model's inputs
     isolated: _Energy = field(default_factory=_Energy)
     accumulated: _Energy = field(default_factory=_Energy)
     inputs: _InputStats | None = None  # created on the first float input
-    float_output: torch.Tensor | None = None  # the float model's output of this layer, waiting for the quantized one
+    tap: ClassVar[str] = "output"  # fed by the collector after the quantized layer ran
 
-    def on_quantized(self, module: nn.Module, args: tuple, output: Any) -> None:
-        x = args[0] if args else None
-        if not isinstance(output, torch.Tensor):
-            return
-        if self.float_output is not None:
-            reference, self.float_output = self.float_output, None
+    def update(self, reference: torch.Tensor | None, x: Any, output: torch.Tensor) -> None:
+        """`reference`: the float layer's output in the float model (None if it did not run);
+        `x`, `output`: the quantized layer's input and output in the quantized model."""
+        if reference is not None:
             self.accumulated.add(reference, output)
         if isinstance(x, torch.Tensor) and x.is_floating_point():
             if self.isolate:
-                self.comparing[0] = True
-                try:
-                    self.isolated.add(self.fmodule(x), output)
-                finally:
-                    self.comparing[0] = False
+                self.isolated.add(self.fmodule(x), output)
             channel_dim = 1 if self.layer.module_type in ("Conv1d", "Conv2d") else x.ndim - 1  # [N, C, ...] or [..., C]
             if self.inputs is None:
                 self.inputs = _InputStats(channel_dim)
-            self.inputs.add(x, getattr(module, "input_quantizer", None))
-
-    def on_float(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if isinstance(output, torch.Tensor) and not self.comparing[0]:
-            self.float_output = output
+            self.inputs.add(x, getattr(self.qmodule, "input_quantizer", None))
 
     def report(self, rescaled: list[str]) -> LayerReport:
         from ptqkit.core.primitives import sqnr_db
@@ -349,30 +336,10 @@ class _LayerProbe:
 def _layer_probes(qmodel: nn.Module, float_model: nn.Module, plan: Any, rescaled: list[str]) -> list[_LayerProbe]:
     """A probe per planned layer present in both models (same names)."""
     q_modules, f_modules = dict(qmodel.named_modules()), dict(float_model.named_modules())
-    comparing = [False]
     return [
-        _LayerProbe(layer, q_modules[layer.name], f_modules[layer.name], not rescaled, comparing)
+        _LayerProbe(layer, q_modules[layer.name], f_modules[layer.name], not rescaled)
         for layer in plan.layers if layer.name in q_modules and layer.name in f_modules
     ]
-
-
-def _compare_with_probes(
-    float_model: nn.Module, qmodel: nn.Module, data: Any, max_samples: int, labels: torch.Tensor | None, probes: list[_LayerProbe]
-) -> tuple[dict[str, float], int]:
-    """`_compare_outputs` with the probes' hooks on, removed on any exit."""
-    def drop_float_outputs() -> None:
-        for probe in probes:
-            probe.float_output = None
-
-    handles = []
-    for probe in probes:
-        handles.append(probe.qmodule.register_forward_hook(probe.on_quantized))
-        handles.append(probe.fmodule.register_forward_hook(probe.on_float))
-    try:  # the float model runs first on each batch, so its layer outputs wait for the quantized ones
-        return _compare_outputs(float_model, qmodel, data, max_samples, labels, after_batch=drop_float_outputs)
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _size_summary(qmodel: nn.Module) -> dict[str, Any]:
@@ -416,7 +383,7 @@ def evaluate(
     rescaled = [type(c).__name__ for c in stages.block_transforms]
     float_model = float_equivalent(reference, info.recipe)
     probes = _layer_probes(qmodel, float_model, info.plan, rescaled) if per_layer else []
-    metrics, samples = _compare_with_probes(float_model, qmodel, data, max_samples, labels, probes)
+    metrics, samples = _compare(float_model, qmodel, data, max_samples, labels, probes)
     report = QuantReport(
         metrics=metrics,
         layers=tuple(probe.report(rescaled) for probe in probes),

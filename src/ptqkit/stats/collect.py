@@ -1,46 +1,94 @@
-"""The one statistics collector: every statistic an algorithm or calibration needs of a layer's
-input is an object with `update(x)`, and `collect` feeds each named module's first input to its
-statistic over one source of forward passes.
+"""The one statistics collector: every statistic an algorithm, calibration or evaluation needs
+of a layer is an object with `update(...)`, and `collect` feeds each named module's tensors to its
+statistic over one source of forward passes. It is the one place data runs through a model with
+hooks (`stats.hooks.tapped`).
+
+What a statistic is fed, by its `tap` (default "input"): "input", the module's first input
+before it runs, `update(x)`; "output", its first input and output after it ran, `update(x, y)`.
+Paired sources (`stats.paired`) run a reference model (the float one) on the same data alongside
+and hand the reference's tensor first: `update(x_ref, x)` for inputs, `update(y_ref, x, y)` for
+outputs (the reference's output only: its inputs are not kept).
 
 Statistics: observers (`ptqkit.observers`: ranges for static input quantization), `ColumnRange`
 (per-column min/max: input smoothing, outlier channels), `InputStatistics` (absmax, mean |x|,
-sampled rows, Hessians: SmoothQuant, AWQ, GPTQ). Sources: `ModelBatches` (whole-model forwards
-over calibration batches, in inference mode, hooks removed and train/eval mode restored whatever
-happens) and `BlockCalls` (one block replayed on its captured inputs, `stats.sequential`).
-Statistics first, then apply: algorithms read what was collected and never run data themselves.
+sampled rows, Hessians: SmoothQuant, AWQ, GPTQ), `Captured` (the inputs themselves), `Callback`
+(a function). Sources: `ModelBatches` (whole-model forwards over calibration batches, in inference
+mode, hooks removed and train/eval mode restored whatever happens; optionally stopped at the
+tapped modules), `BlockCalls` (one block replayed on its captured inputs, `stats.sequential`) and
+the paired ones. Statistics first, then apply: algorithms read what was collected and never run
+data themselves (the layer engine's paired sources are the one exception: see `stats.paired`).
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
 
+from ptqkit.core.errors import CalibrationDataError
 from ptqkit.core.primitives import check_finite
 from ptqkit.core.spec import QuantSpec
-from ptqkit.stats.hooks import run_with_input_hooks
-from ptqkit.stats.sequential import BlockCall, observe_inputs
+from ptqkit.stats.hooks import Taps, run_batches, tapped
+from ptqkit.stats.sequential import BlockCall, run_calls
 
 __all__ = [
     "BlockCalls",
+    "Callback",
+    "Captured",
     "ColumnRange",
     "ModelBatches",
+    "Source",
     "Statistic",
+    "Tap",
     "calibrate_inputs",
     "collect",
+    "first_inputs",
     "input_column_ranges",
 ]
 
 logger = logging.getLogger(__name__)
 
+Tap = Literal["input", "output"]
+
 
 class Statistic(Protocol):
-    """Anything that streams a layer's inputs in."""
+    """Anything that streams a layer's tensors in: `update(x)`, or what its `tap` says."""
 
-    def update(self, x: torch.Tensor) -> None: ...
+    def update(self, *tensors: Any) -> None: ...
+
+
+class Source(Protocol):
+    """A way of running data through `model` with `taps` on its modules; returns what it ran."""
+
+    def run(self, model: nn.Module, taps: Taps) -> int: ...
+
+
+@dataclass(frozen=True)
+class Callback:
+    """A statistic from a function: `update` is called with what `tap` hands out."""
+
+    update: Callable[..., None]
+    tap: Tap = "input"
+
+
+class Captured:
+    """A module's inputs themselves (a copy per batch), concatenated along the batch axis."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.parts: list[torch.Tensor] = []
+
+    def update(self, x: torch.Tensor) -> None:
+        self.parts.append(x.clone())
+
+    def tensor(self) -> torch.Tensor:
+        """[N, ...]; refuses when no sample reached the module."""
+        if not self.parts:
+            raise CalibrationDataError(f"calibration data is empty: no sample reached the layer {self.name!r}")
+        return torch.cat(self.parts)
 
 
 class ColumnRange:
@@ -62,16 +110,18 @@ class ColumnRange:
 
 @dataclass(frozen=True)
 class ModelBatches:
-    """Whole-model forwards over the first `max_samples` samples of `batches`."""
+    """Whole-model forwards over the first `max_samples` samples of `batches`; with `stop`, each
+    forward ends once every tapped module has handed out its tensors (the rest does not run)."""
 
     batches: Iterable[Any]
     max_samples: int
     label: str = "calibrating"
     progress: bool = True
     total_batches: int | None = None
+    stop: bool = False
 
-    def run(self, model: nn.Module, hooks: Mapping[str, Callable[[torch.Tensor], None]]) -> int:
-        return run_with_input_hooks(model, hooks, self.batches, self.label, self.max_samples, self.progress, self.total_batches)
+    def run(self, model: nn.Module, taps: Taps) -> int:
+        return run_batches(model, taps, self.batches, self.label, self.max_samples, self.progress, self.total_batches, self.stop)
 
 
 @dataclass(frozen=True)
@@ -82,31 +132,47 @@ class BlockCalls:
     calls: list[BlockCall]
     modules: Mapping[str, nn.Module]
 
-    def run(self, model: nn.Module, hooks: Mapping[str, Callable[[torch.Tensor], None]]) -> int:
-        observe_inputs(model, self.calls, {name: self.modules[name] for name in hooks}, hooks)
+    def run(self, model: nn.Module, taps: Taps) -> int:
+        with tapped(self.modules, taps):
+            run_calls(model, self.calls)
         return len(self.calls)
+
+
+def _fed(statistic: Any, transform: Callable[[torch.Tensor], torch.Tensor] | None) -> Callable[..., None]:
+    update = statistic.update
+    return update if transform is None else (lambda x: update(transform(x)))
 
 
 def collect(
     model: nn.Module,
     statistics: Mapping[str, Statistic],
-    source: ModelBatches | BlockCalls,
+    source: Source,
     *,
     transforms: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
 ) -> int:
-    """Feed the first input of each module named in `statistics` to its statistic over `source`;
-    a module named in `transforms` feeds transform(input) instead (what its quantizer will see).
-    Returns what the source ran (samples, or block calls)."""
+    """Feed each module named in `statistics` to its statistic over `source`, what its `tap`
+    says (see the module docstring); an input tap of a module named in `transforms` feeds
+    transform(input) instead (what its quantizer will see; single-model sources only).
+    Returns what the source ran (samples, or calls)."""
     transforms = dict(transforms or {})
+    taps: dict[str, dict[str, Callable[..., None]]] = {"input": {}, "output": {}}
+    for name, statistic in statistics.items():
+        tap = getattr(statistic, "tap", "input")
+        if tap not in taps:
+            raise ValueError(f"statistic of module {name!r} taps {tap!r}; valid taps: {sorted(taps)}")
+        if name in transforms and (tap != "input" or getattr(source, "paired", False)):
+            raise ValueError(f"transforms apply to single-model input taps; module {name!r} taps {tap!r} on {type(source).__name__}")
+        taps[tap][name] = _fed(statistic, transforms.get(name))
+    return source.run(model, Taps(taps["input"], taps["output"]))
 
-    def hook_of(name: str) -> Callable[[torch.Tensor], None]:
-        update = statistics[name].update
-        if name in transforms:
-            transform = transforms[name]
-            return lambda x: update(transform(x))
-        return update
 
-    return source.run(model, {name: hook_of(name) for name in statistics})
+def first_inputs(model: nn.Module, name: str, batches: Iterable[Any], max_samples: int) -> torch.Tensor:
+    """The first input of module `name` on every batch (the first `max_samples` samples),
+    concatenated along the batch axis [N, ...]; each forward stops at the module."""
+    captured = Captured(name)
+    with torch.inference_mode():
+        collect(model, {name: captured}, ModelBatches(batches, max_samples, progress=False, stop=True))
+        return captured.tensor()
 
 
 def calibrate_inputs(

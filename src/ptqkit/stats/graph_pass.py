@@ -5,7 +5,8 @@ gets that layer's inputs from both (all batches concatenated) and may change the
 the quantized side then runs the changed layer, so later layers see its effect.
 
 Cost: two forwards of the calibration data in all, instead of two per layer for the hook-based
-capture (`layerwise.capture_inputs`), which remains the fallback for models torch.fx cannot trace.
+capture (`stats.paired.LayerForwards`), which remains the fallback for models torch.fx cannot trace.
+The layer engine reaches it through `stats.collect` with the `stats.paired.Lockstep` source.
 Memory: the live intermediate values of all calibration samples at once, twice (values are freed
 after their last reader runs).
 """

@@ -1,12 +1,17 @@
-"""Hook-based forward passes: forward pre-hooks hand each named module's input to a callback
-(`run_with_input_hooks`, the whole-model source of `stats.collect`), and batch helpers.
+"""Hooks on named modules and the whole-model forward passes of `stats.collect`.
 
-No tracing: any architecture works. Batches run under `torch.inference_mode()`; hooks are
-always removed and the model's train/eval mode restored, whether calibration succeeds or not.
+`Taps` say what a forward hands out, by module name: a module's first input before it runs, or
+its first input and output after it ran; `tapped` hooks them on and always takes them off.
+`run_batches` (the `ModelBatches` source) runs calibration batches under taps. No tracing: any
+architecture works. Batches run under `torch.inference_mode()` (nothing records a graph, so
+tensors are handed out as the model has them: identity comparisons work); hooks are always
+removed and the model's train/eval mode restored, whether calibration succeeds or not.
 """
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
@@ -16,9 +21,50 @@ from ptqkit.calibration.data import call_model
 from ptqkit.core.errors import CalibrationDataError, NonFiniteError, PTQError
 from ptqkit.core.progress import progress_bar
 
-__all__ = ["run_with_input_hooks", "batch_length", "slice_batch", "limited_batches"]
+__all__ = ["StopForward", "Taps", "batch_length", "limited_batches", "run_batches", "slice_batch", "tapped"]
 
 logger = logging.getLogger(__name__)
+
+
+class StopForward(Exception):
+    """Raised by a capture hook once it has what it needs: the rest of the forward is skipped."""
+
+
+@dataclass(frozen=True)
+class Taps:
+    """Callbacks by module name: `inputs[name](x)` gets the module's first input before it runs;
+    `outputs[name](x, y)` its first input and its output after it ran."""
+
+    inputs: Mapping[str, Callable[..., None]] = field(default_factory=dict)
+    outputs: Mapping[str, Callable[..., None]] = field(default_factory=dict)
+
+    def names(self) -> set[str]:
+        return set(self.inputs) | set(self.outputs)
+
+    def wrapped(self, wrap: Callable[[str, str, Callable[..., None]], Callable[..., None]]) -> "Taps":
+        """The same taps with each callback replaced by wrap(name, "input"/"output", callback)."""
+        return Taps(
+            {name: wrap(name, "input", f) for name, f in self.inputs.items()},
+            {name: wrap(name, "output", f) for name, f in self.outputs.items()},
+        )
+
+
+def _first_input(args: tuple, kwargs: dict) -> Any:
+    """A module call's first argument: the first positional one, else the first keyword one."""
+    return args[0] if args else next(iter(kwargs.values()), None)
+
+
+@contextmanager
+def tapped(modules: Mapping[str, nn.Module], taps: Taps) -> Iterator[None]:
+    """`taps` hooked on `modules` (by name) while the block runs; removed on any exit."""
+    with ExitStack() as stack:
+        for name, update in taps.inputs.items():
+            hook = lambda module, args, kwargs, update=update: update(_first_input(args, kwargs))  # noqa: E731
+            stack.callback(modules[name].register_forward_pre_hook(hook, with_kwargs=True).remove)
+        for name, update in taps.outputs.items():
+            hook = lambda module, args, kwargs, y, update=update: update(_first_input(args, kwargs), y)  # noqa: E731
+            stack.callback(modules[name].register_forward_hook(hook, with_kwargs=True).remove)
+        yield
 
 
 def batch_length(batch: Any) -> int:
@@ -55,53 +101,73 @@ def limited_batches(batches: Iterable[Any], max_samples: int) -> Iterator[tuple[
         seen += count
 
 
-def run_with_input_hooks(
-    model: nn.Module, updates: Mapping[str, Callable[[torch.Tensor], None]], batches: Iterable[Any], label: str,
-    max_samples: int, progress: bool, total_batches: int | None,
-) -> int:
-    """Run `batches` (the first `max_samples` samples) through `model` in inference mode with
-    `updates[name](x)` called on each named module's first input; returns the samples run.
-    Hooks are removed and the train/eval mode restored whatever happens."""
-    modules = dict(model.named_modules())
-    where = {"batch": 0, "first": 0, "last": 0}
+class _Guard:
+    """Wraps tap callbacks: a NaN/Inf a statistic meets names the module and the batch, and with
+    `stop` the forward ends once every tapped module of the batch has handed out its tensors."""
 
-    def make_hook(name: str) -> Any:
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = args[0] if args else next(iter(kwargs.values()))
+    def __init__(self, taps: Taps, stop: bool) -> None:
+        self.where = {"batch": 0, "first": 0, "last": 0}
+        self.expected, self.stop, self.reached = taps.names(), stop, set()
+        self.taps = taps.wrapped(self._wrap)
+
+    def start(self, batch: int, first: int, count: int) -> None:
+        self.where.update(batch=batch, first=first, last=first + count - 1)
+        self.reached = set()
+
+    def _wrap(self, name: str, point: str, update: Callable[..., None]) -> Callable[..., None]:
+        def guarded(*tensors: Any) -> None:
             try:
-                updates[name](x.detach())
+                update(*tensors)
             except NonFiniteError:
+                where = self.where
                 raise CalibrationDataError(
-                    f"NaN/Inf activation at the input of module {name!r} in calibration batch "
+                    f"NaN/Inf activation at the {point} of module {name!r} in calibration batch "
                     f"{where['batch']} (samples {where['first']}-{where['last']}); check that sample's "
                     "preprocessing, or the model's numerics in float"
                 ) from None
+            self.reached.add(name)
+            if self.stop and self.reached >= self.expected:
+                raise StopForward
 
-        return hook
+        return guarded
 
-    handles = [modules[name].register_forward_pre_hook(make_hook(name), with_kwargs=True) for name in updates]
+
+def _run_one(model: nn.Module, batch: Any, index: int, first: int, count: int) -> None:
+    """`model` on one batch; an error of the model's own names the batch, a StopForward ends it."""
+    try:
+        call_model(model, batch)
+    except StopForward:
+        pass
+    except PTQError:
+        raise
+    except Exception as exc:
+        raise CalibrationDataError(
+            f"calibration batch {index} (samples {first}-{first + count - 1}) does not fit the "
+            f"model: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def run_batches(
+    model: nn.Module, taps: Taps, batches: Iterable[Any], label: str, max_samples: int, progress: bool,
+    total_batches: int | None, stop: bool = False,
+) -> int:
+    """Run `batches` (the first `max_samples` samples) through `model` in inference mode with
+    `taps` on its modules; with `stop`, each forward ends once every tapped module has handed out
+    its tensors. Returns the samples run. Hooks are removed and the train/eval mode restored
+    whatever happens."""
+    guard = _Guard(taps, stop)
     was_training = model.training
     seen = 0
     try:
         model.eval()
-        with torch.inference_mode(), progress_bar(label, total_batches, progress) as advance:
+        with tapped(dict(model.named_modules()), guard.taps), torch.inference_mode(), progress_bar(label, total_batches, progress) as advance:
             for index, (batch, first) in enumerate(limited_batches(batches, max_samples)):
                 count = batch_length(batch)
-                where.update(batch=index, first=first, last=first + count - 1)
-                try:
-                    call_model(model, batch)
-                except PTQError:
-                    raise
-                except Exception as exc:
-                    raise CalibrationDataError(
-                        f"calibration batch {index} (samples {first}-{first + count - 1}) does not fit the "
-                        f"model: {type(exc).__name__}: {exc}"
-                    ) from exc
+                guard.start(index, first, count)
+                _run_one(model, batch, index, first, count)
                 seen = first + count
                 advance(1)
     finally:
-        for handle in handles:
-            handle.remove()
         model.train(was_training)
     if seen == 0:
         raise CalibrationDataError("calibration data is empty: no sample reached the model")

@@ -21,7 +21,7 @@ from torch import nn
 
 from ptqkit.calibration.samples import call_model
 from ptqkit.core.errors import CalibrationDataError, PTQError
-from ptqkit.stats.hooks import limited_batches
+from ptqkit.stats.hooks import StopForward, Taps, limited_batches, tapped
 
 __all__ = [
     "BlockCall",
@@ -29,7 +29,6 @@ __all__ = [
     "capture_block_inputs",
     "run_calls",
     "next_block_calls",
-    "observe_inputs",
     "shared_inputs",
     "fused_attention",
     "StopForward",
@@ -81,10 +80,6 @@ def fused_attention(model: nn.Module) -> Iterator[None]:
     finally:
         if switch:
             model.set_attn_implementation(before)
-
-
-class StopForward(Exception):
-    """Raised by a capture hook once it has what it needs: the rest of the forward is skipped."""
 
 
 def run_batch(model: nn.Module, batch: Any, index: int) -> None:
@@ -175,34 +170,6 @@ def next_block_calls(block: nn.Module, calls: list[BlockCall], where: str) -> li
     return [call.with_hidden(_hidden_of(call.run(block), where)) for call in calls]
 
 
-def _input_hooks(modules: Mapping[str, nn.Module], make_hook: Callable[[str], Any]) -> list[Any]:
-    return [modules[name].register_forward_pre_hook(make_hook(name), with_kwargs=True) for name in modules]
-
-
-def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else next(iter(kwargs.values()))
-
-
-def observe_inputs(
-    root: nn.Module,
-    calls: list[BlockCall],
-    modules: Mapping[str, nn.Module],
-    observers: Mapping[str, Callable[[torch.Tensor], None]],
-) -> None:
-    """Run `root` on `calls`, handing the first input of each of `modules` (submodules of
-    `root`, by name) to `observers[name]`. Observe only one of several modules that share an
-    input (see `shared_inputs`)."""
-    handles = _input_hooks(
-        {name: modules[name] for name in observers},
-        lambda name: lambda mod, args, kwargs: observers[name](_first_input(args, kwargs).detach()),
-    )
-    try:
-        run_calls(root, calls)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 @torch.inference_mode()
 def shared_inputs(root: nn.Module, call: BlockCall, modules: Mapping[str, nn.Module]) -> dict[str, str]:
     """For each of `modules` (by name), the first of them that receives the very same input
@@ -211,21 +178,16 @@ def shared_inputs(root: nn.Module, call: BlockCall, modules: Mapping[str, nn.Mod
     seen: list[tuple[torch.Tensor, str]] = []
     leader: dict[str, str] = {}
 
-    def make_hook(name: str) -> Any:
-        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = _first_input(args, kwargs)
+    def received(name: str) -> Callable[[torch.Tensor], None]:
+        def update(x: torch.Tensor) -> None:
             leader[name] = next((other for other_x, other in seen if other_x is x), name)
             if leader[name] == name:
                 seen.append((x, name))
 
-        return hook
+        return update
 
-    handles = _input_hooks(modules, make_hook)
-    try:
+    with tapped(modules, Taps(inputs={name: received(name) for name in modules})):
         call.run(root)
-    finally:
-        for handle in handles:
-            handle.remove()
     missing = [name for name in modules if name not in leader]
     if missing:
         logger.info("modules never called in a calibration run (no statistics): %s", missing)

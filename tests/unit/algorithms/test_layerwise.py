@@ -17,7 +17,7 @@ from ptqkit.algorithms import (
     RTNConfig,
 )
 from ptqkit.algorithms.cle import ChannelClippedReLU
-from ptqkit.algorithms.layerwise import call_order, capture_inputs, quantize_layers_
+from ptqkit.algorithms.layerwise import call_order, quantize_layers_
 from ptqkit.core.errors import CalibrationDataError, ConfigError
 from ptqkit.core.primitives import qparams_from_tensor
 from ptqkit.core.qtypes import PerChannel
@@ -71,12 +71,14 @@ def test_call_order_and_the_activation_each_layer_feeds() -> None:
     assert activations == {"0": bare[1], "2": bare[3]}
 
 
-def test_capture_inputs_stops_at_the_layer() -> None:
+def test_first_inputs_stops_at_the_layer() -> None:
+    from ptqkit.stats.collect import first_inputs
+
     model = _cnn()
     calls = []
     model[8].register_forward_pre_hook(lambda m, a: calls.append(1))
     x = _images(10)
-    got = capture_inputs(model, model[3], [x[:4], x[4:]], max_samples=7)
+    got = first_inputs(model, "3", [x[:4], x[4:]], max_samples=7)
     assert got.shape == (7, 16, 6, 6)
     with torch.no_grad():
         expect = model[:3](x[:7])
