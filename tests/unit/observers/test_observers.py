@@ -206,7 +206,7 @@ def test_percentile_is_monotone_in_p(p: float, delta: float, seed: int) -> None:
 def test_errors() -> None:
     with pytest.raises(
         ConfigError,
-        match="observer 'entropy' is unknown; valid: minmax, ema_minmax, percentile, mse, kl",
+        match="observer: 'entropy' is unknown; valid: minmax, ema_minmax, percentile, mse, kl",
     ):
         make_observer(_spec("entropy"))
     with pytest.raises(
@@ -255,7 +255,7 @@ def test_kl_coarse_to_fine_matches_the_full_scan() -> None:
 def test_quant_spec_rejects_an_unknown_observer_where_it_is_written() -> None:
     with pytest.raises(
         ConfigError,
-        match="recipe.activations: observer 'entropy' is unknown; valid: minmax, ema_minmax, percentile, mse, kl",
+        match=r"^recipe\.activations\.observer: 'entropy' is unknown; valid: minmax, ema_minmax, percentile, mse, kl$",
     ):
         pq.QuantSpec.from_dict({"qtype": "int8", "observer": "entropy"}, where="recipe.activations")
 
