@@ -471,8 +471,12 @@ def convert_layer(
 
 
 def dequantize_model(qmodel: nn.Module) -> nn.Module:
-    """A float copy of a quantized model: dequantized weights, no input quantization."""
+    """A float copy of a quantized model: dequantized weights, no input or output quantization."""
+    from ptqkit.nn.output_quant import remove_output_quantizer_
+
     model = copy.deepcopy(qmodel)
+    for module in list(model.modules()):
+        remove_output_quantizer_(module)
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantizedModule):
             replace_module(model, name, module.to_float())

@@ -15,8 +15,8 @@ in `LOWERINGS`.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from ptqkit.nn.modules import QuantConv, QuantEmbedding, QuantLinear
@@ -26,11 +26,13 @@ __all__ = ["LOWERINGS", "Lowering", "LoweringOptions", "lowering_of"]
 
 @dataclass(frozen=True)
 class LoweringOptions:
-    """What rewrites read beside the modules: `nbits` (onnx_nbits.NBitsOptions) and whether int8
-    weights are stored as uint8 + 128 (`uint8_weights`)."""
+    """What rewrites read beside the modules: `nbits` (onnx_nbits.NBitsOptions), whether int8
+    weights are stored as uint8 + 128 (`uint8_weights`) and the model's output quantizers
+    (`outputs`: module name -> quantizer, `nn.output_quant`; the qdq lowering writes them)."""
 
     nbits: Any
     uint8_weights: bool
+    outputs: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ def _nbits_rewrite(proto: Any, nodes: dict[str, Any], modules: dict[str, Any], o
 def _qdq_rewrite(proto: Any, nodes: dict[str, Any], modules: dict[str, Any], options: LoweringOptions) -> tuple[Any, list[Any]]:
     from ptqkit.export.onnx_qdq import insert_qdq
 
-    return insert_qdq(proto, nodes, modules, uint8_weights=options.uint8_weights)
+    return insert_qdq(proto, nodes, modules, uint8_weights=options.uint8_weights, outputs=options.outputs)
 
 
 def _gather_rewrite(proto: Any, nodes: dict[str, Any], modules: dict[str, Any], options: LoweringOptions) -> tuple[Any, list[Any]]:

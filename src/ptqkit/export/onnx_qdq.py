@@ -34,6 +34,7 @@ Every number comes from the qmodel: `weight_codes`, `weight_qparams`, `input_qua
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,7 @@ from ptqkit.export.onnx_graph import (
     replace_nodes_,
     use_ms_domain_,
 )
+from ptqkit.export.integer_cnn import output_plan, output_rewrites
 from ptqkit.export.onnx_pertoken import per_token_matmul_nodes
 from ptqkit.nn.act_quant import OutlierColumnsQuantizer, SmoothedInputQuantizer
 from ptqkit.nn.modules import QuantConv, QuantizedModule, QuantLinear
@@ -146,7 +148,8 @@ class _Builder:
         from onnx import numpy_helper
 
         name = self.unique(base)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.asarray(array)  # a 0-d array stays a scalar (np.ascontiguousarray makes it [1]): QLinearAdd needs scalars
+        self.initializers.append(numpy_helper.from_array(array if array.ndim == 0 else np.ascontiguousarray(array), name))
         return name
 
 
@@ -396,9 +399,6 @@ def _outlier_extended_input(
     return extended, s, z, nodes
 
 
-_PASS_THROUGH = ("Relu", "Clip")  # ops between a conv and the layers reading it that a Q absorbs
-
-
 def _static(module: QuantizedModule) -> bool:
     quantizer = module.input_quantizer
     return quantizer is not None and not quantizer.spec.dynamic and getattr(quantizer, "qparams", None) is not None
@@ -406,7 +406,9 @@ def _static(module: QuantizedModule) -> bool:
 
 def output_quantizers(graph: Any, layer_nodes: dict[str, LayerNode], modules: dict[str, QuantizedModule]) -> dict[str, Any]:
     """For each static-input conv whose output reaches only quantized layers with static inputs
-    and one set of input parameters, through Relu/Clip nodes only: that input quantizer."""
+    and one set of input parameters, through Relu/Clip/MaxPool nodes only: that input quantizer."""
+    from ptqkit.export.integer_cnn import chain_end
+
     readers: dict[str, list[Any]] = {}
     for node in graph.node:
         for name in node.input:
@@ -417,11 +419,8 @@ def output_quantizers(graph: Any, layer_nodes: dict[str, LayerNode], modules: di
     for name, ln in layer_nodes.items():
         if ln.op_type != "Conv" or not _static(modules[name]):
             continue
-        tensor = graph.node[ln.node_index].output[0]
+        tensor = chain_end(graph.node[ln.node_index].output[0], readers, outputs)
         users = readers.get(tensor, [])
-        while len(users) == 1 and users[0].op_type in _PASS_THROUGH and tensor not in outputs:
-            tensor = users[0].output[0]
-            users = readers.get(tensor, [])
         targets = [module_of.get(u.name) for u in users]
         if not users or tensor in outputs or None in targets or any(u.input[0] != tensor for u in users):
             continue
@@ -503,12 +502,47 @@ def _rewrite_conv(b: _Builder, node: Any, ln: LayerNode, module: QuantizedModule
     return nodes, wq
 
 
+def _gemm_bias(node: Any, module: QuantizedModule, inits: dict[str, Any]) -> tuple[str, str] | None:
+    """(bias, output) of a static layer's Gemm with a constant 1-D bias: MatMulIntegerToFloat
+    takes them (ORT would otherwise leave a float Gemm after the dequantized input)."""
+    if node.op_type != "Gemm" or len(node.input) < 3 or not node.input[2] or not _static(module):
+        return None
+    bias = inits.get(node.input[2])
+    return (node.input[2], node.output[0]) if bias is not None and len(bias.dims) == 1 else None
+
+
+def _rewrite_layer(
+    b: _Builder, graph: Any, ln: LayerNode, module: QuantizedModule, cache: dict, maps: tuple[dict, dict],
+    out_quantizer: Any, replacements: dict[int, list[Any]], integer_graph: bool,
+) -> tuple[list[Any], str, bool]:
+    """One layer's integer nodes: QLinearConv (a conv with output parameters), MatMulIntegerToFloat
+    with the bias (static Linear; a Gemm's own bias in an integer CNN graph), else the QDQ or
+    ConvInteger form. Returns (nodes, weight initializer, whether a bias went into the kernel)."""
+    readers, inits = maps
+    node = graph.node[ln.node_index]
+    if out_quantizer is not None and not np.any(module.weight_zero_point.numpy() != 0):
+        return (*_rewrite_qlinear_conv(b, node, ln, module, cache, out_quantizer), False)
+    kernel_bias = kernel_bias_add(graph, node, readers, inits) if _static(module) and isinstance(module, QuantLinear) else None
+    if kernel_bias is not None:
+        add_index, bias, out = kernel_bias
+        replacements[add_index] = []
+        return (*_rewrite_matmul(b, node, ln, module, cache, (bias, out)), True)
+    gemm_bias = _gemm_bias(node, module, inits) if integer_graph and isinstance(module, QuantLinear) else None
+    if gemm_bias is not None:
+        return (*_rewrite_matmul(b, node, ln, module, cache, gemm_bias), True)
+    rewrite = _rewrite_conv if ln.op_type == "Conv" else _rewrite_matmul
+    return (*rewrite(b, node, ln, module, cache), False)
+
+
 def insert_qdq(
-    proto: Any, layer_nodes: dict[str, LayerNode], modules: dict[str, QuantizedModule], *, uint8_weights: bool = True
+    proto: Any, layer_nodes: dict[str, LayerNode], modules: dict[str, QuantizedModule], *, uint8_weights: bool = True,
+    outputs: Mapping[str, Any] | None = None,
 ) -> tuple[Any, list[LayerRewrite]]:
     """Rewrite the float graph `proto` in place: each mapped module's node gets its integer form.
 
     `uint8_weights`: store int8 weights as uint8 + 128 (exact on AVX2 without VNNI; see `_weight_tensors`).
+    `outputs`: module name -> output quantizer (`nn.output_quant`): those tensors get
+    QuantizeLinear -> DequantizeLinear and their convs QLinearConv (`integer_cnn`).
 
     Float weight initializers that nothing uses any more are dropped. Returns (proto, rewrites).
     """
@@ -523,22 +557,17 @@ def insert_qdq(
     for name, ln in layer_nodes.items():
         check_exportable(name, modules[name])
     out_quantizers = output_quantizers(graph, layer_nodes, modules)
+    if outputs:
+        plan = output_plan(proto, layer_nodes, modules, outputs)
+        out_quantizers.update(plan.convs)
+        replacements.update(output_rewrites(proto, b, _make_node, plan, layer_nodes, modules))
     readers = consumer_indices(graph)
     fused_bias = False
     for name, ln in layer_nodes.items():
         module = modules[name]
-        node = graph.node[ln.node_index]
         _check_float_weight(name, numpy_helper.to_array(inits[ln.weight_name]), module, ln.weight_layout)
-        kernel_bias = kernel_bias_add(graph, node, readers, inits) if _static(module) and isinstance(module, QuantLinear) else None
-        if name in out_quantizers and not np.any(module.weight_zero_point.numpy() != 0):
-            nodes, wq = _rewrite_qlinear_conv(b, node, ln, module, cache, out_quantizers[name])
-        elif kernel_bias is not None:
-            add_index, bias, out = kernel_bias
-            nodes, wq = _rewrite_matmul(b, node, ln, module, cache, (bias, out))
-            replacements[add_index], fused_bias = [], True
-        else:
-            rewrite = _rewrite_conv if ln.op_type == "Conv" else _rewrite_matmul
-            nodes, wq = rewrite(b, node, ln, module, cache)
+        nodes, wq, fused = _rewrite_layer(b, graph, ln, module, cache, (readers, inits), out_quantizers.get(name), replacements, bool(outputs))
+        fused_bias = fused_bias or fused
         replacements[ln.node_index] = nodes
         quantizer = module.input_quantizer
         form = "weight_only" if quantizer is None else ("dynamic" if quantizer.spec.dynamic else "static")

@@ -145,6 +145,7 @@ _TORCHVISION_CNN = (
             CLEChain(layers=("conv.0.0", "conv.1"), activations=("conv.0.2",)),
         ),
     ),
+    BlockMapping(family="torchvision_resnet", block_class="ResNet", fold_pairs=(FoldPair(layer="conv1", bn="bn1"),)),
     BlockMapping(
         family="torchvision_resnet",
         block_class="BasicBlock",
