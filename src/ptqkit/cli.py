@@ -32,6 +32,7 @@ from ptqkit.core.errors import (
     PTQError,
     UnsupportedModelError,
 )
+from ptqkit.eval.bench import RUNTIMES
 from ptqkit.mixed_precision.search import LAYER_COSTS
 
 __all__ = ["EXIT_CODES", "main"]
@@ -528,7 +529,11 @@ def _add_run_commands(sub: Any) -> None:
 
     bench = sub.add_parser("bench", help="latency, throughput and memory of a run vs its float model, side by side (writes RUN/bench.json)")
     _add_run(bench)
-    bench.add_argument("--runtime", default="onnxruntime", choices=("onnxruntime", "torch"), help="onnxruntime (default) or torch (packed kernels)")
+    bench.add_argument(
+        "--runtime", default="auto", choices=RUNTIMES,
+        help="auto (default: ONNX Runtime for quantized inputs, torch's packed kernels for weight-only), onnxruntime, torch, "
+        "or simulated (the eager simulation, labelled as not a deployment)",
+    )
     bench.add_argument("--threads", type=int, default=None, help="intra-op threads for both models (default: ORT 1, torch its current)")
     bench.add_argument("--warmup", type=int, default=3, help="warm-up calls per model")
     bench.add_argument("--reps", type=int, default=20, help="timed calls per model, alternating")

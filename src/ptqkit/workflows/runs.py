@@ -150,9 +150,11 @@ def quantize_run(
     formats: tuple[str, ...] = (),
     progress: bool = True,
     distributed: bool = False,
+    keep_float: bool = False,
 ) -> dict[str, Any]:
     """Quantize `loaded.model` with `recipe` on `calib`, write the run directory, and return the
-    summary (also written to summary.json). With `distributed` every rank calibrates on its
+    summary (also written to summary.json); `keep_float` keeps the float ONNX graph beside the
+    quantized one (onnx/model.fp32.onnx) for side-by-side timing. With `distributed` every rank calibrates on its
     share of the data and rank 0 alone writes; the other ranks wait for it and return
     {"rank": r, "written_by": 0}. The run directory is written as one transaction (see the
     module docstring): killed at any step, `out_dir` holds the previous run or the new one."""
@@ -166,12 +168,12 @@ def quantize_run(
         qmodel = quantize(loaded.model, recipe, calib, progress=progress, distributed=distributed)
         seconds = time.perf_counter() - start
         if parallel is None:
-            return _write_run(build, loaded, recipe, calib, qmodel, seconds, formats)
+            return _write_run(build, loaded, recipe, calib, qmodel, seconds, formats, keep_float=keep_float)
         if not parallel.is_writer:
             parallel.barrier()  # rank 0 writes, then meets the others here
             return {"rank": parallel.rank, "written_by": 0}
         try:
-            return _write_run(build, loaded, recipe, calib, qmodel, seconds, formats, ranks=parallel.world_size)
+            return _write_run(build, loaded, recipe, calib, qmodel, seconds, formats, ranks=parallel.world_size, keep_float=keep_float)
         finally:
             parallel.barrier()
 
@@ -186,6 +188,7 @@ def _write_run(
     formats: tuple[str, ...],
     *,
     ranks: int = 1,
+    keep_float: bool = False,
 ) -> dict[str, Any]:
     files, tmp = RunFiles(build.target), RunFiles(build.path)
     example = next(iter(calib.batches())) if calib is not None and len(calib) else None
@@ -208,7 +211,7 @@ def _write_run(
         _save_example(tmp.example, example)
     summary["artifact_bytes"] = (tmp.root / MODEL_FILE).stat().st_size
     if "onnx" in formats:
-        summary["onnx"] = _export_into(tmp, qmodel, example, sha, files)
+        summary["onnx"] = _export_into(tmp, qmodel, example, sha, files, keep_float=keep_float)
     _finish(build, summary, sha)
     return summary
 
