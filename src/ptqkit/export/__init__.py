@@ -23,10 +23,10 @@ from ptqkit.core import atomic
 from ptqkit.core.errors import ExportError
 from ptqkit.export.layers import FLOAT_ONNX_FILE, ONNX_FILE, REPORT_FILE, LayerExport
 from ptqkit.export.onnx_nbits import NBitsOptions
-from ptqkit.export.options import ONNX_WEIGHT_DTYPES, ExportOptions, OnnxWeightDtype
+from ptqkit.export.options import ONNX_WEIGHT_DTYPES, ExportOptions, GGUFOptions, OnnxWeightDtype
 
 __all__ = [
-    "FORMATS", "ONNX_WEIGHT_DTYPES", "TARGETS", "ExportOptions", "ExportResult", "ExportTarget", "LayerExport",
+    "FORMATS", "ONNX_WEIGHT_DTYPES", "TARGETS", "ExportOptions", "ExportResult", "ExportTarget", "GGUFOptions", "LayerExport",
     "NBitsOptions", "OnnxWeightDtype", "export",
 ]
 
@@ -80,6 +80,7 @@ def export(
     onnx_weight_dtype: OnnxWeightDtype = "auto",
     matmul_nbits: NBitsOptions | None = None,
     kv_cache: bool = False,
+    gguf: GGUFOptions | None = None,
     artifact_sha256: str | None = None,
 ) -> ExportResult:
     """Export `qmodel` (from `ptqkit.engine.quantize`) to `out_dir` in the given formats.
@@ -106,6 +107,9 @@ def export(
       mapping with input_ids); the checks run it as a prefill and then one decode step. A model
       that is not a causal LM with a KV cache raises ExportError naming what it lacks.
     - "safetensors": the ptqkit artifact (`ptqkit.export.artifact.save_artifact`).
+    - "compressed-tensors": the checkpoint transformers/vLLM load (`ptqkit.export.compressed_tensors`).
+    - "gguf": `model.gguf` for llama.cpp (`ptqkit.export.gguf_format`); `gguf` (`GGUFOptions`)
+      sets the float tensor type and whether fp32 scales are rounded to fp16 (`requantize=True`).
     `artifact_sha256`: the SHA-256 of the model.safetensors `qmodel` was loaded from, recorded
     in export_report.json (with "safetensors", the artifact written alongside is recorded).
     The ONNX keywords become one `ExportOptions`, checked before anything is written (a bad
@@ -114,7 +118,7 @@ def export(
     onnx_options = ExportOptions(
         strict=strict, opset=opset, dynamic_shapes=dynamic_shapes, keep_float=keep_float, fp32_tolerance=fp32_tolerance,
         onnx_weight_dtype=onnx_weight_dtype, matmul_nbits=NBitsOptions() if matmul_nbits is None else matmul_nbits,
-        kv_cache=kv_cache,
+        kv_cache=kv_cache, gguf=GGUFOptions() if gguf is None else gguf,
     )
     formats = _check_arguments(qmodel, formats, example_inputs, kv_cache)
     out_dir = Path(out_dir)
@@ -198,11 +202,10 @@ def _write_compressed_tensors(qmodel: nn.Module, tmp: Path, out_dir: Path, examp
 
 
 def _write_gguf(qmodel: nn.Module, tmp: Path, out_dir: Path, example_inputs: Any, options: Any) -> _Written:
-    """GGUF options (`ptqkit.export.gguf_format.GGUFOptions`) come from the options' `gguf` entry."""
-    from ptqkit.export.gguf_format import GGUFOptions, write_gguf
+    """The "gguf" format, written as `options.gguf` (`GGUFOptions`) says."""
+    from ptqkit.export.gguf_format import write_gguf
 
-    gguf = options.get("gguf") if isinstance(options, dict) else getattr(options, "gguf", None)
-    return _serving_written(tmp, out_dir, "gguf", write_gguf(qmodel, tmp, gguf or GGUFOptions()))
+    return _serving_written(tmp, out_dir, "gguf", write_gguf(qmodel, tmp, options.gguf))
 
 
 def _serving_written(tmp: Path, out_dir: Path, name: str, files: list[str]) -> _Written:

@@ -32,7 +32,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ from torch import nn
 from ptqkit.core.errors import ExportError
 from ptqkit.core.qtypes import PerChannel, PerGroup
 from ptqkit.core.spec import QuantSpec
+from ptqkit.export.options import FloatType, GGUFOptions
 from ptqkit.nn.modules import QuantLinear
 
 __all__ = [
@@ -65,22 +66,6 @@ FILES = (GGUF_FILE,)
 BLOCK = 32  # weights per Q4_0 / Q8_0 block
 ARCHITECTURES = {"llama": "LLAMA", "qwen2": "QWEN2"}  # HF model_type -> gguf.MODEL_ARCH member
 _PERMUTED = {"llama"}  # architectures whose q/k rows llama.cpp's converter permutes
-FloatType = Literal["f16", "f32"]
-
-
-@dataclass(frozen=True)
-class GGUFOptions:
-    """How float tensors are stored (`float_type`: "f16" like llama.cpp's converter, or "f32"),
-    and whether scales fp16 cannot hold exactly are rounded to fp16 (`requantize`) or refused."""
-
-    float_type: FloatType = "f16"
-    requantize: bool = False
-
-    def __post_init__(self) -> None:
-        if self.float_type not in ("f16", "f32"):
-            raise ExportError(f"export gguf: float_type={self.float_type!r} is unknown; valid: f16, f32")
-        if not isinstance(self.requantize, bool):
-            raise ExportError(f"export gguf: requantize={self.requantize!r} must be true or false")
 
 
 # ---- block encodings -----------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`ExportOptions`: how `export` writes and checks the ONNX graph, as one frozen typed config.
+"""`ExportOptions`: how `export` writes and checks its formats, as one frozen typed config.
 
 `export(...)` takes these as keyword arguments and builds the options first, so a bad value is
 an ExportError naming the option, the value and what is valid before anything is written; the
@@ -14,10 +14,24 @@ from ptqkit.core.errors import ExportError
 from ptqkit.core.fields import AtLeast, check_fields, literal_values
 from ptqkit.export.onnx_nbits import NBitsOptions
 
-__all__ = ["ONNX_WEIGHT_DTYPES", "ExportOptions", "OnnxWeightDtype"]
+__all__ = ["ONNX_WEIGHT_DTYPES", "ExportOptions", "FloatType", "GGUFOptions", "OnnxWeightDtype"]
 
 OnnxWeightDtype = Literal["auto", "int8", "uint8"]
 ONNX_WEIGHT_DTYPES: tuple[str, ...] = literal_values(OnnxWeightDtype)
+FloatType = Literal["f16", "f32"]
+
+
+@dataclass(frozen=True)
+class GGUFOptions:
+    """How the "gguf" format stores float tensors (`float_type`: "f16" like llama.cpp's
+    converter, or "f32"), and whether scales fp16 cannot hold exactly are rounded to fp16
+    (`requantize`, which checks that no code changes) or refused."""
+
+    float_type: FloatType = "f16"
+    requantize: bool = False
+
+    def __post_init__(self) -> None:
+        check_fields(self, "export gguf", error=ExportError)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,6 +48,7 @@ class ExportOptions:
       kernels saturate; int8 elsewhere), "int8" or "uint8".
     - `matmul_nbits`: how weight-only low-bit Linear layers become MatMulNBits (`NBitsOptions`).
     - `kv_cache`: capture a Hugging Face causal LM as the KV-cached decoder step.
+    - `gguf`: how the "gguf" format is written (`GGUFOptions`).
     """
 
     strict: bool = False
@@ -44,6 +59,7 @@ class ExportOptions:
     onnx_weight_dtype: OnnxWeightDtype = "auto"
     matmul_nbits: NBitsOptions = field(default_factory=NBitsOptions)
     kv_cache: bool = False
+    gguf: GGUFOptions = field(default_factory=GGUFOptions)
 
     def __post_init__(self) -> None:
         check_fields(self, "export", error=ExportError)

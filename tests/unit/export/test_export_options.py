@@ -20,6 +20,7 @@ from ptqkit.export import ONNX_WEIGHT_DTYPES, ExportOptions, NBitsOptions, expor
         ({"strict": "yes"}, r"^export\.strict: 'yes' must be true or false$"),
         ({"kv_cache": 1}, r"^export\.kv_cache: 1 must be true or false$"),
         ({"matmul_nbits": None}, r"^export\.matmul_nbits: None must be a NBitsOptions$"),
+        ({"gguf": {"requantize": True}}, r"^export\.gguf: \{'requantize': True\} must be a GGUFOptions$"),
         ({"kv_cache": True, "dynamic_shapes": False}, r"^export: kv_cache=True needs dynamic_shapes=True"),
     ],
 )
@@ -35,8 +36,8 @@ def test_the_defaults_are_export_keyword_defaults() -> None:
     defaults = ExportOptions()
     keywords = inspect.signature(export).parameters
     for f in fields(ExportOptions):
-        if f.name == "matmul_nbits":
-            assert keywords[f.name].default is None and defaults.matmul_nbits == NBitsOptions()
+        if f.name in ("matmul_nbits", "gguf"):  # None in export's signature: the option type's defaults
+            assert keywords[f.name].default is None and getattr(defaults, f.name) == type(getattr(defaults, f.name))()
         else:
             assert keywords[f.name].default == getattr(defaults, f.name), f.name
     assert ONNX_WEIGHT_DTYPES == ("auto", "int8", "uint8")

@@ -139,5 +139,5 @@ def test_refusals_write_nothing(tmp_path: Path, family: str, recipe: Recipe, opt
 
 
 def test_options_are_checked() -> None:
-    with pytest.raises(ExportError, match=r"float_type='bf16' is unknown; valid: f16, f32"):
+    with pytest.raises(ExportError, match=r"export gguf.float_type: 'bf16' is unknown; valid: f16, f32"):
         GGUFOptions(float_type="bf16")

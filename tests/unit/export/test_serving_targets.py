@@ -65,21 +65,27 @@ def test_failed_export_leaves_the_previous_directory(tmp_path: Path, qmodel: tor
 
 def test_shipped_recipes_export_to_their_formats(tmp_path: Path) -> None:
     from ptqkit.core.qtypes import PerGroup
-    from ptqkit.export.gguf_format import GGUFOptions, write_gguf
+    from ptqkit.export import GGUFOptions
+    from ptqkit.export.gguf_format import write_gguf
 
     root = Path(__file__).resolve().parents[3] / "recipes"
     gguf_recipe = Recipe.load(root / "gguf-q4_0-gptq.yaml")
     ct_recipe = Recipe.load(root / "compressed-tensors-w4a16-gptq.yaml")
     assert gguf_recipe.scheme.weights.granularity == PerGroup(32) and gguf_recipe.scheme.weights.symmetric
     assert ct_recipe.scheme.weights.granularity == PerGroup(128) and [a.name for a in ct_recipe.algorithms] == ["gptq"]
-    config = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+    config = transformers.LlamaConfig(  # widths that are multiples of both recipes' groups (32, 128)
+        vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64,
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
     calib = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(0))
     qmodel = pq.quantize(model, gguf_recipe, calib=calib, progress=False)
+    with pytest.raises(ExportError, match="fp16"):  # fp32 scales: refused unless requantize, nothing written
+        export(qmodel, tmp_path / "gguf", formats=["gguf"])
+    assert not (tmp_path / "gguf").exists()
+    result = export(qmodel, tmp_path / "gguf", formats=["gguf"], gguf=GGUFOptions(requantize=True))  # through export, atomically
+    assert result.files["model.gguf"].is_file()
     assert write_gguf(qmodel, tmp_path, GGUFOptions(requantize=True)) == ["model.gguf"]
     export(pq.quantize(model, ct_recipe, calib=calib, progress=False), tmp_path / "ct", formats=["compressed-tensors"])
     qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
