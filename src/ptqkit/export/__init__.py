@@ -92,8 +92,6 @@ def export(
       read from the optimized graph. `strict=True` raises ExportError if any stayed float.
       `keep_float=True` also keeps `model.fp32.onnx`. `example_inputs`: a tensor, a tuple of
       tensors or a mapping name -> tensor (e.g. a tokenizer's output), batch size >= 2.
-      `onnx_weight_dtype`: "auto" (default: uint8 storage, codes + 128, on x86 CPUs without
-      VNNI, where ORT's u8s8 kernels saturate; int8 elsewhere), "int8" or "uint8".
       Weight-only Linear layers with int2..int7 codes or per-group weights (w4a16) become
       `com.microsoft.MatMulNBits` nodes (`ptqkit.export.onnx_nbits`); `matmul_nbits`
       (`NBitsOptions`, default accuracy_level 0: ORT equals the simulated model to float
@@ -106,14 +104,13 @@ def export(
       `OrtDecoder`). `example_inputs` is then one prompt, input_ids [1, T] (a tensor or a
       mapping with input_ids); the checks run it as a prefill and then one decode step. A model
       that is not a causal LM with a KV cache raises ExportError naming what it lacks.
-    - "safetensors": the ptqkit artifact (`ptqkit.export.artifact.save_artifact`).
-    - "compressed-tensors": the checkpoint transformers/vLLM load (`ptqkit.export.compressed_tensors`).
-    - "gguf": `model.gguf` for llama.cpp (`ptqkit.export.gguf_format`); `gguf` (`GGUFOptions`)
-      sets the float tensor type and whether fp32 scales are rounded to fp16 (`requantize=True`).
+    - "safetensors": the ptqkit artifact (`export.artifact`); "compressed-tensors": the checkpoint
+      transformers/vLLM load (`export.compressed_tensors`); "gguf": `model.gguf` for llama.cpp
+      (`export.gguf_format`, written as `gguf: GGUFOptions` says).
     `artifact_sha256`: the SHA-256 of the model.safetensors `qmodel` was loaded from, recorded
     in export_report.json (with "safetensors", the artifact written alongside is recorded).
-    The ONNX keywords become one `ExportOptions`, checked before anything is written (a bad
-    value is an ExportError naming the option, the value and what is valid).
+    The keywords become one `ExportOptions` (each option is described there, e.g.
+    `onnx_weight_dtype`), checked before anything is written.
     """
     onnx_options = ExportOptions(
         strict=strict, opset=opset, dynamic_shapes=dynamic_shapes, keep_float=keep_float, fp32_tolerance=fp32_tolerance,
