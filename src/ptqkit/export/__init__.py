@@ -109,8 +109,7 @@ def export(
       (`export.gguf_format`, written as `gguf: GGUFOptions` says).
     `artifact_sha256`: the SHA-256 of the model.safetensors `qmodel` was loaded from, recorded
     in export_report.json (with "safetensors", the artifact written alongside is recorded).
-    The keywords become one `ExportOptions` (each option is described there, e.g.
-    `onnx_weight_dtype`), checked before anything is written.
+    The keywords become one `ExportOptions` (each option described there), checked first.
     """
     onnx_options = ExportOptions(
         strict=strict, opset=opset, dynamic_shapes=dynamic_shapes, keep_float=keep_float, fp32_tolerance=fp32_tolerance,
