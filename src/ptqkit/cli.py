@@ -39,6 +39,11 @@ __all__ = ["EXIT_CODES", "main"]
 
 EXIT_CODES: dict[type[PTQError], int] = {ConfigError: 2, CalibrationDataError: 3, UnsupportedModelError: 4}
 FORMATS = ("safetensors", "onnx")
+COMMON_COMMANDS = """the three most common commands:
+  ptqkit quantize                                   the bundled example: MiniLM to W8A8, measured against FP32
+  ptqkit quantize --model DIR --recipe R.yaml --calib FILE --out RUN [--format onnx]
+  ptqkit report RUN --data FILE                     accuracy, size and speed of a run: report.json + report.html
+`ptqkit COMMAND --help` describes each command; every recipe field is in the docs' recipe reference."""
 EXAMPLE_RUN = "runs/example"  # where `ptqkit quantize` with no arguments writes the bundled example
 
 
@@ -459,10 +464,16 @@ DATA_FORMATS = "an image folder, .txt/.jsonl text, or a .safetensors/.pt tensor 
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ptqkit", description="Post-training quantization for PyTorch models.")
+    from ptqkit.core.version import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="ptqkit", description="Post-training quantization for PyTorch models.", epilog=COMMON_COMMANDS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"ptqkit {__version__}")
     parser.add_argument("--verbose", action="store_true", help="log progress details")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command")
     _add_quantize(sub)
     _add_run_commands(sub)
     doctor = sub.add_parser("doctor", help="run the PTQ checklist: quantize, evaluate, and list findings with evidence and fixes")
@@ -586,8 +597,21 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} {value}: must be an integer >= {lowest}")
 
 
+def _reference_hint(exc: PTQError) -> str | None:
+    """Where the recipe field a ConfigError names is documented (`engine.reference`), or None."""
+    if not isinstance(exc, ConfigError):
+        return None
+    from ptqkit.engine.reference import reference_hint
+
+    return reference_hint(str(exc))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # `ptqkit` alone: what it does and the commands most runs start with
+        parser.print_help()
+        return 0
     level = logging.INFO if args.verbose else logging.ERROR if getattr(args, "quiet", False) else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -597,6 +621,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         sys.stderr.write(f"ptqkit: error: {exc}\n")
+        hint = _reference_hint(exc)
+        if hint:
+            sys.stderr.write(f"ptqkit: {hint}\n")
         return next((code for cls, code in EXIT_CODES.items() if isinstance(exc, cls)), 1)
 
 

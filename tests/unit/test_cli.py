@@ -221,3 +221,24 @@ def test_search_writes_measured_points(tmp_path: Path, capsys) -> None:
 def _wide_mlp() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 10)).eval()
+
+
+def test_version_and_help_with_no_command(capsys) -> None:
+    from ptqkit.core.version import __version__
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out.strip() == f"ptqkit {__version__}"
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ptqkit") and "the three most common commands:" in out
+    assert "ptqkit quantize  " in out and "ptqkit quantize --model DIR --recipe" in out and "ptqkit report RUN" in out
+
+
+def test_a_recipe_field_error_links_to_its_reference_anchor(tmp_path: Path, capsys) -> None:
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("version: 1\nscheme:\n  weights: {qtype: int8, rounding: up}\n")
+    assert main(["inspect", str(recipe)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("ptqkit: error: ") and "scheme.weights.rounding: 'up' is unknown" in err[0]
+    assert err[1] == "ptqkit: see reference/recipe.html#quantspec-rounding in the docs (make docs)"

@@ -170,3 +170,24 @@ def test_mkdocs_build_strict(tmp_path):
     for page in ("index.html", "reference/recipe.html", "reference/api.html", "benchmarks.html", "design.html"):
         assert (tmp_path / "site" / page).is_file(), page
     assert 'id="ptqkit.quantize"' in (tmp_path / "site" / "reference" / "api.html").read_text(encoding="utf-8")
+
+
+def test_errors_link_to_anchors_that_exist_in_the_recipe_reference():
+    """Every recipe field has an anchor `engine.reference.field_anchor` computes and the page holds."""
+    import dataclasses
+
+    from ptqkit.algorithms.registry import ALGORITHMS
+    from ptqkit.engine.recipe import CalibrationSettings, Override, Recipe, Scheme
+    from ptqkit.engine.reference import field_anchor, reference_hint
+
+    page = _script("recipe_reference").build_page()
+    owners = {"": Recipe, "scheme.": Scheme, "scheme.weights.": __import__("ptqkit").QuantSpec, "overrides[0].": Override,
+              "calibration.": CalibrationSettings}
+    owners |= {f"{name}.": config for name, config in ALGORITHMS.items()}
+    for prefix, config in owners.items():
+        for field in dataclasses.fields(config):
+            anchor = field_anchor(prefix + field.name)
+            assert anchor is not None and f'<span id="{anchor}"></span>' in page, (prefix, field.name)
+    assert field_anchor("scheme.weights.no_such_field") is None and field_anchor("model.yaml") is None
+    hint = reference_hint("algorithms[0] (gptq): gptq.damp_percent: -1 must be a number in (0, 10]")
+    assert hint == "see reference/recipe.html#algorithm-gptq-damp-percent in the docs (make docs)"
