@@ -6,11 +6,17 @@ on deterministic crops/flips/scales of the bundled photos (`corpora.photo_crops`
 agreement, top-5 agreement (FP32's class among the quantized model's five best) and the mean
 KL divergence of the softmax outputs. Calibration crops come from other photos (PHOTO_SETS
 "calib" vs "eval"). The digits CNN has true labels: accuracy on the held-out split.
-Then the per-channel W8A8 MobileNetV2 is exported to ONNX and timed in ONNX Runtime against ORT
-FP32 and torch FP32 (same thread count, spinning off), with the kernels ORT ran.
+Then, in ONNX Runtime (same thread count, spinning off), timed round-robin (every model once per
+round, so load from other processes falls on all alike): torch FP32, ORT FP32, ORT's own
+quantize_static (QDQ, per-channel, the best of its MinMax/Entropy/Percentile calibrators by
+agreement), ptqkit W8A8 per-channel and W8A8 CLE + analytic bias correction per-tensor, both
+exported as fully integer graphs (`export.integer_cnn`: output quantizers calibrated on the same
+crops); with agreement on the eval crops, file size, ORT's kernels and its share of float ops.
+The same table for a ResNet-18 with random weights (BatchNorm statistics of the calibration crops).
 
     .venv/bin/python benchmarks/cnn_ptq.py [--eval 1000] [--calib 256] [--layerwise-samples 128]
-        [--iterations 300] [--rows ...] [--threads 2] [--skip-onnx] [--out results/cnn_ptq.json]
+        [--iterations 300] [--rows ...] [--threads 2] [--rounds 30] [--skip-onnx] [--skip-resnet]
+        [--out results/cnn_ptq.json]
 """
 from __future__ import annotations
 
@@ -120,88 +126,160 @@ def digits_rows(iterations: int) -> dict[str, Any]:
     return out
 
 
-def median_seconds(fn: Callable[[], Any], reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
+def _ort_reader(input_name: str, calib: torch.Tensor) -> Any:
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{input_name: calib[i : i + 16].numpy()} for i in range(0, len(calib), 16)])
+
+        def get_next(self) -> dict[str, Any] | None:
+            return next(self.batches, None)
+
+    return Reader()
+
+
+def ort_static_best(fp32: Path, input_name: str, calib: torch.Tensor, eval_x: torch.Tensor, reference: torch.Tensor, tmp: Path) -> tuple[Path, dict[str, float]]:
+    """ORT's quantize_static (QDQ, per-channel int8 weights, uint8 activations) with each of its
+    calibrators; returns the file with the best top-1 agreement and every calibrator's agreement."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from ptqkit.export.ort_check import make_session
+
+    scores: dict[str, float] = {}
+    for method in (CalibrationMethod.MinMax, CalibrationMethod.Entropy, CalibrationMethod.Percentile):
+        path = tmp / f"ort_static_{method.name}.onnx"
+        quantize_static(str(fp32), str(path), _ort_reader(input_name, calib), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method)
+        scores[method.name] = top1_agreement(reference, _ort_logits(make_session(path, threads=2), input_name, eval_x))
+    best = max(scores, key=scores.get)
+    return tmp / f"ort_static_{best}.onnx", scores
+
+
+def _ort_logits(session: Any, input_name: str, eval_x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.from_numpy(session.run(None, {input_name: eval_x[i : i + 32].numpy()})[0]) for i in range(0, len(eval_x), 32)])
+
+
+def round_robin_ms(runs: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+    """Median ms per run over `rounds` rounds, each round running every entry once in turn (so
+    load from other processes on the machine falls on all of them alike)."""
+    for fn in runs.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def ptqkit_onnx(qmodel: torch.nn.Module, calib: torch.Tensor, x: torch.Tensor, tmp: Path, label: str) -> tuple[Path, dict[str, Any]]:
+    """Output quantizers calibrated on `calib` (integer_cnn.calibrate_outputs_), then pq.export;
+    returns the ONNX file and what ORT ran (kernels, float op share of its optimized graph)."""
+    from ptqkit.export.integer_cnn import calibrate_outputs_, float_op_share
+    from ptqkit.export.ort_check import make_session
+
+    points = calibrate_outputs_(qmodel, pq.CalibrationData.from_tensors(calib, batch_size=32), (x[:2],))
+    result = pq.export(qmodel, tmp / label, formats=["onnx"], example_inputs=(x,))
+    optimized = tmp / f"{label}_optimized.onnx"
+    make_session(result.files["onnx"], threads=2, optimized_path=optimized)
+    info = {"kernels": result.checks["kernels"], "float_ops": float_op_share(optimized), "output_points": len(points.points),
+            "left_float": list(points.refused), "ort_vs_simulated": result.checks["quantized_ort_vs_simulated"]}
+    return result.files["onnx"], info
 
 
 def onnx_rows(
-    model: torch.nn.Module, qmodel: torch.nn.Module, calib: torch.Tensor, eval_x: torch.Tensor, reference: torch.Tensor,
-    threads: int, batch: int, reps: int,
+    model: torch.nn.Module, qmodels: dict[str, torch.nn.Module], calib: torch.Tensor, eval_x: torch.Tensor, reference: torch.Tensor,
+    threads: int, batch: int, rounds: int,
 ) -> dict[str, Any]:
-    """Latency (batch `batch`) and top-1 agreement with torch FP32 on all eval crops for ORT FP32,
-    ptqkit's export and ORT's own quantize_static (QDQ, per-channel, MinMax, same calibration crops)."""
+    """Latency (batch `batch`, round-robin), top-1 agreement with torch FP32 on all eval crops and
+    file size for ORT FP32, ORT's quantize_static (best calibrator) and each ptqkit model
+    exported as a fully integer graph (output quantizers calibrated on the same crops)."""
     import onnxruntime as ort
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
 
     from ptqkit.export.onnx_graph import export_float_onnx
     from ptqkit.export.ort_check import make_session
 
     x = eval_x[:batch].contiguous()
-    with torch.inference_mode():
-        simulated = logits_of(qmodel, eval_x)
-    with tempfile.TemporaryDirectory() as tmp:
-        result = pq.export(qmodel, Path(tmp) / "mnv2", formats=["onnx"], example_inputs=(x,))
-        kernels: dict[str, int] = {}
-        for layer in result.layers:
-            kernels[layer.kernel] = kernels.get(layer.kernel, 0) + 1
-        fp32 = Path(tmp) / "fp32.onnx"
-        export_float_onnx(model, (x,), fp32)  # the original model (the export's own float file has its dequantized weights)
-        files = {"ORT FP32": fp32, "ptqkit W8A8 (ORT)": result.files["onnx"]}
-
-        input_name = make_session(files["ORT FP32"], threads=threads).get_inputs()[0].name
-
-        class Reader(CalibrationDataReader):
-            def __init__(self) -> None:
-                self.batches = iter([{input_name: calib[i : i + 16].numpy()} for i in range(0, len(calib), 16)])
-
-            def get_next(self) -> dict[str, Any] | None:
-                return next(self.batches, None)
-
-        peer = Path(tmp) / "ort_static.onnx"
-        start = time.perf_counter()
-        quantize_static(str(files["ORT FP32"]), str(peer), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        peer_seconds = time.perf_counter() - start
-        files["ORT quantize_static (QDQ, per-channel)"] = peer
-        timings = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(scratch)
+        fp32 = tmp / "fp32.onnx"
+        export_float_onnx(model, (x,), fp32)  # the original model
+        input_name = make_session(fp32, threads=threads).get_inputs()[0].name
+        peer, calibrators = ort_static_best(fp32, input_name, calib, eval_x, reference, tmp)
+        files = {"ORT FP32": fp32, "ORT quantize_static (QDQ, per-channel)": peer}
+        details, simulated = {}, {}
+        for name, qmodel in qmodels.items():
+            files[name], details[name] = ptqkit_onnx(qmodel, calib, x, tmp, f"q{len(details)}")
+            with torch.inference_mode():
+                simulated[name] = logits_of(qmodel, eval_x)
+        sessions = {name: make_session(path, threads=threads) for name, path in files.items()}
+        feed = {input_name: x.numpy()}
+        runs: dict[str, Callable[[], Any]] = {"torch FP32": lambda: model(x)}
+        runs |= {name: (lambda s=s: s.run(None, feed)) for name, s in sessions.items()}
         with torch.inference_mode():
-            timings["torch FP32"] = median_seconds(lambda: model(x), reps)
-        agreement = {"torch FP32": 1.0}
-        for name, path in files.items():
-            session = make_session(path, threads=threads)
-            feed = {input_name: x.numpy()}
-            timings[name] = median_seconds(lambda s=session, f=feed: s.run(None, f), reps)
-            logits = torch.cat([torch.from_numpy(session.run(None, {input_name: eval_x[i : i + 32].numpy()})[0]) for i in range(0, len(eval_x), 32)])
+            latency = round_robin_ms(runs, rounds)
+        agreement, vs_simulated = {"torch FP32": 1.0}, {}
+        for name, session in sessions.items():
+            logits = _ort_logits(session, input_name, eval_x)
             agreement[name] = top1_agreement(reference, logits)
-            if name == "ptqkit W8A8 (ORT)":
-                agreement["ptqkit W8A8 (ORT) vs simulated"] = top1_agreement(simulated, logits)
+            if name in simulated:
+                vs_simulated[name] = top1_agreement(simulated[name], logits)
         size = {name: path.stat().st_size for name, path in files.items()}
-    base = timings["torch FP32"]
     return {
-        "batch": batch,
-        "threads": threads,
-        "onnxruntime": ort.__version__,
-        "latency_ms": {k: v * 1e3 for k, v in timings.items()},
-        "speedup_vs_torch_fp32": {k: base / v for k, v in timings.items()},
-        "top1_agreement_vs_fp32": agreement,
-        "simulated_top1_agreement_vs_fp32": top1_agreement(reference, simulated),
-        "ort_quantize_static_seconds": peer_seconds,
-        "file_bytes": size,
-        "kernels": kernels,
-        "float_layers": list(result.float_layers),
-        "checks": result.checks,
+        "batch": batch, "threads": threads, "rounds": rounds, "onnxruntime": ort.__version__, "latency_ms": latency,
+        "top1_agreement_vs_fp32": agreement, "ort_vs_simulated_top1": vs_simulated,
+        "simulated_top1_vs_fp32": {k: top1_agreement(reference, v) for k, v in simulated.items()},
+        "ort_quantize_static_calibrators": calibrators, "file_bytes": size, "ptqkit": details,
     }
+
+
+PTQKIT_ROWS = {"ptqkit W8A8 per-channel": "W8A8 per-channel", "ptqkit W8A8 CLE + analytic BC per-tensor": "+ CLE + analytic bias correction"}
+
+
+def mobilenet_onnx(model: torch.nn.Module, kept: dict, table: dict, calib: torch.Tensor, eval_x: torch.Tensor, reference: torch.Tensor, args: Any) -> dict[str, Any]:
+    data = pq.CalibrationData.from_tensors(calib, batch_size=32)
+    qmodels = {label: kept.get(row) or pq.quantize(model, table[row], data, progress=False) for label, row in PTQKIT_ROWS.items()}
+    return onnx_rows(model, qmodels, calib, eval_x, reference, args.threads, args.onnx_batch, args.rounds)
+
+
+def resnet_onnx(calib: torch.Tensor, eval_x: torch.Tensor, args: Any) -> dict[str, Any]:
+    """ResNet-18 with torchvision's random initialisation (seed 0), BatchNorm statistics set on
+    the calibration crops, through the same ONNX table."""
+    from ptqkit.models.resnet import recalibrate_batchnorm_, resnet18
+
+    torch.manual_seed(0)
+    model = recalibrate_batchnorm_(resnet18(), calib)
+    reference = logits_of(model, eval_x)
+    table = rows(args.iterations, args.calib, args.layerwise_samples)
+    data = pq.CalibrationData.from_tensors(calib, batch_size=32)
+    qmodels = {label: pq.quantize(model, table[row], data, progress=False) for label, row in PTQKIT_ROWS.items()}
+    return onnx_rows(model, qmodels, calib, eval_x, reference, args.threads, args.onnx_batch, args.rounds)
+
+
+def onnx_table(onnx: dict[str, Any]) -> list[list[str]]:
+    base = onnx["latency_ms"]["ORT FP32"]
+    return [[name, f"{ms:.2f}", f"{ms / base:.2f}", f"{onnx['top1_agreement_vs_fp32'][name]:.4f}",
+             f"{onnx['file_bytes'][name] / 1e6:.2f}" if name in onnx["file_bytes"] else "-"] for name, ms in onnx["latency_ms"].items()]
+
+
+def onnx_notes(onnx: dict[str, Any]) -> str:
+    parts = [f"round-robin timing, median of {onnx['rounds']} rounds on a machine shared with other jobs (noisy)",
+             f"ORT quantize_static calibrators (top-1): {', '.join(f'{k} {v:.4f}' for k, v in onnx['ort_quantize_static_calibrators'].items())}, the best one timed"]
+    for name, info in onnx["ptqkit"].items():
+        share = info["float_ops"]
+        parts.append(f"{name}: kernels {info['kernels']}, {share['float_ops']} of {share['compute_ops']} compute ops float "
+                     f"{share['float_op_types'] or ''}, ORT vs simulated top-1 {onnx['ort_vs_simulated_top1'][name]:.4f}")
+    return "; ".join(parts) + "."
+
+
+def print_onnx(label: str, onnx: dict[str, Any]) -> None:
+    print(f"\n{label} in ONNX Runtime {onnx['onnxruntime']}, batch {onnx['batch']}, {onnx['threads']} threads, round-robin x{onnx['rounds']}")
+    print(f"{'model':44} {'latency ms':>10} {'x ORT FP32':>10} {'top-1 vs FP32':>14} {'file MB':>8}")
+    for row in onnx_table(onnx):
+        print(f"{row[0]:44} {row[1]:>10} {row[2]:>10} {row[3]:>14} {row[4]:>8}")
+    print(onnx_notes(onnx))
 
 
 def main() -> None:
@@ -213,7 +291,8 @@ def main() -> None:
     parser.add_argument("--rows", nargs="*", default=None, help="MobileNetV2 rows to run (default all)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--onnx-batch", type=int, default=8)
-    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=30, help="round-robin timing rounds (each runs every model once)")
+    parser.add_argument("--skip-resnet", action="store_true", help="skip the ResNet-18 ONNX table")
     parser.add_argument("--skip-onnx", action="store_true")
     parser.add_argument("--skip-digits", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -249,17 +328,11 @@ def main() -> None:
             if isinstance(row, dict):
                 print(f"{name:32} {row['accuracy']:7.4f}")
     if not args.skip_onnx:
-        qmodel = kept.get("W8A8 per-channel") or pq.quantize(
-            model, table["W8A8 per-channel"], pq.CalibrationData.from_tensors(calib, batch_size=32), progress=False
-        )
-        results["onnx"] = onnx_rows(model, qmodel, calib, eval_x, reference, args.threads, args.onnx_batch, args.reps)
-        onnx = results["onnx"]
-        print(f"\nONNX Runtime {onnx['onnxruntime']}, batch {onnx['batch']}, {onnx['threads']} threads; ptqkit's kernels {onnx['kernels']}")
-        print(f"{'model':40} {'latency ms':>10} {'vs torch FP32':>14} {'top-1 vs FP32':>14}")
-        for name, ms in onnx["latency_ms"].items():
-            print(f"{name:40} {ms:10.2f} {onnx['speedup_vs_torch_fp32'][name]:13.2f}x {onnx['top1_agreement_vs_fp32'][name]:14.4f}")
-        print(f"ptqkit simulated top-1 vs FP32 {onnx['simulated_top1_agreement_vs_fp32']:.4f}; ORT int8 vs simulated "
-              f"{onnx['top1_agreement_vs_fp32']['ptqkit W8A8 (ORT) vs simulated']:.4f}")
+        results["onnx"] = mobilenet_onnx(model, kept, table, calib, eval_x, reference, args)
+        print_onnx("MobileNetV2", results["onnx"])
+        if not args.skip_resnet:
+            results["onnx_resnet18"] = resnet_onnx(calib, eval_x, args)
+            print_onnx("ResNet-18 (random weights, BatchNorm statistics of the calibration crops)", results["onnx_resnet18"])
     mnv2 = [[name, f"{r['top1_agreement']:.4f}", f"{r['top5_agreement']:.4f}", f"{r['mean_kl']:.4f}", f"{r['logit_sqnr_db']:.2f}",
              f"{r['quantize_seconds']:.1f}"] for name, r in results["mobilenet_v2"].items()]
     write_record(args.out, make_record(
@@ -270,14 +343,13 @@ def main() -> None:
         digits = [[name, f"{r['accuracy']:.4f}"] for name, r in results["digits"].items() if isinstance(r, dict)]
         write_record(args.out.with_name(args.out.stem + "_digits.json"), make_record(
             "cnn_ptq", f"digits CNN: accuracy on {results['digits']['test_samples']} held-out images", ["configuration", "accuracy"], digits))
-    if "onnx" in results:
-        onnx = results["onnx"]
-        ort = [[name, f"{ms:.2f}", f"{onnx['speedup_vs_torch_fp32'][name]:.2f}", f"{onnx['top1_agreement_vs_fp32'][name]:.4f}"]
-               for name, ms in onnx["latency_ms"].items()]
-        write_record(args.out.with_name(args.out.stem + "_onnx.json"), make_record(
-            "cnn_ptq", f"MobileNetV2 in ONNX Runtime {onnx['onnxruntime']} (batch {onnx['batch']}, {onnx['threads']} threads)",
-            ["model", "latency ms", "x torch FP32", "top-1 vs FP32"], ort,
-            notes=f"ptqkit's kernels {onnx['kernels']}; ptqkit simulated top-1 vs FP32 {onnx['simulated_top1_agreement_vs_fp32']:.4f}"))
+    for key, label in (("onnx", "MobileNetV2"), ("onnx_resnet18", "ResNet-18 (random weights)")):
+        if key in results:
+            onnx = results[key]
+            suffix = "_onnx.json" if key == "onnx" else "_onnx_resnet18.json"
+            write_record(args.out.with_name(args.out.stem + suffix), make_record(
+                "cnn_ptq", f"{label} in ONNX Runtime {onnx['onnxruntime']} (batch {onnx['batch']}, {onnx['threads']} threads, {args.eval} crops)",
+                ["model", "latency ms", "x ORT FP32", "top-1 vs FP32", "file MB"], onnx_table(onnx), notes=onnx_notes(onnx), data=onnx))
     print(f"\nwrote {args.out}")
 
 
