@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ptqkit.core.errors import ConfigError, ExportError
+from ptqkit.core.quiet import quiet_third_party
 from ptqkit.models.hf_cache import cache_keyword, cached_forward, output_cache
 
 __all__ = [
@@ -174,7 +175,7 @@ def export_cached_decoder(model: nn.Module, path: str | Path | None = None, *, o
     dynamic = ({1: Dim.AUTO}, {1: Dim.AUTO}, tuple({2: Dim.AUTO} for _ in past))
     step = CachedDecoderStep(model).eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), quiet_third_party():  # the exporter's notes on optional torchvision ops say nothing here
             program = torch.onnx.export(
                 step, (ids, mask, *past), dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
                 input_names=input_names(shape.layers), output_names=output_names(shape.layers),

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ptqkit.core.errors import ExportError
+from ptqkit.core.quiet import quiet_third_party
 
 __all__ = [
     "ExampleInputs",
@@ -103,7 +104,7 @@ def export_float_onnx(
             f"{type(model).__name__}: {type(exc).__name__}: {str(exc)[:300]}"
         ) from exc
     try:
-        with torch.no_grad():
+        with torch.no_grad(), quiet_third_party():  # the exporter's notes on optional torchvision ops say nothing here
             program = torch.onnx.export(
                 model, args, kwargs=kwargs or None, dynamo=True, opset_version=opset,
                 dynamic_shapes=dynamic_shapes, external_data=False, verbose=False,
