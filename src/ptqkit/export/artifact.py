@@ -42,7 +42,7 @@ from ptqkit.core.spec import QuantSpec
 from ptqkit.export.layers import FLOAT_ONNX_FILE, ONNX_FILE, REPORT_FILE
 from ptqkit.core.json_fields import to_json
 from ptqkit.export.manifest import FORMAT_NAME, FORMAT_VERSION, LayerEntry, Manifest, ModelEntry
-from ptqkit.export.records import codes_storage, describe_module, record_of
+from ptqkit.export.records import codes_storage, describe_module, describe_outputs, record_of
 
 __all__ = [
     "FORMAT_NAME",
@@ -205,6 +205,7 @@ def _prepare(qmodel: nn.Module, metrics: Mapping[str, Any] | None) -> tuple[dict
         aliases=aliases,
         metrics=dict(metrics) if metrics is not None else None,
         model_sha256="",
+        outputs=describe_outputs(qmodel),
     )
     return tensors, manifest, config
 

@@ -21,7 +21,7 @@ from ptqkit.core.errors import ArtifactError, ConfigError, PTQError
 from ptqkit.core.json_fields import read_json
 from ptqkit.export.artifact import CONFIG_FILE, MODEL_FILE, QUANT_FILE, file_sha256
 from ptqkit.export.manifest import FORMAT_NAME, FORMAT_VERSION, Manifest
-from ptqkit.export.records import ArtifactTensors, build_module, built_entries, module_names
+from ptqkit.export.records import ArtifactTensors, build_module, build_outputs, built_entries, module_names
 from ptqkit.nn.tree import replace_module
 
 __all__ = ["load_artifact", "read_manifest"]
@@ -174,6 +174,7 @@ def load_artifact(out_dir: str | Path, model_skeleton_or_hf_dir: nn.Module | str
     for name, module in replacements.items():
         replace_module(model, name, module)
     built = {f"{name}.{key}" for name, module in replacements.items() for key in built_entries(module)}
+    built |= set(build_outputs(model, manifest.outputs or (), reader))
     _load_rest(model, tensors, manifest.aliases, path, built)
     model.ptqkit_info = QuantizationInfo(
         recipe=recipe,

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from ptqkit.core.errors import ConfigError
 from ptqkit.core.fields import Interval
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "LayerEntry", "Manifest", "ModelEntry"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "LayerEntry", "Manifest", "ModelEntry", "OutputEntry"]
 
 FORMAT_NAME = "ptqkit-artifact"
 FORMAT_VERSION = 1
@@ -58,6 +58,17 @@ class LayerEntry:
 
 
 @dataclass(frozen=True)
+class OutputEntry:
+    """The output quantizer of one module (`nn.output_quant`: where an integer CNN graph quantizes
+    a tensor no quantized layer reads): its static input spec and QParams, also stored as the
+    tensors `{module}.output_quantizer.scale` / `.zero_point`."""
+
+    module: str
+    spec: dict[str, Any]
+    qparams: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything `quantization.json` holds (see `export.artifact`)."""
 
@@ -72,3 +83,4 @@ class Manifest:
     versions: dict[str, str] | None = None
     calibration: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
+    outputs: tuple[OutputEntry, ...] | None = field(default=None, metadata={"omit_none": True})  # only when there are some

@@ -25,9 +25,10 @@ from torch import nn
 from ptqkit.core.errors import ArtifactError, PTQError
 from ptqkit.core.primitives import unpack_lowbit
 from ptqkit.core.spec import QParams, QuantSpec
-from ptqkit.export.manifest import LayerEntry
+from ptqkit.export.manifest import LayerEntry, OutputEntry
 from ptqkit.nn.act_quant import InputQuantizer, OutlierColumnsQuantizer, SmoothedInputQuantizer, make_input_quantizer
 from ptqkit.nn.modules import InputOnly, QuantConv, QuantEmbedding, QuantLinear
+from ptqkit.nn.output_quant import output_quantizers, set_output_quantizer_
 
 __all__ = [
     "ArtifactTensors",
@@ -36,9 +37,11 @@ __all__ = [
     "MODULE_RECORDS",
     "ModuleRecord",
     "build_module",
+    "build_outputs",
     "built_entries",
     "codes_storage",
     "describe_module",
+    "describe_outputs",
     "module_names",
     "record_of",
 ]
@@ -361,3 +364,47 @@ def build_module(skeleton: nn.Module, layer: LayerEntry, tensors: ArtifactTensor
         raise ArtifactError(
             f"{tensors.path}: layer {layer.name!r} cannot be rebuilt as {row.module} on {type(skeleton).__name__}: {exc}"
         ) from None
+
+
+# ---------------------------------------------------------------- output quantizers
+
+
+def _qparams_record(qparams: QParams) -> dict[str, Any]:
+    return {"scale": qparams.scale.tolist(), "zero_point": qparams.zero_point.tolist()}
+
+
+def describe_outputs(qmodel: nn.Module) -> tuple[OutputEntry, ...] | None:
+    """The output quantizers of `qmodel` (`nn.output_quant`), or None when it has none. Only
+    calibrated static quantizers can be saved: anything else is an ArtifactError naming the module."""
+    entries = []
+    for name, quantizer in output_quantizers(qmodel).items():
+        if type(quantizer) is not InputQuantizer or quantizer.qparams is None:
+            raise ArtifactError(
+                f"save_artifact: module {name!r} has an output quantizer of type {type(quantizer).__name__}; only a "
+                "calibrated static InputQuantizer (export.integer_cnn.calibrate_outputs_) can be saved"
+            )
+        entries.append(OutputEntry(module=name, spec=quantizer.spec.to_dict(), qparams=_qparams_record(quantizer.qparams)))
+    return tuple(entries) or None
+
+
+def build_outputs(model: nn.Module, entries: tuple[OutputEntry, ...], tensors: ArtifactTensors) -> list[str]:
+    """Give `model`'s modules the recorded output quantizers (tensors checked against the JSON);
+    returns the state-dict entries they were built from."""
+    built = []
+    for i, entry in enumerate(entries):
+        where = f"{tensors.quant_path}: outputs[{i}]"
+        try:
+            module = model.get_submodule(entry.module)
+            spec = QuantSpec.from_dict(entry.spec, where=f"{where}.spec")
+        except AttributeError:
+            raise ArtifactError(f"{where}: module {entry.module!r} does not exist in the model skeleton {type(model).__name__}") from None
+        except PTQError as exc:
+            raise ArtifactError(str(exc)) from None
+        if spec.dynamic:
+            raise ArtifactError(f"{where}.spec: an output quantizer is static (dynamic=false), got {entry.spec!r:.200}")
+        qparams = tensors.qparams(f"{entry.module}.output_quantizer.", spec, None)
+        if _qparams_record(qparams) != entry.qparams:
+            raise ArtifactError(f"{tensors.path}: tensors {entry.module}.output_quantizer.scale/zero_point disagree with {where}.qparams")
+        set_output_quantizer_(module, InputQuantizer(spec, qparams))
+        built += [f"{entry.module}.output_quantizer.scale", f"{entry.module}.output_quantizer.zero_point"]
+    return built

@@ -151,3 +151,43 @@ def test_resnet_names_are_torchvisions_and_bad_shapes_are_refused() -> None:
         ResNet((2, 2, 2))
     with pytest.raises(ConfigError, match="width"):
         ResNet(width=0)
+
+
+def _folded_skeleton() -> nn.Module:
+    """A ResNet with other weights and the recipe's BatchNorm folding replayed (the artifact's structure)."""
+    from ptqkit.algorithms.pipeline import apply_pre_transforms, split_algorithms
+
+    torch.manual_seed(1)
+    skeleton = ResNet((1, 1, 1, 1), num_classes=10, width=8).eval()
+    apply_pre_transforms(skeleton, split_algorithms(_recipe().algorithms).pre_transforms)
+    return skeleton
+
+
+def test_output_quantizers_are_saved_and_loaded(images: torch.Tensor, tmp_path: Path) -> None:
+    """The artifact records each output quantizer (spec and QParams, as JSON and tensors); the
+    loaded model quantizes at the same places and computes the same outputs bit for bit."""
+    import json
+
+    from ptqkit.core.errors import ArtifactError
+
+    torch.manual_seed(0)
+    qmodel, data = _quantized(ResNet((1, 1, 1, 1), num_classes=10, width=8), images)
+    plain = tmp_path / "plain"
+    pq.save(qmodel, plain)
+    assert "outputs" not in json.loads((plain / "quantization.json").read_text())  # unchanged without output quantizers
+    calibrate_outputs_(qmodel, data, (images[:4],))
+    pq.save(qmodel, tmp_path / "a")
+    recorded = json.loads((tmp_path / "a" / "quantization.json").read_text())["outputs"]
+    assert [entry["module"] for entry in recorded] == list(output_quantizers(qmodel))
+    loaded = pq.load(tmp_path / "a", _folded_skeleton())
+    assert list(output_quantizers(loaded)) == list(output_quantizers(qmodel))
+    with torch.inference_mode():
+        assert torch.equal(loaded(images), qmodel(images))
+    tampered = json.loads((tmp_path / "a" / "quantization.json").read_text())
+    tampered["outputs"][0]["qparams"]["scale"] = [1.0]
+    (tmp_path / "a" / "quantization.json").write_text(json.dumps(tampered))
+    with pytest.raises(ArtifactError, match=r"output_quantizer.scale/zero_point disagree with .*outputs\[0\]\.qparams"):
+        pq.load(tmp_path / "a", _folded_skeleton())
+    set_output_quantizer_(qmodel.get_submodule("fc"), nn.Identity())
+    with pytest.raises(ArtifactError, match="module 'fc' has an output quantizer of type Identity"):
+        pq.save(qmodel, tmp_path / "b")
