@@ -21,7 +21,7 @@ from ptqkit.calibration.data import call_model
 from ptqkit.core.errors import CalibrationDataError, NonFiniteError, PTQError
 from ptqkit.core.progress import progress_bar
 
-__all__ = ["StopForward", "Taps", "batch_length", "limited_batches", "run_batches", "slice_batch", "tapped"]
+__all__ = ["StopForward", "Taps", "batch_length", "limited_batches", "run_batch", "run_batches", "slice_batch", "tapped"]
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +132,10 @@ class _Guard:
         return guarded
 
 
-def _run_one(model: nn.Module, batch: Any, index: int, first: int, count: int) -> None:
-    """`model` on one batch; an error of the model's own names the batch, a StopForward ends it."""
+def run_batch(model: nn.Module, batch: Any, index: int, samples: tuple[int, int] | None = None) -> None:
+    """`model` on calibration batch number `index` (holding `samples`, first and count, when
+    known), until a hook raises StopForward; an error of the model's own becomes a
+    CalibrationDataError naming the batch."""
     try:
         call_model(model, batch)
     except StopForward:
@@ -141,9 +143,9 @@ def _run_one(model: nn.Module, batch: Any, index: int, first: int, count: int) -
     except PTQError:
         raise
     except Exception as exc:
+        where = "" if samples is None else f" (samples {samples[0]}-{samples[0] + samples[1] - 1})"
         raise CalibrationDataError(
-            f"calibration batch {index} (samples {first}-{first + count - 1}) does not fit the "
-            f"model: {type(exc).__name__}: {exc}"
+            f"calibration batch {index}{where} does not fit the model: {type(exc).__name__}: {exc}"
         ) from exc
 
 
@@ -164,7 +166,7 @@ def run_batches(
             for index, (batch, first) in enumerate(limited_batches(batches, max_samples)):
                 count = batch_length(batch)
                 guard.start(index, first, count)
-                _run_one(model, batch, index, first, count)
+                run_batch(model, batch, index, (first, count))
                 seen = first + count
                 advance(1)
     finally:

@@ -19,9 +19,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from ptqkit.calibration.samples import call_model
-from ptqkit.core.errors import CalibrationDataError, PTQError
-from ptqkit.stats.hooks import StopForward, Taps, limited_batches, tapped
+from ptqkit.core.errors import CalibrationDataError
+from ptqkit.stats.hooks import StopForward, Taps, limited_batches, run_batch, tapped
 
 __all__ = [
     "BlockCall",
@@ -80,19 +79,6 @@ def fused_attention(model: nn.Module) -> Iterator[None]:
     finally:
         if switch:
             model.set_attn_implementation(before)
-
-
-def run_batch(model: nn.Module, batch: Any, index: int) -> None:
-    """Run `model` on calibration batch number `index`, until a hook raises StopForward; an
-    error of the model's own becomes a CalibrationDataError naming the batch."""
-    try:
-        call_model(model, batch)
-    except StopForward:
-        pass
-    except PTQError:
-        raise
-    except Exception as exc:
-        raise CalibrationDataError(f"calibration batch {index} does not fit the model: {type(exc).__name__}: {exc}") from exc
 
 
 def calls_from_batches(batches: Iterable[Any], max_samples: int) -> list[BlockCall]:
